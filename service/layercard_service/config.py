@@ -1,0 +1,131 @@
+"""Service settings: read once from flags and ``LAYERCARD_*`` environment variables, then passed down typed.
+
+Precedence: command-line flag, then environment variable, then the default. Every setting has both spellings:
+``--metrics-port`` and ``LAYERCARD_METRICS_PORT``. Lists in the environment are comma-separated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+__all__ = ["ConfigError", "ServiceConfig"]
+
+ENV_PREFIX = "LAYERCARD_"
+
+
+class ConfigError(ValueError):
+    """A setting is malformed; the server refuses to start rather than guess."""
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    # Network. port 0 picks a free port (the server prints the one it bound).
+    host: str = "127.0.0.1"
+    port: int = 50051
+    # Prometheus /metrics on its own HTTP port; -1 turns it off, 0 picks a free port.
+    metrics_port: int = -1
+    # Where state (SQLite) and artifacts (cards, adapters) live.
+    data_dir: Path = Path(".layercard")
+    # Models and datasets load only from under these roots (PERMISSION_DENIED otherwise); built-ins always load.
+    model_roots: tuple[Path, ...] = ()
+    dataset_roots: tuple[Path, ...] = ()
+    # vLLM servers of the fleet (base URLs, e.g. http://127.0.0.1:8000).
+    vllm_urls: tuple[str, ...] = ()
+    # Optional bearer token: every RPC but health then needs metadata "authorization: Bearer <token>".
+    auth_token: str | None = None
+    auth_token_file: Path | None = None
+    # Optional TLS: both files or neither.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Largest request or response message.
+    max_message_bytes: int = 64 * 1024 * 1024
+    # On SIGTERM: health flips to NOT_SERVING, in-flight RPCs get this long to finish, then the process exits.
+    shutdown_grace_seconds: float = 30.0
+    log_level: str = "INFO"
+    log_format: str = "json"  # "json" for machines, "text" for people
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be -1 (off) or in 0..65535, got {self.metrics_port}")
+        if self.max_message_bytes < 1024:
+            raise ConfigError(f"max_message_bytes must be at least 1024, got {self.max_message_bytes}")
+        if self.shutdown_grace_seconds < 0:
+            raise ConfigError("shutdown_grace_seconds must be >= 0")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.auth_token is not None and self.auth_token_file is not None:
+            raise ConfigError("set auth_token or auth_token_file, not both")
+        if self.log_format not in ("json", "text"):
+            raise ConfigError(f"log_format must be 'json' or 'text', got {self.log_format!r}")
+        for url in self.vllm_urls:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"vllm_urls entries must be http(s) URLs, got {url!r}")
+
+    @property
+    def bearer_token(self) -> str | None:
+        """The token clients must present, read from the file when one is configured (Kubernetes Secrets)."""
+        if self.auth_token_file is not None:
+            try:
+                token = self.auth_token_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read auth_token_file {self.auth_token_file}: {exc}") from exc
+            if not token:
+                raise ConfigError(f"auth_token_file {self.auth_token_file} is empty")
+            return token
+        return self.auth_token or None
+
+    @classmethod
+    def load(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServiceConfig:
+        """Builds the config from flags over environment variables over defaults."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.name, f.type, raw)
+        args = _parser().parse_args(argv)
+        for name, raw in vars(args).items():
+            if raw is not None:
+                values[name] = _parse(name, _field_type(name), raw)
+        return cls(**values)
+
+
+def _field_type(name: str) -> str:
+    return next(f.type for f in fields(ServiceConfig) if f.name == name)
+
+
+def _parse(name: str, type_name: str, raw: str) -> object:
+    """Converts one setting's text into its field's type; the annotations are strings (postponed evaluation)."""
+    try:
+        if type_name == "int":
+            return int(raw)
+        if type_name == "float":
+            return float(raw)
+        if type_name == "Path":
+            return Path(raw)
+        if type_name == "Path | None":
+            return Path(raw) if raw else None
+        if type_name == "tuple[Path, ...]":
+            return tuple(Path(p) for p in raw.split(",") if p)
+        if type_name == "tuple[str, ...]":
+            return tuple(p.strip() for p in raw.split(",") if p.strip())
+        return raw
+    except ValueError as exc:
+        raise ConfigError(f"{name}: cannot parse {raw!r} as {type_name}") from exc
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="layercard-server",
+        description="The layercard gRPC service. Every flag also reads from LAYERCARD_<NAME> in the environment.",
+    )
+    for f in fields(ServiceConfig):
+        flag = "--" + f.name.replace("_", "-")
+        parser.add_argument(flag, dest=f.name, default=None, help=f"env {ENV_PREFIX}{f.name.upper()}")
+    return parser

@@ -1,0 +1,186 @@
+"""The gRPC server: wiring of servicers, health, reflection, interceptors, TLS, metrics and graceful shutdown.
+
+``LayercardServer`` is what tests start in-process on port 0; ``main`` is the ``layercard-server`` console script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from layercard.v1 import (
+    adapter_pb2,
+    adapter_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    layer_card_pb2,
+    layer_card_pb2_grpc,
+    placement_pb2,
+    placement_pb2_grpc,
+    tuning_pb2,
+    tuning_pb2_grpc,
+)
+from layercard_service.api.adapter import AdapterServicer
+from layercard_service.api.inference import InferenceServicer
+from layercard_service.api.interceptors import AuthInterceptor, ErrorInterceptor
+from layercard_service.api.layer_card import LayerCardServicer
+from layercard_service.api.placement import PlacementServicer
+from layercard_service.api.tuning import TuningServicer
+from layercard_service.config import ConfigError, ServiceConfig
+from layercard_service.logs import configure_logging
+from layercard_service.metrics import MetricsEndpoint, new_registry
+
+__all__ = ["SERVICE_NAMES", "LayercardServer", "Servicers", "main"]
+
+log = logging.getLogger(__name__)
+
+# Full names of the five API services, as reflection and health report them.
+SERVICE_NAMES: tuple[str, ...] = (
+    layer_card_pb2.DESCRIPTOR.services_by_name["LayerCardService"].full_name,
+    placement_pb2.DESCRIPTOR.services_by_name["PlacementService"].full_name,
+    tuning_pb2.DESCRIPTOR.services_by_name["TuningService"].full_name,
+    adapter_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name,
+    inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("layercard-service")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass
+class Servicers:
+    """The five servicers; tests swap one for a fake at this seam."""
+
+    layer_card: layer_card_pb2_grpc.LayerCardServiceServicer = field(default_factory=LayerCardServicer)
+    placement: placement_pb2_grpc.PlacementServiceServicer = field(default_factory=PlacementServicer)
+    tuning: tuning_pb2_grpc.TuningServiceServicer = field(default_factory=TuningServicer)
+    adapter: adapter_pb2_grpc.AdapterServiceServicer = field(default_factory=AdapterServicer)
+    inference: inference_pb2_grpc.InferenceServiceServicer = field(default_factory=InferenceServicer)
+
+    def add_to(self, server: grpc.aio.Server) -> None:
+        layer_card_pb2_grpc.add_LayerCardServiceServicer_to_server(self.layer_card, server)
+        placement_pb2_grpc.add_PlacementServiceServicer_to_server(self.placement, server)
+        tuning_pb2_grpc.add_TuningServiceServicer_to_server(self.tuning, server)
+        adapter_pb2_grpc.add_AdapterServiceServicer_to_server(self.adapter, server)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(self.inference, server)
+
+
+class LayercardServer:
+    """One gRPC server process: start() binds and marks itself SERVING; stop() drains and exits cleanly."""
+
+    def __init__(self, config: ServiceConfig, servicers: Servicers | None = None) -> None:
+        self.config = config
+        self.servicers = servicers or Servicers()
+        self.registry = new_registry(_version())
+        self.health = HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._metrics: MetricsEndpoint | None = None
+        self._stopping: asyncio.Task | None = None
+
+    async def start(self) -> int:
+        cfg = self.config
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        token = cfg.bearer_token
+        if token:
+            interceptors.append(AuthInterceptor(token))
+        interceptors.append(ErrorInterceptor())
+        self._server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.max_send_message_length", cfg.max_message_bytes),
+                ("grpc.so_reuseport", 0),  # port 0 must give a port no other server shares
+            ],
+        )
+        self.servicers.add_to(self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        # Not serving until everything below is up; "" is the overall status.
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._server,
+        )
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert_file is not None:
+            credentials = grpc.ssl_server_credentials([(cfg.tls_key_file.read_bytes(), cfg.tls_cert_file.read_bytes())])
+            self.port = self._server.add_secure_port(address, credentials)
+        else:
+            self.port = self._server.add_insecure_port(address)
+        if cfg.metrics_port >= 0:
+            self._metrics = MetricsEndpoint(self.registry, cfg.host, cfg.metrics_port)
+            self.metrics_port = self._metrics.start()
+        await self._server.start()
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving",
+            extra={"port": self.port, "metrics_port": self.metrics_port, "tls": cfg.tls_cert_file is not None},
+        )
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Flips health to NOT_SERVING, refuses new RPCs, lets in-flight ones finish within the grace period."""
+        if self._server is None:
+            return
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(grace))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace: float | None) -> None:
+        grace = self.config.shutdown_grace_seconds if grace is None else grace
+        log.info("shutting down", extra={"grace_seconds": grace})
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+        if self._metrics is not None:
+            self._metrics.stop()
+        log.info("stopped")
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()
+
+
+async def serve(config: ServiceConfig) -> None:
+    server = LayercardServer(config)
+    port = await server.start()
+    # Scripts and tests read this line to learn the bound port when --port 0 was given.
+    print(f"layercard-server listening on {config.host}:{port}", flush=True)
+    if server.metrics_port is not None:
+        print(f"layercard-server metrics on http://{config.host}:{server.metrics_port}/metrics", flush=True)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+    await server.wait()
+    await server.stop()  # the server stops accepting before stop() finishes its clean-up: wait for the rest
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = ServiceConfig.load(argv)
+        token_ok = config.bearer_token  # read a token file now: a bad one stops start-up, not the first RPC
+        del token_ok
+    except ConfigError as exc:
+        print(f"layercard-server: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level, config.log_format)
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
