@@ -1,0 +1,356 @@
+"""One handler per subcommand: arguments -> client call -> ``Output``. Each returns the process exit code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from grpc_health.v1 import health_pb2
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+from layercard.v1 import adapter_pb2, tuning_pb2
+from layercard_client.builders import DatasetLike, dataset_source
+from layercard_client.cli import render
+from layercard_client.cli.exit_codes import EXIT_FAILURE, EXIT_JOB_UNSUCCESSFUL, EXIT_NOT_SERVING, EXIT_OK
+from layercard_client.cli.parser import budget_from_args, lora_from_args
+from layercard_client.client import LayercardClient
+from layercard_client.errors import DeadlineExceeded, Unavailable
+
+__all__ = ["COMMANDS", "UsageProblem"]
+
+Handler = Callable[[LayercardClient, argparse.Namespace, render.Output], int]
+
+
+class UsageProblem(Exception):
+    """A command-line mistake found after parsing (e.g. an unreadable @FILE); exits with the usage code."""
+
+
+def _dataset(value: str | None) -> DatasetLike | None:
+    """``@FILE`` sends a local file inline; anything else goes to the server as is (builtin:NAME or a path)."""
+    if value is None or not value.startswith("@"):
+        return value
+    try:
+        return Path(value[1:]).expanduser().read_bytes()
+    except OSError as exc:
+        raise UsageProblem(f"cannot read dataset file {value[1:]}: {exc}") from exc
+
+
+def _given(**fields: Any) -> dict[str, Any]:
+    return {key: value for key, value in fields.items() if value is not None and value is not False}
+
+
+def _progress(out: render.Output) -> Progress:
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[note]}"),
+        console=out.err,
+        transient=True,  # the bar is for watching; what stays on screen is the result
+    )
+
+
+def _pages(fetch: Callable[[str], Any], args: argparse.Namespace) -> Iterator[Any]:
+    token = args.page_token or ""
+    while True:
+        page = fetch(token)
+        yield page
+        token = page.next_page_token
+        if not args.all or not token:
+            return
+
+
+# health
+
+
+def run_health(client: LayercardClient, args: argparse.Namespace, out: render.Output) -> int:
+    wait = args.wait
+    status = client.health(args.service) if wait is None else _wait_for_serving(client, args.service, wait)
+    response = health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.ServingStatus.Value(status))
+    color = "green" if status == "SERVING" else "red"
+    target = f"{client.settings.address} {args.service}".strip()
+    out.show(response, f"{escape(target)}: [bold {color}]{status}[/]")
+    return EXIT_OK if status == "SERVING" else EXIT_NOT_SERVING
+
+
+def _wait_for_serving(client: LayercardClient, service: str, wait: float) -> str:
+    """Polls until SERVING or ``wait`` seconds pass; waits for the server to come up rather than failing fast."""
+    deadline = time.monotonic() + wait
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            status = client.health(service, timeout=max(remaining, 0.05), wait_for_ready=True)
+        except (Unavailable, DeadlineExceeded):
+            if deadline - time.monotonic() <= 0:
+                raise
+            status = "UNKNOWN"
+        if status == "SERVING" or deadline - time.monotonic() <= 0:
+            return status
+        time.sleep(min(0.25, max(deadline - time.monotonic(), 0)))
+
+
+# card
+
+
+def run_card(client: LayercardClient, args: argparse.Namespace, out: render.Output) -> int:
+    if args.action == "get":
+        card = client.get_layer_card(args.name)
+        out.show(card, render.card_table(card))
+        return EXIT_OK
+    if args.action == "list":
+        cards, next_token = [], ""
+        for page in _pages(
+            lambda token: client.list_layer_cards(page_size=args.page_size, page_token=token, model=args.model), args
+        ):
+            out.show(page)
+            cards.extend(page.layer_cards)
+            next_token = page.next_page_token
+        if not out.as_json:
+            out.out.print(render.cards_list_table(cards))
+            if next_token and not args.all:
+                out.err.print(f"more: --page-token {next_token} (or --all)", markup=False)
+        return EXIT_OK
+    return _compute(client, args, out)
+
+
+def _compute(client: LayercardClient, args: argparse.Namespace, out: render.Output) -> int:
+    fields = _given(
+        probe_size=args.probe_size,
+        compute_coupling=args.coupling,
+        compute_performance=args.performance,
+        performance_steps=args.performance_steps,
+        device=args.device,
+        precision=args.precision,
+        seed=args.seed,
+        max_seq_len=args.max_seq_len,
+        force_recompute=args.force,
+    )
+    dataset = _dataset(args.dataset)
+    stream = client.compute_layer_card(
+        model=args.model, dataset=dataset_source(dataset, args.split), lora=lora_from_args(args), **fields
+    )
+    card = None
+    with stream:
+        if out.as_json:
+            for event in stream:
+                out.json(event)
+                card = event.card if event.HasField("card") else card
+        else:
+            with _progress(out) as progress:
+                task = progress.add_task("starting", total=1.0, note="")
+                for event in stream:
+                    if event.HasField("progress"):
+                        p = event.progress
+                        eta = f" (eta {p.eta.ToTimedelta().total_seconds():.0f} s)" if p.HasField("eta") else ""
+                        progress.update(task, completed=p.fraction, description=p.phase, note=p.message + eta)
+                    elif event.HasField("card"):
+                        card = event.card
+            if card is not None:
+                out.out.print(render.card_table(card))
+    if card is None:
+        out.problem("the stream ended without a card")
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+# plan
+
+
+def run_plan(client: LayercardClient, args: argparse.Namespace, out: render.Output) -> int:
+    fields = _given(
+        k=args.k,
+        target_gain_fraction=args.target_gain_fraction,
+        candidate_ranks=args.ranks,
+        candidate_module_sets=args.module_sets,
+    )
+    plan = client.plan_placement(args.card, objective=args.objective, budget=budget_from_args(args), **fields)
+    out.show(plan, render.placement_table(plan))
+    return EXIT_OK
+
+
+# jobs
+
+
+def run_jobs(client: LayercardClient, args: argparse.Namespace, out: render.Output) -> int:
+    if args.action == "create":
+        return _create_job(client, args, out)
+    if args.action in ("get", "cancel"):
+        call = client.get_tuning_job if args.action == "get" else client.cancel_tuning_job
+        job = call(args.name)
+        out.show(job, render.job_table(job))
+        return EXIT_OK
+    if args.action == "watch":
+        return _watch_job(client, args.name, args.after, out)
+    jobs = []
+    for page in _pages(
+        lambda token: client.list_tuning_jobs(page_size=args.page_size, page_token=token, states=args.states), args
+    ):
+        out.show(page)
+        jobs.extend(page.tuning_jobs)
+    if not out.as_json:
+        out.out.print(render.jobs_list_table(jobs))
+    return EXIT_OK
+
+
+def _create_job(client: LayercardClient, args: argparse.Namespace, out: render.Output) -> int:
+    lora = lora_from_args(args)
+    hyper = _given(
+        steps=args.steps,
+        epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        eval_interval=args.eval_interval,
+        early_stopping_patience=args.early_stopping_patience,
+        checkpoint_interval=args.checkpoint_interval,
+        max_seq_len=args.max_seq_len,
+    )
+    fields: dict[str, Any] = _given(
+        validation_data=_dataset(args.validation_dataset), tuning_job_id=args.job_id, request_id=args.request_id
+    )
+    if args.layers is not None:
+        fields["explicit_layers"] = _given(layers=args.layers, lora=lora)
+    else:
+        fields["card_budget"] = _given(
+            layer_card=args.card,
+            objective=args.objective,
+            budget=budget_from_args(args),
+            k=args.k,
+            target_gain_fraction=args.target_gain_fraction,
+        )
+        if lora:
+            hyper["lora"] = lora
+    job = client.create_tuning_job(
+        model=args.model,
+        training_data=_dataset(args.dataset),
+        adapter_id=args.adapter_id,
+        hyperparameters=hyper or None,
+        **fields,
+    )
+    out.show(job, render.job_table(job))
+    if args.watch:
+        return _watch_job(client, job.name, None, out)
+    return EXIT_OK
+
+
+def _watch_job(client: LayercardClient, name: str, after: int | None, out: render.Output) -> int:
+    states = tuning_pb2.TuningJobState
+    final = None
+    if out.as_json:
+        with client.watch_tuning_job(name, after_sequence=after) as stream:
+            for event in stream:
+                out.json(event)
+                final = event.state_change if event.HasField("state_change") else final
+    else:
+        job = client.get_tuning_job(name)  # for total_steps: step events carry only the current step
+        with _progress(out) as progress, client.watch_tuning_job(name, after_sequence=after) as stream:
+            state = render.state_name(states, job.state, "TUNING_JOB_STATE_")
+            task = progress.add_task(state, total=job.total_steps or None, completed=job.step, note="")
+            for event in stream:
+                kind = event.WhichOneof("event")
+                if kind == "state_change":
+                    final = event.state_change
+                    state = render.state_name(states, final, "TUNING_JOB_STATE_")
+                    progress.update(task, description=state)
+                    progress.console.print(f"state: {state} {event.message}".rstrip(), markup=False)
+                elif kind == "step":
+                    s = event.step
+                    progress.update(task, completed=s.step, note=f"loss {s.loss:.4f}  lr {s.learning_rate:.2e}")
+                elif kind == "eval":
+                    e = event.eval
+                    line = f"eval at step {e.step}: loss {e.loss:.4f}, exact match {e.exact_match:.1%}"
+                    progress.console.print(line, markup=False)
+                elif kind == "checkpoint":
+                    progress.console.print(f"checkpoint at step {event.checkpoint.step}", markup=False)
+        final_job = client.get_tuning_job(name)
+        out.out.print(render.job_table(final_job))
+        final = final_job.state
+    if final in (states.TUNING_JOB_STATE_FAILED, states.TUNING_JOB_STATE_CANCELLED):
+        return EXIT_JOB_UNSUCCESSFUL
+    return EXIT_OK
+
+
+# adapters
+
+
+def run_adapters(client: LayercardClient, args: argparse.Namespace, out: render.Output) -> int:
+    if args.action == "deploy":
+        deployment = client.deploy_adapter(
+            args.adapter,
+            version=args.version,
+            max_overhead_fraction=args.max_overhead,
+            force=args.force or None,
+            validate_only=args.validate_only or None,
+        )
+        out.show(deployment, render.deployment_table(deployment))
+    elif args.action == "undeploy":
+        response = client.undeploy_adapter(args.adapter)
+        out.show(response, render.deployment_table(adapter_pb2.Deployment(), response.replicas))
+    else:
+        adapters = []
+        for page in _pages(lambda token: client.list_adapters(page_size=args.page_size, page_token=token), args):
+            out.show(page)
+            adapters.extend(page.adapters)
+        if not out.as_json:
+            out.out.print(render.adapters_list_table(adapters))
+    return EXIT_OK
+
+
+# generate
+
+
+def run_generate(client: LayercardClient, args: argparse.Namespace, out: render.Output) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    sampling = _given(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop,
+    )
+    if not args.stream:
+        response = client.generate(prompt, adapter=args.adapter, sampling=sampling or None)
+        if out.as_json:
+            out.json(response)
+        else:
+            sys.stdout.write(response.text + "\n")
+            out.err.print(
+                f"[{response.served_model} on {response.replica}; {response.usage.completion_tokens} tokens, "
+                f"{response.latency_ms:.0f} ms, finish {response.finish_reason}]",
+                style="dim",
+                markup=False,
+            )
+        return EXIT_OK
+    with client.generate_stream(prompt, adapter=args.adapter, sampling=sampling or None) as stream:
+        last = None
+        for chunk in stream:
+            last = chunk
+            if out.as_json:
+                out.json(chunk)
+            else:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()  # people watch the text appear
+    if not out.as_json:
+        sys.stdout.write("\n")
+        if last is not None:
+            footer = f"[{last.served_model} on {last.replica}; finish {last.finish_reason}]"
+            out.err.print(footer, style="dim", markup=False)
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Handler] = {
+    "health": run_health,
+    "card": run_card,
+    "plan": run_plan,
+    "jobs": run_jobs,
+    "adapters": run_adapters,
+    "generate": run_generate,
+}

@@ -1,0 +1,237 @@
+"""The ``layercard`` command line: global options, one subcommand per service, the exit codes in ``--help``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from layercard_client.channel import DEFAULT_ADDRESS
+from layercard_client.cli.exit_codes import epilog
+
+__all__ = ["budget_from_args", "build_parser", "lora_from_args"]
+
+_OBJECTIVES = ("accuracy", "efficiency", "balanced", "fixed-k")
+_STATES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
+
+
+def _csv(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _ints(value: str) -> list[int]:
+    try:
+        return [int(part) for part in _csv(value)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+
+
+def _positive(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return number
+
+
+def _add_lora(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("adapter shape")
+    group.add_argument("--rank", type=int, help="LoRA rank r (server default 8)")
+    group.add_argument("--alpha", type=float, help="LoRA alpha (server default 2 * rank)")
+    group.add_argument("--target-modules", type=_csv, metavar="A,B", help="module types, e.g. q_proj,v_proj")
+
+
+def lora_from_args(args: argparse.Namespace) -> dict | None:
+    lora = {"rank": args.rank, "alpha": args.alpha, "target_modules": args.target_modules}
+    lora = {key: value for key, value in lora.items() if value is not None}
+    return lora or None
+
+
+def _add_budget(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("objective and budget (every limit optional)")
+    group.add_argument("--objective", choices=_OBJECTIVES, help="default accuracy")
+    group.add_argument("--k", type=int, help="number of layers, for --objective fixed-k")
+    group.add_argument("--target-gain-fraction", type=float, help="for --objective efficiency (default 0.9)")
+    group.add_argument("--max-step-seconds", type=float)
+    group.add_argument("--max-step-fraction", type=float, help="of full-layer LoRA's step time")
+    group.add_argument("--max-peak-memory", type=int, metavar="BYTES")
+    group.add_argument("--max-adapter-params", type=int)
+    group.add_argument("--max-adapter-bytes", type=int)
+    group.add_argument("--max-layers", type=int)
+    group.add_argument("--max-serving-ms-per-token", type=float)
+    group.add_argument("--max-serving-fraction", type=float)
+    group.add_argument("--serving-engine", choices=("vllm", "peft"))
+    group.add_argument("--max-training-time", type=float, metavar="SECONDS")
+
+
+def budget_from_args(args: argparse.Namespace) -> dict | None:
+    budget = {
+        "max_step_seconds": args.max_step_seconds,
+        "max_step_fraction_of_full": args.max_step_fraction,
+        "max_peak_memory_bytes": args.max_peak_memory,
+        "max_adapter_parameters": args.max_adapter_params,
+        "max_adapter_bytes": args.max_adapter_bytes,
+        "max_layers": args.max_layers,
+        "max_serving_overhead_ms_per_token": args.max_serving_ms_per_token,
+        "max_serving_overhead_fraction": args.max_serving_fraction,
+        "serving_engine": args.serving_engine,
+    }
+    budget = {key: value for key, value in budget.items() if value is not None}
+    if args.max_training_time is not None:
+        budget["max_training_time"] = {"seconds": int(args.max_training_time)}
+    return budget or None
+
+
+def _add_dataset(parser: argparse.ArgumentParser, flag: str, *, required: bool, help_: str) -> None:
+    parser.add_argument(
+        flag,
+        required=required,
+        metavar="SOURCE",
+        help=f"{help_}: builtin:NAME, a path on the server, or @FILE to send a local JSONL file inline",
+    )
+
+
+def _add_paging(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--page-size", type=int, help="items per page (server default 50)")
+    parser.add_argument("--page-token", help="continue from a previous page's next_page_token")
+    parser.add_argument("--all", action="store_true", help="follow page tokens to the end")
+
+
+def _cards(sub: argparse._SubParsersAction) -> None:
+    card = sub.add_parser("card", help="Layer Cards: compute, get, list", description="Layer Cards of a base model")
+    actions = card.add_subparsers(dest="action", required=True, metavar="ACTION")
+    compute = actions.add_parser("compute", help="compute a card (progress, then the card)")
+    compute.add_argument("--model", required=True, help="builtin:tiny or a model directory on the server")
+    _add_dataset(compute, "--dataset", required=True, help_="the task's data")
+    compute.add_argument("--split", help="split of a built-in task (train or validation)")
+    compute.add_argument("--probe-size", type=int, help="probe examples (server default 256)")
+    compute.add_argument("--coupling", action="store_true", help="also compute the L x L coupling matrix")
+    compute.add_argument("--performance", action="store_true", help="also run short single-layer trainings")
+    compute.add_argument("--performance-steps", type=int)
+    compute.add_argument("--device", choices=("cpu", "cuda"))
+    compute.add_argument("--precision", choices=("float32", "bfloat16", "float16"))
+    compute.add_argument("--seed", type=int)
+    compute.add_argument("--max-seq-len", type=int)
+    compute.add_argument("--force", action="store_true", help="recompute even when the store has this card")
+    _add_lora(compute)
+    get = actions.add_parser("get", help="show a stored card")
+    get.add_argument("name", help="layerCards/ID or ID")
+    listing = actions.add_parser("list", help="list stored cards, newest first")
+    listing.add_argument("--model", help="only cards of this model")
+    _add_paging(listing)
+
+
+def _plan(sub: argparse._SubParsersAction) -> None:
+    plan = sub.add_parser("plan", help="plan a LoRA placement from a card under a budget")
+    plan.add_argument("card", help="layerCards/ID or ID")
+    plan.add_argument("--ranks", type=_ints, metavar="R,R", help="ranks the planner may choose from")
+    plan.add_argument(
+        "--module-set",
+        action="append",
+        dest="module_sets",
+        metavar="A,B",
+        help="a module-type set the planner may choose (repeatable)",
+    )
+    _add_budget(plan)
+
+
+def _jobs(sub: argparse._SubParsersAction) -> None:
+    jobs = sub.add_parser("jobs", help="tuning jobs: create, get, list, cancel, watch")
+    actions = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = actions.add_parser("create", help="queue a LoRA tuning job")
+    create.add_argument("--model", required=True)
+    _add_dataset(create, "--dataset", required=True, help_="training data")
+    _add_dataset(create, "--validation-dataset", required=False, help_="validation data")
+    create.add_argument("--adapter-id", required=True, help="name of the adapter the job produces")
+    where = create.add_mutually_exclusive_group(required=True)
+    where.add_argument("--layers", type=_ints, metavar="I,J", help="explicit layer indices")
+    where.add_argument("--card", help="plan the placement from this card and the budget options")
+    steps = create.add_mutually_exclusive_group()
+    steps.add_argument("--steps", type=int)
+    steps.add_argument("--epochs", type=float)
+    create.add_argument("--learning-rate", type=float)
+    create.add_argument("--batch-size", type=int)
+    create.add_argument("--seed", type=int)
+    create.add_argument("--eval-interval", type=int)
+    create.add_argument("--early-stopping-patience", type=int)
+    create.add_argument("--checkpoint-interval", type=int)
+    create.add_argument("--max-seq-len", type=int)
+    create.add_argument("--job-id", help="client-chosen job id")
+    create.add_argument("--request-id", help="idempotency key (default: a fresh uuid4)")
+    create.add_argument("--watch", action="store_true", help="then watch the job until it ends")
+    _add_lora(create)
+    _add_budget(create)
+    for name, text in (("get", "show a job"), ("cancel", "ask a job to stop")):
+        parser = actions.add_parser(name, help=text)
+        parser.add_argument("name", help="tuningJobs/ID or ID")
+    listing = actions.add_parser("list", help="list jobs, newest first")
+    listing.add_argument("--state", action="append", choices=_STATES, dest="states", help="repeatable")
+    _add_paging(listing)
+    watch = actions.add_parser("watch", help="stream a job's events until it ends")
+    watch.add_argument("name", help="tuningJobs/ID or ID")
+    watch.add_argument("--after", type=int, metavar="SEQUENCE", help="skip events up to this sequence number")
+
+
+def _adapters(sub: argparse._SubParsersAction) -> None:
+    adapters = sub.add_parser("adapters", help="adapters: deploy, undeploy, list")
+    actions = adapters.add_subparsers(dest="action", required=True, metavar="ACTION")
+    deploy = actions.add_parser("deploy", help="hot-load an adapter version into every vLLM replica")
+    deploy.add_argument("adapter", help="adapters/ID or ID")
+    deploy.add_argument("--version", type=int, help="default: the newest")
+    deploy.add_argument("--max-overhead", type=float, metavar="FRACTION", help="serving-latency budget")
+    deploy.add_argument("--force", action="store_true", help="deploy even when over the latency budget")
+    deploy.add_argument("--validate-only", action="store_true", help="check without loading")
+    undeploy = actions.add_parser("undeploy", help="remove an adapter from every replica")
+    undeploy.add_argument("adapter", help="adapters/ID or ID")
+    listing = actions.add_parser("list", help="adapters, versions, desired against observed per replica")
+    _add_paging(listing)
+
+
+def _generate(sub: argparse._SubParsersAction) -> None:
+    generate = sub.add_parser("generate", help="generate a completion, with the base model or an adapter")
+    generate.add_argument("prompt", nargs="?", default="-", help="the prompt; '-' or nothing reads stdin")
+    generate.add_argument("--adapter", help="a deployed adapter id; default: the base model")
+    generate.add_argument("--stream", action="store_true", help="print text as it is produced")
+    generate.add_argument("--max-tokens", type=int)
+    generate.add_argument("--temperature", type=float)
+    generate.add_argument("--top-p", type=float)
+    generate.add_argument("--top-k", type=int)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--stop", action="append", help="a stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="layercard",
+        description="Call the layercard service: Layer Cards, placement plans, tuning jobs, adapters, inference.",
+        epilog=epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    env = os.environ
+    parser.add_argument(
+        "--address",
+        default=env.get("LAYERCARD_ADDRESS", DEFAULT_ADDRESS),
+        help=f"host:port of the service (env LAYERCARD_ADDRESS; default {DEFAULT_ADDRESS})",
+    )
+    parser.add_argument("--token", default=env.get("LAYERCARD_TOKEN"), help="bearer token (env LAYERCARD_TOKEN)")
+    parser.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
+    parser.add_argument(
+        "--ca-file", default=env.get("LAYERCARD_CA_FILE"), help="CA bundle to verify the server (implies --tls)"
+    )
+    parser.add_argument("--client-cert", help="client certificate for mutual TLS (with --client-key)")
+    parser.add_argument("--client-key", help="client private key for mutual TLS")
+    parser.add_argument(
+        "--timeout",
+        type=_positive,
+        metavar="SECONDS",
+        help="deadline of each call, streams included (default: 30 for calls, none for streams)",
+    )
+    parser.add_argument("--json", action="store_true", help="print protobuf JSON, one document per line")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    health = sub.add_parser("health", help="check the server's health (needs no token)")
+    health.add_argument("--service", default="", help="a service's full name; default: the whole server")
+    health.add_argument("--wait", type=_positive, metavar="SECONDS", help="wait up to this long for SERVING")
+    _cards(sub)
+    _plan(sub)
+    _jobs(sub)
+    _adapters(sub)
+    _generate(sub)
+    return parser

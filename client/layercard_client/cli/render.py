@@ -1,0 +1,299 @@
+"""How the CLI shows things: protobuf JSON for scripts, rich tables for people.
+
+With ``--json`` every response message is one JSON document on one line of stdout (streams: one per
+message), so ``jq`` and line-oriented tools both work. Without it, messages are rendered as tables.
+Progress and errors go to stderr, keeping stdout clean for pipes either way.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf import message as pb_message
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from layercard.v1 import adapter_pb2, layer_card_pb2, placement_pb2, tuning_pb2
+from layercard_client.errors import LayercardClientError
+
+__all__ = [
+    "Output",
+    "card_table",
+    "deployment_table",
+    "fmt_bytes",
+    "fmt_time",
+    "job_table",
+    "placement_table",
+    "state_name",
+]
+
+
+def fmt_bytes(n: int | float) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"  # pragma: no cover - the loop always returns
+
+
+def fmt_time(message: pb_message.Message, field: str) -> str:
+    """A Timestamp field as local ISO time, or "-" when unset."""
+    if not message.HasField(field):
+        return "-"
+    return getattr(message, field).ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def state_name(enum: Any, value: int, prefix: str) -> str:
+    name = enum.Name(value) if value in enum.values() else str(value)
+    return name.removeprefix(prefix).lower()
+
+
+class Output:
+    """Where results go: JSON lines or rich renderings on stdout, progress and errors on stderr."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        # Built per invocation so they bind to the sys.stdout/sys.stderr of the moment (pytest's capsys).
+        self.out = Console(file=sys.stdout, highlight=False, soft_wrap=False)
+        # soft_wrap: error lines stay whole in logs and CI output instead of breaking at 80 columns.
+        self.err = Console(file=sys.stderr, highlight=False, soft_wrap=True)
+
+    def json(self, message: pb_message.Message) -> None:
+        line = json_format.MessageToJson(message, indent=None, ensure_ascii=False)
+        print(line, file=sys.stdout, flush=True)  # flush per line: a stream's consumer sees each event now
+
+    def show(self, message: pb_message.Message, human: Any = None) -> None:
+        """JSON in JSON mode; otherwise the rich renderable ``human`` (or its text)."""
+        if self.as_json:
+            self.json(message)
+        elif human is not None:
+            self.out.print(human)
+
+    def error(self, exc: LayercardClientError) -> None:
+        if self.as_json:
+            print(json.dumps({"error": exc.to_dict()}, ensure_ascii=False), file=sys.stderr, flush=True)
+            return
+        self.err.print(f"[bold red]error:[/] [bold]{exc.code.name}[/]: {escape(exc.message)}", markup=True)
+        if exc.reason:
+            domain = f" ({exc.domain})" if exc.domain else ""
+            self.err.print(f"  reason: {exc.reason}{domain}", markup=False)
+        for key, value in sorted(exc.metadata.items()):
+            self.err.print(f"  {key}: {value}", markup=False)
+        for violation in exc.field_violations:
+            self.err.print(f"  field {violation.field}: {violation.description}", markup=False)
+        if exc.retry_after is not None:
+            self.err.print(f"  retry after: {exc.retry_after:g} s", markup=False)
+
+    def problem(self, text: str) -> None:
+        """A CLI-side problem (bad option, unreadable file): stderr, JSON-shaped in JSON mode."""
+        if self.as_json:
+            print(json.dumps({"error": {"message": text}}), file=sys.stderr, flush=True)
+        else:
+            self.err.print(f"[bold red]error:[/] {escape(text)}", markup=True, highlight=False)
+
+
+def _kv_table(title: str | None = None) -> Table:
+    table = Table(title=title, show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    return table
+
+
+def card_table(card: layer_card_pb2.LayerCard) -> Table:
+    """A card as people read it: a header, then one row per layer with a bar of its share of Res²."""
+    outer = Table.grid(padding=(0, 0))
+    head = _kv_table()
+    head.add_row("card", card.name)
+    head.add_row(
+        "model", f"{card.model}  ({card.architecture}, {card.num_layers} layers, {card.num_parameters:,} params)"
+    )
+    head.add_row("fingerprint", card.fingerprint)
+    head.add_row(
+        "probe", f"loss {card.probe_loss:.4f} nats on {card.probe_examples} examples, {card.probe_tokens} tokens"
+    )
+    duration = card.compute_duration.ToTimedelta().total_seconds() if card.HasField("compute_duration") else 0.0
+    head.add_row(
+        "computed", f"{fmt_time(card, 'create_time')} in {duration:.1f} s{'  (from store)' if card.from_store else ''}"
+    )
+    outer.add_row(head)
+
+    measured = any(layer.HasField("measured_gain") for layer in card.layers)
+    layers = Table(title="layers", title_justify="left")
+    for name, justify in (
+        ("#", "right"),
+        ("Res² share", "left"),
+        ("gain", "right"),
+        ("E_act", "right"),
+        ("eff. rank", "right"),
+        ("fwd+bwd s", "right"),
+        ("act. mem", "right"),
+        ("adapter params", "right"),
+    ):
+        layers.add_column(name, justify=justify)  # type: ignore[arg-type]
+    if measured:
+        layers.add_column("measured gain", justify="right")
+    for layer in card.layers:
+        bar = "█" * round(layer.resnorm_share * 20)
+        row = [
+            str(layer.index),
+            f"{layer.resnorm_share:6.1%} {bar}",
+            f"{layer.predicted_gain:.4f}",
+            f"{layer.activation_energy:.3g}",
+            f"{layer.effective_rank:.1f}",
+            f"{layer.forward_seconds + layer.backward_seconds:.4f}",
+            fmt_bytes(layer.activation_bytes),
+            f"{layer.adapter_parameters:,}",
+        ]
+        if measured:
+            row.append(f"{layer.measured_gain:.4f}" if layer.HasField("measured_gain") else "-")
+        layers.add_row(*row)
+    outer.add_row(layers)
+
+    if card.HasField("training_cost") or card.HasField("serving_cost"):
+        costs = _kv_table("costs")
+        tc, sc = card.training_cost, card.serving_cost
+        costs.add_row("step time", f"fixed {tc.fixed_seconds:.4f} s + {tc.per_adapter_seconds:.4f} s per adapter")
+        costs.add_row(
+            "model error",
+            f"step time {tc.step_time_relative_error:.1%}, peak memory {tc.peak_memory_relative_error:.1%}",
+        )
+        vllm = (
+            f"{sc.vllm_overhead_fraction:.1%} ({sc.vllm_basis})"
+            if sc.HasField("vllm_overhead_fraction")
+            else "not measured"
+        )
+        costs.add_row("serving", f"peft base {sc.peft_base_ms_per_token:.3f} ms/token; vLLM overhead {vllm}")
+        outer.add_row(costs)
+    return outer
+
+
+def cards_list_table(cards: list[layer_card_pb2.LayerCard]) -> Table:
+    table = Table()
+    for name in ("name", "model", "layers", "probe loss", "created"):
+        table.add_column(name)
+    for card in cards:
+        table.add_row(
+            card.name, card.model, str(card.num_layers), f"{card.probe_loss:.4f}", fmt_time(card, "create_time")
+        )
+    return table
+
+
+def placement_table(plan: placement_pb2.Placement) -> Table:
+    outer = Table.grid()
+    head = _kv_table()
+    head.add_row("card", plan.layer_card)
+    head.add_row("objective", state_name(placement_pb2.Objective, plan.objective, "OBJECTIVE_"))
+    head.add_row("layers", ", ".join(map(str, plan.layers)) or "-")
+    head.add_row("adapter", f"rank {plan.lora.rank}, modules {', '.join(plan.lora.target_modules) or 'all'}")
+    if plan.steps:
+        head.add_row("steps", str(plan.steps))
+    head.add_row("binding", ", ".join(plan.binding_limits) or "none")
+    outer.add_row(head)
+    predictions = Table(title="predictions", title_justify="left")
+    for name in ("figure", "value", "unit", "basis"):
+        predictions.add_column(name)
+    for field in (
+        "predicted_gain",
+        "step_seconds",
+        "step_fraction_of_full",
+        "peak_memory_bytes",
+        "adapter_parameters",
+        "adapter_bytes",
+        "serving_overhead_ms_per_token",
+        "serving_overhead_fraction",
+    ):
+        if plan.HasField(field):
+            p = getattr(plan, field)
+            predictions.add_row(field.replace("_", " "), f"{p.value:.6g}", p.unit, p.basis)
+    outer.add_row(predictions)
+    if plan.rationale:
+        outer.add_row(f"\n{plan.rationale}")
+    return outer
+
+
+def job_table(job: tuning_pb2.TuningJob) -> Table:
+    table = _kv_table()
+    table.add_row("job", job.name)
+    table.add_row("state", state_name(tuning_pb2.TuningJobState, job.state, "TUNING_JOB_STATE_"))
+    table.add_row("adapter", job.adapter_id)
+    table.add_row("model", job.model)
+    table.add_row("progress", f"step {job.step} / {job.total_steps}")
+    if job.placement.layers:
+        table.add_row("layers", ", ".join(map(str, job.placement.layers)))
+    table.add_row("created", fmt_time(job, "create_time"))
+    if job.HasField("end_time"):
+        table.add_row("ended", fmt_time(job, "end_time"))
+    if job.error_code:
+        table.add_row("error", f"{job.error_code}: {job.error_message}")
+    if job.HasField("result"):
+        r = job.result
+        table.add_row("result", r.adapter_version)
+        table.add_row(
+            "eval",
+            f"loss {r.base_eval.loss:.4f} -> {r.final_eval.loss:.4f}, exact match {r.final_eval.exact_match:.1%}",
+        )
+        table.add_row(
+            "step time", f"measured {r.measured_step_seconds:.4f} s, predicted {r.predicted_step_seconds:.4f} s"
+        )
+    return table
+
+
+def jobs_list_table(jobs: list[tuning_pb2.TuningJob]) -> Table:
+    table = Table()
+    for name in ("name", "state", "adapter", "step", "created"):
+        table.add_column(name)
+    for job in jobs:
+        state = state_name(tuning_pb2.TuningJobState, job.state, "TUNING_JOB_STATE_")
+        table.add_row(job.name, state, job.adapter_id, f"{job.step}/{job.total_steps}", fmt_time(job, "create_time"))
+    return table
+
+
+def deployment_table(deployment: adapter_pb2.Deployment, replicas: Any = None) -> Table:
+    outer = Table.grid()
+    if deployment.adapter:
+        head = _kv_table()
+        head.add_row("adapter", f"{deployment.adapter} v{deployment.version} as {deployment.served_name}")
+        head.add_row("state", state_name(adapter_pb2.DeploymentState, deployment.state, "DEPLOYMENT_STATE_"))
+        if deployment.HasField("latency"):
+            head.add_row(
+                "latency",
+                f"overhead {deployment.latency.overhead_fraction:.1%} over {deployment.latency.samples} samples",
+            )
+        outer.add_row(head)
+    rows = Table(title="replicas", title_justify="left")
+    for name in ("replica", "healthy", "desired loaded", "loaded adapters", "error"):
+        rows.add_column(name)
+    for replica in replicas if replicas is not None else deployment.replicas:
+        rows.add_row(
+            replica.replica,
+            "yes" if replica.healthy else "no",
+            "yes" if replica.desired_loaded else "no",
+            ", ".join(replica.observed_adapters) or "-",
+            replica.error or "",
+        )
+    outer.add_row(rows)
+    return outer
+
+
+def adapters_list_table(adapters: list[adapter_pb2.Adapter]) -> Table:
+    table = Table()
+    for name in ("name", "base model", "versions", "deployed", "state", "replicas ready"):
+        table.add_column(name)
+    for adapter in adapters:
+        d = adapter.deployment
+        deployed = adapter.HasField("deployment")
+        ready = sum(r.desired_loaded for r in d.replicas)
+        table.add_row(
+            adapter.name,
+            adapter.base_model,
+            ", ".join(str(v.version) for v in adapter.versions) or "-",
+            f"v{d.version}" if deployed else "-",
+            state_name(adapter_pb2.DeploymentState, d.state, "DEPLOYMENT_STATE_") if deployed else "-",
+            f"{ready}/{len(d.replicas)}" if deployed else "-",
+        )
+    return table
