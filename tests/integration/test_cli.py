@@ -100,13 +100,13 @@ def test_health_of_unknown_service_is_not_found(server, capsys):
 
 
 def test_unbuilt_rpc_json_exits_nonzero_with_error_on_stderr(server, capsys):
-    code, out, err = run(capsys, "--address", server.address, "--json", "card", "list")
+    code, out, err = run(capsys, "--address", server.address, "--json", "adapters", "list")
     assert code == 12  # UNIMPLEMENTED
     assert out == ""
     error = json.loads(err)["error"]
     assert error["code"] == "UNIMPLEMENTED"
     assert error["reason"] == "NOT_IMPLEMENTED_YET"
-    assert "ListLayerCards is part of the contract" in error["message"]
+    assert "ListAdapters is part of the contract" in error["message"]
 
 
 def test_unbuilt_rpc_readable_error(server, capsys):
@@ -120,7 +120,7 @@ def test_token_option_and_exit_code_of_unauthenticated(capsys):
         code, _, err = run(capsys, "--address", running.address, "card", "get", "abc")
         assert code == 8 and "UNAUTHENTICATED" in err and "MISSING_TOKEN" in err
         code, _, err = run(capsys, "--address", running.address, "--token", TOKEN, "card", "get", "abc")
-        assert code == 12, err  # past auth
+        assert code == 4 and "LAYER_CARD_NOT_FOUND" in err, err  # past auth, to the handler
         assert run(capsys, "--address", running.address, "health")[0] == 0
 
 
@@ -187,7 +187,7 @@ def test_console_script_in_a_subprocess(server):
     assert done.returncode == 0, done.stderr
     assert "SERVING" in done.stdout
     done = subprocess.run(
-        [str(script), "--address", server.address, "--json", "card", "list"],
+        [str(script), "--address", server.address, "--json", "adapters", "list"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -131,21 +131,21 @@ def test_health_async(server):
 
 def test_unbuilt_rpc_raises_unimplemented_with_server_details(server):
     with LayercardClient(server.address) as client, pytest.raises(Unimplemented) as caught:
-        client.list_layer_cards(model="builtin:tiny")
+        client.list_adapters()
     err = caught.value
     assert err.code == grpc.StatusCode.UNIMPLEMENTED
-    assert "ListLayerCards is part of the contract but not built yet" in err.message
+    assert "ListAdapters is part of the contract but not built yet" in err.message
     assert err.reason == "NOT_IMPLEMENTED_YET"
     assert err.domain == "layercard.dev"
-    assert err.metadata["method"] == "ListLayerCards"
-    assert err.method == "/layercard.v1.LayerCardService/ListLayerCards"
+    assert err.metadata["method"] == "ListAdapters"
+    assert err.method == "/layercard.v1.AdapterService/ListAdapters"
     assert isinstance(err.__cause__, grpc.RpcError)  # raised `from` the transport error
 
 
 def test_unbuilt_stream_raises_unimplemented_while_iterating(server):
     with LayercardClient(server.address) as client, pytest.raises(Unimplemented) as caught:
-        list(client.compute_layer_card(model="builtin:tiny", dataset="builtin:cipher"))
-    assert "ComputeLayerCard" in caught.value.message
+        list(client.generate_stream(prompt="hello"))
+    assert "GenerateStream" in caught.value.message
 
 
 def test_unbuilt_rpc_async(server):
@@ -168,13 +168,13 @@ def test_unbuilt_rpc_async(server):
 
 def test_right_token_is_accepted(auth_server):
     with LayercardClient(auth_server.address, token=TOKEN) as client, pytest.raises(Unimplemented):
-        client.get_layer_card("abc")  # past the auth interceptor: the handler itself answered
+        client.get_tuning_job("abc")  # past the auth interceptor: the handler itself answered
 
 
 @pytest.mark.parametrize(("token", "reason"), [(None, "MISSING_TOKEN"), ("wrong", "INVALID_TOKEN")])
 def test_missing_or_wrong_token_is_unauthenticated(auth_server, token, reason):
     with LayercardClient(auth_server.address, token=token) as client, pytest.raises(Unauthenticated) as caught:
-        client.get_layer_card("abc")
+        client.get_tuning_job("abc")
     assert caught.value.reason == reason
 
 
@@ -210,9 +210,9 @@ def test_tls_with_ca_file_and_token_as_call_credentials(tmp_path: Path):
             assert client.settings.secure and client.settings.call_metadata() == ()  # token rides on TLS
             assert client.health() == "SERVING"
             with pytest.raises(Unimplemented):
-                client.get_layer_card("abc")
+                client.get_tuning_job("abc")
         with LayercardClient(running.address, ca_file=cert, token="wrong") as client, pytest.raises(Unauthenticated):
-            client.get_layer_card("abc")
+            client.get_tuning_job("abc")
 
 
 # retries
@@ -265,7 +265,7 @@ def test_call_gets_through_to_a_server_that_starts_after_the_first_attempt():
         with LayercardClient(f"127.0.0.1:{port}", retry=retry, timeout=20) as client:
             calling.set()
             try:
-                client.get_layer_card("abc")
+                client.get_tuning_job("abc")
             except Exception as exc:  # handed to the test thread, which asserts on it
                 outcome["error"] = exc
 

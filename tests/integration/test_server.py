@@ -56,7 +56,7 @@ def test_reflection_lists_and_calls_every_method(server):
         assert set(SERVICE_NAMES) <= services
         assert "grpc.health.v1.Health" in services
         pool = descriptor_pool.DescriptorPool(database)
-        called = 0
+        called: dict[grpc.StatusCode, int] = {}
         for service_name in SERVICE_NAMES:
             service = pool.FindServiceByName(service_name)
             assert len(service.methods) >= 1
@@ -70,16 +70,20 @@ def test_reflection_lists_and_calls_every_method(server):
                     request_serializer=request_cls.SerializeToString,
                     response_deserializer=response_cls.FromString,
                 )
-                with pytest.raises(grpc.RpcError) as err:
+                try:
                     result = call(request_cls(), timeout=5)
                     if method.server_streaming:
                         list(result)
-                # Every RPC of a later capability answers UNIMPLEMENTED naming what is missing.
-                assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED, path
-                assert "not built yet" in err.value.details()
-                assert details_of(err.value)["ErrorInfo"].metadata["method"] == method.name
-                called += 1
-        assert called == 14
+                    code = grpc.StatusCode.OK
+                except grpc.RpcError as err:
+                    code = err.code()
+                    # An empty request is bad input or names what is not built yet; never a crash.
+                    assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED), path
+                    if code == grpc.StatusCode.UNIMPLEMENTED:
+                        assert "not built yet" in err.details()
+                        assert details_of(err)["ErrorInfo"].metadata["method"] == method.name
+                called[code] = called.get(code, 0) + 1
+        assert sum(called.values()) == 14
 
 
 class _FailingPlacement(placement_pb2_grpc.PlacementServiceServicer):
@@ -125,6 +129,7 @@ def test_domain_error_maps_to_status_with_details(failing_server):
         details = details_of(err.value)
         assert details["ErrorInfo"].reason == "VLLM_UNREACHABLE"
         assert details["RetryInfo"].retry_delay.ToNanoseconds() == 2_500_000_000
+        assert ("grpc-retry-pushback-ms", "2500") in err.value.trailing_metadata()
 
 
 def test_unexpected_error_is_generic_internal(failing_server):

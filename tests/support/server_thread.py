@@ -6,8 +6,11 @@ Tests then talk to it over a real socket with ordinary (sync) gRPC channels, as 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import tempfile
 import threading
 from concurrent.futures import Future
+from pathlib import Path
 
 from layercard_service.config import ServiceConfig
 from layercard_service.server import LayercardServer, Servicers
@@ -15,7 +18,10 @@ from layercard_service.server import LayercardServer, Servicers
 
 class ServerThread:
     def __init__(self, config: ServiceConfig | None = None, servicers: Servicers | None = None) -> None:
-        self.config = config or ServiceConfig(port=0, log_format="text")
+        config = config or ServiceConfig(port=0, log_format="text")
+        if config.data_dir == ServiceConfig.data_dir:  # never the working tree's state: a fresh folder per server
+            config = dataclasses.replace(config, data_dir=Path(tempfile.mkdtemp(prefix="layercard-")))
+        self.config = config
         self.server = LayercardServer(self.config, servicers)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="layercard-server", daemon=True)

@@ -11,10 +11,11 @@ from typing import Any
 
 from grpc_health.v1 import health_pb2
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-from layercard.v1 import adapter_pb2, tuning_pb2
+from layercard.v1 import adapter_pb2, layer_card_pb2, tuning_pb2
+from layercard_client import cardplot
 from layercard_client.builders import DatasetLike, dataset_source
+from layercard_client.cardview import card_json, card_markdown
 from layercard_client.cli import render
 from layercard_client.cli.exit_codes import EXIT_FAILURE, EXIT_JOB_UNSUCCESSFUL, EXIT_NOT_SERVING, EXIT_OK
 from layercard_client.cli.parser import budget_from_args, lora_from_args
@@ -42,19 +43,6 @@ def _dataset(value: str | None) -> DatasetLike | None:
 
 def _given(**fields: Any) -> dict[str, Any]:
     return {key: value for key, value in fields.items() if value is not None and value is not False}
-
-
-def _progress(out: render.Output) -> Progress:
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[note]}"),
-        console=out.err,
-        transient=True,  # the bar is for watching; what stays on screen is the result
-    )
 
 
 def _pages(fetch: Callable[[str], Any], args: argparse.Namespace) -> Iterator[Any]:
@@ -101,8 +89,13 @@ def _wait_for_serving(client: LayercardClient, service: str, wait: float) -> str
 
 def run_card(client: LayercardClient, args: argparse.Namespace, out: render.Output) -> int:
     if args.action == "get":
+        _check_exports(args)
         card = client.get_layer_card(args.name)
-        out.show(card, render.card_table(card))
+        if out.as_json:
+            out.json(card)
+        else:
+            render.print_wide(out.out, render.card_view(card))
+        _export_card(card, args, out)
         return EXIT_OK
     if args.action == "list":
         cards, next_token = [], ""
@@ -133,6 +126,7 @@ def _compute(client: LayercardClient, args: argparse.Namespace, out: render.Outp
         force_recompute=args.force,
     )
     dataset = _dataset(args.dataset)
+    _check_exports(args)  # before the work: a missing extra should not cost a long computation
     stream = client.compute_layer_card(
         model=args.model, dataset=dataset_source(dataset, args.split), lora=lora_from_args(args), **fields
     )
@@ -143,21 +137,65 @@ def _compute(client: LayercardClient, args: argparse.Namespace, out: render.Outp
                 out.json(event)
                 card = event.card if event.HasField("card") else card
         else:
-            with _progress(out) as progress:
-                task = progress.add_task("starting", total=1.0, note="")
-                for event in stream:
-                    if event.HasField("progress"):
-                        p = event.progress
-                        eta = f" (eta {p.eta.ToTimedelta().total_seconds():.0f} s)" if p.HasField("eta") else ""
-                        progress.update(task, completed=p.fraction, description=p.phase, note=p.message + eta)
-                    elif event.HasField("card"):
-                        card = event.card
+            card = _follow_compute(stream, out)
             if card is not None:
-                out.out.print(render.card_table(card))
+                render.print_wide(out.out, render.card_view(card))
     if card is None:
         out.problem("the stream ended without a card")
         return EXIT_FAILURE
+    _export_card(card, args, out)
     return EXIT_OK
+
+
+def _follow_compute(stream: Iterator[Any], out: render.Output) -> layer_card_pb2.LayerCard | None:
+    """Drives the bar from the stream's Progress events; each finished phase leaves a line with its duration,
+    so a long card's log shows where the time went."""
+    card = None
+    phase, phase_start = "", time.monotonic()
+    with render.progress_bar(out, eta=True) as progress:
+        task = progress.add_task("starting", total=1.0, note="", eta="")
+        for event in stream:
+            p = event.progress if event.HasField("progress") else None  # None: the card, the stream's last message
+            card = event.card if event.HasField("card") else card
+            if phase and (p is None or p.phase != phase):
+                progress.console.print(f"{phase}: {time.monotonic() - phase_start:.1f} s", style="dim", markup=False)
+            if p is None:
+                continue
+            if p.phase != phase:
+                phase, phase_start = p.phase, time.monotonic()
+            eta = render.fmt_eta(p.eta.ToTimedelta().total_seconds()) if p.HasField("eta") else ""
+            progress.update(task, completed=p.fraction, description=escape(p.phase), note=p.message, eta=eta)
+    return card
+
+
+def _check_exports(args: argparse.Namespace) -> None:
+    if args.png_svg:
+        cardplot.require_matplotlib()
+
+
+def _figure_stem(value: str) -> Path:
+    """``--png-svg out/card`` and ``--png-svg out/card.png`` both mean out/card.png and out/card.svg."""
+    path = Path(value).expanduser()
+    return path.with_suffix("") if path.suffix.lower() in cardplot.FIGURE_SUFFIXES else path
+
+
+def _export_card(card: layer_card_pb2.LayerCard, args: argparse.Namespace, out: render.Output) -> None:
+    """Writes the files asked for; names go to stderr so stdout stays the card (or its JSON)."""
+    written: list[Path] = []
+    try:
+        for value, text in ((args.json_out, card_json), (args.markdown, card_markdown)):
+            if value:
+                path = Path(value).expanduser()
+                path.write_text(text(card), encoding="utf-8")
+                written.append(path)
+        if args.png_svg:
+            with out.err.status("drawing the figure"):
+                written.extend(cardplot.write_figure(card, _figure_stem(args.png_svg)))
+    except OSError as exc:
+        raise UsageProblem(f"cannot write {exc.filename or 'an export'}: {exc.strerror or exc}") from exc
+    if not out.as_json:
+        for path in written:
+            out.err.print(f"wrote {path}", markup=False)
 
 
 # plan
@@ -250,7 +288,7 @@ def _watch_job(client: LayercardClient, name: str, after: int | None, out: rende
                 final = event.state_change if event.HasField("state_change") else final
     else:
         job = client.get_tuning_job(name)  # for total_steps: step events carry only the current step
-        with _progress(out) as progress, client.watch_tuning_job(name, after_sequence=after) as stream:
+        with render.progress_bar(out) as progress, client.watch_tuning_job(name, after_sequence=after) as stream:
             state = render.state_name(states, job.state, "TUNING_JOB_STATE_")
             task = progress.add_task(state, total=job.total_steps or None, completed=job.step, note="")
             for event in stream:

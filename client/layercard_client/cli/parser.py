@@ -89,6 +89,17 @@ def _add_dataset(parser: argparse.ArgumentParser, flag: str, *, required: bool, 
     )
 
 
+def _add_card_exports(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("exports (written as well as the output on stdout)")
+    group.add_argument(
+        "--png-svg",
+        metavar="PATH",
+        help="write the card's figure to PATH.png and PATH.svg (needs: pip install 'layercard-client[render]')",
+    )
+    group.add_argument("--markdown", metavar="FILE", help="write a Markdown report of the card")
+    group.add_argument("--json-out", metavar="FILE", help="write the card as protobuf JSON (proto field names)")
+
+
 def _add_paging(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--page-size", type=int, help="items per page (server default 50)")
     parser.add_argument("--page-token", help="continue from a previous page's next_page_token")
@@ -112,8 +123,10 @@ def _cards(sub: argparse._SubParsersAction) -> None:
     compute.add_argument("--max-seq-len", type=int)
     compute.add_argument("--force", action="store_true", help="recompute even when the store has this card")
     _add_lora(compute)
+    _add_card_exports(compute)
     get = actions.add_parser("get", help="show a stored card")
     get.add_argument("name", help="layerCards/ID or ID")
+    _add_card_exports(get)
     listing = actions.add_parser("list", help="list stored cards, newest first")
     listing.add_argument("--model", help="only cards of this model")
     _add_paging(listing)

@@ -13,21 +13,29 @@ from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf import message as pb_message
-from rich.console import Console
+from rich.console import Console, Group
 from rich.markup import escape
+from rich.measure import Measurement
+from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from layercard.v1 import adapter_pb2, layer_card_pb2, placement_pb2, tuning_pb2
+from layercard_client.cardview import card_summary, card_table  # beside the client, for non-CLI users too
 from layercard_client.errors import LayercardClientError
 
 __all__ = [
     "Output",
     "card_table",
+    "card_view",
+    "print_wide",
     "deployment_table",
     "fmt_bytes",
+    "fmt_eta",
     "fmt_time",
     "job_table",
     "placement_table",
+    "progress_bar",
     "state_name",
 ]
 
@@ -97,6 +105,26 @@ class Output:
             self.err.print(f"[bold red]error:[/] {escape(text)}", markup=True, highlight=False)
 
 
+def progress_bar(out: Output, *, eta: bool = False) -> Progress:
+    """A bar on stderr. ``eta``: a column for the server's own estimate (``task.fields["eta"]``), which knows
+    the phases ahead; rich's rate-based guess does not."""
+    columns = [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn()]
+    columns.append(TimeElapsedColumn())
+    if eta:
+        columns.append(TextColumn("{task.fields[eta]}", style="cyan", markup=False))
+    columns.append(TextColumn("{task.fields[note]}", markup=False))
+    # transient: the bar is for watching; what stays on screen is the result
+    return Progress(*columns, console=out.err, transient=True)
+
+
+def fmt_eta(seconds: float) -> str:
+    seconds = max(round(seconds), 0)
+    if seconds < 60:
+        return f"eta {seconds} s"
+    hours, rest = divmod(seconds, 3600)
+    return f"eta {hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"eta {rest // 60}:{rest % 60:02d}"
+
+
 def _kv_table(title: str | None = None) -> Table:
     table = Table(title=title, show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
@@ -104,72 +132,23 @@ def _kv_table(title: str | None = None) -> Table:
     return table
 
 
-def card_table(card: layer_card_pb2.LayerCard) -> Table:
-    """A card as people read it: a header, then one row per layer with a bar of its share of Res²."""
-    outer = Table.grid(padding=(0, 0))
-    head = _kv_table()
-    head.add_row("card", card.name)
-    head.add_row(
-        "model", f"{card.model}  ({card.architecture}, {card.num_layers} layers, {card.num_parameters:,} params)"
-    )
-    head.add_row("fingerprint", card.fingerprint)
-    head.add_row(
-        "probe", f"loss {card.probe_loss:.4f} nats on {card.probe_examples} examples, {card.probe_tokens} tokens"
-    )
-    duration = card.compute_duration.ToTimedelta().total_seconds() if card.HasField("compute_duration") else 0.0
-    head.add_row(
-        "computed", f"{fmt_time(card, 'create_time')} in {duration:.1f} s{'  (from store)' if card.from_store else ''}"
-    )
-    outer.add_row(head)
+def card_view(card: layer_card_pb2.LayerCard) -> Group:
+    """The card's table, then its summary lines (as plain text: names from the server may hold brackets)."""
+    return Group(card_table(card), Text(card_summary(card)))
 
-    measured = any(layer.HasField("measured_gain") for layer in card.layers)
-    layers = Table(title="layers", title_justify="left")
-    for name, justify in (
-        ("#", "right"),
-        ("Res² share", "left"),
-        ("gain", "right"),
-        ("E_act", "right"),
-        ("eff. rank", "right"),
-        ("fwd+bwd s", "right"),
-        ("act. mem", "right"),
-        ("adapter params", "right"),
-    ):
-        layers.add_column(name, justify=justify)  # type: ignore[arg-type]
-    if measured:
-        layers.add_column("measured gain", justify="right")
-    for layer in card.layers:
-        bar = "█" * round(layer.resnorm_share * 20)
-        row = [
-            str(layer.index),
-            f"{layer.resnorm_share:6.1%} {bar}",
-            f"{layer.predicted_gain:.4f}",
-            f"{layer.activation_energy:.3g}",
-            f"{layer.effective_rank:.1f}",
-            f"{layer.forward_seconds + layer.backward_seconds:.4f}",
-            fmt_bytes(layer.activation_bytes),
-            f"{layer.adapter_parameters:,}",
-        ]
-        if measured:
-            row.append(f"{layer.measured_gain:.4f}" if layer.HasField("measured_gain") else "-")
-        layers.add_row(*row)
-    outer.add_row(layers)
 
-    if card.HasField("training_cost") or card.HasField("serving_cost"):
-        costs = _kv_table("costs")
-        tc, sc = card.training_cost, card.serving_cost
-        costs.add_row("step time", f"fixed {tc.fixed_seconds:.4f} s + {tc.per_adapter_seconds:.4f} s per adapter")
-        costs.add_row(
-            "model error",
-            f"step time {tc.step_time_relative_error:.1%}, peak memory {tc.peak_memory_relative_error:.1%}",
-        )
-        vllm = (
-            f"{sc.vllm_overhead_fraction:.1%} ({sc.vllm_basis})"
-            if sc.HasField("vllm_overhead_fraction")
-            else "not measured"
-        )
-        costs.add_row("serving", f"peft base {sc.peft_base_ms_per_token:.3f} ms/token; vLLM overhead {vllm}")
-        outer.add_row(costs)
-    return outer
+def print_wide(console: Console, renderable: Any) -> None:
+    """On a terminal, as wide as the terminal; in files and pipes at the renderable's natural width, where rich
+    would otherwise cut a wide table to 80 columns."""
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    width = console.width  # print(width=...) cannot go beyond the console's own width: widen it for this call
+    console.width = max(width, Measurement.get(console, console.options.update_width(10_000), renderable).maximum)
+    try:
+        console.print(renderable)
+    finally:
+        console.width = width
 
 
 def cards_list_table(cards: list[layer_card_pb2.LayerCard]) -> Table:
