@@ -45,6 +45,9 @@ class ServiceConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     # On SIGTERM: health flips to NOT_SERVING, in-flight RPCs get this long to finish, then the process exits.
     shutdown_grace_seconds: float = 30.0
+    # Layer Cards computed at once, and how many more may wait (RESOURCE_EXHAUSTED past that).
+    max_concurrent_cards: int = 1
+    card_queue_size: int = 4
     log_level: str = "INFO"
     log_format: str = "json"  # "json" for machines, "text" for people
 
@@ -61,6 +64,8 @@ class ServiceConfig:
             raise ConfigError("tls_cert_file and tls_key_file go together: set both or neither")
         if self.auth_token is not None and self.auth_token_file is not None:
             raise ConfigError("set auth_token or auth_token_file, not both")
+        if self.max_concurrent_cards < 1 or self.card_queue_size < 0:
+            raise ConfigError("max_concurrent_cards must be >= 1 and card_queue_size >= 0")
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"log_format must be 'json' or 'text', got {self.log_format!r}")
         for url in self.vllm_urls:

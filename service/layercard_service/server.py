@@ -9,7 +9,7 @@ import asyncio
 import logging
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 
 import grpc
@@ -36,6 +36,7 @@ from layercard_service.api.layer_card import LayerCardServicer
 from layercard_service.api.placement import PlacementServicer
 from layercard_service.api.tuning import TuningServicer
 from layercard_service.config import ConfigError, ServiceConfig
+from layercard_service.core import Core
 from layercard_service.logs import configure_logging
 from layercard_service.metrics import MetricsEndpoint, new_registry
 
@@ -62,13 +63,22 @@ def _version() -> str:
 
 @dataclass
 class Servicers:
-    """The five servicers; tests swap one for a fake at this seam."""
+    """The five servicers; tests swap one for a fake at this seam, the rest are built on the real core."""
 
-    layer_card: layer_card_pb2_grpc.LayerCardServiceServicer = field(default_factory=LayerCardServicer)
-    placement: placement_pb2_grpc.PlacementServiceServicer = field(default_factory=PlacementServicer)
-    tuning: tuning_pb2_grpc.TuningServiceServicer = field(default_factory=TuningServicer)
-    adapter: adapter_pb2_grpc.AdapterServiceServicer = field(default_factory=AdapterServicer)
-    inference: inference_pb2_grpc.InferenceServiceServicer = field(default_factory=InferenceServicer)
+    layer_card: layer_card_pb2_grpc.LayerCardServiceServicer | None = None
+    placement: placement_pb2_grpc.PlacementServiceServicer | None = None
+    tuning: tuning_pb2_grpc.TuningServiceServicer | None = None
+    adapter: adapter_pb2_grpc.AdapterServiceServicer | None = None
+    inference: inference_pb2_grpc.InferenceServiceServicer | None = None
+
+    def complete(self, core: Core) -> Servicers:
+        return Servicers(
+            layer_card=self.layer_card or LayerCardServicer(core.cards),
+            placement=self.placement or PlacementServicer(),
+            tuning=self.tuning or TuningServicer(),
+            adapter=self.adapter or AdapterServicer(),
+            inference=self.inference or InferenceServicer(),
+        )
 
     def add_to(self, server: grpc.aio.Server) -> None:
         layer_card_pb2_grpc.add_LayerCardServiceServicer_to_server(self.layer_card, server)
@@ -83,7 +93,8 @@ class LayercardServer:
 
     def __init__(self, config: ServiceConfig, servicers: Servicers | None = None) -> None:
         self.config = config
-        self.servicers = servicers or Servicers()
+        self.core = Core.from_config(config)
+        self.servicers = (servicers or Servicers()).complete(self.core)
         self.registry = new_registry(_version())
         self.health = HealthServicer()
         self.port: int | None = None
@@ -149,6 +160,7 @@ class LayercardServer:
         await self._server.stop(grace)
         if self._metrics is not None:
             self._metrics.stop()
+        self.core.close()
         log.info("stopped")
 
     async def wait(self) -> None:

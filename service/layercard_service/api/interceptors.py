@@ -49,7 +49,13 @@ def to_grpc_status(err: LayercardError) -> grpc.Status:
     status = status_pb2.Status(code=code, message=err.message)
     for detail in details:
         status.details.add().Pack(detail)
-    return rpc_status.to_status(status)
+    grpc_status = rpc_status.to_status(status)
+    if err.retry_after is not None:
+        # gRPC's own retry policy reads only this trailer, not RetryInfo: send both so clients that retry
+        # automatically also wait as long as the server asks.
+        pushback = (("grpc-retry-pushback-ms", str(int(err.retry_after * 1000))),)
+        grpc_status = grpc_status._replace(trailing_metadata=grpc_status.trailing_metadata + pushback)
+    return grpc_status
 
 
 def _internal_status(incident: str) -> grpc.Status:

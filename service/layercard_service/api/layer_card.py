@@ -2,21 +2,175 @@
 
 from __future__ import annotations
 
-from layercard.v1 import layer_card_pb2_grpc
-from layercard_service.api.pending import not_built
+import math
 
-__all__ = ["LayerCardServicer"]
+from google.protobuf import duration_pb2, timestamp_pb2
 
-_CAPABILITY = "the Layer Card engine"
+from layercard.v1 import common_pb2, layer_card_pb2, layer_card_pb2_grpc
+from layercard_service.card.service import CardProgress, CardService, StoredCard
+from layercard_service.card.types import CardSettings, LayerCardData
+from layercard_service.sources import DatasetRequest
+
+__all__ = ["LayerCardServicer", "card_to_proto", "dataset_request", "settings_from_proto"]
+
+_DEVICES = {common_pb2.DEVICE_UNSPECIFIED: "", common_pb2.DEVICE_CPU: "cpu", common_pb2.DEVICE_CUDA: "cuda"}
+_PRECISIONS = {
+    common_pb2.PRECISION_UNSPECIFIED: "",
+    common_pb2.PRECISION_FLOAT32: "float32",
+    common_pb2.PRECISION_BFLOAT16: "bfloat16",
+    common_pb2.PRECISION_FLOAT16: "float16",
+}
+
+
+def dataset_request(source: common_pb2.DatasetSource) -> DatasetRequest:
+    kind = source.WhichOneof("source")
+    return DatasetRequest(
+        builtin=source.builtin if kind == "builtin" else "",
+        inline_jsonl=source.inline_jsonl if kind == "inline_jsonl" else None,
+        path=source.path if kind == "path" else "",
+        split=source.split,
+    )
+
+
+def settings_from_proto(request: layer_card_pb2.ComputeLayerCardRequest) -> CardSettings:
+    """Unset (zero) fields take the documented defaults; out-of-range ones fail validation in CardSettings."""
+    defaults = CardSettings()
+    return CardSettings(
+        probe_size=request.probe_size if request.HasField("probe_size") else defaults.probe_size,
+        rank=request.lora.rank if request.lora.HasField("rank") else defaults.rank,
+        alpha=request.lora.alpha,
+        target_modules=tuple(request.lora.target_modules),
+        compute_coupling=request.compute_coupling,
+        compute_performance=request.compute_performance,
+        performance_steps=request.performance_steps or defaults.performance_steps,
+        seed=request.seed,
+        max_seq_len=request.max_seq_len if request.HasField("max_seq_len") else defaults.max_seq_len,
+        device=_DEVICES.get(request.device, "?"),
+        precision=_PRECISIONS.get(request.precision, "?"),
+    )
+
+
+def _settings_to_proto(model: str, settings: CardSettings) -> layer_card_pb2.ComputeLayerCardRequest:
+    device = {v: k for k, v in _DEVICES.items()}[settings.device]
+    precision = {v: k for k, v in _PRECISIONS.items()}[settings.precision]
+    return layer_card_pb2.ComputeLayerCardRequest(
+        model=model,
+        probe_size=settings.probe_size,
+        lora=common_pb2.LoraShape(
+            rank=settings.rank, alpha=settings.lora_alpha, target_modules=list(settings.target_modules)
+        ),
+        compute_coupling=settings.compute_coupling,
+        compute_performance=settings.compute_performance,
+        performance_steps=settings.performance_steps,
+        device=device,
+        precision=precision,
+        seed=settings.seed,
+        max_seq_len=settings.max_seq_len,
+    )
+
+
+def card_to_proto(stored: StoredCard) -> layer_card_pb2.LayerCard:
+    card: LayerCardData = stored.card
+    created = timestamp_pb2.Timestamp()
+    created.FromNanoseconds(int(stored.create_time * 1e9))
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(int(card.compute_seconds * 1e9))
+    message = layer_card_pb2.LayerCard(
+        name=stored.name,
+        model=card.model,
+        architecture=card.architecture,
+        num_layers=card.num_layers,
+        num_parameters=card.num_parameters,
+        fingerprint=stored.fingerprint,
+        settings=_settings_to_proto(card.model, card.settings),
+        create_time=created,
+        compute_duration=duration,
+        from_store=stored.from_store,
+        probe_loss=card.probe_loss,
+        probe_examples=card.probe_examples,
+        probe_tokens=card.probe_tokens,
+    )
+    message.settings.lora.target_modules[:] = card.module_types
+    for row in card.layers:
+        layer = message.layers.add(
+            index=row.index,
+            resnorm_sq=row.resnorm_sq,
+            resnorm_sq_split_half=row.resnorm_sq_split_half,
+            resnorm_share=row.resnorm_share,
+            predicted_gain=row.predicted_gain,
+            activation_energy=row.activation_energy,
+            effective_rank=row.effective_rank,
+            condition_number=row.condition_number,
+            forward_seconds=row.forward_seconds,
+            backward_seconds=row.backward_seconds,
+            activation_bytes=row.activation_bytes,
+            adapter_parameters=row.adapter_parameters,
+            adapter_bytes=row.adapter_bytes,
+            peft_serving_overhead_ms_per_token=row.peft_serving_overhead_ms_per_token,
+        )
+        if row.measured_gain is not None:
+            layer.measured_gain = row.measured_gain
+        for m in row.modules:
+            layer.modules.add(**vars(m))
+    if card.coupling is not None:
+        message.coupling.size = len(card.coupling)
+        message.coupling.values.extend(v for row in card.coupling for v in row)
+    t = card.training_cost
+    message.training_cost.CopyFrom(
+        layer_card_pb2.TrainingCost(
+            fixed_seconds=t.fixed_seconds,
+            per_adapter_seconds=t.per_adapter_seconds,
+            base_memory_bytes=t.base_memory_bytes,
+            predicted_full_step_seconds=t.predicted_full_step_seconds,
+            measured_full_step_seconds=t.measured_full_step_seconds,
+            predicted_partial_step_seconds=t.predicted_partial_step_seconds,
+            measured_partial_step_seconds=t.measured_partial_step_seconds,
+            validation_layers=t.validation_layers,
+            step_time_relative_error=t.step_time_relative_error,
+            predicted_full_peak_memory_bytes=t.predicted_full_peak_memory_bytes,
+            measured_full_peak_memory_bytes=t.measured_full_peak_memory_bytes,
+            peak_memory_relative_error=t.peak_memory_relative_error,
+            batch_size=t.batch_size,
+            seq_len=t.seq_len,
+        )
+    )
+    s = card.serving_cost
+    message.serving_cost.peft_base_ms_per_token = s.peft_base_ms_per_token
+    message.serving_cost.vllm_basis = s.vllm_basis
+    if s.vllm_overhead_fraction is not None:
+        message.serving_cost.vllm_overhead_fraction = s.vllm_overhead_fraction
+    return message
+
+
+def _progress_to_proto(event: CardProgress) -> layer_card_pb2.ComputeLayerCardResponse:
+    progress = common_pb2.Progress(phase=event.phase, fraction=event.fraction, message=event.message)
+    if event.eta_seconds is not None and math.isfinite(event.eta_seconds):
+        progress.eta.FromNanoseconds(int(event.eta_seconds * 1e9))
+    return layer_card_pb2.ComputeLayerCardResponse(progress=progress)
 
 
 class LayerCardServicer(layer_card_pb2_grpc.LayerCardServiceServicer):
+    def __init__(self, cards: CardService) -> None:
+        self.cards = cards
+
     async def ComputeLayerCard(self, request, context):
-        raise not_built("ComputeLayerCard", _CAPABILITY)
-        yield  # pragma: no cover - a server-streaming handler is an async generator
+        events = self.cards.compute(
+            request.model, dataset_request(request.dataset), settings_from_proto(request), force=request.force_recompute
+        )
+        try:
+            async for event in events:
+                if isinstance(event, CardProgress):
+                    yield _progress_to_proto(event)
+                else:
+                    yield layer_card_pb2.ComputeLayerCardResponse(card=card_to_proto(event))
+        finally:
+            await events.aclose()  # on client cancel too: the domain sets its cancel flag
 
     async def GetLayerCard(self, request, context):
-        raise not_built("GetLayerCard", _CAPABILITY)
+        return card_to_proto(self.cards.get(request.name))
 
     async def ListLayerCards(self, request, context):
-        raise not_built("ListLayerCards", _CAPABILITY)
+        cards, token = self.cards.list(request.model, request.page_size, request.page_token)
+        return layer_card_pb2.ListLayerCardsResponse(
+            layer_cards=[card_to_proto(c) for c in cards], next_page_token=token
+        )

@@ -1,0 +1,190 @@
+"""Layer Cards on request: admission, fingerprint and store, compute off the event loop, progress, cancel.
+
+Heavy work runs in worker threads (torch releases the GIL in its kernels), at most ``max_concurrent`` at once
+with at most ``queue_size`` more waiting; past that a request is RESOURCE_EXHAUSTED with a retry hint.
+A client that goes away sets the cancel flag, which the engine checks between batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from layercard_service.card.codec import card_from_dict, card_to_dict
+from layercard_service.card.types import CardSettings, LayerCardData
+from layercard_service.errors import InvalidArgument, NotFound, ResourceExhausted
+from layercard_service.models.loading import load_model
+from layercard_service.sources import DatasetRequest, resolve_dataset, resolve_model_path
+from layercard_service.store import CardRecord, Store, decode_page_token
+
+__all__ = ["CardProgress", "StoredCard", "CardService"]
+
+CARD_PREFIX = "layerCards/"
+WEIGHT_FILES = ("*.safetensors", "*.bin", "config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+@dataclass(frozen=True)
+class CardProgress:
+    phase: str
+    fraction: float
+    eta_seconds: float | None
+    message: str
+
+
+@dataclass(frozen=True)
+class StoredCard:
+    name: str
+    fingerprint: str
+    create_time: float
+    card: LayerCardData
+    from_store: bool
+
+
+class CardService:
+    def __init__(
+        self,
+        store: Store,
+        model_roots: tuple[Path, ...],
+        dataset_roots: tuple[Path, ...],
+        max_concurrent: int = 1,
+        queue_size: int = 4,
+    ) -> None:
+        self.store = store
+        self.model_roots = model_roots
+        self.dataset_roots = dataset_roots
+        self.max_concurrent = max_concurrent
+        self.queue_size = queue_size
+        self._slots = threading.BoundedSemaphore(max_concurrent)
+        self._admitted = 0  # running + waiting
+        self._lock = threading.Lock()
+
+    @property
+    def in_progress(self) -> int:
+        """Cards running or waiting for a slot."""
+        with self._lock:
+            return self._admitted
+
+    # --- reading ----------------------------------------------------------------------------------------
+    def get(self, name: str) -> StoredCard:
+        if not name.startswith(CARD_PREFIX) or len(name) == len(CARD_PREFIX):
+            raise InvalidArgument.field("name", f"must look like 'layerCards/{{card_id}}', got {name!r}")
+        record = self.store.get_card(name[len(CARD_PREFIX) :])
+        if record is None:
+            raise NotFound(f"no layer card {name!r}", reason="LAYER_CARD_NOT_FOUND", metadata={"name": name})
+        return _stored(record, from_store=True)
+
+    def list(self, model: str, page_size: int, page_token: str) -> tuple[list[StoredCard], str]:
+        if page_size < 0:
+            raise InvalidArgument.field("page_size", f"must be >= 0, got {page_size}")
+        size = min(page_size or 50, 1000)
+        offset = decode_page_token(page_token)
+        records = self.store.list_cards(model, offset, size + 1)
+        more = len(records) > size
+        return [_stored(r, from_store=True) for r in records[:size]], str(offset + size) if more else ""
+
+    # --- computing --------------------------------------------------------------------------------------
+    async def compute(
+        self, model: str, dataset: DatasetRequest, settings: CardSettings, force: bool = False
+    ) -> AsyncIterator[CardProgress | StoredCard]:
+        """Yields progress, then the card. Closing the iterator early cancels the work."""
+        model_path = resolve_model_path(model, self.model_roots)
+        data = await asyncio.to_thread(resolve_dataset, dataset, self.dataset_roots)
+        weights = await asyncio.to_thread(self._model_fingerprint, model_path)
+        fingerprint = _fingerprint(weights, data.fingerprint, settings)
+        if not force:
+            record = self.store.find_card(fingerprint)
+            if record is not None:
+                yield _stored(record, from_store=True)
+                return
+        queued = self._admit()
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+        started = time.monotonic()
+
+        def report(phase: str, fraction: float, message: str) -> None:
+            elapsed = time.monotonic() - started
+            eta = elapsed * (1 - fraction) / fraction if fraction > 0.02 else None
+            loop.call_soon_threadsafe(events.put_nowait, CardProgress(phase, fraction, eta, message))
+
+        def work() -> StoredCard:
+            try:
+                with self._slots:  # waits here while other cards run: the queue
+                    report("load_model", 0.0, f"loading {model}")
+                    loaded, tokenizer = load_model(model_path, settings.device, settings.precision)
+                    from layercard_service.card.engine import compute_card  # torch-heavy: imported on first use
+
+                    card = compute_card(loaded, tokenizer, data.examples, settings, model, report, cancel)
+                    record = CardRecord(fingerprint[:24], fingerprint, model, time.time(), card_to_dict(card))
+                    self.store.put_card(record)
+                    return _stored(record, from_store=False)
+            finally:
+                with self._lock:
+                    self._admitted -= 1
+
+        task = loop.run_in_executor(None, work)
+        try:
+            if queued:
+                report("queued", 0.0, "waiting for a running card to finish")
+            while not task.done() or not events.empty():
+                getter = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            yield await task
+        finally:
+            if not task.done():
+                cancel.set()  # the client went away: stop at the next batch
+
+    def _admit(self) -> bool:
+        """Counts the request in, or refuses it when the queue is full; True when it has to wait."""
+        with self._lock:
+            if self._admitted >= self.max_concurrent + self.queue_size:
+                raise ResourceExhausted(
+                    f"too many layer cards in progress ({self._admitted}); try again later",
+                    reason="CARD_QUEUE_FULL",
+                    retry_after=30.0,
+                    metadata={"limit": str(self.max_concurrent + self.queue_size)},
+                )
+            self._admitted += 1
+            return self._admitted > self.max_concurrent
+
+    def _model_fingerprint(self, path: Path) -> str:
+        digest = hashlib.sha256()
+        for pattern in WEIGHT_FILES:
+            for file in sorted(path.glob(pattern)):
+                stat = file.stat()
+                known = self.store.cached_hash(file, stat.st_size, stat.st_mtime)
+                if known is None:
+                    known = _sha256(file)
+                    self.store.remember_hash(file, stat.st_size, stat.st_mtime, known)
+                digest.update(f"{file.name}:{known}\n".encode())
+        return digest.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fingerprint(weights: str, data: str, settings: CardSettings) -> str:
+    canonical = json.dumps(dataclasses.asdict(settings), sort_keys=True)
+    return hashlib.sha256(f"{weights}\n{data}\n{canonical}".encode()).hexdigest()
+
+
+def _stored(record: CardRecord, from_store: bool) -> StoredCard:
+    return StoredCard(
+        CARD_PREFIX + record.card_id, record.fingerprint, record.create_time, card_from_dict(record.payload), from_store
+    )

@@ -1,0 +1,132 @@
+"""The Layer Card as domain types (the API layer converts them to and from ``layercard.v1.LayerCard``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from layercard_service.errors import InvalidArgument
+
+__all__ = ["CardSettings", "ModuleCard", "LayerCardRow", "TrainingCostCard", "ServingCostCard", "LayerCardData"]
+
+MAX_PROBE_SIZE = 4096
+MAX_SEQ_LEN = 4096
+MAX_RANK = 512
+
+
+@dataclass(frozen=True)
+class CardSettings:
+    """What a card is computed with; defaults as documented in the contract."""
+
+    probe_size: int = 256
+    rank: int = 8
+    alpha: float = 0.0  # 0: 2 * rank
+    target_modules: tuple[str, ...] = ()  # empty: every linear module type
+    compute_coupling: bool = False
+    compute_performance: bool = False
+    performance_steps: int = 50
+    seed: int = 0
+    max_seq_len: int = 256
+    batch_size: int = 16
+    damping: float = 1e-3  # λ = damping · tr(Σ_z) / r
+    device: str = ""  # "", "cpu", "cuda"
+    precision: str = ""  # "", "float32", "bfloat16", "float16"
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("probe_size", 2 <= self.probe_size <= MAX_PROBE_SIZE, f"must be in 2..{MAX_PROBE_SIZE}"),
+            ("lora.rank", 1 <= self.rank <= MAX_RANK, f"must be in 1..{MAX_RANK}"),
+            ("lora.alpha", self.alpha >= 0, "must be >= 0"),
+            ("performance_steps", 1 <= self.performance_steps <= 10_000, "must be in 1..10000"),
+            ("max_seq_len", 8 <= self.max_seq_len <= MAX_SEQ_LEN, f"must be in 8..{MAX_SEQ_LEN}"),
+            ("batch_size", 1 <= self.batch_size <= 1024, "must be in 1..1024"),
+            ("device", self.device in ("", "cpu", "cuda"), "must be cpu or cuda"),
+            ("precision", self.precision in ("", "float32", "bfloat16", "float16"), "unknown precision"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise InvalidArgument.field(name, f"{rule}, got {getattr(self, name.split('.')[-1])!r}")
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha or 2.0 * self.rank
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.rank
+
+
+@dataclass
+class ModuleCard:
+    module_type: str
+    resnorm_sq: float
+    resnorm_sq_split_half: float
+    activation_energy: float
+    effective_rank: float
+    condition_number: float
+    adapter_parameters: int
+
+
+@dataclass
+class LayerCardRow:
+    index: int
+    resnorm_sq: float
+    resnorm_sq_split_half: float
+    resnorm_share: float
+    predicted_gain: float
+    activation_energy: float
+    effective_rank: float
+    condition_number: float
+    modules: list[ModuleCard]
+    forward_seconds: float
+    backward_seconds: float
+    activation_bytes: int
+    adapter_parameters: int
+    adapter_bytes: int
+    peft_serving_overhead_ms_per_token: float
+    measured_gain: float | None = None
+
+
+@dataclass
+class TrainingCostCard:
+    fixed_seconds: float
+    per_adapter_seconds: float
+    base_memory_bytes: int
+    predicted_full_step_seconds: float
+    measured_full_step_seconds: float
+    predicted_partial_step_seconds: float
+    measured_partial_step_seconds: float
+    validation_layers: list[int]
+    step_time_relative_error: float
+    predicted_full_peak_memory_bytes: int
+    measured_full_peak_memory_bytes: int
+    peak_memory_relative_error: float
+    batch_size: int
+    seq_len: int
+    # Per block, for the planner: backward when only passing gradients through, and its saved bytes.
+    backward_pass_seconds: list[float] = field(default_factory=list)
+    pass_activation_bytes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ServingCostCard:
+    peft_base_ms_per_token: float
+    vllm_overhead_fraction: float | None = None
+    vllm_basis: str = "not measured yet: the service measures it on the serving vLLM after a deployment"
+
+
+@dataclass
+class LayerCardData:
+    model: str
+    architecture: str
+    num_layers: int
+    num_parameters: int
+    module_types: list[str]
+    settings: CardSettings
+    layers: list[LayerCardRow]
+    training_cost: TrainingCostCard
+    serving_cost: ServingCostCard
+    probe_loss: float
+    probe_examples: int
+    probe_tokens: int
+    compute_seconds: float
+    coupling: list[list[float]] | None = None

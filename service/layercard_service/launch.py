@@ -1,0 +1,129 @@
+"""``make run``: the embedded default on one machine.
+
+Starts a real vLLM (CPU) server with the built-in model and LoRA enabled, supervises it (restarted with
+backoff if it dies), runs the layercard service on localhost pointed at it, prints how to call both, and
+stops everything cleanly on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from layercard_service.config import ServiceConfig
+from layercard_service.logs import configure_logging
+from layercard_service.models.builtin import builtin_model_path
+from layercard_service.serve.vllm_process import VllmProcess, VllmServerSettings
+from layercard_service.server import LayercardServer
+
+__all__ = ["main"]
+
+log = logging.getLogger("layercard.launch")
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="layercard-launch", description=__doc__)
+    parser.add_argument("--port", type=int, default=50051, help="gRPC port of the service")
+    parser.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port of the service")
+    parser.add_argument("--vllm-port", type=int, default=8000, help="port of the local vLLM server")
+    parser.add_argument("--data-dir", type=Path, default=Path(".layercard"), help="state and artifacts")
+    parser.add_argument("--no-vllm", action="store_true", help="run the service alone")
+    return parser.parse_args(argv)
+
+
+async def _supervise(vllm: VllmProcess, stopping: asyncio.Event) -> None:
+    """Restarts vLLM when it exits unexpectedly, with exponential backoff (1 s .. 60 s)."""
+    backoff = 1.0
+    while not stopping.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stopping.wait(), timeout=2.0)
+        if stopping.is_set() or vllm.running:
+            continue
+        log.warning("vLLM exited; restarting", extra={"backoff_seconds": backoff, "log": str(vllm.log_path)})
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, 60.0)
+        try:
+            await asyncio.to_thread(vllm.start)
+            await asyncio.to_thread(vllm.wait_ready)
+            backoff = 1.0
+            log.info("vLLM is back", extra={"url": vllm.url})
+        except Exception:  # keep supervising; the next round retries
+            log.exception("vLLM restart failed")
+
+
+async def _run(args: argparse.Namespace) -> None:
+    vllm = None
+    if not args.no_vllm:
+        settings = VllmServerSettings(
+            model=builtin_model_path("tiny"),
+            served_model_name="builtin:tiny",
+            port=args.vllm_port,
+            max_loras=4,
+            max_lora_rank=8,
+        )
+        vllm = VllmProcess(settings)
+        print(
+            f"starting vLLM (CPU) with the built-in model on port {args.vllm_port}; this takes about a minute",
+            flush=True,
+        )
+        await asyncio.to_thread(vllm.start)
+        await asyncio.to_thread(vllm.wait_ready)
+        print(f"vLLM ready at {vllm.url} after {vllm.startup_seconds:.0f} s (log: {vllm.log_path})", flush=True)
+    config = ServiceConfig(
+        port=args.port,
+        metrics_port=args.metrics_port,
+        data_dir=args.data_dir,
+        vllm_urls=(vllm.url,) if vllm else (),
+        log_format="text",
+    )
+    server = LayercardServer(config)
+    await server.start()
+    address = f"127.0.0.1:{server.port}"
+    print(_banner(address, server.metrics_port, vllm.url if vllm else None), flush=True)
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    supervisor = asyncio.create_task(_supervise(vllm, stopping)) if vllm else None
+    await stopping.wait()
+    print("stopping ...", flush=True)
+    if supervisor:
+        await supervisor
+    await server.stop(grace=5)
+    if vllm:
+        await asyncio.to_thread(vllm.stop)
+
+
+def _banner(address: str, metrics_port: int | None, vllm_url: str | None) -> str:
+    lines = ["", f"layercard is serving on {address} (Ctrl-C stops it and vLLM)"]
+    if metrics_port:
+        lines.append(f"  metrics:  http://127.0.0.1:{metrics_port}/metrics")
+    if vllm_url:
+        lines.append(f"  vLLM:     {vllm_url}  (OpenAI API; model 'builtin:tiny')")
+    cli = f".venv/bin/layercard --address {address}"
+    lines += [
+        "try, in another shell:",
+        f"  {cli} health",
+        f"  {cli} card compute --model builtin:tiny --dataset builtin:cipher --probe-size 64",
+        f"  {cli} card list",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    configure_logging("INFO", "text")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

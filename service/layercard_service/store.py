@@ -1,0 +1,136 @@
+"""State and artifacts: SQLite (WAL) for records, a filesystem tree with atomic writes for payloads.
+
+One ``Store`` per process. SQLite calls are short and serialised by a lock; callers on the event loop run them
+in a thread when they may block (large payloads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from layercard_service.errors import InvalidArgument
+
+__all__ = ["Store", "CardRecord", "atomic_write"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS layer_cards (
+    card_id     TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL UNIQUE,
+    model       TEXT NOT NULL,
+    create_time REAL NOT NULL,
+    payload     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS layer_cards_by_time ON layer_cards (create_time DESC, card_id);
+CREATE TABLE IF NOT EXISTS file_hashes (
+    path   TEXT PRIMARY KEY,
+    size   INTEGER NOT NULL,
+    mtime  REAL NOT NULL,
+    sha256 TEXT NOT NULL
+);
+"""
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Writes ``data`` so that readers see the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class CardRecord:
+    card_id: str
+    fingerprint: str
+    model: str
+    create_time: float
+    payload: dict
+
+
+class Store:
+    def __init__(self, data_dir: Path) -> None:
+        self.root = Path(data_dir)
+        self.artifacts = self.root / "artifacts"
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.root / "state.db", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- layer cards ---------------------------------------------------------------------------------
+    def put_card(self, record: CardRecord) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO layer_cards VALUES (?, ?, ?, ?, ?)",
+                (record.card_id, record.fingerprint, record.model, record.create_time, json.dumps(record.payload)),
+            )
+
+    def get_card(self, card_id: str) -> CardRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM layer_cards WHERE card_id = ?", (card_id,)).fetchone()
+        return _card(row)
+
+    def find_card(self, fingerprint: str) -> CardRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM layer_cards WHERE fingerprint = ?", (fingerprint,)).fetchone()
+        return _card(row)
+
+    def list_cards(self, model: str, offset: int, limit: int) -> list[CardRecord]:
+        query = "SELECT * FROM layer_cards"
+        args: list[object] = []
+        if model:
+            query += " WHERE model = ?"
+            args.append(model)
+        query += " ORDER BY create_time DESC, card_id LIMIT ? OFFSET ?"
+        with self._lock:
+            rows = self._db.execute(query, (*args, limit, offset)).fetchall()
+        return [_card(row) for row in rows]
+
+    # --- file hash cache (fingerprints of large weight files are costly) --------------------------------
+    def cached_hash(self, path: Path, size: int, mtime: float) -> str | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT sha256 FROM file_hashes WHERE path = ? AND size = ? AND mtime = ?", (str(path), size, mtime)
+            ).fetchone()
+        return row[0] if row else None
+
+    def remember_hash(self, path: Path, size: int, mtime: float, sha256: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)", (str(path), size, mtime, sha256))
+
+
+def _card(row) -> CardRecord | None:
+    if row is None:
+        return None
+    return CardRecord(row[0], row[1], row[2], row[3], json.loads(row[4]))
+
+
+def decode_page_token(token: str) -> int:
+    """Page tokens are opaque to clients; here they are offsets. A malformed one is the caller's error."""
+    if not token:
+        return 0
+    try:
+        offset = int(token)
+    except ValueError:
+        offset = -1
+    if offset < 0:
+        raise InvalidArgument.field("page_token", "malformed page token; pass next_page_token unchanged")
+    return offset
