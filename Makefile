@@ -48,7 +48,7 @@ test-e2e: $(STAMP)
 	$(BIN)/python -m pytest tests/e2e
 
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
