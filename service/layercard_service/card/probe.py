@@ -123,12 +123,12 @@ def run_probe(
     def feature_hook(key: ModuleKey):
         def hook(module, args, output):
             mask = mask_holder["mask"]  # [B, T] bool, real tokens
-            x = args[0][mask].detach()  # [N, d_in]
-            z = output[mask].detach().double()  # [N, r]
+            x = args[0].detach()  # [B, T, d_in]
+            z = output.detach()[mask]  # [N, r]
             probe = probes[key]
-            probe.feature_cov_sum += z.T @ z
-            probe.energy_sum += float(x.double().pow(2).sum())
-            probe.tokens += int(x.shape[0])
+            probe.feature_cov_sum += (z.T @ z).double()  # r x r in float32, summed in float64
+            probe.energy_sum += float(x.pow(2).sum(-1)[mask].sum())
+            probe.tokens += int(z.shape[0])
 
         return hook
 
