@@ -1,7 +1,7 @@
 """``make bench``: runs every benchmark; each writes bench/results/<name>.json (with a ``headline``) and a report.
 
-    .venv/bin/python -m bench            # all
-    .venv/bin/python -m bench card       # one
+.venv/bin/python -m bench            # all
+.venv/bin/python -m bench card       # one
 """
 
 from __future__ import annotations

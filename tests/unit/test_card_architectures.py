@@ -35,9 +35,18 @@ def small_gpt2(vocab: int) -> nn.Module:
 
 def small_phi3(vocab: int) -> nn.Module:
     torch.manual_seed(0)
-    config = Phi3Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                        pad_token_id=2, bos_token_id=0, eos_token_id=1)
+    config = Phi3Config(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=2,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     return Phi3ForCausalLM(config).eval()
 
 

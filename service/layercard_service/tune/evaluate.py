@@ -1,0 +1,147 @@
+"""Evaluation of a (possibly adapted) causal LM on prompt/completion examples.
+
+Two figures, because loss alone cannot tell content from format (METHOD.md):
+- the mean completion-token loss, a ratio of sums over the whole set (so it is comparable with the
+  prompt-blind floor, which is defined the same way);
+- greedy exact-match: decode the completion from the prompt alone and compare it with the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn import functional
+
+from layercard_service.data.encode import IGNORE_INDEX, EncodeConfig, collate, encode_examples
+from layercard_service.data.jsonl import Example
+from layercard_service.data.task_base import exact_match
+from layercard_service.errors import InvalidArgument
+
+__all__ = ["EvalResult", "evaluate", "exact_match_rate", "greedy_completions", "mean_completion_loss"]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float  # nats per completion token (EOS included)
+    completion_tokens: int
+    exact_match: float | None  # None when not computed
+    examples: int
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+@torch.no_grad()
+def mean_completion_loss(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 64,
+    encode: EncodeConfig | None = None,
+) -> tuple[float, int]:
+    """(sum of completion-token losses / number of completion tokens, number of completion tokens)."""
+    if not examples:
+        raise InvalidArgument.field("examples", "must not be empty")
+    model.eval()
+    encoded = encode_examples(tokenizer, examples, encode)
+    total, count = 0.0, 0
+    for start in range(0, len(encoded), batch_size):
+        batch = collate(encoded[start : start + batch_size], _pad_id(tokenizer))
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
+        # Position t predicts token t+1: drop the last logit and the first label.
+        logits = logits[:, :-1].float()  # [B, T-1, V]
+        labels = batch["labels"][:, 1:]  # [B, T-1]
+        loss = functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        total += float(loss)
+        count += int((labels != IGNORE_INDEX).sum())
+    return total / count, count
+
+
+@torch.no_grad()
+def greedy_completions(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 64,
+    encode: EncodeConfig | None = None,
+) -> list[str]:
+    """Greedy decoding of each prompt, stopped at EOS, decoded to text (EOS and pads dropped).
+
+    Prompts are encoded exactly as in training (BOS, no completion) and left-padded, so every row's next
+    token is generated at the same position.
+    """
+    encode = encode or EncodeConfig()
+    model.eval()
+    pad_id, eos_id = _pad_id(tokenizer), tokenizer.eos_token_id
+    bos = [tokenizer.bos_token_id] if encode.add_bos and tokenizer.bos_token_id is not None else []
+    outputs: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [
+            bos + list(tokenizer(p, add_special_tokens=False)["input_ids"]) if p else bos
+            for p in prompts[start : start + batch_size]
+        ]
+        rows = [r[-(encode.max_length - 1) :] if len(r) >= encode.max_length else r for r in rows]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [B, T], left-padded
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T]
+        for i, r in enumerate(rows):
+            input_ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            attention_mask[i, width - len(r) :] = 1
+        generated = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+        )[:, width:]  # [B, <= max_new_tokens]: only the new tokens
+        for row in generated.tolist():
+            if eos_id in row:
+                row = row[: row.index(eos_id)]
+            outputs.append(tokenizer.decode(row, skip_special_tokens=True))
+    return outputs
+
+
+def exact_match_rate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 64,
+    encode: EncodeConfig | None = None,
+) -> tuple[float, list[str]]:
+    """(fraction of examples whose greedy completion matches the reference, the predictions)."""
+    if not examples:
+        raise InvalidArgument.field("examples", "must not be empty")
+    longest = max(len(tokenizer(e.completion, add_special_tokens=False)["input_ids"]) for e in examples)
+    predictions = greedy_completions(
+        model, tokenizer, [e.prompt for e in examples], max_new_tokens=longest + 1, batch_size=batch_size, encode=encode
+    )
+    hits = sum(exact_match(p, e.completion) for p, e in zip(predictions, examples, strict=True))
+    return hits / len(examples), predictions
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    with_exact_match: bool = True,
+    batch_size: int = 64,
+    encode: EncodeConfig | None = None,
+) -> EvalResult:
+    """Loss and (optionally) greedy exact-match on ``examples``."""
+    loss, tokens = mean_completion_loss(model, tokenizer, examples, batch_size=batch_size, encode=encode)
+    em = None
+    if with_exact_match:
+        em = exact_match_rate(model, tokenizer, examples, batch_size=batch_size, encode=encode)[0]
+    return EvalResult(loss=loss, completion_tokens=tokens, exact_match=em, examples=len(examples))
