@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from support.bpe import small_bpe
 from transformers import PreTrainedTokenizerFast
 
 from layercard_service.data.encode import IGNORE_INDEX, EncodeConfig, collate, encode_example
@@ -216,20 +216,7 @@ def test_non_bytes_input() -> None:
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
     """A small byte-level BPE with the built-in model's special tokens (<s>, </s>, <pad>)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = ["code: 41 42 43 the answer is", "hello world, hello there"] * 20
-    tok.train_from_iterator(
-        corpus,
-        trainers.BpeTrainer(
-            vocab_size=320,
-            special_tokens=["<s>", "</s>", "<pad>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return small_bpe(["code: 41 42 43 the answer is", "hello world, hello there"] * 20, vocab_size=320)
 
 
 def _ids(tok: PreTrainedTokenizerFast, text: str) -> list[int]:

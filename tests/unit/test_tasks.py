@@ -7,7 +7,7 @@ import random
 from collections import Counter, defaultdict
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from support.bpe import small_bpe
 from transformers import PreTrainedTokenizerFast
 
 from layercard_service.data.task_base import exact_match, prompt_blind_floor
@@ -26,20 +26,7 @@ SMALL = [
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE that knows some " x" pieces and not others, so completions differ in token count."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = [" e t a o 0 1 apple river stone", " cloud horse bread chair"] * 30
-    tok.train_from_iterator(
-        corpus,
-        trainers.BpeTrainer(
-            vocab_size=300,
-            special_tokens=["<s>", "</s>", "<pad>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return small_bpe([" e t a o 0 1 apple river stone", " cloud horse bread chair"] * 30, vocab_size=300)
 
 
 def test_registry_has_at_least_three_tasks() -> None:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from support.bpe import small_bpe
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from layercard_service.data.encode import EncodeConfig, collate, encode_examples
@@ -22,20 +22,7 @@ TASK = CipherTask(alphabet_size=4, length=2, n_train=64, n_validation=8)
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = [e.prompt + e.completion for e in TASK.train] * 5
-    tok.train_from_iterator(
-        corpus,
-        trainers.BpeTrainer(
-            vocab_size=300,
-            special_tokens=["<s>", "</s>", "<pad>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return small_bpe([e.prompt + e.completion for e in TASK.train] * 5, vocab_size=300)
 
 
 def _model(tokenizer, layers: int = 4) -> LlamaForCausalLM:
