@@ -25,12 +25,14 @@ from layercard_service.card.probe import ADAPTER, ModuleKey
 from layercard_service.card.profile import BlockProfile, StepProfiler
 from layercard_service.data.encode import IGNORE_INDEX
 
-__all__ = ["CostModel", "measure_step", "measure_peft_serving"]
+__all__ = ["CostModel", "measure_forward_nograd", "measure_step", "measure_peft_serving"]
 
 
 @dataclass
 class CostModel:
     forward_seconds: list[float]  # per block, adapted
+    forward_pass_seconds: list[float]  # no adapter, but building the graph for a gradient to pass through
+    forward_nograd_seconds: list[float]  # below the lowest adapted block: no adapter and no graph
     backward_adapted_seconds: list[float]
     backward_pass_seconds: list[float]  # gradient pass-through only; block 0's equals its adapted figure
     saved_adapted_bytes: list[int]
@@ -40,14 +42,15 @@ class CostModel:
     adapter_bytes_per_layer: list[int]  # adapter parameters' bytes, x4 with gradient and Adam's two moments
 
     def step_seconds(self, layers: Sequence[int]) -> float:
-        if not layers:
-            return self.fixed_seconds + sum(self.forward_seconds)
-        chosen, low = set(layers), min(layers)
-        backward = sum(
-            self.backward_adapted_seconds[i] if i in chosen else self.backward_pass_seconds[i]
-            for i in range(low, len(self.forward_seconds))
-        )
-        return self.fixed_seconds + sum(self.forward_seconds) + backward
+        chosen = set(layers)
+        low = min(chosen) if chosen else len(self.forward_seconds)
+        total = self.fixed_seconds + sum(self.forward_nograd_seconds[:low])
+        for i in range(low, len(self.forward_seconds)):
+            if i in chosen:
+                total += self.forward_seconds[i] + self.backward_adapted_seconds[i]
+            else:
+                total += self.forward_pass_seconds[i] + self.backward_pass_seconds[i]
+        return total
 
     def peak_bytes(self, layers: Sequence[int]) -> int:
         if not layers:
@@ -92,6 +95,20 @@ def measure_step(
         _enable_only(lora, {index for index, _ in lora})
         peft_model.zero_grad(set_to_none=True)
     return profiler.profile.per_step()
+
+
+@torch.no_grad()
+def measure_forward_nograd(
+    peft_model: nn.Module, blocks: nn.ModuleList, lora: dict[ModuleKey, nn.Module], batch: dict[str, torch.Tensor]
+) -> list[float]:
+    """Per-block forward time with no adapter and no autograd graph: blocks below a placement's lowest layer."""
+    _enable_only(lora, set())
+    try:
+        with StepProfiler(blocks, peft_model.base_model.model) as profiler:
+            profiler.profile_step(lambda: _loss(peft_model, batch), backward=False)
+    finally:
+        _enable_only(lora, {index for index, _ in lora})
+    return profiler.profile.forward_seconds
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from torch import nn
 
 from layercard_service.card import coupling as coupling_mod
 from layercard_service.card.arch import detect_layout
-from layercard_service.card.cost import CostModel, measure_peft_serving, measure_step
+from layercard_service.card.cost import CostModel, measure_forward_nograd, measure_peft_serving, measure_step
 from layercard_service.card.probe import ModuleKey, attach_lora, lora_modules, module_type, run_probe
 from layercard_service.card.resnorm import ModuleFigures, module_figures
 from layercard_service.card.types import (
@@ -118,6 +118,7 @@ def compute_card(
         check("calibrate", 0.8, "per-block cost calibration")
         L = layout.num_layers
         passthrough = measure_step(peft_model, blocks, lora, batches[0], {0})
+        nograd_forward = measure_forward_nograd(peft_model, blocks, lora, batches[0])
         validation_layers = list(range(L // 2, L))
         validation = min(  # the better of two steps: one step is at the mercy of a noisy machine
             (measure_step(peft_model, blocks, lora, batches[0], set(validation_layers)) for _ in range(2)),
@@ -127,6 +128,8 @@ def compute_card(
         full = probe.profile
         cost = CostModel(
             forward_seconds=full.forward_seconds,
+            forward_pass_seconds=[full.forward_seconds[0], *passthrough.forward_seconds[1:]],
+            forward_nograd_seconds=nograd_forward,
             backward_adapted_seconds=full.backward_seconds,
             backward_pass_seconds=[full.backward_seconds[0], *passthrough.backward_seconds[1:]],
             saved_adapted_bytes=full.saved_bytes,

@@ -137,7 +137,7 @@ class StepProfiler:
         with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
             yield
 
-    def profile_step(self, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def profile_step(self, forward: Callable[[], torch.Tensor], backward: bool = True) -> torch.Tensor:
         """Runs ``forward()`` (returns the loss) and its backward, recording this step's per-block costs."""
         self._seen.clear()
         self._bwd_start.clear()
@@ -148,7 +148,8 @@ class StepProfiler:
             start = time.perf_counter()
             with self._saved_tensor_accounting():
                 loss = forward()
-            loss.backward()
+            if backward:
+                loss.backward()
             _sync(self.device)
             end = time.perf_counter()
         finally:

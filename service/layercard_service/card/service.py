@@ -130,6 +130,7 @@ class CardService:
                     self._admitted -= 1
 
         task = loop.run_in_executor(None, work)
+        getter: asyncio.Future | None = None
         try:
             if queued:
                 report("queued", 0.0, "waiting for a running card to finish")
@@ -142,6 +143,8 @@ class CardService:
                     getter.cancel()
             yield await task
         finally:
+            if getter is not None and not getter.done():
+                getter.cancel()
             if not task.done():
                 cancel.set()  # the client went away: stop at the next batch
 
