@@ -1,10 +1,10 @@
 """Training and serving cost of any layer set, calibrated per block (METHOD.md, "Cost").
 
 Training: every step runs the forward through all L blocks, but backward only runs down to the lowest adapted
-block and only blocks from there up keep activations. Per block we know its forward time, and its backward
-time and saved bytes both when it carries an adapter (from the probe pass, where every block does) and when it
-only passes gradients through (one calibration step with an adapter on block 0 alone). Then
-    time(S)   = fixed + Σ_ℓ fwd_ℓ + Σ_{ℓ ≥ min S} (bwd_adapted_ℓ if ℓ ∈ S else bwd_pass_ℓ)
+block and only blocks from there up keep activations. Per block we measure forward and backward time and saved
+bytes in three regimes on hook-free steps: adapted (every block adapted), gradient pass-through (an adapter on
+block 0 alone) and below the lowest adapted block (no adapter, no graph). Then
+    time(S)   = fixed + Σ_{ℓ < min S} fwd_nograd_ℓ + Σ_{ℓ ≥ min S} (fwd+bwd adapted_ℓ if ℓ ∈ S else pass_ℓ)
     memory(S) = static + Σ_{ℓ ≥ min S} (act_adapted_ℓ if ℓ ∈ S else act_pass_ℓ)
 and one more measured step on a partial set validates the prediction.
 Serving (unmerged peft): the added latency per generated token, measured with adapters on every layer and

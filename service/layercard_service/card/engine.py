@@ -125,7 +125,10 @@ def compute_card(
             key=lambda profile: profile.step_seconds,
         )
         per_layer_params = layout.adapter_parameters(types, settings.rank)
-        full = probe.profile
+        full = min(  # every block adapted, as in the probe pass but without its hooks
+            (measure_step(peft_model, blocks, lora, batches[0], set(range(L))) for _ in range(2)),
+            key=lambda profile: profile.step_seconds,
+        )
         cost = CostModel(
             forward_seconds=full.forward_seconds,
             forward_pass_seconds=[full.forward_seconds[0], *passthrough.forward_seconds[1:]],

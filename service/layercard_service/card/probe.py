@@ -19,7 +19,6 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from layercard_service.card.arch import ModelLayout
-from layercard_service.card.profile import BlockProfile, StepProfiler
 from layercard_service.data.encode import IGNORE_INDEX
 
 __all__ = ["ModuleKey", "ModuleProbe", "ProbeResult", "attach_lora", "lora_modules", "module_type", "run_probe"]
@@ -46,7 +45,6 @@ class ProbeResult:
     tokens: int  # non-pad tokens the modules saw
     completion_tokens: int
     half_completion_tokens: tuple[int, int]
-    profile: BlockProfile  # per-block costs of the full-layer LoRA steps of this pass (per step)
     batch_size: int
     seq_len: int
 
@@ -133,41 +131,26 @@ def run_probe(
         return hook
 
     handles = [layer.lora_A[ADAPTER].register_forward_hook(feature_hook(key)) for key, layer in modules.items()]
-    frozen = peft_model.base_model.model
-    blocks = frozen.get_submodule(layout.blocks_path)
     loss_sum, tokens, examples, seq_len = 0.0, 0, 0, 0
     try:
-        with StepProfiler(blocks, frozen) as profiler:
-            for i, (batch, half) in enumerate(zip(batches, halves)):
-                mask_holder["mask"] = batch["attention_mask"].bool()
-                n_half = max(half_tokens[half], 1)
-
-                def forward(batch=batch, n_half=n_half):
-                    out = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                    logits = out.logits[:, :-1].float()  # [B, T-1, V]: position t predicts token t+1
-                    targets = batch["labels"][:, 1:]  # [B, T-1]
-                    token_loss = nn.functional.cross_entropy(
-                        logits.reshape(-1, logits.shape[-1]),
-                        targets.reshape(-1),
-                        ignore_index=IGNORE_INDEX,
-                        reduction="sum",
-                    )
-                    forward.sum = float(token_loss.detach())
-                    return token_loss / n_half  # mean over the half: G¹, G² are gradients of half-means
-
-                profiler.profile_step(forward)
-                loss_sum += forward.sum
-                for key, layer in modules.items():
-                    probes[key].grad_halves[half] += layer.lora_B[ADAPTER].weight.grad.double()
-                    layer.lora_B[ADAPTER].weight.grad = None
-                tokens += int(batch["attention_mask"].sum())
-                examples += int(batch["input_ids"].shape[0])
-                seq_len = max(seq_len, int(batch["input_ids"].shape[1]))
-                if i == 0 and len(batches) > 2:
-                    # The first step pays for lazy initialisation and cold caches: keep it out of the per-block
-                    # costs, which predict steady-state training steps.
-                    profiler.profile = BlockProfile(len(blocks))
-                on_batch(i + 1, len(batches))
+        for i, (batch, half) in enumerate(zip(batches, halves)):
+            mask_holder["mask"] = batch["attention_mask"].bool()
+            out = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            logits = out.logits[:, :-1].float()  # [B, T-1, V]: position t predicts token t+1
+            targets = batch["labels"][:, 1:]  # [B, T-1]
+            token_loss = nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+            # Mean over the batch's half of the probe: G¹ and G² are gradients of the two halves' mean losses.
+            (token_loss / max(half_tokens[half], 1)).backward()
+            loss_sum += float(token_loss.detach())
+            for key, layer in modules.items():
+                probes[key].grad_halves[half] += layer.lora_B[ADAPTER].weight.grad.double()
+                layer.lora_B[ADAPTER].weight.grad = None
+            tokens += int(batch["attention_mask"].sum())
+            examples += int(batch["input_ids"].shape[0])
+            seq_len = max(seq_len, int(batch["input_ids"].shape[1]))
+            on_batch(i + 1, len(batches))
     finally:
         for handle in handles:
             handle.remove()
@@ -179,7 +162,6 @@ def run_probe(
         tokens=tokens,
         completion_tokens=completion_tokens,
         half_completion_tokens=(half_tokens[0], half_tokens[1]),
-        profile=profiler.profile.per_step(),
         batch_size=int(batches[0]["input_ids"].shape[0]),
         seq_len=seq_len,
     )
