@@ -246,3 +246,29 @@ def test_card_end_to_end_on_builtin_model(tiny, examples):
     # The model is handed back without LoRA wrappers.
     assert not any("lora" in name for name, _ in model.named_modules())
     assert module_type((0, "self_attn.q_proj")) == "q_proj"
+
+
+def test_stored_cost_figures_rebuild_the_cost_model(tiny, examples):
+    """The card keeps every per-block figure the planner needs to predict time(S) without the model."""
+    from layercard_service.card.codec import card_from_dict, card_to_dict
+    from layercard_service.card.cost import CostModel
+
+    model, tokenizer = tiny
+    card = compute_card(model, tokenizer, examples, SETTINGS, "builtin:tiny")
+    again = card_from_dict(card_to_dict(card))
+    t = again.training_cost
+    rebuilt = CostModel(
+        forward_seconds=[row.forward_seconds for row in again.layers],
+        forward_pass_seconds=t.forward_pass_seconds,
+        forward_nograd_seconds=t.forward_nograd_seconds,
+        backward_adapted_seconds=[row.backward_seconds for row in again.layers],
+        backward_pass_seconds=t.backward_pass_seconds,
+        saved_adapted_bytes=[row.activation_bytes for row in again.layers],
+        saved_pass_bytes=t.pass_activation_bytes,
+        fixed_seconds=t.fixed_seconds,
+        static_bytes=t.base_memory_bytes,
+        adapter_bytes_per_layer=[4 * row.adapter_bytes for row in again.layers],
+    )
+    assert rebuilt.step_seconds(t.validation_layers) == pytest.approx(t.predicted_partial_step_seconds)
+    assert rebuilt.step_seconds(range(card.num_layers)) == pytest.approx(t.predicted_full_step_seconds)
+    assert rebuilt.peak_bytes(range(card.num_layers)) == t.predicted_full_peak_memory_bytes

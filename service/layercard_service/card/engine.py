@@ -197,6 +197,8 @@ def compute_card(
         seq_len=probe.seq_len,
         backward_pass_seconds=cost.backward_pass_seconds,
         pass_activation_bytes=cost.saved_pass_bytes,
+        forward_pass_seconds=cost.forward_pass_seconds,
+        forward_nograd_seconds=cost.forward_nograd_seconds,
     )
     check("done", 1.0, "card complete")
     return LayerCardData(

@@ -102,9 +102,12 @@ class TrainingCostCard:
     peak_memory_relative_error: float
     batch_size: int
     seq_len: int
-    # Per block, for the planner: backward when only passing gradients through, and its saved bytes.
+    # Per block, for the planner: costs when only passing gradients through, and the forward of blocks below
+    # the lowest adapted one (no adapter, no graph). With LayerCardRow's adapted figures they give time(S), memory(S).
     backward_pass_seconds: list[float] = field(default_factory=list)
     pass_activation_bytes: list[int] = field(default_factory=list)
+    forward_pass_seconds: list[float] = field(default_factory=list)
+    forward_nograd_seconds: list[float] = field(default_factory=list)
 
 
 @dataclass
