@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("card", "tasks_check")
+BENCHMARKS = ("card", "tasks_check", "placement")
 
 
 def main(argv: list[str]) -> int:

@@ -48,6 +48,14 @@ class ServiceConfig:
     # Layer Cards computed at once, and how many more may wait (RESOURCE_EXHAUSTED past that).
     max_concurrent_cards: int = 1
     card_queue_size: int = 4
+    # Tuning jobs trained at once (one worker process each), how many more may wait (RESOURCE_EXHAUSTED past
+    # that), and the largest LoRA rank a job may train: the serving engine's maximum (vLLM's max_lora_rank).
+    max_concurrent_jobs: int = 1
+    job_queue_size: int = 16
+    max_lora_rank: int = 16
+    # torch threads per tuning worker; 0: the machine's cores divided by max_concurrent_jobs. More threads than
+    # free cores make every step wait on descheduled threads (20x slower measured on a busy 2-core machine).
+    job_threads: int = 0
     log_level: str = "INFO"
     log_format: str = "json"  # "json" for machines, "text" for people
 
@@ -66,6 +74,12 @@ class ServiceConfig:
             raise ConfigError("set auth_token or auth_token_file, not both")
         if self.max_concurrent_cards < 1 or self.card_queue_size < 0:
             raise ConfigError("max_concurrent_cards must be >= 1 and card_queue_size >= 0")
+        if self.max_concurrent_jobs < 1 or self.job_queue_size < 0:
+            raise ConfigError("max_concurrent_jobs must be >= 1 and job_queue_size >= 0")
+        if self.job_threads < 0:
+            raise ConfigError(f"job_threads must be >= 0 (0: automatic), got {self.job_threads}")
+        if self.max_lora_rank < 1:
+            raise ConfigError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"log_format must be 'json' or 'text', got {self.log_format!r}")
         for url in self.vllm_urls:

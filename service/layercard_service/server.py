@@ -74,8 +74,8 @@ class Servicers:
     def complete(self, core: Core) -> Servicers:
         return Servicers(
             layer_card=self.layer_card or LayerCardServicer(core.cards),
-            placement=self.placement or PlacementServicer(),
-            tuning=self.tuning or TuningServicer(),
+            placement=self.placement or PlacementServicer(core.planner),
+            tuning=self.tuning or TuningServicer(core.tuning, planner=core.planner),
             adapter=self.adapter or AdapterServicer(),
             inference=self.inference or InferenceServicer(),
         )
@@ -119,6 +119,7 @@ class LayercardServer:
             ],
         )
         self.servicers.add_to(self._server)
+        await asyncio.to_thread(self.core.start)  # job recovery reads the database and may start workers
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         # Not serving until everything below is up; "" is the overall status.
         for name in ("", *SERVICE_NAMES):
@@ -160,7 +161,7 @@ class LayercardServer:
         await self._server.stop(grace)
         if self._metrics is not None:
             self._metrics.stop()
-        self.core.close()
+        await asyncio.to_thread(self.core.close)  # waits for tuning workers to exit (SIGTERM, then SIGKILL)
         log.info("stopped")
 
     async def wait(self) -> None:

@@ -110,9 +110,9 @@ def test_unbuilt_rpc_json_exits_nonzero_with_error_on_stderr(server, capsys):
 
 
 def test_unbuilt_rpc_readable_error(server, capsys):
-    code, out, err = run(capsys, "--address", server.address, "jobs", "get", "abc")
+    code, out, err = run(capsys, "--address", server.address, "adapters", "list")
     assert code == 12 and out == ""
-    assert "UNIMPLEMENTED" in err and "GetTuningJob" in err and "NOT_IMPLEMENTED_YET" in err
+    assert "UNIMPLEMENTED" in err and "ListAdapters" in err and "NOT_IMPLEMENTED_YET" in err
 
 
 def test_token_option_and_exit_code_of_unauthenticated(capsys):

@@ -152,22 +152,22 @@ def test_unbuilt_rpc_async(server):
     async def calls() -> tuple[Unimplemented, Unimplemented]:
         async with AsyncLayercardClient(server.address) as client:
             with pytest.raises(Unimplemented) as unary:
-                await client.get_tuning_job("abc")
+                await client.list_adapters()
             with pytest.raises(Unimplemented) as stream:
-                async for _ in client.watch_tuning_job("abc"):
+                async for _ in client.generate_stream(prompt="hello"):
                     pass
             return unary.value, stream.value
 
     unary, stream = asyncio.run(calls())
     assert unary.reason == stream.reason == "NOT_IMPLEMENTED_YET"
-    assert "GetTuningJob" in unary.message and "WatchTuningJob" in stream.message
+    assert "ListAdapters" in unary.message and "GenerateStream" in stream.message
 
 
 # auth
 
 
 def test_right_token_is_accepted(auth_server):
-    with LayercardClient(auth_server.address, token=TOKEN) as client, pytest.raises(Unimplemented):
+    with LayercardClient(auth_server.address, token=TOKEN) as client, pytest.raises(NotFound):
         client.get_tuning_job("abc")  # past the auth interceptor: the handler itself answered
 
 
@@ -209,7 +209,7 @@ def test_tls_with_ca_file_and_token_as_call_credentials(tmp_path: Path):
         with LayercardClient(running.address, ca_file=cert, token=TOKEN) as client:
             assert client.settings.secure and client.settings.call_metadata() == ()  # token rides on TLS
             assert client.health() == "SERVING"
-            with pytest.raises(Unimplemented):
+            with pytest.raises(NotFound):
                 client.get_tuning_job("abc")
         with LayercardClient(running.address, ca_file=cert, token="wrong") as client, pytest.raises(Unauthenticated):
             client.get_tuning_job("abc")
@@ -275,8 +275,8 @@ def test_call_gets_through_to_a_server_that_starts_after_the_first_attempt():
     time.sleep(0.2)  # a refused connect on localhost takes microseconds: the first attempt has failed by now
     with ServerThread(ServiceConfig(port=port, log_format="text")):
         caller.join(timeout=30)
-    # UNIMPLEMENTED comes from the server's handler: a later attempt reached the server that was not there before.
-    assert isinstance(outcome.get("error"), Unimplemented), outcome
+    # NOT_FOUND comes from the server's handler: a later attempt reached the server that was not there before.
+    assert isinstance(outcome.get("error"), NotFound), outcome
 
 
 # requests and paging

@@ -168,10 +168,10 @@ def test_bearer_token_required_except_for_health():
                     stub.PlanPlacement(request, metadata=metadata, timeout=5)
                 assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
                 assert details_of(err.value)["ErrorInfo"].reason == reason
-            # The right token passes the auth check and reaches the handler (which is not built yet).
+            # The right token passes the auth check and reaches the handler, which refuses the empty request.
             with pytest.raises(grpc.RpcError) as err:
                 stub.PlanPlacement(request, metadata=(("authorization", "Bearer s3cret"),), timeout=5)
-            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             # Streams are guarded the same way.
             cards = layer_card_pb2_grpc.LayerCardServiceStub(channel)
             with pytest.raises(grpc.RpcError) as err:
@@ -194,7 +194,7 @@ def test_token_file_is_read(tmp_path):
                     metadata=(("authorization", "Bearer from-a-secret"),),
                     timeout=5,
                 )
-            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # past auth, at the handler
 
 
 def test_message_size_limit():

@@ -51,3 +51,27 @@ def test_token_file(tmp_path):
         _ = ServiceConfig(auth_token_file=empty).bearer_token
     with pytest.raises(ConfigError, match="cannot read"):
         _ = ServiceConfig(auth_token_file=tmp_path / "missing").bearer_token
+
+
+def test_tuning_settings_defaults_flags_and_environment():
+    config = ServiceConfig.load([], environ={})
+    assert (config.max_concurrent_jobs, config.job_queue_size, config.max_lora_rank) == (1, 16, 16)
+    assert config.job_threads == 0  # automatic
+    env = {"LAYERCARD_MAX_LORA_RANK": "64", "LAYERCARD_JOB_QUEUE_SIZE": "3"}
+    config = ServiceConfig.load(["--max-concurrent-jobs", "2", "--max-lora-rank", "32"], environ=env)
+    assert (config.max_concurrent_jobs, config.job_queue_size, config.max_lora_rank) == (2, 3, 32)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--max-concurrent-jobs", "0"], "max_concurrent_jobs"),
+        (["--job-queue-size", "-1"], "job_queue_size"),
+        (["--max-lora-rank", "0"], "max_lora_rank"),
+        (["--max-lora-rank", "big"], "cannot parse"),
+        (["--job-threads", "-1"], "job_threads"),
+    ],
+)
+def test_bad_tuning_settings_are_refused(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        ServiceConfig.load(argv, environ={})

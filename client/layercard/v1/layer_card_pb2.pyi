@@ -128,7 +128,7 @@ class ModuleStats(_message.Message):
     def __init__(self, module_type: _Optional[str] = ..., resnorm_sq: _Optional[float] = ..., resnorm_sq_split_half: _Optional[float] = ..., activation_energy: _Optional[float] = ..., effective_rank: _Optional[float] = ..., condition_number: _Optional[float] = ..., adapter_parameters: _Optional[int] = ...) -> None: ...
 
 class LayerStats(_message.Message):
-    __slots__ = ("index", "resnorm_sq", "resnorm_sq_split_half", "resnorm_share", "predicted_gain", "activation_energy", "effective_rank", "condition_number", "modules", "forward_seconds", "backward_seconds", "activation_bytes", "adapter_parameters", "adapter_bytes", "peft_serving_overhead_ms_per_token", "measured_gain")
+    __slots__ = ("index", "resnorm_sq", "resnorm_sq_split_half", "resnorm_share", "predicted_gain", "activation_energy", "effective_rank", "condition_number", "modules", "forward_seconds", "backward_seconds", "activation_bytes", "adapter_parameters", "adapter_bytes", "peft_serving_overhead_ms_per_token", "measured_gain", "residual_mean_square")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     RESNORM_SQ_FIELD_NUMBER: _ClassVar[int]
     RESNORM_SQ_SPLIT_HALF_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,7 @@ class LayerStats(_message.Message):
     ADAPTER_BYTES_FIELD_NUMBER: _ClassVar[int]
     PEFT_SERVING_OVERHEAD_MS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     MEASURED_GAIN_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_MEAN_SQUARE_FIELD_NUMBER: _ClassVar[int]
     index: int
     resnorm_sq: float
     resnorm_sq_split_half: float
@@ -161,7 +162,8 @@ class LayerStats(_message.Message):
     adapter_bytes: int
     peft_serving_overhead_ms_per_token: float
     measured_gain: float
-    def __init__(self, index: _Optional[int] = ..., resnorm_sq: _Optional[float] = ..., resnorm_sq_split_half: _Optional[float] = ..., resnorm_share: _Optional[float] = ..., predicted_gain: _Optional[float] = ..., activation_energy: _Optional[float] = ..., effective_rank: _Optional[float] = ..., condition_number: _Optional[float] = ..., modules: _Optional[_Iterable[_Union[ModuleStats, _Mapping]]] = ..., forward_seconds: _Optional[float] = ..., backward_seconds: _Optional[float] = ..., activation_bytes: _Optional[int] = ..., adapter_parameters: _Optional[int] = ..., adapter_bytes: _Optional[int] = ..., peft_serving_overhead_ms_per_token: _Optional[float] = ..., measured_gain: _Optional[float] = ...) -> None: ...
+    residual_mean_square: float
+    def __init__(self, index: _Optional[int] = ..., resnorm_sq: _Optional[float] = ..., resnorm_sq_split_half: _Optional[float] = ..., resnorm_share: _Optional[float] = ..., predicted_gain: _Optional[float] = ..., activation_energy: _Optional[float] = ..., effective_rank: _Optional[float] = ..., condition_number: _Optional[float] = ..., modules: _Optional[_Iterable[_Union[ModuleStats, _Mapping]]] = ..., forward_seconds: _Optional[float] = ..., backward_seconds: _Optional[float] = ..., activation_bytes: _Optional[int] = ..., adapter_parameters: _Optional[int] = ..., adapter_bytes: _Optional[int] = ..., peft_serving_overhead_ms_per_token: _Optional[float] = ..., measured_gain: _Optional[float] = ..., residual_mean_square: _Optional[float] = ...) -> None: ...
 
 class CouplingMatrix(_message.Message):
     __slots__ = ("size", "values")

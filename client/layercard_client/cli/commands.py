@@ -207,6 +207,8 @@ def run_plan(client: LayercardClient, args: argparse.Namespace, out: render.Outp
         target_gain_fraction=args.target_gain_fraction,
         candidate_ranks=args.ranks,
         candidate_module_sets=args.module_sets,
+        steps=args.steps,
+        gain_score=args.gain_score,
     )
     plan = client.plan_placement(args.card, objective=args.objective, budget=budget_from_args(args), **fields)
     out.show(plan, render.placement_table(plan))

@@ -76,7 +76,8 @@ def budget_from_args(args: argparse.Namespace) -> dict | None:
     }
     budget = {key: value for key, value in budget.items() if value is not None}
     if args.max_training_time is not None:
-        budget["max_training_time"] = {"seconds": int(args.max_training_time)}
+        seconds = int(args.max_training_time)
+        budget["max_training_time"] = {"seconds": seconds, "nanos": int((args.max_training_time - seconds) * 1e9)}
     return budget or None
 
 
@@ -142,6 +143,10 @@ def _plan(sub: argparse._SubParsersAction) -> None:
         dest="module_sets",
         metavar="A,B",
         help="a module-type set the planner may choose (repeatable)",
+    )
+    plan.add_argument("--steps", type=int, help="with --max-training-time: the reference number of steps")
+    plan.add_argument(
+        "--gain-score", choices=("resnorm", "split_half", "stream_normalized"), help="per-layer score (default resnorm)"
     )
     _add_budget(plan)
 

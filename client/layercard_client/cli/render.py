@@ -172,6 +172,8 @@ def placement_table(plan: placement_pb2.Placement) -> Table:
     if plan.steps:
         head.add_row("steps", str(plan.steps))
     head.add_row("binding", ", ".join(plan.binding_limits) or "none")
+    if plan.gain_score:
+        head.add_row("gain score", plan.gain_score)
     outer.add_row(head)
     predictions = Table(title="predictions", title_justify="left")
     for name in ("figure", "value", "unit", "basis"):

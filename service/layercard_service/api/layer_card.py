@@ -107,6 +107,7 @@ def card_to_proto(stored: StoredCard) -> layer_card_pb2.LayerCard:
             adapter_parameters=row.adapter_parameters,
             adapter_bytes=row.adapter_bytes,
             peft_serving_overhead_ms_per_token=row.peft_serving_overhead_ms_per_token,
+            residual_mean_square=row.residual_mean_square,
         )
         if row.measured_gain is not None:
             layer.measured_gain = row.measured_gain

@@ -2,12 +2,115 @@
 
 from __future__ import annotations
 
-from layercard.v1 import placement_pb2_grpc
-from layercard_service.api.pending import not_built
+import asyncio
 
-__all__ = ["PlacementServicer"]
+from layercard.v1 import common_pb2, placement_pb2, placement_pb2_grpc, tuning_pb2
+from layercard_service.plan.planner import PlacementPlanner
+from layercard_service.plan.types import DEFAULT_STEPS, BudgetSpec, Estimate, Plan, PlanRequest
+
+__all__ = ["PlacementServicer", "budget_from_proto", "placement_to_proto", "plan_request_from_card_budget"]
+
+_OBJECTIVES = {
+    placement_pb2.OBJECTIVE_UNSPECIFIED: "accuracy",
+    placement_pb2.OBJECTIVE_ACCURACY: "accuracy",
+    placement_pb2.OBJECTIVE_EFFICIENCY: "efficiency",
+    placement_pb2.OBJECTIVE_BALANCED: "balanced",
+    placement_pb2.OBJECTIVE_FIXED_K: "fixed_k",
+}
+_OBJECTIVE_NUMBERS = {"accuracy": 1, "efficiency": 2, "balanced": 3, "fixed_k": 4}
+_ENGINES = {
+    common_pb2.SERVING_ENGINE_UNSPECIFIED: "vllm",
+    common_pb2.SERVING_ENGINE_VLLM: "vllm",
+    common_pb2.SERVING_ENGINE_PEFT: "peft",
+}
+
+
+def _optional(message, name: str):
+    return getattr(message, name) if message.HasField(name) else None
+
+
+def budget_from_proto(budget: placement_pb2.Budget) -> BudgetSpec:
+    training = None
+    if budget.HasField("max_training_time"):
+        training = budget.max_training_time.ToNanoseconds() / 1e9
+    return BudgetSpec(
+        max_step_seconds=_optional(budget, "max_step_seconds"),
+        max_step_fraction_of_full=_optional(budget, "max_step_fraction_of_full"),
+        max_peak_memory_bytes=_optional(budget, "max_peak_memory_bytes"),
+        max_adapter_parameters=_optional(budget, "max_adapter_parameters"),
+        max_adapter_bytes=_optional(budget, "max_adapter_bytes"),
+        max_layers=_optional(budget, "max_layers"),
+        max_serving_overhead_ms_per_token=_optional(budget, "max_serving_overhead_ms_per_token"),
+        max_serving_overhead_fraction=_optional(budget, "max_serving_overhead_fraction"),
+        serving_engine=_ENGINES.get(budget.serving_engine, "?"),
+        max_training_seconds=training,
+    )
+
+
+def _request(objective: int, budget, target: float, k: int, ranks=(), module_sets=(), steps=0, score="") -> PlanRequest:
+    return PlanRequest(
+        objective=_OBJECTIVES.get(objective, "?"),
+        budget=budget_from_proto(budget),
+        target_gain_fraction=target or 0.9,
+        k=k,
+        candidate_ranks=tuple(ranks),
+        candidate_module_sets=tuple(
+            tuple(name.strip() for name in entry.split(",") if name.strip()) for entry in module_sets
+        ),
+        steps=steps or DEFAULT_STEPS,
+        score=score,
+    )
+
+
+def plan_request_from_card_budget(message: tuning_pb2.CardBudget, steps: int) -> tuple[str, PlanRequest]:
+    """A tuning job's card_budget: the card's name and the plan request; ``steps`` is the job's step count."""
+    request = _request(message.objective, message.budget, message.target_gain_fraction, message.k, steps=steps)
+    return message.layer_card, request
+
+
+def _estimate(estimate: Estimate | None) -> common_pb2.Prediction | None:
+    if estimate is None:
+        return None
+    return common_pb2.Prediction(value=estimate.value, unit=estimate.unit, basis=estimate.basis)
+
+
+def placement_to_proto(plan: Plan) -> placement_pb2.Placement:
+    return placement_pb2.Placement(
+        layer_card=plan.layer_card,
+        objective=_OBJECTIVE_NUMBERS[plan.objective],
+        layers=list(plan.layers),
+        lora=common_pb2.LoraShape(rank=plan.rank, alpha=plan.alpha, target_modules=list(plan.target_modules)),
+        predicted_gain=_estimate(plan.predicted_gain),
+        predicted_gain_share=plan.predicted_gain_share,
+        step_seconds=_estimate(plan.step_seconds),
+        step_fraction_of_full=_estimate(plan.step_fraction_of_full),
+        peak_memory_bytes=_estimate(plan.peak_memory_bytes),
+        adapter_parameters=_estimate(plan.adapter_parameters),
+        adapter_bytes=_estimate(plan.adapter_bytes),
+        serving_overhead_ms_per_token=_estimate(plan.serving_overhead_ms_per_token),
+        serving_overhead_fraction=_estimate(plan.serving_overhead_fraction),
+        steps=plan.steps,
+        binding_limits=list(plan.binding_limits),
+        rationale=plan.rationale,
+        gain_score=plan.score,
+    )
 
 
 class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
-    async def PlanPlacement(self, request, context):
-        raise not_built("PlanPlacement", "the placement planner")
+    def __init__(self, planner: PlacementPlanner) -> None:
+        self.planner = planner
+
+    async def PlanPlacement(self, request: placement_pb2.PlanPlacementRequest, context) -> placement_pb2.Placement:
+        plan_request = _request(
+            request.objective,
+            request.budget,
+            request.target_gain_fraction,
+            request.k,
+            request.candidate_ranks,
+            request.candidate_module_sets,
+            request.steps,
+            request.gain_score,
+        )
+        # Reading the card and the search are short but not free (2^L sets): keep them off the event loop.
+        plan = await asyncio.to_thread(self.planner.plan, request.layer_card, plan_request)
+        return placement_to_proto(plan)

@@ -1,28 +1,287 @@
-"""TuningService: proto <-> domain conversion only."""
+"""TuningService: proto <-> domain conversion only (no torch; the core validates and the runner trains)."""
 
 from __future__ import annotations
 
-from layercard.v1 import tuning_pb2_grpc
-from layercard_service.api.pending import not_built
+import asyncio
+from typing import Any
 
-__all__ = ["TuningServicer"]
+from google.protobuf import json_format, timestamp_pb2
 
-_CAPABILITY = "the tuning job runner"
+from layercard.v1 import common_pb2, placement_pb2, tuning_pb2, tuning_pb2_grpc
+from layercard_service.api.layer_card import dataset_request
+from layercard_service.api.placement import placement_to_proto, plan_request_from_card_budget
+from layercard_service.errors import FailedPrecondition, InvalidArgument
+from layercard_service.plan.planner import PlacementPlanner
+from layercard_service.sources import DatasetRequest
+from layercard_service.tune.jobs import (
+    EvalSummary,
+    Hyperparameters,
+    JobEvent,
+    JobRecord,
+    JobState,
+    PlacementSpec,
+)
+from layercard_service.tune.service import CreateJob, HyperparameterRequest, LoraRequest, TuningService
+
+__all__ = ["TuningServicer", "event_to_proto", "job_to_proto"]
+
+DEFAULT_RANK = 8
+DEFAULT_PLAN_STEPS = 200
+
+_STATES = {
+    JobState.QUEUED: tuning_pb2.TUNING_JOB_STATE_QUEUED,
+    JobState.RUNNING: tuning_pb2.TUNING_JOB_STATE_RUNNING,
+    JobState.CANCELLING: tuning_pb2.TUNING_JOB_STATE_CANCELLING,
+    JobState.SUCCEEDED: tuning_pb2.TUNING_JOB_STATE_SUCCEEDED,
+    JobState.FAILED: tuning_pb2.TUNING_JOB_STATE_FAILED,
+    JobState.CANCELLED: tuning_pb2.TUNING_JOB_STATE_CANCELLED,
+}
+_STATES_BACK = {v: k for k, v in _STATES.items()}
+_SCHEDULES = {
+    tuning_pb2.LEARNING_RATE_SCHEDULE_UNSPECIFIED: "",
+    tuning_pb2.LEARNING_RATE_SCHEDULE_CONSTANT: "constant",
+    tuning_pb2.LEARNING_RATE_SCHEDULE_LINEAR: "linear",
+    tuning_pb2.LEARNING_RATE_SCHEDULE_COSINE: "cosine",
+}
+_SCHEDULES_BACK = {v: k for k, v in _SCHEDULES.items() if v}
+
+
+# --- requests -> domain ---------------------------------------------------------------------------------------
+def _lora_request(shape: common_pb2.LoraShape) -> LoraRequest:
+    return LoraRequest(
+        rank=shape.rank if shape.HasField("rank") else None,
+        alpha=shape.alpha,
+        target_modules=tuple(shape.target_modules),
+        dropout=shape.dropout,
+    )
+
+
+def _placement_from_shape(layers: list[int], shape: common_pb2.LoraShape, **extra: Any) -> PlacementSpec:
+    rank = shape.rank if shape.HasField("rank") else DEFAULT_RANK
+    return PlacementSpec(
+        layers=tuple(layers),
+        rank=rank,
+        alpha=shape.alpha or 2.0 * rank,
+        target_modules=tuple(shape.target_modules),
+        dropout=shape.dropout,
+        **extra,
+    )
+
+
+def _placement_from_proto(message: placement_pb2.Placement) -> PlacementSpec:
+    return _placement_from_shape(
+        list(message.layers),
+        message.lora,
+        predicted_step_seconds=message.step_seconds.value,
+        predicted_peak_memory_bytes=int(message.peak_memory_bytes.value),
+        steps=message.steps,
+        layer_card=message.layer_card,
+        detail=json_format.MessageToDict(message),
+    )
+
+
+def _hyperparameters(message: tuning_pb2.Hyperparameters) -> HyperparameterRequest:
+    length = message.WhichOneof("length")
+    if message.schedule not in _SCHEDULES:
+        raise InvalidArgument.field("hyperparameters.schedule", f"unknown schedule {message.schedule}")
+    return HyperparameterRequest(
+        steps=message.steps if length == "steps" else None,
+        epochs=message.epochs if length == "epochs" else None,
+        learning_rate=message.learning_rate,
+        schedule=_SCHEDULES[message.schedule],
+        warmup_steps=message.warmup_steps,
+        batch_size=message.batch_size,
+        lora=_lora_request(message.lora) if message.HasField("lora") else None,
+        seed=message.seed,
+        eval_interval=message.eval_interval,
+        early_stopping_patience=message.early_stopping_patience,
+        checkpoint_interval=message.checkpoint_interval,
+        max_seq_len=message.max_seq_len,
+    )
+
+
+# --- domain -> responses --------------------------------------------------------------------------------------
+def _timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    if seconds is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def _dataset_to_proto(request: DatasetRequest | None) -> common_pb2.DatasetSource | None:
+    if request is None:
+        return None
+    if request.builtin:
+        return common_pb2.DatasetSource(builtin=request.builtin, split=request.split)
+    if request.inline_jsonl is not None:
+        return common_pb2.DatasetSource(inline_jsonl=request.inline_jsonl, split=request.split)
+    return common_pb2.DatasetSource(path=request.path, split=request.split)
+
+
+def _placement_to_proto(spec: PlacementSpec) -> placement_pb2.Placement:
+    message = placement_pb2.Placement()
+    if spec.detail:
+        json_format.ParseDict(spec.detail, message, ignore_unknown_fields=True)
+    del message.layers[:]
+    message.layers.extend(spec.layers or ())
+    message.lora.CopyFrom(
+        common_pb2.LoraShape(
+            rank=spec.rank, alpha=spec.alpha, target_modules=list(spec.target_modules), dropout=spec.dropout
+        )
+    )
+    return message
+
+
+def _hyperparameters_to_proto(hp: Hyperparameters, placement: PlacementSpec) -> tuning_pb2.Hyperparameters:
+    message = tuning_pb2.Hyperparameters(
+        learning_rate=hp.learning_rate,
+        schedule=_SCHEDULES_BACK[hp.schedule],
+        warmup_steps=hp.warmup_steps,
+        batch_size=hp.batch_size,
+        lora=common_pb2.LoraShape(
+            rank=placement.rank,
+            alpha=placement.alpha,
+            target_modules=list(placement.target_modules),
+            dropout=placement.dropout,
+        ),
+        seed=hp.seed,
+        eval_interval=hp.eval_interval,
+        early_stopping_patience=hp.early_stopping_patience,
+        checkpoint_interval=hp.checkpoint_interval,
+        max_seq_len=hp.max_seq_len,
+    )
+    if hp.epochs:
+        message.epochs = hp.epochs
+    else:
+        message.steps = hp.steps
+    return message
+
+
+def _eval_to_proto(summary: EvalSummary | None) -> tuning_pb2.EvalMetrics | None:
+    if summary is None:
+        return None
+    return tuning_pb2.EvalMetrics(
+        step=summary.step, loss=summary.loss, exact_match=summary.exact_match, examples=summary.examples
+    )
+
+
+def job_to_proto(job: JobRecord) -> tuning_pb2.TuningJob:
+    spec = job.spec
+    message = tuning_pb2.TuningJob(
+        name=job.name,
+        state=_STATES[job.state],
+        create_time=_timestamp(job.create_time),
+        start_time=_timestamp(job.start_time),
+        end_time=_timestamp(job.end_time),
+        model=spec.model,
+        training_data=_dataset_to_proto(spec.training_data),
+        validation_data=_dataset_to_proto(spec.validation_data),
+        placement=_placement_to_proto(spec.placement),
+        hyperparameters=_hyperparameters_to_proto(spec.hyperparameters, spec.placement),
+        adapter_id=spec.adapter_id,
+        step=job.step,
+        total_steps=job.total_steps,
+        error_code=job.error_code,
+        error_message=job.error_message,
+    )
+    if job.result is not None:
+        r = job.result
+        message.result.CopyFrom(
+            tuning_pb2.TuningResult(
+                adapter_version=r.adapter_version,
+                final_eval=_eval_to_proto(r.final_eval),
+                base_eval=_eval_to_proto(r.base_eval),
+                measured_step_seconds=r.measured_step_seconds,
+                predicted_step_seconds=r.predicted_step_seconds,
+                measured_peak_memory_bytes=r.measured_peak_memory_bytes,
+                predicted_peak_memory_bytes=r.predicted_peak_memory_bytes,
+                tokens_per_second=r.tokens_per_second,
+            )
+        )
+        message.result.training_duration.FromNanoseconds(int(r.training_seconds * 1e9))
+    return message
+
+
+def event_to_proto(event: JobEvent) -> tuning_pb2.TuningJobEvent:
+    message = tuning_pb2.TuningJobEvent(sequence=event.sequence, time=_timestamp(event.time), message=event.message)
+    p = event.payload
+    if event.kind == "state":
+        message.state_change = _STATES[JobState(p["state"])]
+    elif event.kind == "step":
+        message.step.CopyFrom(
+            tuning_pb2.StepMetrics(
+                step=p["step"],
+                loss=p["loss"],
+                learning_rate=p["learning_rate"],
+                tokens_per_second=p["tokens_per_second"],
+            )
+        )
+        message.step.eta.FromNanoseconds(int(p["eta_seconds"] * 1e9))
+    elif event.kind == "eval":
+        message.eval.CopyFrom(_eval_to_proto(EvalSummary(p["step"], p["loss"], p["exact_match"], p["examples"])))
+    elif event.kind == "checkpoint":
+        message.checkpoint.CopyFrom(tuning_pb2.Checkpoint(step=p["step"], path=p["path"]))
+    return message  # "note": a message alone
 
 
 class TuningServicer(tuning_pb2_grpc.TuningServiceServicer):
+    def __init__(self, tuning: TuningService, planner: PlacementPlanner | None = None) -> None:
+        self.tuning = tuning
+        self.planner = planner  # plans card_budget placements
+
     async def CreateTuningJob(self, request, context):
-        raise not_built("CreateTuningJob", _CAPABILITY)
+        hp = request.hyperparameters
+        create = CreateJob(
+            model=request.model,
+            training_data=dataset_request(request.training_data),
+            validation_data=dataset_request(request.validation_data) if request.HasField("validation_data") else None,
+            placement=await self._placement(request),
+            hyperparameters=_hyperparameters(hp),
+            adapter_id=request.adapter_id,
+            job_id=request.tuning_job_id,
+            request_id=request.request_id,
+        )
+        return job_to_proto(await self.tuning.create(create))
+
+    async def _placement(self, request: tuning_pb2.CreateTuningJobRequest) -> PlacementSpec:
+        kind = request.WhichOneof("placement_source")
+        if kind == "placement":
+            return _placement_from_proto(request.placement)
+        if kind == "explicit_layers":
+            return _placement_from_shape(list(request.explicit_layers.layers), request.explicit_layers.lora)
+        if kind == "card_budget":
+            return await self._planned(request)
+        raise InvalidArgument.field("placement_source", "is required: set placement, card_budget or explicit_layers")
+
+    async def _planned(self, request: tuning_pb2.CreateTuningJobRequest) -> PlacementSpec:
+        if self.planner is None:
+            raise FailedPrecondition("card_budget placements need the placement planner", reason="NO_PLANNER")
+        hp = request.hyperparameters
+        steps = hp.steps if hp.WhichOneof("length") == "steps" and hp.steps > 0 else DEFAULT_PLAN_STEPS
+        card_name, plan_request = plan_request_from_card_budget(request.card_budget, steps)
+        plan = await asyncio.to_thread(self.planner.plan, card_name, plan_request)
+        return _placement_from_proto(placement_to_proto(plan))
 
     async def GetTuningJob(self, request, context):
-        raise not_built("GetTuningJob", _CAPABILITY)
+        return job_to_proto(await asyncio.to_thread(self.tuning.get, request.name))
 
     async def ListTuningJobs(self, request, context):
-        raise not_built("ListTuningJobs", _CAPABILITY)
+        states = []
+        for value in request.states:
+            if value not in _STATES_BACK:
+                raise InvalidArgument.field("states", f"unknown or unspecified state {value}")
+            states.append(_STATES_BACK[value])
+        jobs, token = await asyncio.to_thread(self.tuning.list, request.page_size, request.page_token, states)
+        return tuning_pb2.ListTuningJobsResponse(tuning_jobs=[job_to_proto(j) for j in jobs], next_page_token=token)
 
     async def CancelTuningJob(self, request, context):
-        raise not_built("CancelTuningJob", _CAPABILITY)
+        return job_to_proto(await asyncio.to_thread(self.tuning.cancel, request.name))
 
     async def WatchTuningJob(self, request, context):
-        raise not_built("WatchTuningJob", _CAPABILITY)
-        yield  # pragma: no cover
+        events = self.tuning.watch(request.name, request.after_sequence)
+        try:
+            async for event in events:
+                yield event_to_proto(event)
+        finally:
+            await events.aclose()  # the client went away or the job ended: stop polling

@@ -170,6 +170,8 @@ def compute_card(
             del model.peft_config  # ...and without peft's bookkeeping, so it can be probed again
 
     rows = _rows(figures, L, layout.shapes, per_layer_params, dtype_bytes, cost, per_layer_ms)
+    for row, stream in zip(rows, probe.stream_mean_square):
+        row.residual_mean_square = stream
     measured_full_bytes = cost.peak_bytes(range(L))
     predicted_partial = cost.step_seconds(validation_layers)
     predicted_partial_bytes = cost.peak_bytes(validation_layers)

@@ -47,6 +47,7 @@ class ProbeResult:
     half_completion_tokens: tuple[int, int]
     batch_size: int
     seq_len: int
+    stream_mean_square: list[float]  # per block: E over tokens of mean_i h_i² of the residual stream entering it
 
 
 def attach_lora(
@@ -130,7 +131,18 @@ def run_probe(
 
         return hook
 
+    blocks = peft_model.base_model.model.get_submodule(layout.blocks_path)
+    stream_sums = [0.0] * len(blocks)
+
+    def stream_hook(index: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]  # [B, T, H]
+            stream_sums[index] += float(hidden.detach().float().pow(2).mean(-1)[mask_holder["mask"]].sum())
+
+        return hook
+
     handles = [layer.lora_A[ADAPTER].register_forward_hook(feature_hook(key)) for key, layer in modules.items()]
+    handles += [b.register_forward_pre_hook(stream_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
     loss_sum, tokens, examples, seq_len = 0.0, 0, 0, 0
     try:
         for i, (batch, half) in enumerate(zip(batches, halves)):
@@ -164,4 +176,5 @@ def run_probe(
         half_completion_tokens=(half_tokens[0], half_tokens[1]),
         batch_size=int(batches[0]["input_ids"].shape[0]),
         seq_len=seq_len,
+        stream_mean_square=[total / max(tokens, 1) for total in stream_sums],
     )

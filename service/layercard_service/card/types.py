@@ -84,6 +84,8 @@ class LayerCardRow:
     adapter_bytes: int
     peft_serving_overhead_ms_per_token: float
     measured_gain: float | None = None
+    # Mean square of the residual stream entering the block (per hidden unit), over probe tokens; 0 on old cards.
+    residual_mean_square: float = 0.0
 
 
 @dataclass

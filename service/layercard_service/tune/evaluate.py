@@ -50,8 +50,9 @@ def mean_completion_loss(
     model.eval()
     encoded = encode_examples(tokenizer, examples, encode)
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     for start in range(0, len(encoded), batch_size):
-        batch = collate(encoded[start : start + batch_size], _pad_id(tokenizer))
+        batch = {k: v.to(device) for k, v in collate(encoded[start : start + batch_size], _pad_id(tokenizer)).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
         # Position t predicts token t+1: drop the last logit and the first label.
         logits = logits[:, :-1].float()  # [B, T-1, V]
@@ -96,9 +97,10 @@ def greedy_completions(
         for i, r in enumerate(rows):
             input_ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
             attention_mask[i, width - len(r) :] = 1
+        device = next(model.parameters()).device
         generated = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=eos_id,

@@ -1,0 +1,234 @@
+"""Tuning jobs as domain types: states, the accepted spec (stored as JSON), events and results.
+
+No torch here: the service process imports this module on the event loop's side, the worker on its own.
+Specs round-trip through plain dicts (``to_dict``/``from_dict``) because they live in SQLite as JSON and are
+read by a worker process that may be a newer or older build: unknown keys are ignored, missing ones default.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from layercard_service.errors import InvalidArgument
+from layercard_service.sources import DatasetRequest
+
+__all__ = [
+    "END_STATES",
+    "ID_PATTERN",
+    "JOB_PREFIX",
+    "SCHEDULES",
+    "EvalSummary",
+    "Hyperparameters",
+    "JobEvent",
+    "JobRecord",
+    "JobResult",
+    "JobSpec",
+    "JobState",
+    "PlacementSpec",
+    "check_id",
+    "dataset_from_dict",
+    "dataset_to_dict",
+    "job_id_from_name",
+]
+
+JOB_PREFIX = "tuningJobs/"
+ID_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,62}$")  # AIP-122 resource ids
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+class JobState(str, Enum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    CANCELLING = "CANCELLING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def ended(self) -> bool:
+        return self in END_STATES
+
+
+END_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+
+def check_id(value: str, field_name: str) -> str:
+    if not ID_PATTERN.match(value):
+        raise InvalidArgument.field(
+            field_name, f"must match {ID_PATTERN.pattern} (lowercase letters, digits, '-'), got {value!r}"
+        )
+    return value
+
+
+def job_id_from_name(name: str) -> str:
+    """``tuningJobs/{id}`` -> id; anything else is the caller's error."""
+    if not name.startswith(JOB_PREFIX) or not ID_PATTERN.match(name[len(JOB_PREFIX) :]):
+        raise InvalidArgument.field("name", f"must look like 'tuningJobs/{{tuning_job_id}}', got {name!r}")
+    return name[len(JOB_PREFIX) :]
+
+
+def dataset_to_dict(request: DatasetRequest | None) -> dict[str, Any] | None:
+    if request is None:
+        return None
+    out: dict[str, Any] = {"builtin": request.builtin, "path": request.path, "split": request.split}
+    if request.inline_jsonl is not None:
+        out["inline_jsonl_b64"] = base64.b64encode(request.inline_jsonl).decode("ascii")
+    return out
+
+
+def dataset_from_dict(raw: dict[str, Any] | None) -> DatasetRequest | None:
+    if raw is None:
+        return None
+    inline = raw.get("inline_jsonl_b64")
+    return DatasetRequest(
+        builtin=raw.get("builtin", ""),
+        inline_jsonl=base64.b64decode(inline) if inline is not None else None,
+        path=raw.get("path", ""),
+        split=raw.get("split", ""),
+    )
+
+
+@dataclass(frozen=True)
+class PlacementSpec:
+    """Where the adapter goes and what the plan predicted (0 when nothing was predicted).
+
+    ``detail`` is the placement as the API received or planned it (protobuf JSON), kept verbatim so that
+    GetTuningJob can show every prediction and its basis; the domain never reads it.
+    """
+
+    layers: tuple[int, ...] | None  # None: every layer
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = ()  # empty: every linear module type of the architecture
+    dropout: float = 0.0
+    predicted_step_seconds: float = 0.0
+    predicted_peak_memory_bytes: int = 0
+    steps: int = 0  # steps the plan chose (a total-training-time budget); 0: not chosen
+    layer_card: str = ""
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """Training settings with every default filled in at creation (``steps`` is resolved from epochs)."""
+
+    steps: int = 200
+    epochs: float = 0.0  # as requested; 0 when steps were given
+    learning_rate: float = 1e-3
+    schedule: str = "cosine"
+    warmup_steps: int = 10
+    batch_size: int = 16
+    seed: int = 0
+    eval_interval: int = 0  # 0: at the end only
+    early_stopping_patience: int = 0
+    checkpoint_interval: int = 50
+    max_seq_len: int = 256
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    model: str
+    training_data: DatasetRequest
+    validation_data: DatasetRequest | None  # None: the built-in task's validation split, or no evaluation
+    placement: PlacementSpec
+    hyperparameters: Hyperparameters
+    adapter_id: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "training_data": dataset_to_dict(self.training_data),
+            "validation_data": dataset_to_dict(self.validation_data),
+            "placement": dataclasses.asdict(self.placement),
+            "hyperparameters": dataclasses.asdict(self.hyperparameters),
+            "adapter_id": self.adapter_id,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> JobSpec:
+        placement = _known(PlacementSpec, raw["placement"])
+        if placement.get("layers") is not None:
+            placement["layers"] = tuple(placement["layers"])
+        placement["target_modules"] = tuple(placement.get("target_modules", ()))
+        return cls(
+            model=raw["model"],
+            training_data=dataset_from_dict(raw["training_data"]),
+            validation_data=dataset_from_dict(raw.get("validation_data")),
+            placement=PlacementSpec(**placement),
+            hyperparameters=Hyperparameters(**_known(Hyperparameters, raw.get("hyperparameters", {}))),
+            adapter_id=raw["adapter_id"],
+        )
+
+
+def _known(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in raw.items() if k in names}
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    step: int
+    loss: float
+    exact_match: float
+    examples: int
+
+
+@dataclass(frozen=True)
+class JobResult:
+    adapter_version: str  # "adapters/{adapter_id}/versions/{n}"
+    final_eval: EvalSummary | None
+    base_eval: EvalSummary | None
+    measured_step_seconds: float
+    predicted_step_seconds: float
+    measured_peak_memory_bytes: int
+    predicted_peak_memory_bytes: int
+    training_seconds: float
+    tokens_per_second: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> JobResult:
+        values = _known(cls, raw)
+        for key in ("final_eval", "base_eval"):
+            if values.get(key) is not None:
+                values[key] = EvalSummary(**values[key])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    job_id: str
+    request_id: str | None
+    state: JobState
+    spec: JobSpec
+    create_time: float
+    start_time: float | None
+    end_time: float | None
+    step: int
+    total_steps: int
+    error_code: str
+    error_message: str
+    result: JobResult | None
+
+    @property
+    def name(self) -> str:
+        return JOB_PREFIX + self.job_id
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One entry of a job's history. ``kind`` is state | step | eval | checkpoint; ``payload`` its fields."""
+
+    job_id: str
+    sequence: int
+    time: float
+    kind: str
+    payload: dict[str, Any]
+    message: str = ""

@@ -1,0 +1,242 @@
+"""The tuning worker: one process per job, ``python -m layercard_service.tune.worker --data-dir D --job-id J``.
+
+It reads the job's spec from the service's database, trains, and writes progress, events and the final state
+back to the same database through its own connection. The runner marks the job RUNNING before starting it.
+
+Exit paths, and what the job's state becomes:
+- finished: the adapter is published as a new version and the job SUCCEEDED (one transaction);
+- the service asked to cancel (state CANCELLING, polled before every step): CANCELLED;
+- a known problem (bad dataset, bad layers, unloadable model or checkpoint): FAILED with the error's reason;
+- anything else: FAILED with INTERNAL, the exception's type and message;
+- SIGTERM (the service is shutting down): buffered events are flushed, the state stays RUNNING, and the next
+  service start resumes the job from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+from layercard_service.errors import LayercardError
+from layercard_service.tune.job_store import JobStore, NewEvent
+from layercard_service.tune.jobs import EvalSummary, JobRecord, JobResult, JobState
+
+__all__ = ["EventWriter", "WorkerSettings", "main", "run_job"]
+
+log = logging.getLogger("layercard_service.tune.worker")
+
+FLUSH_INTERVAL_SECONDS = 0.2  # step events are buffered: at most ~5 database writes a second
+EXIT_TERMINATED = 143
+
+
+class Terminated(BaseException):
+    """SIGTERM from the runner; a BaseException so that no ``except Exception`` turns it into a failure."""
+
+
+class WorkerSettings(argparse.Namespace):
+    data_dir: Path
+    job_id: str
+    model_roots: tuple[Path, ...]
+    dataset_roots: tuple[Path, ...]
+    max_lora_rank: int
+    threads: int
+
+
+class EventWriter:
+    """Buffers step events and writes them with the job's progress in one transaction per flush."""
+
+    def __init__(self, store: JobStore, job_id: str, interval: float = FLUSH_INTERVAL_SECONDS) -> None:
+        self.store, self.job_id, self.interval = store, job_id, interval
+        self._buffer: list[NewEvent] = []
+        self._step: int | None = None
+        self._last = 0.0
+
+    def add(self, event: NewEvent, step: int | None = None, urgent: bool = False) -> None:
+        self._buffer.append(event)
+        if step is not None:
+            self._step = step
+        if urgent or time.monotonic() - self._last >= self.interval:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buffer or self._step is not None:
+            self.store.append_events(self.job_id, self._buffer, self._step)
+        self._buffer, self._step, self._last = [], None, time.monotonic()
+
+
+def _eval_event(summary: EvalSummary, message: str) -> NewEvent:
+    payload = {"step": summary.step, "loss": summary.loss, "exact_match": summary.exact_match}
+    return NewEvent("eval", {**payload, "examples": summary.examples}, message)
+
+
+def run_job(store: JobStore, settings: WorkerSettings) -> int:
+    job_id = settings.job_id
+    job = store.get(job_id)
+    if job is None:
+        log.error("no such job %s", job_id)
+        return 2
+    if job.state == JobState.CANCELLING:
+        store.transition(job_id, [JobState.CANCELLING], JobState.CANCELLED, "cancelled before training started")
+        return 0
+    if job.state != JobState.RUNNING:
+        log.warning("job %s is %s, not RUNNING: nothing to do", job_id, job.state.value)
+        return 0
+    store.set_progress(job_id, worker_pid=os.getpid())
+    events = EventWriter(store, job_id)
+    try:
+        _train(store, job, settings, events)
+    except Terminated:
+        events.flush()
+        log.info("terminated; job %s stays RUNNING and resumes from its last checkpoint", job_id)
+        return EXIT_TERMINATED
+    except LayercardError as exc:
+        events.flush()
+        _fail(store, job_id, exc.reason, exc.message)
+    except Exception as exc:  # a bug or an environment problem: reported, never silent
+        log.exception("job %s failed", job_id)
+        events.flush()
+        _fail(store, job_id, "INTERNAL", f"{type(exc).__name__}: {exc}"[:2000])
+    return 0
+
+
+def _fail(store: JobStore, job_id: str, code: str, message: str) -> None:
+    active = [JobState.RUNNING, JobState.CANCELLING]
+    store.transition(job_id, active, JobState.FAILED, message, error_code=code, error_message=message)
+
+
+def _cancelled(store: JobStore, job_id: str, step: int) -> None:
+    store.transition(job_id, [JobState.CANCELLING], JobState.CANCELLED, f"cancelled at step {step}")
+
+
+def _train(store: JobStore, job: JobRecord, settings: WorkerSettings, events: EventWriter) -> None:
+    # Heavy imports here, after the cheap checks: a worker that has nothing to do exits fast.
+    import torch
+
+    from layercard_service.card.arch import detect_layout
+    from layercard_service.models.loading import load_model
+    from layercard_service.sources import resolve_dataset, resolve_model_path
+    from layercard_service.tune.artifact import stage_adapter
+    from layercard_service.tune.loop import LoopHooks, StepReport, TrainingLoop
+    from layercard_service.tune.trainer import LoraSettings, attach_lora
+
+    if settings.threads > 0:
+        torch.set_num_threads(settings.threads)
+    spec, job_id, placement = job.spec, job.job_id, job.spec.placement
+    artifacts = settings.data_dir / "artifacts"
+    data = resolve_dataset(spec.training_data, settings.dataset_roots, "training_data")
+    validation = data.validation
+    if spec.validation_data is not None:
+        validation = resolve_dataset(spec.validation_data, settings.dataset_roots, "validation_data").examples
+    model, tokenizer = load_model(resolve_model_path(spec.model, settings.model_roots))
+    modules = placement.target_modules or detect_layout(model).module_types
+    lora = LoraSettings(placement.rank, placement.alpha, placement.dropout, tuple(modules), placement.layers)
+    torch.manual_seed(spec.hyperparameters.seed)  # the adapter's initialisation is part of what the seed fixes
+    peft_model = attach_lora(model, lora)
+    loop = TrainingLoop(
+        peft_model, tokenizer, data.examples, validation, spec.hyperparameters, artifacts / "checkpoints" / job_id
+    )
+    resumed = loop.resume()
+    if resumed:
+        events.add(NewEvent("note", {}, f"resumed from the checkpoint at step {resumed}"), step=resumed, urgent=True)
+    base = loop.base_eval()
+    if base is not None and not resumed:
+        events.add(_eval_event(base, "base model, adapter off"), urgent=True)
+
+    def on_step(report: StepReport) -> None:
+        payload = {
+            "step": report.step,
+            "loss": report.loss,
+            "learning_rate": report.learning_rate,
+            "tokens_per_second": report.tokens_per_second,
+            "eta_seconds": report.eta_seconds,
+        }
+        events.add(NewEvent("step", payload), step=report.step, urgent=report.step == job.total_steps)
+
+    hooks = LoopHooks(
+        should_stop=lambda: store.state(job_id) != JobState.RUNNING,
+        on_step=on_step,
+        on_eval=lambda summary: events.add(_eval_event(summary, "validation"), urgent=True),
+        on_checkpoint=lambda step, path: events.add(
+            NewEvent("checkpoint", {"step": step, "path": str(path)}), urgent=True
+        ),
+    )
+    outcome = loop.run(job.total_steps, hooks)
+    if outcome.reason == "stopped":
+        events.flush()
+        _cancelled(store, job_id, loop.state.step)
+        return
+    final = loop.final_eval(hooks)
+    events.flush()
+    seconds = loop.state.train_seconds
+    result_base = {
+        "final_eval": final,
+        "base_eval": base,
+        "measured_step_seconds": outcome.measured_step_seconds,
+        "predicted_step_seconds": placement.predicted_step_seconds,
+        "measured_peak_memory_bytes": loop.measured_peak_memory_bytes,
+        "predicted_peak_memory_bytes": placement.predicted_peak_memory_bytes,
+        "training_seconds": seconds,
+        "tokens_per_second": loop.state.tokens / seconds if seconds > 0 else 0.0,
+    }
+    staged = stage_adapter(peft_model, artifacts, spec.adapter_id, job_id, settings.max_lora_rank)
+
+    def publish(db) -> JobResult:
+        metadata = {
+            "model": spec.model,
+            "placement": {**spec.to_dict()["placement"], "target_modules": list(modules)},
+            "hyperparameters": spec.to_dict()["hyperparameters"],
+            "steps": loop.state.step,
+            "stopped_early": outcome.reason == "early_stopped",
+            "cost": {k: v for k, v in result_base.items() if not k.endswith("_eval")},
+            "final_eval": final.__dict__ if final else None,
+            "base_eval": base.__dict__ if base else None,
+        }
+        version = staged.publish(db, metadata)
+        return JobResult(adapter_version=f"adapters/{spec.adapter_id}/versions/{version.version}", **result_base)
+
+    message = "early stopping: no improvement" if outcome.reason == "early_stopped" else "training finished"
+    if not store.transition(job_id, [JobState.RUNNING], JobState.SUCCEEDED, message, result=publish):
+        staged.discard()  # cancelled during the final evaluation: honour the cancel, publish nothing
+        _cancelled(store, job_id, loop.state.step)
+        return
+    shutil.rmtree(loop.checkpoint_root, ignore_errors=True)  # the published adapter supersedes them
+
+
+def _paths(raw: str) -> tuple[Path, ...]:
+    return tuple(Path(p) for p in raw.split(",") if p)
+
+
+def parse_args(argv: list[str] | None = None) -> WorkerSettings:
+    parser = argparse.ArgumentParser(prog="layercard-tune-worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--job-id", required=True)
+    parser.add_argument("--model-roots", type=_paths, default=())
+    parser.add_argument("--dataset-roots", type=_paths, default=())
+    parser.add_argument("--max-lora-rank", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
+    return parser.parse_args(argv, namespace=WorkerSettings())
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, terminate)
+    store = JobStore(settings.data_dir / "state.db")
+    try:
+        return run_job(store, settings)
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

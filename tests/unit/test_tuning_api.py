@@ -1,0 +1,140 @@
+"""The tuning servicer's conversions, with a real job store and fakes at two seams: the planner and the runner."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from layercard.v1 import common_pb2, placement_pb2, tuning_pb2
+from layercard_service.api.tuning import TuningServicer, event_to_proto, job_to_proto
+from layercard_service.errors import FailedPrecondition
+from layercard_service.plan.types import Estimate, Plan
+from layercard_service.tune.job_store import JobStore
+from layercard_service.tune.jobs import EvalSummary, JobEvent, JobResult, JobState
+from layercard_service.tune.runner import JobRunner
+from layercard_service.tune.service import TuningService
+
+
+class FakeRunner(JobRunner):
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+
+    def start(self) -> None: ...
+
+    def submit(self, job_id: str) -> None:
+        self.submitted.append(job_id)
+
+    def cancel(self, job_id: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class FakePlanner:
+    def __init__(self, error: Exception | None = None) -> None:
+        self.calls: list[tuple[str, object]] = []
+        self.error = error
+
+    def plan(self, card_name, request) -> Plan:
+        self.calls.append((card_name, request))
+        if self.error is not None:
+            raise self.error
+
+        def e(value: float, unit: str) -> Estimate:
+            return Estimate(value, unit, f"test basis for {unit}")
+
+        return Plan(
+            layers=(3, 6),
+            rank=4,
+            alpha=8.0,
+            target_modules=("q_proj", "v_proj"),
+            objective="accuracy",
+            predicted_gain=e(0.4, "fraction"),
+            predicted_gain_share=0.8,
+            step_seconds=e(0.05, "s"),
+            step_fraction_of_full=e(0.5, "fraction"),
+            peak_memory_bytes=e(1.5e6, "bytes"),
+            adapter_parameters=e(4096, "params"),
+            adapter_bytes=e(16384, "bytes"),
+            serving_overhead_ms_per_token=None,
+            serving_overhead_fraction=None,
+            steps=120,
+            binding_limits=("max_training_time",),
+            rationale="because",
+            layer_card=card_name,
+        )
+
+
+@pytest.fixture
+def parts(tmp_path):
+    store = JobStore(tmp_path / "state.db")
+    runner = FakeRunner()
+    yield store, runner, TuningService(store, runner, (), (), max_lora_rank=16)
+    store.close()
+
+
+def _card_budget_request(**hp) -> tuning_pb2.CreateTuningJobRequest:
+    return tuning_pb2.CreateTuningJobRequest(
+        model="builtin:tiny",
+        training_data=common_pb2.DatasetSource(builtin="builtin:cipher"),
+        card_budget=tuning_pb2.CardBudget(
+            layer_card="layerCards/abc",
+            objective=placement_pb2.OBJECTIVE_ACCURACY,
+            budget=placement_pb2.Budget(max_step_fraction_of_full=0.5),
+        ),
+        hyperparameters=tuning_pb2.Hyperparameters(**hp),
+        adapter_id="planned",
+    )
+
+
+def test_card_budget_is_planned_and_the_predictions_are_kept(parts):
+    _, runner, service = parts
+    planner = FakePlanner()
+    job = asyncio.run(TuningServicer(service, planner).CreateTuningJob(_card_budget_request(), None))
+    card_name, plan_request = planner.calls[0]
+    assert card_name == "layerCards/abc" and plan_request.steps == 200
+    assert plan_request.budget.max_step_fraction_of_full == 0.5
+    assert list(job.placement.layers) == [3, 6] and job.placement.lora.rank == 4
+    assert job.placement.step_seconds.value == 0.05 and job.placement.step_seconds.basis == "test basis for s"
+    assert job.placement.rationale == "because" and job.placement.layer_card == "layerCards/abc"
+    assert job.total_steps == 120  # the plan chose the steps that fit its training-time budget
+    assert runner.submitted == [job.name.split("/")[1]]
+
+    with_steps = asyncio.run(TuningServicer(service, planner).CreateTuningJob(_card_budget_request(steps=30), None))
+    assert planner.calls[1][1].steps == 30 and with_steps.total_steps == 30
+
+
+def test_planner_errors_reach_the_caller(parts):
+    *_, service = parts
+    planner = FakePlanner(FailedPrecondition("infeasible", reason="BUDGET_INFEASIBLE"))
+    with pytest.raises(FailedPrecondition):
+        asyncio.run(TuningServicer(service, planner).CreateTuningJob(_card_budget_request(), None))
+
+
+def test_job_and_events_to_proto(parts):
+    store, *_ = parts
+    servicer_job = asyncio.run(
+        TuningServicer(parts[2], FakePlanner()).CreateTuningJob(_card_budget_request(epochs=0.5, batch_size=8), None)
+    )
+    assert servicer_job.hyperparameters.epochs == 0.5 and servicer_job.total_steps == 125  # ceil(0.5 * 2000 / 8)
+    job_id = servicer_job.name.split("/")[1]
+    store.transition(job_id, [JobState.QUEUED], JobState.RUNNING)
+    result = JobResult(
+        "adapters/planned/versions/1", EvalSummary(125, 1.5, 0.25, 32), None, 0.06, 0.05, 10, 15, 7.5, 2e3
+    )
+    store.transition(job_id, [JobState.RUNNING], JobState.SUCCEEDED, "done", result=result)
+    message = job_to_proto(store.get(job_id))
+    assert message.state == tuning_pb2.TUNING_JOB_STATE_SUCCEEDED and message.end_time.seconds > 0
+    assert message.result.final_eval.exact_match == 0.25 and not message.result.HasField("base_eval")
+    assert message.result.training_duration.ToMilliseconds() == 7500
+
+    def event(kind: str, payload: dict) -> tuning_pb2.TuningJobEvent:
+        return event_to_proto(JobEvent(job_id, 7, 1.5, kind, payload, "m"))
+
+    assert event("state", {"state": "CANCELLING"}).state_change == tuning_pb2.TUNING_JOB_STATE_CANCELLING
+    step = event("step", {"step": 3, "loss": 2.0, "learning_rate": 0.1, "tokens_per_second": 9.0, "eta_seconds": 1.5})
+    assert step.step.step == 3 and step.step.eta.ToMilliseconds() == 1500 and step.sequence == 7
+    assert event("eval", {"step": 0, "loss": 3.0, "exact_match": 0.0, "examples": 4}).eval.examples == 4
+    assert event("checkpoint", {"step": 5, "path": "/x"}).checkpoint.path == "/x"
+    note = event("note", {})
+    assert note.WhichOneof("event") is None and note.message == "m"

@@ -1,0 +1,90 @@
+"""The worker's exit paths, run in-process on a real job store: each ends the job with a stable code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from layercard_service.sources import DatasetRequest
+from layercard_service.tune import worker
+from layercard_service.tune.job_store import JobStore
+from layercard_service.tune.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
+from layercard_service.tune.loop import TrainingLoop
+
+TRAIN = "".join(json.dumps({"prompt": f"say {i}", "completion": f" {i}"}) + "\n" for i in range(16)).encode()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """As the service's workers on a busy machine: oversubscribed torch threads stall every step."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _spec(**placement) -> JobSpec:
+    return JobSpec(
+        model="builtin:tiny",
+        training_data=DatasetRequest(inline_jsonl=TRAIN),
+        validation_data=None,
+        placement=PlacementSpec(**{"layers": (7,), "rank": 4, "alpha": 8.0, **placement}),
+        hyperparameters=Hyperparameters(steps=2, batch_size=8, max_seq_len=32, checkpoint_interval=1),
+        adapter_id="bot",
+    )
+
+
+@pytest.fixture
+def run(tmp_path):
+    store = JobStore(tmp_path / "state.db")
+
+    def run_job(spec: JobSpec, state: JobState = JobState.RUNNING, max_lora_rank: int = 16):
+        store.create("job-a", None, spec, spec.hyperparameters.steps)
+        store.transition("job-a", [JobState.QUEUED], JobState.RUNNING)
+        if state == JobState.CANCELLING:
+            store.transition("job-a", [JobState.RUNNING], JobState.CANCELLING)
+        settings = worker.parse_args(["--data-dir", str(tmp_path), "--job-id", "job-a"])
+        settings.max_lora_rank = max_lora_rank
+        assert worker.run_job(store, settings) == 0
+        return store.get("job-a")
+
+    yield run_job
+    store.close()
+
+
+def test_success_publishes_a_version_and_drops_the_checkpoints(run, tmp_path):
+    job = run(_spec())
+    assert job.state == JobState.SUCCEEDED and job.result.adapter_version == "adapters/bot/versions/1"
+    assert job.result.final_eval is None  # no validation data: no evaluation, and no error either
+    assert (tmp_path / "artifacts" / "adapters" / "bot" / "1" / "adapter_config.json").is_file()
+    assert not (tmp_path / "artifacts" / "checkpoints" / "job-a").exists()
+
+
+def test_cancel_before_training_started(run):
+    job = run(_spec(), state=JobState.CANCELLING)
+    assert job.state == JobState.CANCELLED
+
+
+def test_a_known_problem_fails_with_its_reason(run):
+    job = run(_spec(layers=(20,)))  # e.g. the model directory changed after the job was accepted
+    assert job.state == JobState.FAILED and job.error_code == "INVALID_ARGUMENT"
+    assert "the model has 8 layers" in job.error_message
+
+
+def test_an_adapter_vllm_cannot_load_is_not_published(run, tmp_path):
+    job = run(_spec(rank=32), max_lora_rank=16)
+    assert job.state == JobState.FAILED and job.error_code == "ADAPTER_INCOMPATIBLE"
+    assert "rank 32" in job.error_message
+    assert list((tmp_path / "artifacts" / "adapters" / "bot").iterdir()) == []
+
+
+def test_an_unexpected_error_fails_with_internal(run, monkeypatch):
+    def boom(self, total_steps, hooks=None):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(TrainingLoop, "run", boom)
+    job = run(_spec())
+    assert job.state == JobState.FAILED and job.error_code == "INTERNAL"
+    assert job.error_message == "RuntimeError: boom"
