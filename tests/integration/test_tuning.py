@@ -174,10 +174,17 @@ def test_cancel_running_and_queued_jobs_and_a_dataset_that_breaks_while_queued(t
     reply = stub.CancelTuningJob(tuning_pb2.CancelTuningJobRequest(name=running.name), timeout=10)
     assert reply.state in (S.TUNING_JOB_STATE_CANCELLING, S.TUNING_JOB_STATE_CANCELLED)
     events = _watch(stub, running.name)
-    assert time.monotonic() - asked < 30
+    assert time.monotonic() - asked < 120  # generous: a loaded CI machine; the bound that matters is below
     assert _states(events)[-2:] == [S.TUNING_JOB_STATE_CANCELLING, S.TUNING_JOB_STATE_CANCELLED]
-    steps_after_cancel = max(_steps(events)) - max(_steps(seen))
-    assert steps_after_cancel <= 5  # stopped within a step (plus the steps run while the cancel travelled)
+    assert max(_steps(events)) > max(_steps(seen)) >= 3
+    # Stopped within a step: the worker polls the state before every step, so at most the step in flight
+    # when CANCELLING was written completes after it (event times are stamped when the step ends).
+    asked_at = next(
+        e.time.ToNanoseconds()
+        for e in events
+        if e.WhichOneof("event") == "state_change" and e.state_change == S.TUNING_JOB_STATE_CANCELLING
+    )
+    assert sum(1 for e in events if e.WhichOneof("event") == "step" and e.time.ToNanoseconds() > asked_at) <= 1
     ended = stub.CancelTuningJob(tuning_pb2.CancelTuningJobRequest(name=running.name), timeout=10)
     assert ended.state == S.TUNING_JOB_STATE_CANCELLED and ended.end_time.seconds > 0
 

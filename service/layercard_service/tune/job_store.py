@@ -69,6 +69,7 @@ class NewEvent:
     kind: str  # state | step | eval | checkpoint | note (a message alone)
     payload: dict[str, Any]
     message: str = ""
+    time: float | None = None  # when it happened; None: when it is written (the worker buffers step events)
 
 
 @dataclass(frozen=True)
@@ -279,7 +280,7 @@ def _append(db: sqlite3.Connection, job_id: str, events: Sequence[NewEvent], now
         sequence += 1
         db.execute(
             "INSERT INTO tuning_job_events VALUES (?, ?, ?, ?, ?, ?)",
-            (job_id, sequence, now, event.kind, json.dumps(event.payload), event.message),
+            (job_id, sequence, event.time or now, event.kind, json.dumps(event.payload), event.message),
         )
 
 

@@ -156,7 +156,8 @@ def _train(store: JobStore, job: JobRecord, settings: WorkerSettings, events: Ev
             "tokens_per_second": report.tokens_per_second,
             "eta_seconds": report.eta_seconds,
         }
-        events.add(NewEvent("step", payload), step=report.step, urgent=report.step == job.total_steps)
+        step_event = NewEvent("step", payload, time=time.time())  # stamped now: the writer buffers it
+        events.add(step_event, step=report.step, urgent=report.step == job.total_steps)
 
     hooks = LoopHooks(
         should_stop=lambda: store.state(job_id) != JobState.RUNNING,
