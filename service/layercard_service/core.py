@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from layercard_service.card.service import CardService
 from layercard_service.config import ServiceConfig
 from layercard_service.plan.planner import PlacementPlanner
+from layercard_service.serve.inference import InferenceProxy
+from layercard_service.serve.vllm_api import HttpVllmApi
 from layercard_service.store import Store
 from layercard_service.tune.job_store import JobStore
 from layercard_service.tune.runner import LocalProcessRunner, worker_command
@@ -22,6 +24,7 @@ class Core:
     cards: CardService
     tuning: TuningService
     planner: PlacementPlanner
+    inference: InferenceProxy
 
     @classmethod
     def from_config(cls, config: ServiceConfig) -> Core:
@@ -33,7 +36,13 @@ class Core:
             max_concurrent=config.max_concurrent_cards,
             queue_size=config.card_queue_size,
         )
-        return cls(store=store, cards=cards, tuning=_tuning(config), planner=PlacementPlanner(cards))
+        return cls(
+            store=store,
+            cards=cards,
+            tuning=_tuning(config),
+            planner=PlacementPlanner(cards),
+            inference=InferenceProxy([HttpVllmApi(url) for url in config.vllm_urls]),
+        )
 
     def start(self) -> None:
         """Starts background work: the tuning runner recovers jobs left by the previous process."""

@@ -77,7 +77,7 @@ class Servicers:
             placement=self.placement or PlacementServicer(core.planner),
             tuning=self.tuning or TuningServicer(core.tuning, planner=core.planner),
             adapter=self.adapter or AdapterServicer(),
-            inference=self.inference or InferenceServicer(),
+            inference=self.inference or InferenceServicer(core.inference),
         )
 
     def add_to(self, server: grpc.aio.Server) -> None:
@@ -161,6 +161,7 @@ class LayercardServer:
         await self._server.stop(grace)
         if self._metrics is not None:
             self._metrics.stop()
+        await self.core.inference.close()  # HTTP connections to vLLM belong to this event loop
         await asyncio.to_thread(self.core.close)  # waits for tuning workers to exit (SIGTERM, then SIGKILL)
         log.info("stopped")
 

@@ -33,6 +33,7 @@ from layercard_client import (
     IDEMPOTENT_METHODS,
     AsyncLayercardClient,
     ClientSettings,
+    FailedPrecondition,
     LayercardClient,
     NotFound,
     RetryPolicy,
@@ -142,25 +143,26 @@ def test_unbuilt_rpc_raises_unimplemented_with_server_details(server):
     assert isinstance(err.__cause__, grpc.RpcError)  # raised `from` the transport error
 
 
-def test_unbuilt_stream_raises_unimplemented_while_iterating(server):
-    with LayercardClient(server.address) as client, pytest.raises(Unimplemented) as caught:
+def test_a_stream_error_is_raised_typed_while_iterating(server):
+    # The test server has no vLLM: GenerateStream fails once iterated, with the server's details.
+    with LayercardClient(server.address) as client, pytest.raises(FailedPrecondition) as caught:
         list(client.generate_stream(prompt="hello"))
-    assert "GenerateStream" in caught.value.message
+    assert caught.value.reason == "NO_VLLM_SERVERS" and "--vllm-urls" in caught.value.message
 
 
-def test_unbuilt_rpc_async(server):
-    async def calls() -> tuple[Unimplemented, Unimplemented]:
+def test_errors_async(server):
+    async def calls() -> tuple[Unimplemented, FailedPrecondition]:
         async with AsyncLayercardClient(server.address) as client:
             with pytest.raises(Unimplemented) as unary:
                 await client.list_adapters()
-            with pytest.raises(Unimplemented) as stream:
+            with pytest.raises(FailedPrecondition) as stream:
                 async for _ in client.generate_stream(prompt="hello"):
                     pass
             return unary.value, stream.value
 
     unary, stream = asyncio.run(calls())
-    assert unary.reason == stream.reason == "NOT_IMPLEMENTED_YET"
-    assert "ListAdapters" in unary.message and "GenerateStream" in stream.message
+    assert unary.reason == "NOT_IMPLEMENTED_YET" and "ListAdapters" in unary.message
+    assert stream.reason == "NO_VLLM_SERVERS"
 
 
 # auth

@@ -2,18 +2,68 @@
 
 from __future__ import annotations
 
-from layercard.v1 import inference_pb2_grpc
-from layercard_service.api.pending import not_built
+import asyncio
 
-__all__ = ["InferenceServicer"]
+from layercard.v1 import inference_pb2, inference_pb2_grpc
+from layercard_service.errors import DeadlineExceeded
+from layercard_service.serve.inference import InferenceProxy
+from layercard_service.serve.vllm_api import Sampling
 
-_CAPABILITY = "the inference proxy to vLLM"
+__all__ = ["InferenceServicer", "sampling_from_proto"]
+
+
+def sampling_from_proto(message: inference_pb2.SamplingParams) -> Sampling:
+    return Sampling(
+        max_tokens=message.max_tokens or 64,
+        temperature=message.temperature,
+        top_p=message.top_p or 1.0,
+        top_k=message.top_k,
+        seed=message.seed if message.HasField("seed") else None,
+        stop=tuple(message.stop),
+    )
+
+
+def _deadline(context) -> float | None:
+    remaining = context.time_remaining() if context is not None else None
+    return remaining if remaining is not None and remaining < 1e6 else None
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    async def Generate(self, request, context):
-        raise not_built("Generate", _CAPABILITY)
+    def __init__(self, proxy: InferenceProxy) -> None:
+        self.proxy = proxy
 
-    async def GenerateStream(self, request, context):
-        raise not_built("GenerateStream", _CAPABILITY)
-        yield  # pragma: no cover
+    async def Generate(self, request: inference_pb2.GenerateRequest, context) -> inference_pb2.GenerateResponse:
+        sampling = sampling_from_proto(request.sampling)
+        try:
+            # The caller's deadline reaches vLLM: past it the HTTP request is closed, which aborts it there.
+            async with asyncio.timeout(_deadline(context)):
+                result = await self.proxy.generate(request.prompt, request.adapter, sampling)
+        except TimeoutError as exc:
+            raise DeadlineExceeded("the deadline passed before vLLM answered", reason="DEADLINE_EXCEEDED") from exc
+        c = result.completion
+        return inference_pb2.GenerateResponse(
+            text=c.text,
+            finish_reason=c.finish_reason,
+            usage=inference_pb2.Usage(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens),
+            replica=result.replica,
+            served_model=result.served_model,
+            time_to_first_token_ms=c.first_token_seconds * 1000.0,
+            latency_ms=c.latency_seconds * 1000.0,
+        )
+
+    async def GenerateStream(self, request: inference_pb2.GenerateStreamRequest, context):
+        sampling = sampling_from_proto(request.sampling)
+        # A cancelled call cancels this coroutine, which closes the upstream HTTP stream: vLLM stops generating.
+        async for chunk, replica, served in self.proxy.stream(request.prompt, request.adapter, sampling):
+            usage = None
+            if chunk.completion_tokens or chunk.prompt_tokens:
+                usage = inference_pb2.Usage(
+                    prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens
+                )
+            yield inference_pb2.GenerateStreamResponse(
+                text=chunk.text,
+                finish_reason=chunk.finish_reason,
+                usage=usage,
+                replica=replica,
+                served_model=served,
+            )

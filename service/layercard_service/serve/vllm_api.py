@@ -1,0 +1,239 @@
+"""The seam to one vLLM server: its admin routes (models, runtime LoRA load/unload) and its completions API.
+
+``VllmApi`` is the small interface the fleet and the inference proxy use; ``HttpVllmApi`` is the real one over
+vLLM's OpenAI-compatible HTTP server. Connection failures of idempotent calls (listing models) are retried a
+few times; completions and load/unload are not (a retried completion would run twice). Every failure becomes
+one of the service's errors: a server that cannot be reached is UNAVAILABLE with a retry hint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import httpx
+
+from layercard_service.errors import FailedPrecondition, InvalidArgument, LayercardError, NotFound, Unavailable
+
+__all__ = ["Completion", "CompletionChunk", "HttpVllmApi", "Sampling", "ServedModel", "VllmApi"]
+
+RUNTIME_LORA_FLAG = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("sampling.max_tokens", 1 <= self.max_tokens <= 32_768, "must be in 1..32768"),
+            ("sampling.temperature", 0.0 <= self.temperature <= 10.0, "must be in 0..10"),
+            ("sampling.top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
+            ("sampling.top_k", self.top_k >= 0, "must be >= 0 (0 disables it)"),
+            ("sampling.stop", len(self.stop) <= 8 and all(self.stop), "at most 8 non-empty strings"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise InvalidArgument.field(name, f"{rule}, got {getattr(self, name.split('.')[1])!r}")
+
+    def body(self) -> dict:
+        body: dict = {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p}
+        if self.top_k:
+            body["top_k"] = self.top_k
+        if self.seed is not None:
+            body["seed"] = self.seed
+        if self.stop:
+            body["stop"] = list(self.stop)
+        return body
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    parent: str | None  # the base model's name for a LoRA adapter; None for the base model
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    first_token_seconds: float
+    latency_seconds: float
+
+
+@dataclass(frozen=True)
+class CompletionChunk:
+    text: str
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class VllmApi(ABC):
+    """One vLLM server. ``url`` names it in errors and responses."""
+
+    url: str
+
+    @abstractmethod
+    async def models(self) -> list[ServedModel]: ...
+
+    @abstractmethod
+    async def complete(self, model: str, prompt: str, sampling: Sampling) -> Completion: ...
+
+    @abstractmethod
+    def stream(self, model: str, prompt: str, sampling: Sampling) -> AsyncIterator[CompletionChunk]: ...
+
+    @abstractmethod
+    async def load_adapter(self, name: str, path: str) -> None: ...
+
+    @abstractmethod
+    async def unload_adapter(self, name: str) -> None: ...
+
+    async def close(self) -> None:  # optional: only implementations holding resources override it
+        return None
+
+
+def _unavailable(url: str, exc: Exception) -> Unavailable:
+    return Unavailable(
+        f"vLLM server {url} cannot be reached: {type(exc).__name__}",
+        reason="VLLM_UNAVAILABLE",
+        metadata={"replica": url},
+        retry_after=2.0,
+    )
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        payload = response.json()
+    except ValueError:
+        return response.text[:500]
+    if isinstance(payload, dict):
+        error = payload.get("error", payload)
+        if isinstance(error, dict):
+            return str(error.get("message", error))[:500]
+        return str(error)[:500]
+    return str(payload)[:500]
+
+
+def _raise_for(url: str, response: httpx.Response, model: str = "") -> None:
+    if response.status_code < 400:
+        return
+    message = _error_message(response)
+    metadata = {"replica": url, "status": str(response.status_code)}
+    if response.status_code == 404 and model and model in message:
+        raise NotFound(f"vLLM server {url} does not serve {model!r}", reason="MODEL_NOT_SERVED", metadata=metadata)
+    if response.status_code == 400:
+        raise InvalidArgument(f"vLLM server {url} refused the request: {message}", metadata=metadata)
+    if response.status_code >= 500:
+        raise Unavailable(
+            f"vLLM server {url} failed: {message}", reason="VLLM_ERROR", metadata=metadata, retry_after=2.0
+        )
+    raise LayercardError(f"vLLM server {url} answered {response.status_code}: {message}", metadata=metadata)
+
+
+class HttpVllmApi(VllmApi):
+    def __init__(self, url: str, timeout_seconds: float = 30.0, retries: int = 2) -> None:
+        self.url = url.rstrip("/")
+        self.retries = retries
+        self._client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(timeout_seconds, connect=5.0))
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def models(self) -> list[ServedModel]:
+        for attempt in range(self.retries + 1):  # idempotent: safe to retry a failed connection
+            try:
+                response = await self._client.get("/v1/models")
+                break
+            except httpx.TransportError as exc:
+                if attempt == self.retries:
+                    raise _unavailable(self.url, exc) from exc
+                await asyncio.sleep(0.2 * 2**attempt)
+        _raise_for(self.url, response)
+        return [ServedModel(m["id"], m.get("parent"), m.get("root", "")) for m in response.json().get("data", [])]
+
+    async def complete(self, model: str, prompt: str, sampling: Sampling) -> Completion:
+        started = time.perf_counter()
+        first = None
+        chunks: list[str] = []
+        last = CompletionChunk("")
+        async for chunk in self.stream(model, prompt, sampling):
+            if first is None and chunk.text:
+                first = time.perf_counter() - started
+            chunks.append(chunk.text)
+            if chunk.finish_reason or chunk.completion_tokens:
+                last = chunk
+        latency = time.perf_counter() - started
+        return Completion(
+            text="".join(chunks),
+            finish_reason=last.finish_reason,
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            first_token_seconds=first if first is not None else latency,
+            latency_seconds=latency,
+        )
+
+    async def stream(self, model: str, prompt: str, sampling: Sampling) -> AsyncIterator[CompletionChunk]:
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **sampling.body(),
+        }
+        try:
+            async with self._client.stream("POST", "/v1/completions", json=body) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    _raise_for(self.url, response, model)
+                finish = ""
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[len("data:") :].strip()
+                    if data == "[DONE]":
+                        break
+                    event = json.loads(data)
+                    usage = event.get("usage") or {}
+                    for choice in event.get("choices") or []:
+                        finish = choice.get("finish_reason") or finish
+                        if choice.get("text"):
+                            yield CompletionChunk(choice["text"])
+                    if usage:
+                        yield CompletionChunk(
+                            "", finish, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+                        )
+        except httpx.TransportError as exc:  # closing the iterator early closes the HTTP stream: vLLM aborts it
+            raise _unavailable(self.url, exc) from exc
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        await self._admin("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+
+    async def unload_adapter(self, name: str) -> None:
+        await self._admin("/v1/unload_lora_adapter", {"lora_name": name})
+
+    async def _admin(self, route: str, body: dict) -> None:
+        try:
+            response = await self._client.post(route, json=body)
+        except httpx.TransportError as exc:
+            raise _unavailable(self.url, exc) from exc
+        if response.status_code == 404 and "lora" not in _error_message(response).lower():
+            raise FailedPrecondition(
+                f"vLLM server {self.url} has runtime LoRA updating disabled; start it with {RUNTIME_LORA_FLAG}=True",
+                reason="RUNTIME_LORA_DISABLED",
+                metadata={"replica": self.url, "setting": RUNTIME_LORA_FLAG},
+            )
+        _raise_for(self.url, response, body.get("lora_name", ""))
