@@ -112,8 +112,13 @@ def _banner(address: str, metrics_port: int | None, vllm_url: str | None) -> str
         f"  {cli} health",
         f"  {cli} card compute --model builtin:tiny --dataset builtin:cipher --probe-size 64",
         f"  {cli} card list",
-        "",
+        f"  {cli} plan layerCards/ID --max-step-fraction 0.6",
+        f"  {cli} jobs create --model builtin:tiny --dataset builtin:cipher --adapter-id cipher "
+        "--layers 4,5,6,7 --steps 300 --watch",
     ]
+    if vllm_url:
+        lines.append(f'  {cli} generate "The module" --stream')
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -218,9 +218,15 @@ def job_table(job: tuning_pb2.TuningJob) -> Table:
             "eval",
             f"loss {r.base_eval.loss:.4f} -> {r.final_eval.loss:.4f}, exact match {r.final_eval.exact_match:.1%}",
         )
-        table.add_row(
-            "step time", f"measured {r.measured_step_seconds:.4f} s, predicted {r.predicted_step_seconds:.4f} s"
+        predicted = (
+            f"predicted {r.predicted_step_seconds:.4f} s" if r.predicted_step_seconds else "no prediction (no card)"
         )
+        table.add_row("step time", f"measured {r.measured_step_seconds:.4f} s, {predicted}")
+        if r.measured_peak_memory_bytes:
+            memory = f"measured {r.measured_peak_memory_bytes / 2**20:.1f} MiB"
+            if r.predicted_peak_memory_bytes:
+                memory += f", predicted {r.predicted_peak_memory_bytes / 2**20:.1f} MiB"
+            table.add_row("peak memory", memory)
     return table
 
 
