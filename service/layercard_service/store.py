@@ -11,12 +11,14 @@ import os
 import sqlite3
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from layercard_service.errors import InvalidArgument
 
-__all__ = ["Store", "CardRecord", "atomic_write"]
+__all__ = ["Store", "CardRecord", "atomic_write", "decode_page_token", "paginate"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS layer_cards (
@@ -134,3 +136,21 @@ def decode_page_token(token: str) -> int:
     if offset < 0:
         raise InvalidArgument.field("page_token", "malformed page token; pass next_page_token unchanged")
     return offset
+
+
+T = TypeVar("T")
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+
+def paginate(fetch: Callable[[int, int], list[T]], page_size: int, page_token: str) -> tuple[list[T], str]:
+    """One page of a List call: ``fetch(offset, limit)`` reads the records; returns them and the next token.
+
+    page_size 0 means the default, larger ones are capped; one record more than the page tells if there is more.
+    """
+    if page_size < 0:
+        raise InvalidArgument.field("page_size", f"must be >= 0, got {page_size}")
+    size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    offset = decode_page_token(page_token)
+    records = fetch(offset, size + 1)
+    return records[:size], str(offset + size) if len(records) > size else ""

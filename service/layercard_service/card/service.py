@@ -22,7 +22,7 @@ from layercard_service.card.types import CardSettings, LayerCardData
 from layercard_service.errors import InvalidArgument, NotFound, ResourceExhausted
 from layercard_service.models.loading import load_model
 from layercard_service.sources import DatasetRequest, resolve_dataset, resolve_model_path
-from layercard_service.store import CardRecord, Store, decode_page_token
+from layercard_service.store import CardRecord, Store, paginate
 
 __all__ = ["CardProgress", "StoredCard", "CardService"]
 
@@ -81,13 +81,10 @@ class CardService:
         return _stored(record, from_store=True)
 
     def list(self, model: str, page_size: int, page_token: str) -> tuple[list[StoredCard], str]:
-        if page_size < 0:
-            raise InvalidArgument.field("page_size", f"must be >= 0, got {page_size}")
-        size = min(page_size or 50, 1000)
-        offset = decode_page_token(page_token)
-        records = self.store.list_cards(model, offset, size + 1)
-        more = len(records) > size
-        return [_stored(r, from_store=True) for r in records[:size]], str(offset + size) if more else ""
+        records, token = paginate(
+            lambda offset, limit: self.store.list_cards(model, offset, limit), page_size, page_token
+        )
+        return [_stored(r, from_store=True) for r in records], token
 
     # --- computing --------------------------------------------------------------------------------------
     async def compute(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from layercard_service.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from layercard_service.sources import DatasetRequest, resolve_dataset, resolve_model_path
-from layercard_service.store import decode_page_token
+from layercard_service.store import paginate
 from layercard_service.tune.job_store import JobStore
 from layercard_service.tune.jobs import (
     SCHEDULES,
@@ -207,13 +207,7 @@ class TuningService:
         return record
 
     def list(self, page_size: int, page_token: str, states: Sequence[JobState]) -> tuple[list[JobRecord], str]:
-        if page_size < 0:
-            raise InvalidArgument.field("page_size", f"must be >= 0, got {page_size}")
-        size = min(page_size or 50, 1000)
-        offset = decode_page_token(page_token)
-        records = self.store.list(states, offset, size + 1)
-        more = len(records) > size
-        return records[:size], str(offset + size) if more else ""
+        return paginate(lambda offset, limit: self.store.list(states, offset, limit), page_size, page_token)
 
     # --- cancel -------------------------------------------------------------------------------------------
     def cancel(self, name: str) -> JobRecord:
