@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from support.server_thread import ServerThread
 
@@ -37,3 +38,36 @@ def test_unreachable_vllm_is_unavailable_with_a_retry_hint(tmp_path, stream):
     assert err.code() == grpc.StatusCode.UNAVAILABLE
     retry = [d for d in rpc_status.from_call(err).details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
     assert retry
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("prompt", "sampling", "field"),
+    [
+        ("", {}, "prompt"),
+        ("hi", {"temperature": -1.0}, "sampling.temperature"),
+        ("hi", {"top_p": 2.0}, "sampling.top_p"),
+        ("hi", {"max_tokens": -1}, "sampling.max_tokens"),
+        ("hi", {"stop": [""]}, "sampling.stop"),
+    ],
+)
+def test_bad_input_is_invalid_argument_before_any_vllm_call(tmp_path, stream, prompt, sampling, field):
+    config = ServiceConfig(port=0, log_format="text", data_dir=tmp_path)  # no vLLM: validation comes first
+    with ServerThread(config) as running, grpc.insecure_channel(running.address) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        params = inference_pb2.SamplingParams(**sampling)
+        with pytest.raises(grpc.RpcError) as err:
+            if stream:
+                list(
+                    stub.GenerateStream(inference_pb2.GenerateStreamRequest(prompt=prompt, sampling=params), timeout=30)
+                )
+            else:
+                stub.Generate(inference_pb2.GenerateRequest(prompt=prompt, sampling=params), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        bad = error_details_pb2.BadRequest()
+        next(d for d in rpc_status.from_call(err.value).details if d.Is(bad.DESCRIPTOR)).Unpack(bad)
+        assert [v.field for v in bad.field_violations] == [field]
+        health = grpc.insecure_channel(running.address)
+        status = health_pb2_grpc.HealthStub(health).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        health.close()
