@@ -32,8 +32,13 @@ proto-lint: $(STAMP)
 proto-breaking: $(STAMP)
 	$(BIN)/buf breaking --against $$(ls proto/releases/*.binpb | sort -V | tail -n 1)
 
+# ARGS passes flags through, e.g. `make run ARGS=--no-demo`.
 run: $(STAMP)
-	$(BIN)/python -m layercard_service.launch
+	$(BIN)/python -m layercard_service.launch $(ARGS)
+
+# The whole pipeline once more against a running `make run` (card, plan, tuning job, deploy, generate).
+demo: $(STAMP)
+	$(BIN)/layercard --address 127.0.0.1:50051 demo $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

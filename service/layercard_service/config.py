@@ -33,8 +33,19 @@ class ServiceConfig:
     # Models and datasets load only from under these roots (PERMISSION_DENIED otherwise); built-ins always load.
     model_roots: tuple[Path, ...] = ()
     dataset_roots: tuple[Path, ...] = ()
-    # vLLM servers of the fleet (base URLs, e.g. http://127.0.0.1:8000).
+    # vLLM servers of the fleet: base URLs (e.g. http://127.0.0.1:8000), and/or "host:port" of a DNS name that
+    # resolves to every server (a Kubernetes headless Service), re-resolved every reconcile round.
     vllm_urls: tuple[str, ...] = ()
+    vllm_dns: str = ""
+    # What the fleet's servers were started with (vLLM does not report it): the base model, as layercard names
+    # models, and --lora-target-modules (empty: every LoRA-capable module). Their --max-lora-rank is
+    # max_lora_rank below.
+    vllm_model: str = "builtin:tiny"
+    vllm_lora_target_modules: tuple[str, ...] = ()
+    # How often the fleet is made to match the desired deployments, and how long a version swap waits for the
+    # old version's requests in flight before unloading it.
+    reconcile_interval_seconds: float = 5.0
+    drain_timeout_seconds: float = 30.0
     # Optional bearer token: every RPC but health then needs metadata "authorization: Bearer <token>".
     auth_token: str | None = None
     auth_token_file: Path | None = None
@@ -82,6 +93,11 @@ class ServiceConfig:
             raise ConfigError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"log_format must be 'json' or 'text', got {self.log_format!r}")
+        host, _, port = self.vllm_dns.rpartition(":")
+        if self.vllm_dns and not (host.strip() and port.isdigit()):
+            raise ConfigError(f"vllm_dns must be host:port, got {self.vllm_dns!r}")
+        if self.reconcile_interval_seconds <= 0 or self.drain_timeout_seconds < 0:
+            raise ConfigError("reconcile_interval_seconds must be > 0 and drain_timeout_seconds >= 0")
         for url in self.vllm_urls:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"vllm_urls entries must be http(s) URLs, got {url!r}")

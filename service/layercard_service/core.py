@@ -8,8 +8,11 @@ from dataclasses import dataclass
 from layercard_service.card.service import CardService
 from layercard_service.config import ServiceConfig
 from layercard_service.plan.planner import PlacementPlanner
-from layercard_service.serve.inference import InferenceProxy
-from layercard_service.serve.vllm_api import HttpVllmApi
+from layercard_service.serve.adapters import AdapterManager, DeploySettings
+from layercard_service.serve.deploy_store import DeploymentStore
+from layercard_service.serve.fleet import Discovery, DnsDiscovery, Fleet, FleetSettings, StaticDiscovery, Union
+from layercard_service.serve.inference import InferenceProxy, Routes
+from layercard_service.serve.reconcile import Reconciler
 from layercard_service.store import Store
 from layercard_service.tune.job_store import JobStore
 from layercard_service.tune.runner import LocalProcessRunner, worker_command
@@ -25,6 +28,8 @@ class Core:
     tuning: TuningService
     planner: PlacementPlanner
     inference: InferenceProxy
+    adapters: AdapterManager
+    reconciler: Reconciler
 
     @classmethod
     def from_config(cls, config: ServiceConfig) -> Core:
@@ -36,21 +41,52 @@ class Core:
             max_concurrent=config.max_concurrent_cards,
             queue_size=config.card_queue_size,
         )
+        tuning = _tuning(config)
+        deployments = DeploymentStore(config.data_dir / "state.db")
+        fleet = Fleet(
+            _discovery(config),
+            FleetSettings(config.vllm_model, config.max_lora_rank, config.vllm_lora_target_modules),
+            initial=config.vllm_urls,
+        )
+        proxy = InferenceProxy(fleet.members, Routes())
+        adapters = AdapterManager(
+            fleet,
+            proxy,
+            tuning.store,
+            deployments,
+            DeploySettings(config.drain_timeout_seconds),
+        )
         return cls(
             store=store,
             cards=cards,
-            tuning=_tuning(config),
-            planner=PlacementPlanner(cards),
-            inference=InferenceProxy([HttpVllmApi(url) for url in config.vllm_urls]),
+            tuning=tuning,
+            planner=PlacementPlanner(cards, serving_calibration=deployments.calibration),
+            inference=proxy,
+            adapters=adapters,
+            reconciler=Reconciler(adapters, config.reconcile_interval_seconds),
         )
 
     def start(self) -> None:
         """Starts background work: the tuning runner recovers jobs left by the previous process."""
         self.tuning.start()
 
+    async def start_serving(self) -> None:
+        """Starts the fleet's reconcile loop (on the server's event loop)."""
+        self.reconciler.start()
+
+    async def stop_serving(self) -> None:
+        await self.reconciler.close()
+        await self.adapters.close()  # closes the fleet's HTTP connections too: they belong to this event loop
+
     def close(self) -> None:
         self.tuning.close()  # workers stop; their jobs stay RUNNING and resume at the next start
+        self.adapters.store.close()
         self.store.close()
+
+
+def _discovery(config: ServiceConfig) -> Discovery:
+    static = StaticDiscovery(config.vllm_urls)
+    return Union([static, DnsDiscovery(config.vllm_dns)]) if config.vllm_dns else static
 
 
 def _tuning(config: ServiceConfig) -> TuningService:

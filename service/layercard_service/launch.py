@@ -1,8 +1,9 @@
 """``make run``: the embedded default on one machine.
 
 Starts a real vLLM (CPU) server with the built-in model and LoRA enabled, supervises it (restarted with
-backoff if it dies), runs the layercard service on localhost pointed at it, prints how to call both, and
-stops everything cleanly on Ctrl-C or SIGTERM.
+backoff if it dies), runs the layercard service on localhost pointed at it, runs ``layercard demo`` once
+against both (card, plan, tuning job, hot-load, generate; ``--no-demo`` skips it), prints how to call them,
+and stops everything cleanly on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ __all__ = ["main"]
 
 log = logging.getLogger("layercard.launch")
 
+VLLM_MAX_LORA_RANK = 8
+
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="layercard-launch", description=__doc__)
@@ -33,6 +36,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vllm-port", type=int, default=8000, help="port of the local vLLM server")
     parser.add_argument("--data-dir", type=Path, default=Path(".layercard"), help="state and artifacts")
     parser.add_argument("--no-vllm", action="store_true", help="run the service alone")
+    parser.add_argument(
+        "--no-demo", action="store_true", help="do not run `layercard demo` once the service (and vLLM) are up"
+    )
     return parser.parse_args(argv)
 
 
@@ -64,7 +70,7 @@ async def _run(args: argparse.Namespace) -> None:
             served_model_name="builtin:tiny",
             port=args.vllm_port,
             max_loras=4,
-            max_lora_rank=8,
+            max_lora_rank=VLLM_MAX_LORA_RANK,
         )
         vllm = VllmProcess(settings)
         print(
@@ -79,18 +85,26 @@ async def _run(args: argparse.Namespace) -> None:
         metrics_port=args.metrics_port,
         data_dir=args.data_dir,
         vllm_urls=(vllm.url,) if vllm else (),
+        vllm_model="builtin:tiny",
+        max_lora_rank=VLLM_MAX_LORA_RANK,  # what the local vLLM accepts: jobs train within it, deploys check it
         log_format="text",
     )
     server = LayercardServer(config)
     await server.start()
     address = f"127.0.0.1:{server.port}"
-    print(_banner(address, server.metrics_port, vllm.url if vllm else None), flush=True)
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
     supervisor = asyncio.create_task(_supervise(vllm, stopping)) if vllm else None
+    if not args.no_demo:
+        try:
+            await _demo(address, skip_deploy=vllm is None, stopping=stopping)
+        except Exception:  # the demo shows the service; it must never take it down
+            log.exception("the demo could not run; the service keeps running")
+    if not stopping.is_set():
+        print(_banner(address, server.metrics_port, vllm.url if vllm else None), flush=True)
     await stopping.wait()
     print("stopping ...", flush=True)
     if supervisor:
@@ -98,6 +112,35 @@ async def _run(args: argparse.Namespace) -> None:
     await server.stop(grace=5)
     if vllm:
         await asyncio.to_thread(vllm.stop)
+
+
+def _demo_command(address: str, *, skip_deploy: bool) -> list[str]:
+    """``layercard --address ADDRESS demo``, run with this interpreter so it needs no console script on PATH."""
+    argv = [sys.executable, "-m", "layercard_client.cli", "--address", address, "demo"]
+    return [*argv, "--skip-deploy"] if skip_deploy else argv
+
+
+async def _demo(address: str, *, skip_deploy: bool, stopping: asyncio.Event) -> None:
+    """Runs the demo once in a subprocess, its output straight to this terminal; a failed demo is reported and
+    the service keeps running. Stopping (Ctrl-C, SIGTERM) stops the demo too."""
+    argv = _demo_command(address, skip_deploy=skip_deploy)
+    print(f"\nrunning the demo: layercard --address {address} {' '.join(argv[5:])}", flush=True)
+    process = await asyncio.create_subprocess_exec(*argv)
+    finished = asyncio.ensure_future(process.wait())
+    stop = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait({finished, stop}, return_when=asyncio.FIRST_COMPLETED)
+    stop.cancel()
+    if not finished.done():  # stopping: the terminal's Ctrl-C reached the demo too, SIGTERM may not have
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        await finished
+        return
+    if process.returncode != 0:
+        print(
+            f"\nthe demo failed (exit code {process.returncode}; `layercard --help` lists the codes); "
+            "the service keeps running",
+            flush=True,
+        )
 
 
 def _banner(address: str, metrics_port: int | None, vllm_url: str | None) -> str:
@@ -110,6 +153,7 @@ def _banner(address: str, metrics_port: int | None, vllm_url: str | None) -> str
     lines += [
         "try, in another shell:",
         f"  {cli} health",
+        f"  {cli} demo" + ("" if vllm_url else " --skip-deploy"),
         f"  {cli} card compute --model builtin:tiny --dataset builtin:cipher --probe-size 64",
         f"  {cli} card list",
         f"  {cli} plan layerCards/ID --max-step-fraction 0.6",

@@ -76,7 +76,7 @@ class Servicers:
             layer_card=self.layer_card or LayerCardServicer(core.cards),
             placement=self.placement or PlacementServicer(core.planner),
             tuning=self.tuning or TuningServicer(core.tuning, planner=core.planner),
-            adapter=self.adapter or AdapterServicer(),
+            adapter=self.adapter or AdapterServicer(core.adapters),
             inference=self.inference or InferenceServicer(core.inference),
         )
 
@@ -120,6 +120,7 @@ class LayercardServer:
         )
         self.servicers.add_to(self._server)
         await asyncio.to_thread(self.core.start)  # job recovery reads the database and may start workers
+        await self.core.start_serving()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         # Not serving until everything below is up; "" is the overall status.
         for name in ("", *SERVICE_NAMES):
@@ -161,7 +162,7 @@ class LayercardServer:
         await self._server.stop(grace)
         if self._metrics is not None:
             self._metrics.stop()
-        await self.core.inference.close()  # HTTP connections to vLLM belong to this event loop
+        await self.core.stop_serving()  # the reconcile loop and HTTP connections to vLLM belong to this loop
         await asyncio.to_thread(self.core.close)  # waits for tuning workers to exit (SIGTERM, then SIGKILL)
         log.info("stopped")
 

@@ -1,7 +1,8 @@
-"""One real vLLM server (CPU) with the built-in model, shared by the whole e2e session.
+"""Two real vLLM servers (CPU) with the built-in model, shared by the whole e2e session: a fleet of two.
 
-Starting vLLM costs about a minute and 3 GB, so there is exactly one. If it cannot start the fixture fails
-with vLLM's log tail: an e2e run never skips silently.
+Starting vLLM costs about a minute and 3 GB each, so there are exactly two, started side by side; most tests
+use the first alone (``vllm_server``), the fleet tests use both. If one cannot start the fixture fails with
+vLLM's log tail: an e2e run never skips silently.
 """
 
 from __future__ import annotations
@@ -15,20 +16,38 @@ from layercard_service.models.builtin import builtin_model_path
 from layercard_service.serve.vllm_process import VllmProcess, VllmServerSettings
 
 SERVED_NAME = "builtin-tiny"
+MAX_LORA_RANK = 8
 
 
 @pytest.fixture(scope="session")
-def vllm_server(tmp_path_factory: pytest.TempPathFactory):
+def vllm_pair(tmp_path_factory: pytest.TempPathFactory):
     log_dir = Path(os.environ.get("LAYERCARD_E2E_LOG_DIR") or tmp_path_factory.mktemp("vllm"))
-    settings = VllmServerSettings(
-        model=builtin_model_path("tiny"),
-        served_model_name=SERVED_NAME,
-        port=0,
-        max_loras=2,
-        max_lora_rank=8,
-        max_model_len=512,
-        log_path=log_dir / "vllm.log",
-        startup_timeout_s=float(os.environ.get("LAYERCARD_VLLM_START_TIMEOUT", "420")),
-    )
-    with VllmProcess(settings) as server:  # raises VllmStartupError/Timeout with the log tail
-        yield server
+    servers = [
+        VllmProcess(
+            VllmServerSettings(
+                model=builtin_model_path("tiny"),
+                served_model_name=SERVED_NAME,
+                port=0,
+                max_loras=4,
+                max_lora_rank=MAX_LORA_RANK,
+                max_model_len=512,
+                log_path=log_dir / f"vllm-{i}.log",
+                startup_timeout_s=float(os.environ.get("LAYERCARD_VLLM_START_TIMEOUT", "600")),
+            )
+        )
+        for i in range(2)
+    ]
+    try:
+        for server in servers:
+            server.start()
+        for server in servers:
+            server.wait_ready()  # raises VllmStartupError/Timeout with the log tail
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(vllm_pair):
+    return vllm_pair[0]

@@ -99,20 +99,20 @@ def test_health_of_unknown_service_is_not_found(server, capsys):
 # errors
 
 
-def test_unbuilt_rpc_json_exits_nonzero_with_error_on_stderr(server, capsys):
-    code, out, err = run(capsys, "--address", server.address, "--json", "adapters", "list")
-    assert code == 12  # UNIMPLEMENTED
+def test_error_json_exits_nonzero_with_error_on_stderr(server, capsys):
+    code, out, err = run(capsys, "--address", server.address, "--json", "adapters", "deploy", "nope")
+    assert code == 4  # NOT_FOUND
     assert out == ""
     error = json.loads(err)["error"]
-    assert error["code"] == "UNIMPLEMENTED"
-    assert error["reason"] == "NOT_IMPLEMENTED_YET"
-    assert "ListAdapters is part of the contract" in error["message"]
+    assert error["code"] == "NOT_FOUND"
+    assert error["reason"] == "ADAPTER_NOT_FOUND"
+    assert "adapters/nope" in error["message"]
 
 
-def test_unbuilt_rpc_readable_error(server, capsys):
-    code, out, err = run(capsys, "--address", server.address, "adapters", "list")
-    assert code == 12 and out == ""
-    assert "UNIMPLEMENTED" in err and "ListAdapters" in err and "NOT_IMPLEMENTED_YET" in err
+def test_error_readable(server, capsys):
+    code, out, err = run(capsys, "--address", server.address, "adapters", "undeploy", "nope")
+    assert code == 4 and out == ""
+    assert "NOT_FOUND" in err and "ADAPTER_NOT_FOUND" in err and "adapters/nope" in err
 
 
 def test_token_option_and_exit_code_of_unauthenticated(capsys):
@@ -187,10 +187,10 @@ def test_console_script_in_a_subprocess(server):
     assert done.returncode == 0, done.stderr
     assert "SERVING" in done.stdout
     done = subprocess.run(
-        [str(script), "--address", server.address, "--json", "adapters", "list"],
+        [str(script), "--address", server.address, "--json", "adapters", "deploy", "nope"],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert done.returncode == 12
-    assert json.loads(done.stderr)["error"]["code"] == "UNIMPLEMENTED"
+    assert done.returncode == 4
+    assert json.loads(done.stderr)["error"]["code"] == "NOT_FOUND"

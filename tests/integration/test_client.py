@@ -39,7 +39,6 @@ from layercard_client import (
     RetryPolicy,
     Unauthenticated,
     Unavailable,
-    Unimplemented,
 )
 from layercard_client.channel import service_config
 from layercard_service import errors as service_errors
@@ -130,16 +129,15 @@ def test_health_async(server):
 # errors
 
 
-def test_unbuilt_rpc_raises_unimplemented_with_server_details(server):
-    with LayercardClient(server.address) as client, pytest.raises(Unimplemented) as caught:
-        client.list_adapters()
+def test_error_raises_typed_with_server_details(server):
+    with LayercardClient(server.address) as client, pytest.raises(NotFound) as caught:
+        client.deploy_adapter("adapters/nope", version=2)
     err = caught.value
-    assert err.code == grpc.StatusCode.UNIMPLEMENTED
-    assert "ListAdapters is part of the contract but not built yet" in err.message
-    assert err.reason == "NOT_IMPLEMENTED_YET"
+    assert err.code == grpc.StatusCode.NOT_FOUND
+    assert "adapters/nope" in err.message and "does not exist" in err.message
+    assert err.reason == "ADAPTER_NOT_FOUND"
     assert err.domain == "layercard.dev"
-    assert err.metadata["method"] == "ListAdapters"
-    assert err.method == "/layercard.v1.AdapterService/ListAdapters"
+    assert err.method == "/layercard.v1.AdapterService/DeployAdapter"
     assert isinstance(err.__cause__, grpc.RpcError)  # raised `from` the transport error
 
 
@@ -151,17 +149,17 @@ def test_a_stream_error_is_raised_typed_while_iterating(server):
 
 
 def test_errors_async(server):
-    async def calls() -> tuple[Unimplemented, FailedPrecondition]:
+    async def calls() -> tuple[NotFound, FailedPrecondition]:
         async with AsyncLayercardClient(server.address) as client:
-            with pytest.raises(Unimplemented) as unary:
-                await client.list_adapters()
+            with pytest.raises(NotFound) as unary:
+                await client.undeploy_adapter("adapters/nope")
             with pytest.raises(FailedPrecondition) as stream:
                 async for _ in client.generate_stream(prompt="hello"):
                     pass
             return unary.value, stream.value
 
     unary, stream = asyncio.run(calls())
-    assert unary.reason == "NOT_IMPLEMENTED_YET" and "ListAdapters" in unary.message
+    assert unary.reason == "ADAPTER_NOT_FOUND" and "adapters/nope" in unary.message
     assert stream.reason == "NO_VLLM_SERVERS"
 
 
@@ -188,8 +186,7 @@ def test_health_needs_no_token(auth_server):
 def test_token_async(auth_server):
     async def calls() -> None:
         async with AsyncLayercardClient(auth_server.address, token=TOKEN) as client:
-            with pytest.raises(Unimplemented):
-                await client.list_adapters()
+            assert (await client.list_adapters()).adapters == []  # past the auth interceptor
         async with AsyncLayercardClient(auth_server.address) as client:
             with pytest.raises(Unauthenticated):
                 await client.list_adapters()

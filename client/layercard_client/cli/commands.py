@@ -17,6 +17,7 @@ from layercard_client import cardplot
 from layercard_client.builders import DatasetLike, dataset_source
 from layercard_client.cardview import card_json, card_markdown
 from layercard_client.cli import render
+from layercard_client.cli.demo import run_demo
 from layercard_client.cli.exit_codes import EXIT_FAILURE, EXIT_JOB_UNSUCCESSFUL, EXIT_NOT_SERVING, EXIT_OK
 from layercard_client.cli.parser import budget_from_args, lora_from_args
 from layercard_client.client import LayercardClient
@@ -393,4 +394,5 @@ COMMANDS: dict[str, Handler] = {
     "jobs": run_jobs,
     "adapters": run_adapters,
     "generate": run_generate,
+    "demo": run_demo,
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 from layercard_client import errors
 
 __all__ = [
+    "EXIT_DEPLOYMENT_FAILED",
     "EXIT_FAILURE",
     "EXIT_INTERRUPTED",
     "EXIT_JOB_UNSUCCESSFUL",
@@ -19,7 +20,8 @@ EXIT_OK = 0
 EXIT_FAILURE = 1  # an unexpected error inside the CLI itself
 EXIT_USAGE = 2  # a bad command line or client setting (argparse uses 2 too)
 EXIT_NOT_SERVING = 20  # `health`: the server answered, but not SERVING
-EXIT_JOB_UNSUCCESSFUL = 21  # `jobs watch`: the job ended FAILED or CANCELLED
+EXIT_JOB_UNSUCCESSFUL = 21  # `jobs watch`, `demo`: the job ended FAILED or CANCELLED
+EXIT_DEPLOYMENT_FAILED = 22  # `demo`: DeployAdapter answered, but with the deployment FAILED
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 # Codes 3-18: the RPC failed with this status. Kept stable: scripts depend on them.
@@ -61,7 +63,8 @@ def epilog() -> str:
     lines += [f"  {code:>3}  the RPC failed with {cls.code.name}" for cls, code in _BY_ERROR.items()]
     lines += [
         f"  {EXIT_NOT_SERVING:>3}  health: the server or service is not SERVING",
-        f"  {EXIT_JOB_UNSUCCESSFUL:>3}  jobs watch / jobs create --watch: the job ended FAILED or CANCELLED",
+        f"  {EXIT_JOB_UNSUCCESSFUL:>3}  jobs watch / jobs create --watch / demo: the job ended FAILED or CANCELLED",
+        f"  {EXIT_DEPLOYMENT_FAILED:>3}  demo: the adapter's deployment ended FAILED",
         f"  {EXIT_INTERRUPTED:>3}  interrupted (Ctrl-C)",
         "",
         "Errors go to stderr with their code, message, reason and field violations (a JSON object with --json).",

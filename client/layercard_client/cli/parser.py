@@ -216,6 +216,34 @@ def _generate(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--stop", action="append", help="a stop string (repeatable)")
 
 
+def _demo(sub: argparse._SubParsersAction) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="run the whole pipeline once: card, plan, tuning job, deploy, generate",
+        description=(
+            "Computes a Layer Card, plans a placement under a step-time budget, trains a LoRA adapter on that plan, "
+            "hot-loads it into the service's vLLM servers and generates a few of the task's prompts with and "
+            "without it, printing the figures of each step. Stops at the first failing step with its exit code."
+        ),
+    )
+    demo.add_argument(
+        "--model", default="builtin:tiny", help="builtin:tiny (default) or a model directory on the server"
+    )
+    demo.add_argument(
+        "--dataset", default="builtin:cipher", metavar="SOURCE", help="builtin:NAME (default builtin:cipher) or a path"
+    )
+    demo.add_argument("--probe-size", type=int, default=64, help="probe examples of the card (default 64)")
+    demo.add_argument(
+        "--max-step-fraction", type=float, default=0.6, help="plan's budget: of full-layer LoRA's step time (0.6)"
+    )
+    demo.add_argument("--adapter-id", default="demo-cipher", help="adapter the job produces (default demo-cipher)")
+    demo.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    demo.add_argument("--learning-rate", type=float, help="server default 1e-3")
+    demo.add_argument("--max-overhead", type=float, metavar="FRACTION", help="deploy's serving-latency budget")
+    demo.add_argument("--force", action="store_true", help="deploy even when over the latency budget")
+    demo.add_argument("--skip-deploy", action="store_true", help="stop after the tuning job (no vLLM needed)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="layercard",
@@ -252,4 +280,5 @@ def build_parser() -> argparse.ArgumentParser:
     _jobs(sub)
     _adapters(sub)
     _generate(sub)
+    _demo(sub)
     return parser

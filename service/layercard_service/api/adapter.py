@@ -2,20 +2,115 @@
 
 from __future__ import annotations
 
-from layercard.v1 import adapter_pb2_grpc
-from layercard_service.api.pending import not_built
+from pathlib import Path
 
-__all__ = ["AdapterServicer"]
+from google.protobuf import timestamp_pb2
 
-_CAPABILITY = "vLLM hot-loading (the fleet)"
+from layercard.v1 import adapter_pb2, adapter_pb2_grpc, common_pb2
+from layercard_service.serve.adapters import AdapterManager, AdapterView, DeploymentView, ReplicaView
+from layercard_service.serve.deploy_store import LatencyMeasurement
+from layercard_service.tune.job_store import AdapterVersion
+
+__all__ = ["AdapterServicer", "deployment_to_proto"]
+
+_STATES = {
+    "": adapter_pb2.DEPLOYMENT_STATE_UNSPECIFIED,
+    "DEPLOYING": adapter_pb2.DEPLOYMENT_STATE_DEPLOYING,
+    "READY": adapter_pb2.DEPLOYMENT_STATE_READY,
+    "DEGRADED": adapter_pb2.DEPLOYMENT_STATE_DEGRADED,
+    "FAILED": adapter_pb2.DEPLOYMENT_STATE_FAILED,
+}
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def _replica(r: ReplicaView) -> adapter_pb2.ReplicaStatus:
+    return adapter_pb2.ReplicaStatus(
+        replica=r.replica,
+        healthy=r.healthy,
+        observed_adapters=r.observed_adapters,
+        desired_loaded=r.desired_loaded,
+        max_lora_rank=r.max_lora_rank,
+        lora_target_modules=r.target_modules,
+        error=r.error,
+    )
+
+
+def _latency(m: LatencyMeasurement) -> adapter_pb2.LatencyMeasurement:
+    return adapter_pb2.LatencyMeasurement(
+        replica=m.replica,
+        base_ttft_ms=m.base_ttft_ms,
+        adapter_ttft_ms=m.adapter_ttft_ms,
+        base_inter_token_ms=m.base_inter_token_ms,
+        adapter_inter_token_ms=m.adapter_inter_token_ms,
+        overhead_fraction=m.overhead_fraction,
+        samples=m.samples,
+    )
+
+
+def deployment_to_proto(d: DeploymentView) -> adapter_pb2.Deployment:
+    return adapter_pb2.Deployment(
+        adapter=f"adapters/{d.adapter_id}",
+        version=d.version,
+        served_name=d.served_name,
+        state=_STATES[d.state],
+        replicas=[_replica(r) for r in d.replicas],
+        latency=_latency(d.latency) if d.latency else None,
+        update_time=_timestamp(d.update_time),
+    )
+
+
+def _size(path: str) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*") if f.is_file())
+
+
+def _version(v: AdapterVersion) -> adapter_pb2.AdapterVersion:
+    placement = v.metadata.get("placement", {})
+    layers = placement.get("layers")
+    return adapter_pb2.AdapterVersion(
+        name=f"adapters/{v.adapter_id}/versions/{v.version}",
+        version=v.version,
+        layers=layers or [],
+        lora=common_pb2.LoraShape(
+            rank=placement.get("rank", 0),
+            alpha=placement.get("alpha", 0.0),
+            target_modules=placement.get("target_modules", []),
+            dropout=placement.get("dropout", 0.0),
+        ),
+        size_bytes=_size(v.path),
+        tuning_job=f"tuningJobs/{v.job_id}",
+        create_time=_timestamp(v.create_time),
+    )
+
+
+def _adapter(a: AdapterView) -> adapter_pb2.Adapter:
+    return adapter_pb2.Adapter(
+        name=f"adapters/{a.adapter_id}",
+        base_model=a.base_model,
+        versions=[_version(v) for v in a.versions],
+        deployment=deployment_to_proto(a.deployment) if a.deployment else None,
+    )
 
 
 class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
-    async def DeployAdapter(self, request, context):
-        raise not_built("DeployAdapter", _CAPABILITY)
+    def __init__(self, adapters: AdapterManager) -> None:
+        self.adapters = adapters
 
-    async def UndeployAdapter(self, request, context):
-        raise not_built("UndeployAdapter", _CAPABILITY)
+    async def DeployAdapter(self, request: adapter_pb2.DeployAdapterRequest, context) -> adapter_pb2.Deployment:
+        budget = request.max_overhead_fraction if request.HasField("max_overhead_fraction") else None
+        view = await self.adapters.deploy(
+            request.adapter, request.version, budget, force=request.force, validate_only=request.validate_only
+        )
+        return deployment_to_proto(view)
 
-    async def ListAdapters(self, request, context):
-        raise not_built("ListAdapters", _CAPABILITY)
+    async def UndeployAdapter(self, request, context) -> adapter_pb2.UndeployAdapterResponse:
+        replicas = await self.adapters.undeploy(request.adapter)
+        return adapter_pb2.UndeployAdapterResponse(replicas=[_replica(r) for r in replicas])
+
+    async def ListAdapters(self, request, context) -> adapter_pb2.ListAdaptersResponse:
+        views, token = await self.adapters.list(request.page_size, request.page_token)
+        return adapter_pb2.ListAdaptersResponse(adapters=[_adapter(a) for a in views], next_page_token=token)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from typing import Protocol
+
 from layercard_service.card.service import CARD_PREFIX, CardService
 from layercard_service.card.types import LayerCardData
 from layercard_service.errors import InvalidArgument
@@ -97,11 +101,29 @@ def _rationale(solution: Solution, request: PlanRequest, share: float, fraction:
     return text
 
 
-class PlacementPlanner:
-    """Plans from stored cards; reading the card is the only I/O."""
+class Calibration(Protocol):
+    overhead_fraction: float
+    basis: str
 
-    def __init__(self, cards: CardService) -> None:
+
+def calibrated(card: LayerCardData, calibration: Calibration | None) -> LayerCardData:
+    """The card with vLLM's serving overhead taken from the fleet's measurements, when there are any."""
+    if calibration is None:
+        return card
+    serving = dataclasses.replace(
+        card.serving_cost, vllm_overhead_fraction=calibration.overhead_fraction, vllm_basis=calibration.basis
+    )
+    return dataclasses.replace(card, serving_cost=serving)
+
+
+class PlacementPlanner:
+    """Plans from stored cards; reading the card (and the fleet's serving measurements) is the only I/O."""
+
+    def __init__(
+        self, cards: CardService, serving_calibration: Callable[[str], Calibration | None] | None = None
+    ) -> None:
         self.cards = cards
+        self.serving_calibration = serving_calibration
 
     def plan(self, card_name: str, request: PlanRequest) -> Plan:
         if not card_name.startswith(CARD_PREFIX) or card_name == CARD_PREFIX:
@@ -109,4 +131,7 @@ class PlacementPlanner:
                 "layer_card", f"must name a stored card as 'layerCards/{{card_id}}', got {card_name!r}"
             )
         stored = self.cards.get(card_name)
-        return plan_placement(stored.card, request, stored.name)
+        card = stored.card
+        if self.serving_calibration is not None:
+            card = calibrated(card, self.serving_calibration(card.model))
+        return plan_placement(card, request, stored.name)

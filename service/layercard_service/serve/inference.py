@@ -1,22 +1,29 @@
 """Inference through the fleet: pick a healthy replica that serves the model or adapter, and call it.
 
 Replicas are tried in round-robin order; one that cannot be reached is skipped for this request. What a
-replica serves comes from its ``/v1/models`` (cached for a second: it is checked on every request). An
-adapter id resolves to its newest loaded version, ``id@vN``, or to the id itself when it was loaded unversioned.
+replica serves comes from its ``/v1/models`` (cached for a second: it is checked on every request).
+
+Routing: an adapter the service deploys goes to the version its deployment routes it to (``Routes``), so a
+version being loaded and verified gets no traffic until it passes; an adapter the service knows but has not
+deployed is not served. An adapter loaded into vLLM by someone else resolves to its newest loaded version,
+``id@vN``, or to the id itself when it was loaded unversioned. Requests in flight are counted per served name,
+so that a version swap can wait for the old version's requests to finish before unloading it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from layercard_service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from layercard_service.serve.vllm_api import Completion, CompletionChunk, Sampling, ServedModel, VllmApi
 
-__all__ = ["Generated", "InferenceProxy", "resolve_served_name"]
+__all__ = ["Generated", "InferenceProxy", "RequestRecord", "Routes", "resolve_served_name", "served_id"]
 
 MODELS_CACHE_SECONDS = 1.0
 MAX_PROMPT_CHARS = 1_000_000
@@ -28,6 +35,12 @@ class Generated:
     completion: Completion
     replica: str
     served_model: str
+
+
+def served_id(name: str) -> str | None:
+    """The adapter id of a versioned served name ("bot@v3" -> "bot"), or None."""
+    match = _VERSION.match(name)
+    return match["id"] if match else None
 
 
 def resolve_served_name(models: Sequence[ServedModel], adapter: str) -> str | None:
@@ -46,11 +59,69 @@ def resolve_served_name(models: Sequence[ServedModel], adapter: str) -> str | No
     return max(versions)[1] if versions else None
 
 
+@dataclass(frozen=True)
+class RequestRecord:
+    """One finished request, for metrics: which adapter ("" = base), where, how fast, and whether it failed."""
+
+    adapter: str
+    served_model: str
+    replica: str
+    ok: bool
+    first_token_seconds: float
+    latency_seconds: float
+    completion_tokens: int
+
+
+class Routes:
+    """Where each adapter the service manages is routed; ``managed`` says whether the service owns an id."""
+
+    def __init__(self, managed: Callable[[str], bool] = lambda _id: False) -> None:
+        self.served: dict[str, str] = {}  # adapter id -> served name of its routed version
+        self.managed = managed
+
+    def name_on(self, models: Sequence[ServedModel], adapter: str) -> str | None:
+        if adapter in self.served:
+            name = self.served[adapter]
+            return name if any(m.name == name for m in models) else None
+        if adapter and self.managed(adapter):
+            return None  # known to the service but not deployed (or its first version not verified yet)
+        owner = served_id(adapter)
+        if owner is not None and (owner in self.served or self.managed(owner)):
+            # A managed adapter's version asked for by name: only its routed version serves.
+            return adapter if self.served.get(owner) == adapter and any(m.name == adapter for m in models) else None
+        return resolve_served_name(models, adapter)
+
+
 class InferenceProxy:
-    def __init__(self, replicas: Sequence[VllmApi]) -> None:
-        self.replicas = list(replicas)
+    def __init__(
+        self,
+        members: Callable[[], list[VllmApi]],
+        routes: Routes | None = None,
+        record: Callable[[RequestRecord], None] | None = None,
+    ) -> None:
+        self._members = members
+        self.routes = routes or Routes()
+        self._record = record
         self._turn = itertools.count()
         self._models: dict[str, tuple[float, list[ServedModel]]] = {}
+        self.in_flight: Counter[str] = Counter()  # served name -> requests running on it, over every replica
+
+    @property
+    def replicas(self) -> list[VllmApi]:
+        return self._members()
+
+    def forget(self, url: str) -> None:
+        """Drops the cached model list of a replica (after a load or unload there)."""
+        self._models.pop(url, None)
+
+    async def drain(self, served_name: str, timeout: float) -> bool:
+        """Waits until no request runs on ``served_name``; False when some still do after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight[served_name] > 0:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
 
     async def close(self) -> None:
         for replica in self.replicas:
@@ -67,13 +138,16 @@ class InferenceProxy:
     async def _candidates(self, adapter: str) -> AsyncIterator[tuple[VllmApi, str]]:
         """Replicas serving ``adapter``, starting from the next in turn; raises when none does."""
         if not self.replicas:
-            raise FailedPrecondition("no vLLM servers are configured (set --vllm-urls)", reason="NO_VLLM_SERVERS")
+            raise FailedPrecondition(
+                "no vLLM servers are configured, or none was discovered (--vllm-urls, --vllm-dns)",
+                reason="NO_VLLM_SERVERS",
+            )
         start = next(self._turn) % len(self.replicas)
         unreachable: list[str] = []
         found = False
         for replica in self.replicas[start:] + self.replicas[:start]:
             try:
-                name = resolve_served_name(await self._served(replica), adapter)
+                name = self.routes.name_on(await self._served(replica), adapter)
             except Unavailable:
                 unreachable.append(replica.url)
                 continue
@@ -102,15 +176,34 @@ class InferenceProxy:
         if len(prompt) > MAX_PROMPT_CHARS:
             raise InvalidArgument.field("prompt", f"must be at most {MAX_PROMPT_CHARS} characters")
 
+    def _done(self, adapter: str, name: str, url: str, ok: bool, first: float, total: float, tokens: int) -> None:
+        self.in_flight[name] -= 1
+        if self.in_flight[name] <= 0:
+            del self.in_flight[name]
+        if self._record is not None:
+            self._record(RequestRecord(adapter, name, url, ok, first, total, tokens))
+
     async def generate(self, prompt: str, adapter: str, sampling: Sampling) -> Generated:
         self._check(prompt)
         last: Unavailable | None = None
         async for replica, name in self._candidates(adapter):
+            self.in_flight[name] += 1  # counted before any await: a swap that routes away sees this request
+            started = time.perf_counter()
             try:
-                return Generated(await replica.complete(name, prompt, sampling), replica.url, name)
-            except Unavailable as exc:  # try the next replica that serves it
+                completion = await replica.complete(name, prompt, sampling)
+            except Unavailable as exc:
+                self._done(adapter, name, replica.url, False, 0.0, time.perf_counter() - started, 0)
                 self._models.pop(replica.url, None)
-                last = exc
+                if exc.reason != "VLLM_UNAVAILABLE":
+                    raise  # it reached vLLM: another try could run the completion twice
+                last = exc  # never connected: try the next replica that serves it
+                continue
+            except BaseException:
+                self._done(adapter, name, replica.url, False, 0.0, time.perf_counter() - started, 0)
+                raise
+            c = completion
+            self._done(adapter, name, replica.url, True, c.first_token_seconds, c.latency_seconds, c.completion_tokens)
+            return Generated(completion, replica.url, name)
         assert last is not None
         raise last
 
@@ -121,16 +214,24 @@ class InferenceProxy:
         self._check(prompt)
         last: Unavailable | None = None
         async for replica, name in self._candidates(adapter):
-            started = False
+            self.in_flight[name] += 1
+            begin = time.perf_counter()
+            first, tokens, ok, yielded = 0.0, 0, False, False
             try:
                 async for chunk in replica.stream(name, prompt, sampling):
-                    started = True
+                    if not first and chunk.text:
+                        first = time.perf_counter() - begin
+                    tokens = chunk.completion_tokens or tokens
+                    yielded = True
                     yield chunk, replica.url, name
+                ok = True
                 return
             except Unavailable as exc:
-                if started:
+                if yielded or exc.reason != "VLLM_UNAVAILABLE":
                     raise
                 self._models.pop(replica.url, None)
                 last = exc
+            finally:  # also when the caller cancels: the request no longer runs on this version
+                self._done(adapter, name, replica.url, ok, first, time.perf_counter() - begin, tokens)
         assert last is not None
         raise last

@@ -13,11 +13,18 @@ import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httpx
 
-from layercard_service.errors import FailedPrecondition, InvalidArgument, LayercardError, NotFound, Unavailable
+from layercard_service.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    LayercardError,
+    NotFound,
+    Unavailable,
+)
 
 __all__ = ["Completion", "CompletionChunk", "HttpVllmApi", "Sampling", "ServedModel", "VllmApi"]
 
@@ -32,6 +39,9 @@ class Sampling:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Service-internal (the deploy probes): the chosen token's log-probability, and a fixed output length.
+    logprobs: bool = False
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -53,6 +63,10 @@ class Sampling:
             body["seed"] = self.seed
         if self.stop:
             body["stop"] = list(self.stop)
+        if self.logprobs:
+            body["logprobs"] = 0  # 0: only the sampled token's own log-probability
+        if self.ignore_eos:
+            body["ignore_eos"] = True
         return body
 
 
@@ -71,6 +85,7 @@ class Completion:
     completion_tokens: int
     first_token_seconds: float
     latency_seconds: float
+    token_logprobs: tuple[float, ...] = ()  # with Sampling.logprobs
 
 
 @dataclass(frozen=True)
@@ -79,7 +94,7 @@ class CompletionChunk:
     finish_reason: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    extra: dict = field(default_factory=dict)
+    token_logprobs: tuple[float, ...] = ()
 
 
 class VllmApi(ABC):
@@ -88,7 +103,7 @@ class VllmApi(ABC):
     url: str
 
     @abstractmethod
-    async def models(self) -> list[ServedModel]: ...
+    async def models(self, timeout: float | None = None) -> list[ServedModel]: ...
 
     @abstractmethod
     async def complete(self, model: str, prompt: str, sampling: Sampling) -> Completion: ...
@@ -153,27 +168,38 @@ class HttpVllmApi(VllmApi):
     async def close(self) -> None:
         await self._client.aclose()
 
-    async def models(self) -> list[ServedModel]:
+    async def models(self, timeout: float | None = None) -> list[ServedModel]:
+        extra = {"timeout": timeout} if timeout is not None else {}
         for attempt in range(self.retries + 1):  # idempotent: safe to retry a failed connection
             try:
-                response = await self._client.get("/v1/models")
+                response = await self._client.get("/v1/models", **extra)
                 break
             except httpx.TransportError as exc:
                 if attempt == self.retries:
                     raise _unavailable(self.url, exc) from exc
                 await asyncio.sleep(0.2 * 2**attempt)
         _raise_for(self.url, response)
-        return [ServedModel(m["id"], m.get("parent"), m.get("root", "")) for m in response.json().get("data", [])]
+        try:
+            return [ServedModel(m["id"], m.get("parent"), m.get("root", "")) for m in response.json()["data"]]
+        except (ValueError, KeyError, TypeError) as exc:  # something other than vLLM answers on that port
+            raise Unavailable(
+                f"{self.url} does not answer like a vLLM server: /v1/models is not a model list",
+                reason="VLLM_ERROR",
+                metadata={"replica": self.url},
+                retry_after=2.0,
+            ) from exc
 
     async def complete(self, model: str, prompt: str, sampling: Sampling) -> Completion:
         started = time.perf_counter()
         first = None
         chunks: list[str] = []
+        logprobs: list[float] = []
         last = CompletionChunk("")
         async for chunk in self.stream(model, prompt, sampling):
             if first is None and chunk.text:
                 first = time.perf_counter() - started
             chunks.append(chunk.text)
+            logprobs.extend(chunk.token_logprobs)
             if chunk.finish_reason or chunk.completion_tokens:
                 last = chunk
         latency = time.perf_counter() - started
@@ -184,6 +210,7 @@ class HttpVllmApi(VllmApi):
             completion_tokens=last.completion_tokens,
             first_token_seconds=first if first is not None else latency,
             latency_seconds=latency,
+            token_logprobs=tuple(logprobs),
         )
 
     async def stream(self, model: str, prompt: str, sampling: Sampling) -> AsyncIterator[CompletionChunk]:
@@ -206,18 +233,37 @@ class HttpVllmApi(VllmApi):
                     data = line[len("data:") :].strip()
                     if data == "[DONE]":
                         break
-                    event = json.loads(data)
+                    try:
+                        event = json.loads(data)
+                    except ValueError as exc:
+                        raise Unavailable(
+                            f"vLLM server {self.url} sent a malformed stream event",
+                            reason="VLLM_ERROR",
+                            metadata={"replica": self.url},
+                        ) from exc
                     usage = event.get("usage") or {}
                     for choice in event.get("choices") or []:
                         finish = choice.get("finish_reason") or finish
-                        if choice.get("text"):
-                            yield CompletionChunk(choice["text"])
+                        logprobs = tuple((choice.get("logprobs") or {}).get("token_logprobs") or ())
+                        if choice.get("text") or logprobs:
+                            yield CompletionChunk(choice.get("text") or "", token_logprobs=logprobs)
                     if usage:
                         yield CompletionChunk(
                             "", finish, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
                         )
-        except httpx.TransportError as exc:  # closing the iterator early closes the HTTP stream: vLLM aborts it
+        except (
+            httpx.ConnectError,
+            httpx.ConnectTimeout,
+        ) as exc:  # never reached vLLM: safe for the caller to try another replica
             raise _unavailable(self.url, exc) from exc
+        except httpx.TransportError as exc:  # reached vLLM, then lost it: the completion may have run
+            raise Unavailable(
+                f"lost the connection to vLLM server {self.url} mid-request: {type(exc).__name__}",
+                reason="VLLM_CONNECTION_LOST",
+                metadata={"replica": self.url},
+                retry_after=2.0,
+            ) from exc
+        # Closing this iterator early closes the HTTP stream, and vLLM aborts the request.
 
     async def load_adapter(self, name: str, path: str) -> None:
         await self._admin("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
@@ -235,5 +281,11 @@ class HttpVllmApi(VllmApi):
                 f"vLLM server {self.url} has runtime LoRA updating disabled; start it with {RUNTIME_LORA_FLAG}=True",
                 reason="RUNTIME_LORA_DISABLED",
                 metadata={"replica": self.url, "setting": RUNTIME_LORA_FLAG},
+            )
+        if response.status_code == 400 and "already" in _error_message(response).lower():
+            raise AlreadyExists(
+                f"vLLM server {self.url} already has {body['lora_name']!r} loaded",
+                reason="ADAPTER_ALREADY_LOADED",
+                metadata={"replica": self.url},
             )
         _raise_for(self.url, response, body.get("lora_name", ""))

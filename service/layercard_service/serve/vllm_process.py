@@ -193,13 +193,14 @@ class VllmProcess:
         return self._proc is not None and self._proc.poll() is None
 
     def start(self) -> None:
-        """Launch the process (returns at once; call wait_ready)."""
-        if self._proc is not None:
+        """Launch the process (returns at once; call wait_ready). After the server exited, starts it again on the
+        same port, so that its URL stays valid for the fleet."""
+        if self._proc is not None and self._proc.poll() is None:
             raise FailedPrecondition("vLLM server already started", reason="VLLM_ALREADY_STARTED")
         s = self.settings
         if not (s.model / "config.json").is_file():
             raise VllmStartupError(f"no model at {s.model} (config.json missing)", metadata={"model": str(s.model)})
-        self.port = s.port or free_port(s.host)
+        self.port = s.port or self.port or free_port(s.host)
         if s.log_path is not None:
             s.log_path.parent.mkdir(parents=True, exist_ok=True)
             self.log_path = s.log_path

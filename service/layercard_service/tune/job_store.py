@@ -252,6 +252,20 @@ class JobStore:
             ).fetchall()
         return [AdapterVersion(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
 
+    def adapter_ids(self, offset: int, limit: int) -> list[str]:
+        """Adapters with at least one version, by id."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT adapter_id FROM adapter_versions ORDER BY adapter_id LIMIT ? OFFSET ?",
+                (limit, offset),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def has_adapter(self, adapter_id: str) -> bool:
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM adapter_versions WHERE adapter_id = ? LIMIT 1", (adapter_id,))
+            return row.fetchone() is not None
+
 
 def next_version(db: sqlite3.Connection, adapter_id: str) -> int:
     """Inside a write transaction: the version number the next publication of ``adapter_id`` gets."""
