@@ -11,6 +11,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+import torch
+
 from layercard_service.data.jsonl import Example
 from layercard_service.models.builtin import builtin_model_path
 from layercard_service.models.loading import load_model
@@ -25,6 +27,7 @@ def train_word_adapter(folder: Path, word: str, steps: int = 60) -> Path:
     """An adapter on two blocks' o_proj that answers ``word`` after "word N:"; ``steps=0`` leaves it untrained
     (peft starts LoRA's B at zero: such an adapter changes nothing)."""
     model, tokenizer = load_model(builtin_model_path("tiny"))
+    torch.manual_seed(0)  # attach_lora draws LoRA's A from the global generator: the same adapter every run
     peft_model = attach_lora(model, LoraSettings(rank=8, alpha=16.0, target_modules=MODULES, layers=LAYERS))
     if steps:
         examples = [Example(prompt=f"word {i}:", completion=f" {word}") for i in range(32)]

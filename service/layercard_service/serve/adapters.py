@@ -147,6 +147,8 @@ class AdapterManager:
         current = self.store.get(adapter_id)
         healthy = {url: o for url, o in observed.items() if o.healthy}
         if current and current.version == chosen.version and all(served in o.adapters for o in healthy.values()):
+            if current.latency is not None and not force:  # already live: hold it to the budget asked for now
+                _check_budget(served, current.latency, budget, "is live with")
             state = "READY" if len(healthy) == len(observed) else "DEGRADED"
             return self._view(adapter_id, chosen.version, state, observed, current.latency, current.update_time)
 
@@ -175,19 +177,8 @@ class AdapterManager:
             self.store.add_measurement(
                 settings.model, adapter_id, chosen.version, settings.max_lora_rank, settings.target_modules, latency
             )
-            if budget is not None and latency.overhead_fraction > budget and not force:
-                raise FailedPrecondition(
-                    f"{served} adds {latency.overhead_fraction:.0%} to the base model's latency on "
-                    f"{probe_replica.url}, over its budget of {budget:.0%}; deploy with force to accept it",
-                    reason="SERVING_BUDGET_EXCEEDED",
-                    metadata={
-                        "overhead_fraction": f"{latency.overhead_fraction:.4f}",
-                        "max_overhead_fraction": f"{budget:.4f}",
-                        "base_latency_ms": f"{latency.base_latency_ms:.2f}",
-                        "adapter_latency_ms": f"{latency.adapter_latency_ms:.2f}",
-                        "replica": probe_replica.url,
-                    },
-                )
+            if not force:
+                _check_budget(served, latency, budget, "adds")
         except BaseException:
             await self.unload(loaded_now, served)  # the version serving before keeps serving
             raise
@@ -352,6 +343,23 @@ class AdapterManager:
         served = served_name(adapter_id, version)
         replicas = tuple(self._replica_view(o, served) for o in observed.values())
         return DeploymentView(adapter_id, version, state, latency, update_time or time.time(), replicas)
+
+
+def _check_budget(served: str, latency: LatencyMeasurement, budget: float | None, verb: str) -> None:
+    if budget is None or latency.overhead_fraction <= budget:
+        return
+    raise FailedPrecondition(
+        f"{served} {verb} {latency.overhead_fraction:.0%} latency overhead over the base model on {latency.replica}, "
+        f"over its budget of {budget:.0%}; deploy with force to accept it",
+        reason="SERVING_BUDGET_EXCEEDED",
+        metadata={
+            "overhead_fraction": f"{latency.overhead_fraction:.4f}",
+            "max_overhead_fraction": f"{budget:.4f}",
+            "base_latency_ms": f"{latency.base_latency_ms:.2f}",
+            "adapter_latency_ms": f"{latency.adapter_latency_ms:.2f}",
+            "replica": latency.replica,
+        },
+    )
 
 
 def _adapter_config(version: AdapterVersion) -> dict:

@@ -498,6 +498,21 @@ async def test_deploying_the_current_version_again_loads_nothing(env):
 
 
 @run_async
+async def test_the_live_version_is_held_to_a_budget_asked_for_again(env):
+    env.publish("echo")
+    for fake in env.replicas:
+        fake.adapter_latency_factor = 1.5
+    await env.manager.deploy("adapters/echo")
+    loads = len(env.calls("load"))
+    with pytest.raises(FailedPrecondition) as err:
+        await env.manager.deploy("adapters/echo", max_overhead_fraction=0.2)
+    assert reason(err) == "SERVING_BUDGET_EXCEEDED" and "is live with 50%" in err.value.message
+    assert len(env.calls("load")) == loads and env.store.get("echo").version == 1  # nothing changed
+    forced = await env.manager.deploy("adapters/echo", max_overhead_fraction=0.2, force=True)
+    assert forced.state == "READY"
+
+
+@run_async
 async def test_deploying_the_current_version_again_loads_it_where_it_is_missing(env):
     env.publish("echo")
     await env.manager.deploy("adapters/echo")

