@@ -7,7 +7,7 @@ STAMP := $(VENV)/.setup-stamp
 PROTO_SRC := $(wildcard proto/layercard/v1/*.proto)
 GEN_DIR := client
 
-.PHONY: setup proto proto-check proto-lint proto-breaking run demo test test-unit test-integration test-e2e bench lint format clean
+.PHONY: setup proto proto-check proto-lint proto-breaking obs-check k8s-check run demo test test-unit test-integration test-e2e bench lint format clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,14 @@ proto-lint: $(STAMP)
 # Guards the contract against the last released version (proto/releases/, written by scripts/release_contract.sh).
 proto-breaking: $(STAMP)
 	$(BIN)/buf breaking --against $$(ls proto/releases/*.binpb | sort -V | tail -n 1)
+
+# promtool checks of deploy/prometheus, rule unit tests, dashboard/rules reference only real series.
+obs-check: $(STAMP)
+	bash scripts/check_observability.sh $(BIN)/python
+
+# Renders every kustomize overlay, validates it against the Kubernetes API schemas, lints deploy/ YAML and the Dockerfile.
+k8s-check: $(STAMP)
+	bash scripts/check_k8s.sh $(BIN)
 
 # ARGS passes flags through, e.g. `make run ARGS=--no-demo`.
 run: $(STAMP)

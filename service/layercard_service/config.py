@@ -67,6 +67,33 @@ class ServiceConfig:
     # torch threads per tuning worker; 0: the machine's cores divided by max_concurrent_jobs. More threads than
     # free cores make every step wait on descheduled threads (20x slower measured on a busy 2-core machine).
     job_threads: int = 0
+    # Where tuning jobs run: "local" (a worker process each, on this machine) or "kubernetes" (a batch/v1 Job
+    # each; see tune/k8s_manifest.py). The Kubernetes runner needs data_dir (absolute) on a ReadWriteMany volume,
+    # k8s_data_claim, mounted at the same path in this pod: the trainers write state.db (SQLite) there, so the
+    # volume needs working file locks, and k8s_colocate_with (this pod's labels) keeps trainers on this node,
+    # as SQLite's WAL mode requires. k8s_namespace "": this pod's own. Quantities as Kubernetes writes them
+    # ("2", "500m", "8Gi"; "" for no limit). k8s_node_selector and k8s_colocate_with: "k=v,k2=v2";
+    # k8s_tolerations: "key=value:Effect" items; k8s_read_only_claims: "claim=/mount/path" items (models,
+    # datasets: model_roots and dataset_roots must exist at the same paths in the trainer pods).
+    job_runner: str = "local"
+    k8s_namespace: str = ""
+    k8s_trainer_image: str = ""
+    k8s_data_claim: str = ""
+    k8s_service_account: str = ""
+    k8s_gpus: int = 0
+    k8s_gpu_resource: str = "nvidia.com/gpu"
+    k8s_cpu_request: str = "1"
+    k8s_cpu_limit: str = ""
+    k8s_memory_request: str = "4Gi"
+    k8s_memory_limit: str = ""
+    k8s_node_selector: str = ""
+    k8s_tolerations: tuple[str, ...] = ()
+    k8s_read_only_claims: tuple[str, ...] = ()
+    k8s_colocate_with: str = ""
+    k8s_run_as_user: int = 10001  # the UID of deploy/docker/Dockerfile and of the service pod
+    k8s_active_deadline_seconds: int = 0
+    k8s_ttl_seconds_after_finished: int = 86_400
+    k8s_poll_seconds: float = 5.0
     log_level: str = "INFO"
     log_format: str = "json"  # "json" for machines, "text" for people
 
@@ -91,6 +118,14 @@ class ServiceConfig:
             raise ConfigError(f"job_threads must be >= 0 (0: automatic), got {self.job_threads}")
         if self.max_lora_rank < 1:
             raise ConfigError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        if self.job_runner not in ("local", "kubernetes"):
+            raise ConfigError(f"job_runner must be 'local' or 'kubernetes', got {self.job_runner!r}")
+        if self.k8s_poll_seconds <= 0:
+            raise ConfigError(f"k8s_poll_seconds must be > 0, got {self.k8s_poll_seconds}")
+        if self.job_runner == "kubernetes":
+            from layercard_service.tune.k8s_manifest import kubernetes_settings  # imports ConfigError from here
+
+            kubernetes_settings(self)  # checks every k8s_* setting; raises ConfigError
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"log_format must be 'json' or 'text', got {self.log_format!r}")
         host, _, port = self.vllm_dns.rpartition(":")

@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from layercard_service.card.service import CardService
 from layercard_service.config import ServiceConfig
 from layercard_service.plan.planner import PlacementPlanner
+from layercard_service.prometheus_metrics import StateCollector
 from layercard_service.serve.adapters import AdapterManager, DeploySettings
 from layercard_service.serve.deploy_store import DeploymentStore
 from layercard_service.serve.fleet import Discovery, DnsDiscovery, Fleet, FleetSettings, StaticDiscovery, Union
 from layercard_service.serve.inference import InferenceProxy, Routes
 from layercard_service.serve.reconcile import Reconciler
 from layercard_service.store import Store
+from layercard_service.telemetry import Telemetry
 from layercard_service.tune.job_store import JobStore
 from layercard_service.tune.runner import LocalProcessRunner, worker_command
 from layercard_service.tune.service import TuningService
@@ -32,7 +34,8 @@ class Core:
     reconciler: Reconciler
 
     @classmethod
-    def from_config(cls, config: ServiceConfig) -> Core:
+    def from_config(cls, config: ServiceConfig, telemetry: Telemetry | None = None) -> Core:
+        telemetry = telemetry or Telemetry()
         store = Store(config.data_dir)
         cards = CardService(
             store,
@@ -40,21 +43,23 @@ class Core:
             config.dataset_roots,
             max_concurrent=config.max_concurrent_cards,
             queue_size=config.card_queue_size,
+            telemetry=telemetry,
         )
-        tuning = _tuning(config)
+        tuning = _tuning(config, telemetry)
         deployments = DeploymentStore(config.data_dir / "state.db")
         fleet = Fleet(
             _discovery(config),
             FleetSettings(config.vllm_model, config.max_lora_rank, config.vllm_lora_target_modules),
             initial=config.vllm_urls,
         )
-        proxy = InferenceProxy(fleet.members, Routes())
+        proxy = InferenceProxy(fleet.members, Routes(), telemetry)
         adapters = AdapterManager(
             fleet,
             proxy,
             tuning.store,
             deployments,
             DeploySettings(config.drain_timeout_seconds),
+            telemetry,
         )
         return cls(
             store=store,
@@ -65,6 +70,19 @@ class Core:
             adapters=adapters,
             reconciler=Reconciler(adapters, config.reconcile_interval_seconds),
         )
+
+    def state_collector(self) -> StateCollector:
+        """Scrape-time gauges: jobs by state, fleet residency, deployed adapters' overhead and budget."""
+
+        def deployments() -> list[tuple[str, str, float | None, float | None]]:
+            records = self.adapters.store.all()
+            return [(r.adapter_id, r.served_name, r.latency.overhead_fraction if r.latency else None, r.budget)
+                    for r in records]  # fmt: skip
+
+        def replicas() -> list[tuple[str, bool, tuple[str, ...]]]:
+            return [(o.url, o.healthy, o.adapters) for o in self.adapters.fleet.last.values()]
+
+        return StateCollector(self.tuning.store.count_by_state, deployments, replicas)
 
     def start(self) -> None:
         """Starts background work: the tuning runner recovers jobs left by the previous process."""
@@ -89,13 +107,20 @@ def _discovery(config: ServiceConfig) -> Discovery:
     return Union([static, DnsDiscovery(config.vllm_dns)]) if config.vllm_dns else static
 
 
-def _tuning(config: ServiceConfig) -> TuningService:
+def _tuning(config: ServiceConfig, telemetry: Telemetry) -> TuningService:
     jobs = JobStore(config.data_dir / "state.db")  # the same database as Store, its own connection
-    threads = config.job_threads or max(1, (os.cpu_count() or 1) // config.max_concurrent_jobs)
-    command = worker_command(
-        config.data_dir, config.model_roots, config.dataset_roots, config.max_lora_rank, threads=threads
-    )
-    runner = LocalProcessRunner(jobs, config.data_dir, command, max_concurrent=config.max_concurrent_jobs)
+    if config.job_runner == "kubernetes":  # a batch/v1 Job per tuning job; the client is imported only then
+        from layercard_service.tune.k8s_runner import kubernetes_runner
+
+        runner = kubernetes_runner(config, jobs, telemetry)
+    else:
+        threads = config.job_threads or max(1, (os.cpu_count() or 1) // config.max_concurrent_jobs)
+        command = worker_command(
+            config.data_dir, config.model_roots, config.dataset_roots, config.max_lora_rank, threads=threads
+        )
+        runner = LocalProcessRunner(
+            jobs, config.data_dir, command, max_concurrent=config.max_concurrent_jobs, telemetry=telemetry
+        )
     return TuningService(
         jobs,
         runner,

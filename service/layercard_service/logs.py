@@ -24,3 +24,5 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # httpx logs every request at INFO: the fleet's polling of /v1/models would drown the service's own lines.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))

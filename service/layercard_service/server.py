@@ -30,6 +30,7 @@ from layercard.v1 import (
     tuning_pb2_grpc,
 )
 from layercard_service.api.adapter import AdapterServicer
+from layercard_service.api.grpc_metrics import GrpcMetricsInterceptor
 from layercard_service.api.inference import InferenceServicer
 from layercard_service.api.interceptors import AuthInterceptor, ErrorInterceptor
 from layercard_service.api.layer_card import LayerCardServicer
@@ -39,6 +40,7 @@ from layercard_service.config import ConfigError, ServiceConfig
 from layercard_service.core import Core
 from layercard_service.logs import configure_logging
 from layercard_service.metrics import MetricsEndpoint, new_registry
+from layercard_service.prometheus_metrics import PrometheusTelemetry
 
 __all__ = ["SERVICE_NAMES", "LayercardServer", "Servicers", "main"]
 
@@ -93,9 +95,10 @@ class LayercardServer:
 
     def __init__(self, config: ServiceConfig, servicers: Servicers | None = None) -> None:
         self.config = config
-        self.core = Core.from_config(config)
-        self.servicers = (servicers or Servicers()).complete(self.core)
         self.registry = new_registry(_version())
+        self.core = Core.from_config(config, PrometheusTelemetry(self.registry))
+        self.registry.register(self.core.state_collector())
+        self.servicers = (servicers or Servicers()).complete(self.core)
         self.health = HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -105,7 +108,8 @@ class LayercardServer:
 
     async def start(self) -> int:
         cfg = self.config
-        interceptors: list[grpc.aio.ServerInterceptor] = []
+        # Metrics outermost: they see the status the error interceptor set, and calls auth refused.
+        interceptors: list[grpc.aio.ServerInterceptor] = [GrpcMetricsInterceptor(self.registry)]
         token = cfg.bearer_token
         if token:
             interceptors.append(AuthInterceptor(token))

@@ -28,7 +28,7 @@ from layercard_service.data.tasks import get_task
 from layercard_service.server import Servicers
 
 STATE = tuning_pb2.TuningJobState
-SHORT = ("--steps", "20", "--probe-size", "32")  # a card and a job in seconds on two cores
+SHORT = ("--steps", "20", "--probe-size", "32", "--max-step-fraction", "0.6")  # seconds on two cores
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -110,7 +110,7 @@ class FakeCards(layer_card_pb2_grpc.LayerCardServiceServicer):
 
 class FakePlacement(placement_pb2_grpc.PlacementServiceServicer):
     async def PlanPlacement(self, request, context):
-        assert request.layer_card == CARD and request.budget.max_step_fraction_of_full == pytest.approx(0.6)
+        assert request.layer_card == CARD and request.budget.max_step_fraction_of_full == pytest.approx(1.0)  # default
         return placement_pb2.Placement(
             layer_card=CARD,
             layers=[1],

@@ -23,6 +23,7 @@ from layercard_service.errors import InvalidArgument, NotFound, ResourceExhauste
 from layercard_service.models.loading import load_model
 from layercard_service.sources import DatasetRequest, resolve_dataset, resolve_model_path
 from layercard_service.store import CardRecord, Store, paginate
+from layercard_service.telemetry import Telemetry
 
 __all__ = ["CardProgress", "StoredCard", "CardService"]
 
@@ -55,8 +56,10 @@ class CardService:
         dataset_roots: tuple[Path, ...],
         max_concurrent: int = 1,
         queue_size: int = 4,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.store = store
+        self.telemetry = telemetry or Telemetry()
         self.model_roots = model_roots
         self.dataset_roots = dataset_roots
         self.max_concurrent = max_concurrent
@@ -91,6 +94,7 @@ class CardService:
         self, model: str, dataset: DatasetRequest, settings: CardSettings, force: bool = False
     ) -> AsyncIterator[CardProgress | StoredCard]:
         """Yields progress, then the card. Closing the iterator early cancels the work."""
+        began = time.monotonic()
         model_path = resolve_model_path(model, self.model_roots)
         data = await asyncio.to_thread(resolve_dataset, dataset, self.dataset_roots)
         weights = await asyncio.to_thread(self._model_fingerprint, model_path)
@@ -98,6 +102,7 @@ class CardService:
         if not force:
             record = self.store.find_card(fingerprint)
             if record is not None:
+                self.telemetry.card_finished(time.monotonic() - began, cached=True, ok=True)
                 yield _stored(record, from_store=True)
                 return
         queued = self._admit()
@@ -138,7 +143,12 @@ class CardService:
                     yield getter.result()
                 else:
                     getter.cancel()
-            yield await task
+            card = await task
+            self.telemetry.card_finished(time.monotonic() - began, cached=False, ok=True)
+            yield card
+        except Exception:
+            self.telemetry.card_finished(time.monotonic() - began, cached=False, ok=False)
+            raise
         finally:
             if getter is not None and not getter.done():
                 getter.cancel()

@@ -40,6 +40,7 @@ from layercard_service.serve.inference import InferenceProxy, served_id
 from layercard_service.serve.probes import measure_effect, measure_latency
 from layercard_service.serve.vllm_api import VllmApi
 from layercard_service.store import paginate
+from layercard_service.telemetry import Telemetry
 from layercard_service.tune.job_store import AdapterVersion, JobStore
 from layercard_service.tune.jobs import check_id
 
@@ -95,9 +96,11 @@ class AdapterManager:
         versions: JobStore,
         store: DeploymentStore,
         settings: DeploySettings = DeploySettings(),
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.fleet, self.proxy, self.versions, self.store = fleet, proxy, versions, store
         self.settings = settings
+        self.telemetry = telemetry or Telemetry()
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         proxy.routes.managed = versions.has_adapter
         for record in store.all():  # routes survive a restart: the replicas still hold the versions
@@ -138,7 +141,15 @@ class AdapterManager:
             observed = await self._healthy_replicas()
             if validate_only:
                 return self._view(adapter_id, chosen.version, "", observed, None)
-            return await self._deploy_locked(chosen, observed, max_overhead_fraction, force)
+            began = time.monotonic()
+            try:
+                view = await self._deploy_locked(chosen, observed, max_overhead_fraction, force)
+            except BaseException as exc:
+                reason = exc.reason if isinstance(exc, LayercardError) else "CANCELLED"
+                self.telemetry.deploy_finished(reason, time.monotonic() - began)
+                raise
+            self.telemetry.deploy_finished("ok", time.monotonic() - began)
+            return view
 
     async def _deploy_locked(
         self, chosen: AdapterVersion, observed: dict[str, Observation], budget: float | None, force: bool
@@ -184,7 +195,7 @@ class AdapterManager:
             raise
 
         state = "READY" if len(holding) == len(observed) else "DEGRADED"
-        record = DeploymentRecord(adapter_id, chosen.version, state, latency, time.time())
+        record = DeploymentRecord(adapter_id, chosen.version, state, latency, time.time(), budget)
         self.store.put(record)
         self.proxy.routes.served[adapter_id] = served  # from here on, new requests go to the new version
         log.info("adapter routed", extra={"adapter": adapter_id, "served_name": served, "state": state})
@@ -342,7 +353,7 @@ class AdapterManager:
     ) -> DeploymentView:
         served = served_name(adapter_id, version)
         replicas = tuple(self._replica_view(o, served) for o in observed.values())
-        return DeploymentView(adapter_id, version, state, latency, update_time or time.time(), replicas)
+        return DeploymentView(adapter_id, version, state, latency, update_time or time.time(), replicas=replicas)
 
 
 def _check_budget(served: str, latency: LatencyMeasurement, budget: float | None, verb: str) -> None:

@@ -23,7 +23,8 @@ CREATE TABLE IF NOT EXISTS deployments (
     version     INTEGER NOT NULL,
     state       TEXT NOT NULL,
     latency     TEXT,
-    update_time REAL NOT NULL
+    update_time REAL NOT NULL,
+    budget      REAL
 );
 CREATE TABLE IF NOT EXISTS serving_measurements (
     id                INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -63,6 +64,7 @@ class DeploymentRecord:
     state: str  # READY | DEGRADED
     latency: LatencyMeasurement | None
     update_time: float
+    budget: float | None = None  # the max_overhead_fraction it was deployed under
 
     @property
     def served_name(self) -> str:
@@ -91,6 +93,9 @@ class DeploymentStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         with self._lock:
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(deployments)")}
+            if "budget" not in columns:  # a state.db from before budgets were kept
+                self._db.execute("ALTER TABLE deployments ADD COLUMN budget REAL")
 
     def close(self) -> None:
         with self._lock:
@@ -110,8 +115,8 @@ class DeploymentStore:
         latency = json.dumps(asdict(record.latency)) if record.latency else None
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO deployments VALUES (?, ?, ?, ?, ?)",
-                (record.adapter_id, record.version, record.state, latency, record.update_time),
+                "INSERT OR REPLACE INTO deployments VALUES (?, ?, ?, ?, ?, ?)",
+                (record.adapter_id, record.version, record.state, latency, record.update_time, record.budget),
             )
 
     def set_state(self, adapter_id: str, version: int, state: str) -> None:
@@ -162,4 +167,4 @@ class DeploymentStore:
 
 def _record(row: tuple) -> DeploymentRecord:
     latency = LatencyMeasurement(**json.loads(row[3])) if row[3] else None
-    return DeploymentRecord(row[0], row[1], row[2], latency, row[4])
+    return DeploymentRecord(row[0], row[1], row[2], latency, row[4], row[5])

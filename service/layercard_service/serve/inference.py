@@ -20,10 +20,11 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
-from layercard_service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from layercard_service.errors import FailedPrecondition, InvalidArgument, LayercardError, NotFound, Unavailable
 from layercard_service.serve.vllm_api import Completion, CompletionChunk, Sampling, ServedModel, VllmApi
+from layercard_service.telemetry import RequestRecord, Telemetry
 
-__all__ = ["Generated", "InferenceProxy", "RequestRecord", "Routes", "resolve_served_name", "served_id"]
+__all__ = ["Generated", "InferenceProxy", "Routes", "resolve_served_name", "served_id"]
 
 MODELS_CACHE_SECONDS = 1.0
 MAX_PROMPT_CHARS = 1_000_000
@@ -59,19 +60,6 @@ def resolve_served_name(models: Sequence[ServedModel], adapter: str) -> str | No
     return max(versions)[1] if versions else None
 
 
-@dataclass(frozen=True)
-class RequestRecord:
-    """One finished request, for metrics: which adapter ("" = base), where, how fast, and whether it failed."""
-
-    adapter: str
-    served_model: str
-    replica: str
-    ok: bool
-    first_token_seconds: float
-    latency_seconds: float
-    completion_tokens: int
-
-
 class Routes:
     """Where each adapter the service manages is routed; ``managed`` says whether the service owns an id."""
 
@@ -97,11 +85,11 @@ class InferenceProxy:
         self,
         members: Callable[[], list[VllmApi]],
         routes: Routes | None = None,
-        record: Callable[[RequestRecord], None] | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._members = members
         self.routes = routes or Routes()
-        self._record = record
+        self.telemetry = telemetry or Telemetry()
         self._turn = itertools.count()
         self._models: dict[str, tuple[float, list[ServedModel]]] = {}
         self.in_flight: Counter[str] = Counter()  # served name -> requests running on it, over every replica
@@ -176,12 +164,15 @@ class InferenceProxy:
         if len(prompt) > MAX_PROMPT_CHARS:
             raise InvalidArgument.field("prompt", f"must be at most {MAX_PROMPT_CHARS} characters")
 
-    def _done(self, adapter: str, name: str, url: str, ok: bool, first: float, total: float, tokens: int) -> None:
+    def _done(
+        self, adapter: str, name: str, url: str, first: float, total: float, tokens: int, error: str = ""
+    ) -> None:
         self.in_flight[name] -= 1
         if self.in_flight[name] <= 0:
             del self.in_flight[name]
-        if self._record is not None:
-            self._record(RequestRecord(adapter, name, url, ok, first, total, tokens))
+        self.telemetry.request_finished(RequestRecord(adapter, name, url, not error, first, total, tokens, error))
+        if error.startswith("VLLM_"):
+            self.telemetry.upstream_error(url, error)
 
     async def generate(self, prompt: str, adapter: str, sampling: Sampling) -> Generated:
         self._check(prompt)
@@ -192,17 +183,17 @@ class InferenceProxy:
             try:
                 completion = await replica.complete(name, prompt, sampling)
             except Unavailable as exc:
-                self._done(adapter, name, replica.url, False, 0.0, time.perf_counter() - started, 0)
+                self._done(adapter, name, replica.url, 0.0, time.perf_counter() - started, 0, exc.reason)
                 self._models.pop(replica.url, None)
                 if exc.reason != "VLLM_UNAVAILABLE":
                     raise  # it reached vLLM: another try could run the completion twice
                 last = exc  # never connected: try the next replica that serves it
                 continue
-            except BaseException:
-                self._done(adapter, name, replica.url, False, 0.0, time.perf_counter() - started, 0)
+            except BaseException as exc:
+                self._done(adapter, name, replica.url, 0.0, time.perf_counter() - started, 0, _reason(exc))
                 raise
             c = completion
-            self._done(adapter, name, replica.url, True, c.first_token_seconds, c.latency_seconds, c.completion_tokens)
+            self._done(adapter, name, replica.url, c.first_token_seconds, c.latency_seconds, c.completion_tokens)
             return Generated(completion, replica.url, name)
         assert last is not None
         raise last
@@ -216,7 +207,7 @@ class InferenceProxy:
         async for replica, name in self._candidates(adapter):
             self.in_flight[name] += 1
             begin = time.perf_counter()
-            first, tokens, ok, yielded = 0.0, 0, False, False
+            first, tokens, error, yielded = 0.0, 0, "CANCELLED", False  # closed early unless it ends below
             try:
                 async for chunk in replica.stream(name, prompt, sampling):
                     if not first and chunk.text:
@@ -224,14 +215,21 @@ class InferenceProxy:
                     tokens = chunk.completion_tokens or tokens
                     yielded = True
                     yield chunk, replica.url, name
-                ok = True
+                error = ""
                 return
-            except Unavailable as exc:
-                if yielded or exc.reason != "VLLM_UNAVAILABLE":
+            except Exception as exc:
+                error = _reason(exc)
+                if not isinstance(exc, Unavailable) or yielded or exc.reason != "VLLM_UNAVAILABLE":
                     raise
                 self._models.pop(replica.url, None)
                 last = exc
             finally:  # also when the caller cancels: the request no longer runs on this version
-                self._done(adapter, name, replica.url, ok, first, time.perf_counter() - begin, tokens)
+                self._done(adapter, name, replica.url, first, time.perf_counter() - begin, tokens, error)
         assert last is not None
         raise last
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, LayercardError):
+        return exc.reason
+    return "CANCELLED" if isinstance(exc, asyncio.CancelledError | GeneratorExit) else type(exc).__name__.upper()

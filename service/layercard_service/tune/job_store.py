@@ -261,6 +261,11 @@ class JobStore:
             ).fetchall()
         return [r[0] for r in rows]
 
+    def count_by_state(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM tuning_jobs GROUP BY state").fetchall()
+        return {state.value: 0 for state in JobState} | {r[0]: r[1] for r in rows}
+
     def has_adapter(self, adapter_id: str) -> bool:
         with self._lock:
             row = self._db.execute("SELECT 1 FROM adapter_versions WHERE adapter_id = ? LIMIT 1", (adapter_id,))

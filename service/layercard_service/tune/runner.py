@@ -25,11 +25,12 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from layercard_service.telemetry import JobOutcome, Telemetry
 from layercard_service.tune.checkpoint import latest_step
 from layercard_service.tune.job_store import JobStore
 from layercard_service.tune.jobs import JobState
 
-__all__ = ["JobRunner", "LocalProcessRunner", "worker_command"]
+__all__ = ["JobRunner", "LocalProcessRunner", "report_job_end", "worker_command"]
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,10 @@ class LocalProcessRunner(JobRunner):
         max_concurrent: int = 1,
         terminate_grace_seconds: float = 10.0,
         cancel_grace_seconds: float = 120.0,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.store = store
+        self.telemetry = telemetry or Telemetry()
         self.data_dir = Path(data_dir)
         self.command = command
         self.max_concurrent = max_concurrent
@@ -256,6 +259,7 @@ class LocalProcessRunner(JobRunner):
                 error_code="WORKER_DIED",
                 error_message=message,
             )
+        report_job_end(self.store, self.telemetry, job_id)
 
     def _force_stop(self, job_id: str, proc: subprocess.Popen) -> None:
         if proc.poll() is None and not self._closing and self.store.state(job_id) == JobState.CANCELLING:
@@ -271,6 +275,25 @@ class LocalProcessRunner(JobRunner):
         except OSError:
             return ""
         return f"; last output: {tail}" if tail else ""
+
+
+def report_job_end(store: JobStore, telemetry: Telemetry, job_id: str) -> None:
+    """Tells telemetry how a job whose worker finished ended (every runner calls it once per job)."""
+    job = store.get(job_id)
+    if job is None or not job.state.ended:
+        return
+    r = job.result
+    telemetry.job_ended(
+        JobOutcome(
+            state=job.state.value,
+            seconds=(job.end_time or 0.0) - (job.start_time or job.end_time or 0.0),
+            tokens_per_second=r.tokens_per_second if r else 0.0,
+            predicted_step_seconds=r.predicted_step_seconds if r else 0.0,
+            measured_step_seconds=r.measured_step_seconds if r else 0.0,
+            predicted_peak_memory_bytes=r.predicted_peak_memory_bytes if r else 0,
+            measured_peak_memory_bytes=r.measured_peak_memory_bytes if r else 0,
+        )
+    )
 
 
 def _signal(proc: subprocess.Popen, sig: int) -> None:

@@ -2,6 +2,8 @@
 
 It reads the job's spec from the service's database, trains, and writes progress, events and the final state
 back to the same database through its own connection. The runner marks the job RUNNING before starting it.
+It trains on one device: it is not data-parallel, so under ``torchrun`` (the Kubernetes runner's multi-GPU
+launch) only rank 0 works and the other ranks exit at once.
 
 Exit paths, and what the job's state becomes:
 - finished: the adapter is published as a new version and the job SUCCEEDED (one transaction);
@@ -227,6 +229,12 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank = int(os.environ.get("RANK", "0"))  # set by torchrun (the Kubernetes runner's multi-GPU launch)
+    if rank != 0:
+        # Not data-parallel yet: rank 0 trains the job on one GPU; other ranks would train it again, racing
+        # on the same checkpoints and state, so they leave at once.
+        log.info("rank %d of a torchrun launch: only rank 0 trains (the worker is not data-parallel)", rank)
+        return 0
 
     def terminate(signum: int, frame: object) -> None:
         raise Terminated

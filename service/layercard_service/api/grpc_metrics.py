@@ -1,0 +1,290 @@
+"""gRPC server metrics for ``grpc.aio`` with the names, labels and values of go-grpc-prometheus.
+
+Fleet dashboards and alert rules written for Go services (go-grpc-prometheus, the de facto standard) work
+unchanged on this service:
+
+- ``grpc_server_started_total``       RPCs whose handler started
+- ``grpc_server_handled_total``       RPCs finished, with ``grpc_code`` (``OK``, ``NotFound``, ``Canceled`` ...)
+- ``grpc_server_msg_received_total``  request messages received (1 per unary request)
+- ``grpc_server_msg_sent_total``      response messages sent (1 per successful unary RPC, 1 per stream message)
+- ``grpc_server_handling_seconds``    histogram of handler time, Go's default buckets (no ``grpc_code``)
+
+All carry ``grpc_type`` (unary, client_stream, server_stream, bidi_stream), ``grpc_service`` (the full service
+name, ``layercard.v1.TuningService``) and ``grpc_method`` (``GetTuningJob``). ``grpc_code`` is the code as
+grpc-go's ``codes.Code.String()`` spells it, which is what go-grpc-prometheus writes: CamelCase, and
+``Canceled`` with one L. ``GO_CODE_NAMES`` holds the mapping from ``grpc.StatusCode``.
+
+Where it sits in the chain: **outermost**, the first element of ``grpc.aio.server(interceptors=[...])``
+(grpc.aio runs the list in order, so the first wraps all the others):
+
+    interceptors = [GrpcMetricsInterceptor(registry), AuthInterceptor(token), ErrorInterceptor()]
+
+- It must be outside ``ErrorInterceptor``: only there has a domain error already become
+  ``context.abort_with_status`` (an ``AbortError`` with ``context.code()`` set). Inside it, a ``NotFound``
+  would pass by as a plain exception and be counted as ``Unknown``.
+- Outside ``AuthInterceptor`` too, as go-grpc-prometheus is conventionally first in Go chains: RPCs refused
+  for a missing or bad token are counted as ``Unauthenticated``, which is what an alert on auth failures needs;
+  inside auth they would not be counted at all. Health checks and reflection are counted like any RPC.
+- The handling time then covers the other interceptors' work, as the caller sees it.
+
+How the final code is found: a handler that returns is ``context.code()`` or ``OK``; an ``AbortError`` (abort,
+abort_with_status) is the code the abort set; a client's cancellation reaches the handler as
+``asyncio.CancelledError`` and counts as ``Canceled`` (``DeadlineExceeded`` when the deadline has passed); any
+other exception is what grpc.aio will send for it: ``Unknown``, or the code set with ``set_code`` first.
+RPCs that never reach a handler (unknown method, a client that cancels before its request arrives) are not
+counted, as in Go. Streaming responses are written by the wrapper with ``context.write`` (the handler's kind
+stays a stream; an async generator becomes a coroutine that writes), so each message is counted once it is
+actually sent, and a cancelled stream is seen at once rather than when its generator is garbage-collected.
+Synchronous (thread-pool) handlers are passed through uncounted; every handler in this service is async.
+
+One interceptor per registry: it registers its five metrics on the registry it is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+__all__ = ["GO_CODE_NAMES", "GO_DEFAULT_BUCKETS", "GrpcMetricsInterceptor", "split_method"]
+
+# grpc-go's codes.Code.String(), which go-grpc-prometheus writes as grpc_code.
+GO_CODE_NAMES: dict[grpc.StatusCode, str] = {
+    grpc.StatusCode.OK: "OK",
+    grpc.StatusCode.CANCELLED: "Canceled",
+    grpc.StatusCode.UNKNOWN: "Unknown",
+    grpc.StatusCode.INVALID_ARGUMENT: "InvalidArgument",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "DeadlineExceeded",
+    grpc.StatusCode.NOT_FOUND: "NotFound",
+    grpc.StatusCode.ALREADY_EXISTS: "AlreadyExists",
+    grpc.StatusCode.PERMISSION_DENIED: "PermissionDenied",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "ResourceExhausted",
+    grpc.StatusCode.FAILED_PRECONDITION: "FailedPrecondition",
+    grpc.StatusCode.ABORTED: "Aborted",
+    grpc.StatusCode.OUT_OF_RANGE: "OutOfRange",
+    grpc.StatusCode.UNIMPLEMENTED: "Unimplemented",
+    grpc.StatusCode.INTERNAL: "Internal",
+    grpc.StatusCode.UNAVAILABLE: "Unavailable",
+    grpc.StatusCode.DATA_LOSS: "DataLoss",
+    grpc.StatusCode.UNAUTHENTICATED: "Unauthenticated",
+}
+
+# client_golang's prometheus.DefBuckets (prometheus_client's default adds .075, .75 and 7.5).
+GO_DEFAULT_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+_LABELS = ("grpc_type", "grpc_service", "grpc_method")
+_DEADLINE_SLACK_SECONDS = 0.05
+
+
+def split_method(full_method: str) -> tuple[str, str]:
+    """``/layercard.v1.TuningService/GetTuningJob`` -> (service, method), like go-grpc-prometheus."""
+    name = full_method.removeprefix("/")
+    service, sep, method = name.partition("/")
+    return (service, method) if sep else ("unknown", "unknown")
+
+
+def _grpc_type(handler: grpc.RpcMethodHandler) -> str:
+    if handler.request_streaming:
+        return "bidi_stream" if handler.response_streaming else "client_stream"
+    return "server_stream" if handler.response_streaming else "unary"
+
+
+def _is_async(behavior) -> bool:
+    return inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)
+
+
+def _failure_code(exc: BaseException, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The status grpc.aio sends for an RPC whose handler raised ``exc``."""
+    if isinstance(exc, asyncio.CancelledError):
+        # The client went away, or its deadline passed (then grpc core cancels the call too). Core's timer can
+        # fire a few ms before time_remaining(), on the wall clock, reaches 0: hence the slack.
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= _DEADLINE_SLACK_SECONDS
+        return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+    code = context.code()
+    if isinstance(exc, grpc.aio.AbortError):
+        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+    # An unexpected exception: grpc.aio sends UNKNOWN unless the handler had set another code first.
+    return code if isinstance(code, grpc.StatusCode) and code is not grpc.StatusCode.OK else grpc.StatusCode.UNKNOWN
+
+
+def _final_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    code = context.code()
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
+
+
+@dataclass
+class _MethodMetrics:
+    """The label children of one method, looked up once (``labels()`` takes a lock and hashes every call)."""
+
+    started: Counter
+    received: Counter
+    sent: Counter
+    seconds: Histogram
+    handled_parent: Counter
+    labels: tuple[str, str, str]
+    handled: dict[grpc.StatusCode, Counter] = field(default_factory=dict)
+
+    def finish(self, code: grpc.StatusCode, started_at: float) -> None:
+        child = self.handled.get(code)
+        if child is None:
+            child = self.handled[code] = self.handled_parent.labels(*self.labels, GO_CODE_NAMES.get(code, "Unknown"))
+        child.inc()
+        self.seconds.observe(time.perf_counter() - started_at)
+
+
+class _CountingContext:
+    """The servicer context, counting the messages a streaming handler writes or reads itself."""
+
+    __slots__ = ("_context", "_metrics")
+
+    def __init__(self, context: grpc.aio.ServicerContext, metrics: _MethodMetrics) -> None:
+        self._context = context
+        self._metrics = metrics
+
+    async def write(self, message) -> None:
+        await self._context.write(message)
+        self._metrics.sent.inc()
+
+    async def read(self):
+        message = await self._context.read()
+        if message is not grpc.aio.EOF:
+            self._metrics.received.inc()
+        return message
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
+
+
+async def _counted_requests(requests, metrics: _MethodMetrics):
+    async for request in requests:
+        metrics.received.inc()
+        yield request
+
+
+class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every RPC, its messages and its final status code; times its handler. See the module docstring."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._started = Counter(
+            "grpc_server_started", "Total number of RPCs started on the server.", _LABELS, registry=registry
+        )
+        self._handled = Counter(
+            "grpc_server_handled",
+            "Total number of RPCs completed on the server, regardless of success or failure.",
+            (*_LABELS, "grpc_code"),
+            registry=registry,
+        )
+        self._received = Counter(
+            "grpc_server_msg_received",
+            "Total number of RPC stream messages received on the server.",
+            _LABELS,
+            registry=registry,
+        )
+        self._sent = Counter(
+            "grpc_server_msg_sent",
+            "Total number of gRPC stream messages sent by the server.",
+            _LABELS,
+            registry=registry,
+        )
+        self._seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
+            _LABELS,
+            buckets=GO_DEFAULT_BUCKETS,
+            registry=registry,
+        )
+        self._methods: dict[tuple[str, str], _MethodMetrics] = {}
+
+    def _metrics_for(self, full_method: str, grpc_type: str) -> _MethodMetrics:
+        key = (full_method, grpc_type)
+        metrics = self._methods.get(key)
+        if metrics is None:
+            labels = (grpc_type, *split_method(full_method))
+            metrics = self._methods[key] = _MethodMetrics(
+                started=self._started.labels(*labels),
+                received=self._received.labels(*labels),
+                sent=self._sent.labels(*labels),
+                seconds=self._seconds.labels(*labels),
+                handled_parent=self._handled,
+                labels=labels,
+            )
+        return metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None  # unknown method: grpc.aio answers UNIMPLEMENTED; go-grpc-prometheus counts nothing either
+        metrics = self._metrics_for(handler_call_details.method, _grpc_type(handler))
+        kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        if handler.unary_unary is not None and _is_async(handler.unary_unary):
+            return grpc.unary_unary_rpc_method_handler(_observe_unary(handler.unary_unary, metrics, False), **kw)
+        if handler.stream_unary is not None and _is_async(handler.stream_unary):
+            return grpc.stream_unary_rpc_method_handler(_observe_unary(handler.stream_unary, metrics, True), **kw)
+        if handler.unary_stream is not None and _is_async(handler.unary_stream):
+            return grpc.unary_stream_rpc_method_handler(_observe_stream(handler.unary_stream, metrics, False), **kw)
+        if handler.stream_stream is not None and _is_async(handler.stream_stream):
+            return grpc.stream_stream_rpc_method_handler(_observe_stream(handler.stream_stream, metrics, True), **kw)
+        return handler  # a synchronous handler runs in grpc's thread pool: not counted
+
+
+def _observe_unary(behavior, metrics: _MethodMetrics, request_streaming: bool):
+    """A handler with one response: the request (or each streamed one) received, the response sent if OK."""
+
+    async def observed(request, context):
+        started_at = time.perf_counter()
+        metrics.started.inc()
+        if request_streaming:
+            request, context = _counted_requests(request, metrics), _CountingContext(context, metrics)
+        else:
+            metrics.received.inc()
+        try:
+            response = await behavior(request, context)
+        except BaseException as exc:
+            metrics.finish(_failure_code(exc, context), started_at)
+            raise
+        code = _final_code(context)
+        metrics.finish(code, started_at)
+        if code is grpc.StatusCode.OK:
+            metrics.sent.inc()
+        return response
+
+    return observed
+
+
+def _observe_stream(behavior, metrics: _MethodMetrics, request_streaming: bool):
+    """A streaming handler, rebuilt as a coroutine that writes (and counts) each response it yields."""
+
+    async def observed(request, context):
+        started_at = time.perf_counter()
+        metrics.started.inc()
+        if request_streaming:
+            request = _counted_requests(request, metrics)
+        else:
+            metrics.received.inc()
+        counting = _CountingContext(context, metrics)
+        try:
+            if inspect.isasyncgenfunction(behavior):
+                # aclosing: on cancellation the handler's generator is closed now, its finally blocks run now.
+                async with contextlib.aclosing(behavior(request, counting)) as responses:
+                    async for response in responses:
+                        await context.write(response)
+                        metrics.sent.inc()
+            else:
+                await behavior(request, counting)  # streams with context.write() itself (the health Watch does)
+        except BaseException as exc:
+            metrics.finish(_failure_code(exc, context), started_at)
+            raise
+        metrics.finish(_final_code(context), started_at)
+
+    return observed
