@@ -15,7 +15,7 @@ from layercard_service.serve.fleet import Discovery, DnsDiscovery, Fleet, FleetS
 from layercard_service.serve.inference import InferenceProxy, Routes
 from layercard_service.serve.reconcile import Reconciler
 from layercard_service.store import Store
-from layercard_service.telemetry import Telemetry
+from layercard_service.telemetry import SafeTelemetry, Telemetry
 from layercard_service.tune.job_store import JobStore
 from layercard_service.tune.runner import LocalProcessRunner, worker_command
 from layercard_service.tune.service import TuningService
@@ -35,7 +35,7 @@ class Core:
 
     @classmethod
     def from_config(cls, config: ServiceConfig, telemetry: Telemetry | None = None) -> Core:
-        telemetry = telemetry or Telemetry()
+        telemetry = SafeTelemetry(telemetry or Telemetry())
         store = Store(config.data_dir)
         cards = CardService(
             store,
@@ -80,7 +80,8 @@ class Core:
                     for r in records]  # fmt: skip
 
         def replicas() -> list[tuple[str, bool, tuple[str, ...]]]:
-            return [(o.url, o.healthy, o.adapters) for o in self.adapters.fleet.last.values()]
+            # A copy: the event loop updates the fleet's observations while this scrape thread reads them.
+            return [(o.url, o.healthy, o.adapters) for o in list(self.adapters.fleet.last.values())]
 
         return StateCollector(self.tuning.store.count_by_state, deployments, replicas)
 

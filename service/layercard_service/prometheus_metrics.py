@@ -9,6 +9,7 @@ the ones deployed (a request for anything else fails before it is recorded), rep
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -18,6 +19,8 @@ from prometheus_client.registry import Collector
 from layercard_service.telemetry import JobOutcome, RequestRecord, Telemetry
 
 __all__ = ["BASE_MODEL_LABEL", "PrometheusTelemetry", "StateCollector"]
+
+log = logging.getLogger(__name__)
 
 BASE_MODEL_LABEL = "base"  # the adapter label of requests to the base model
 
@@ -155,6 +158,14 @@ class PrometheusTelemetry(Telemetry):
         self.upstream.labels(replica, reason).inc()
 
 
+def _read(source: Callable, default):
+    try:
+        return source()
+    except Exception:
+        log.exception("a metrics source failed during a scrape")
+        return default
+
+
 class StateCollector(Collector):
     """Gauges read at scrape time from the stores and the fleet's last observation.
 
@@ -171,13 +182,14 @@ class StateCollector(Collector):
         self.jobs_by_state, self.deployments, self.replicas = jobs_by_state, deployments, replicas
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        # Each source may fail (a locked database): its gauges are left out, the rest of the scrape still works.
         jobs = GaugeMetricFamily("layercard_tuning_jobs", "Tuning jobs by current state.", labels=["state"])
-        for state, count in sorted(self.jobs_by_state().items()):
+        for state, count in sorted(_read(self.jobs_by_state, {}).items()):
             jobs.add_metric([state], count)
         yield jobs
 
-        deployments = self.deployments()
-        replicas = self.replicas()
+        deployments = _read(self.deployments, [])
+        replicas = _read(self.replicas, [])
         up = GaugeMetricFamily(
             "layercard_vllm_replica_up", "1 when the replica answered its last check.", labels=["replica"]
         )

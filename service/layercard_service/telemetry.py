@@ -6,9 +6,13 @@ The domain calls a ``Telemetry``; the base class ignores everything (unit tests,
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 
-__all__ = ["JobOutcome", "RequestRecord", "Telemetry"]
+__all__ = ["JobOutcome", "RequestRecord", "SafeTelemetry", "Telemetry"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,3 +57,25 @@ class Telemetry:
 
     def upstream_error(self, replica: str, reason: str) -> None:
         """A vLLM server failed a call or could not be reached."""
+
+
+class SafeTelemetry(Telemetry):
+    """Passes every call on, and logs instead of raising: a metrics failure must never fail the work it describes
+    (these calls run in ``finally`` blocks and after committed deploys)."""
+
+    def __init__(self, inner: Telemetry) -> None:
+        self.inner = inner
+
+    def __getattribute__(self, name: str):
+        if name.startswith("_") or name == "inner":
+            return object.__getattribute__(self, name)
+        target = getattr(object.__getattribute__(self, "inner"), name)
+
+        @functools.wraps(target)
+        def guarded(*args, **kwargs) -> None:
+            try:
+                target(*args, **kwargs)
+            except Exception:
+                log.exception("telemetry call failed", extra={"call": name})
+
+        return guarded

@@ -177,6 +177,10 @@ def test_bearer_token_required_except_for_health():
             with pytest.raises(grpc.RpcError) as err:
                 list(cards.ComputeLayerCard(layer_card_pb2.ComputeLayerCardRequest(), timeout=5))
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            # So is server reflection (a bidirectional stream).
+            with pytest.raises(grpc.RpcError) as err:
+                ProtoReflectionDescriptorDatabase(channel).get_services()
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
             # Health needs no token: probes carry none.
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert health.status == SERVING

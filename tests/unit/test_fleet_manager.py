@@ -37,6 +37,7 @@ from layercard_service.serve.fleet import Discovery, DnsDiscovery, Fleet, FleetS
 from layercard_service.serve.inference import InferenceProxy, Routes
 from layercard_service.serve.reconcile import Reconciler
 from layercard_service.serve.vllm_api import Completion, CompletionChunk, Sampling, ServedModel, VllmApi
+from layercard_service.telemetry import RequestRecord, Telemetry
 from layercard_service.tune.job_store import JobStore
 
 BASE = "base-model"
@@ -842,3 +843,28 @@ def test_the_planner_takes_the_median_measured_vllm_overhead(tmp_path):
         PlacementPlanner(Cards(), serving_calibration=lambda _model: None).plan("layerCards/c", request)
     assert reason(err) == "SERVING_COST_UNKNOWN"
     store.close()
+
+
+class Recorder(Telemetry):
+    def __init__(self) -> None:
+        self.requests: list[RequestRecord] = []
+
+    def request_finished(self, record: RequestRecord) -> None:
+        self.requests.append(record)
+
+
+@run_async
+async def test_each_request_is_recorded_once_and_unknown_names_share_one_label(env):
+    recorder = Recorder()
+    env.proxy.telemetry = recorder
+    env.publish("echo")
+    await env.manager.deploy("adapters/echo")
+    await env.generate("echo")
+    with pytest.raises(NotFound):
+        await env.generate("no-such-adapter")
+    chunks = [c async for c, _, _ in env.proxy.stream("hi", "echo", Sampling(max_tokens=4))]
+    assert chunks
+    ok_generate, missing, ok_stream = recorder.requests
+    assert (ok_generate.adapter, ok_generate.ok, ok_generate.served_model) == ("echo", True, "echo@v1")
+    assert (missing.adapter, missing.ok, missing.error) == ("unknown", False, "ADAPTER_NOT_DEPLOYED")
+    assert ok_stream.ok and 0 < ok_stream.first_token_seconds <= ok_stream.latency_seconds

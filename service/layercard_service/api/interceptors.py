@@ -166,4 +166,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
             return deny
 
+        if handler is not None and (handler.stream_stream is not None or handler.stream_unary is not None):
+            # Client-streaming kinds (server reflection) are refused too: nothing but health goes without a token.
+            kw = dict(
+                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            )
+            if handler.stream_unary is not None:
+                return grpc.stream_unary_rpc_method_handler(deny_unary(None), **kw)
+            return grpc.stream_stream_rpc_method_handler(deny_stream(None), **kw)
         return _wrap(handler, deny_unary, deny_stream)

@@ -123,6 +123,20 @@ class AdapterManager:
         force: bool = False,
         validate_only: bool = False,
     ) -> DeploymentView:
+        began = time.monotonic()
+        try:
+            view = await self._deploy(adapter_name, version, max_overhead_fraction, force, validate_only)
+        except BaseException as exc:
+            if not validate_only:
+                self.telemetry.deploy_finished(_outcome(exc), time.monotonic() - began)
+            raise
+        if not validate_only:
+            self.telemetry.deploy_finished("ok", time.monotonic() - began)
+        return view
+
+    async def _deploy(
+        self, adapter_name: str, version: int, max_overhead_fraction: float | None, force: bool, validate_only: bool
+    ) -> DeploymentView:
         adapter_id = adapter_id_from_name(adapter_name)
         if version < 0:
             raise InvalidArgument.field("version", f"must be >= 1, or 0 for the newest, got {version}")
@@ -141,15 +155,7 @@ class AdapterManager:
             observed = await self._healthy_replicas()
             if validate_only:
                 return self._view(adapter_id, chosen.version, "", observed, None)
-            began = time.monotonic()
-            try:
-                view = await self._deploy_locked(chosen, observed, max_overhead_fraction, force)
-            except BaseException as exc:
-                reason = exc.reason if isinstance(exc, LayercardError) else "CANCELLED"
-                self.telemetry.deploy_finished(reason, time.monotonic() - began)
-                raise
-            self.telemetry.deploy_finished("ok", time.monotonic() - began)
-            return view
+            return await self._deploy_locked(chosen, observed, max_overhead_fraction, force)
 
     async def _deploy_locked(
         self, chosen: AdapterVersion, observed: dict[str, Observation], budget: float | None, force: bool
@@ -354,6 +360,12 @@ class AdapterManager:
         served = served_name(adapter_id, version)
         replicas = tuple(self._replica_view(o, served) for o in observed.values())
         return DeploymentView(adapter_id, version, state, latency, update_time or time.time(), replicas=replicas)
+
+
+def _outcome(exc: BaseException) -> str:
+    if isinstance(exc, LayercardError):
+        return exc.reason
+    return "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "INTERNAL"
 
 
 def _check_budget(served: str, latency: LatencyMeasurement, budget: float | None, verb: str) -> None:

@@ -13,6 +13,7 @@ so that a version swap can wait for the old version's requests to finish before 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import re
 import time
@@ -164,37 +165,62 @@ class InferenceProxy:
         if len(prompt) > MAX_PROMPT_CHARS:
             raise InvalidArgument.field("prompt", f"must be at most {MAX_PROMPT_CHARS} characters")
 
-    def _done(
-        self, adapter: str, name: str, url: str, first: float, total: float, tokens: int, error: str = ""
-    ) -> None:
+    def _release(self, name: str, url: str, error: str = "") -> None:
+        """One attempt on one replica is over."""
         self.in_flight[name] -= 1
         if self.in_flight[name] <= 0:
             del self.in_flight[name]
-        self.telemetry.request_finished(RequestRecord(adapter, name, url, not error, first, total, tokens, error))
         if error.startswith("VLLM_"):
             self.telemetry.upstream_error(url, error)
 
+    def _record(
+        self, adapter: str, name: str, url: str, error: str, first: float = 0.0, total: float = 0.0, tokens: int = 0
+    ) -> None:
+        """One caller's request is over: recorded once, however many replicas it tried."""
+        if error and not name and adapter and adapter not in self.routes.served and not self.routes.managed(adapter):
+            adapter = "unknown"  # a name nobody serves: keep the metrics' label values bounded
+        self.telemetry.request_finished(RequestRecord(adapter, name, url, not error, first, total, tokens, error))
+
     async def generate(self, prompt: str, adapter: str, sampling: Sampling) -> Generated:
         self._check(prompt)
+        entered = time.perf_counter()
+        try:
+            generated, began = await self._generate(prompt, adapter, sampling)
+        except BaseException as exc:
+            self._record(adapter, "", "", _reason(exc))
+            raise
+        c = generated.completion
+        waited = began - entered  # replica lookups and failed attempts: the caller waited for them too
+        self._record(
+            adapter,
+            generated.served_model,
+            generated.replica,
+            "",
+            waited + c.first_token_seconds,
+            waited + c.latency_seconds,
+            c.completion_tokens,
+        )
+        return generated
+
+    async def _generate(self, prompt: str, adapter: str, sampling: Sampling) -> tuple[Generated, float]:
         last: Unavailable | None = None
         async for replica, name in self._candidates(adapter):
             self.in_flight[name] += 1  # counted before any await: a swap that routes away sees this request
-            started = time.perf_counter()
+            began = time.perf_counter()
             try:
                 completion = await replica.complete(name, prompt, sampling)
             except Unavailable as exc:
-                self._done(adapter, name, replica.url, 0.0, time.perf_counter() - started, 0, exc.reason)
+                self._release(name, replica.url, exc.reason)
                 self._models.pop(replica.url, None)
                 if exc.reason != "VLLM_UNAVAILABLE":
                     raise  # it reached vLLM: another try could run the completion twice
                 last = exc  # never connected: try the next replica that serves it
                 continue
             except BaseException as exc:
-                self._done(adapter, name, replica.url, 0.0, time.perf_counter() - started, 0, _reason(exc))
+                self._release(name, replica.url, _reason(exc))
                 raise
-            c = completion
-            self._done(adapter, name, replica.url, c.first_token_seconds, c.latency_seconds, c.completion_tokens)
-            return Generated(completion, replica.url, name)
+            self._release(name, replica.url)
+            return Generated(completion, replica.url, name), began
         assert last is not None
         raise last
 
@@ -203,18 +229,35 @@ class InferenceProxy:
     ) -> AsyncIterator[tuple[CompletionChunk, str, str]]:
         """Chunks with (replica, served name). Only a replica failing before its first chunk is retried."""
         self._check(prompt)
+        entered = time.perf_counter()
+        first, tokens, name, url, error = 0.0, 0, "", "", "CANCELLED"  # closed early unless it ends below
+        try:
+            async with contextlib.aclosing(self._stream(prompt, adapter, sampling)) as chunks:
+                async for chunk, url, name in chunks:
+                    if not first and chunk.text:
+                        first = time.perf_counter() - entered
+                    tokens = chunk.completion_tokens or tokens
+                    yield chunk, url, name
+            error = ""
+        except Exception as exc:
+            error = _reason(exc)
+            raise
+        finally:
+            total = time.perf_counter() - entered
+            self._record(adapter, name, url, error, first or total, total, tokens)
+
+    async def _stream(
+        self, prompt: str, adapter: str, sampling: Sampling
+    ) -> AsyncIterator[tuple[CompletionChunk, str, str]]:
         last: Unavailable | None = None
         async for replica, name in self._candidates(adapter):
             self.in_flight[name] += 1
-            begin = time.perf_counter()
-            first, tokens, error, yielded = 0.0, 0, "CANCELLED", False  # closed early unless it ends below
+            error, yielded = "CANCELLED", False
             try:
-                async for chunk in replica.stream(name, prompt, sampling):
-                    if not first and chunk.text:
-                        first = time.perf_counter() - begin
-                    tokens = chunk.completion_tokens or tokens
-                    yielded = True
-                    yield chunk, replica.url, name
+                async with contextlib.aclosing(replica.stream(name, prompt, sampling)) as chunks:
+                    async for chunk in chunks:
+                        yielded = True
+                        yield chunk, replica.url, name
                 error = ""
                 return
             except Exception as exc:
@@ -224,7 +267,7 @@ class InferenceProxy:
                 self._models.pop(replica.url, None)
                 last = exc
             finally:  # also when the caller cancels: the request no longer runs on this version
-                self._done(adapter, name, replica.url, first, time.perf_counter() - begin, tokens, error)
+                self._release(name, replica.url, error)
         assert last is not None
         raise last
 

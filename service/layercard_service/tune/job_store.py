@@ -208,6 +208,8 @@ class JobStore:
             if to == JobState.RUNNING:
                 sets.append("start_time = COALESCE(start_time, ?)")
                 args.append(now)
+            if to == JobState.QUEUED:
+                sets.append("worker_pid = NULL")  # waiting again: the next attempt's worker reports its own pid
             if to.ended:
                 sets += ["end_time = ?", "error_code = ?", "error_message = ?", "result = ?", "worker_pid = NULL"]
                 args += [now, error_code, error_message, json.dumps(result.to_dict()) if result else None]

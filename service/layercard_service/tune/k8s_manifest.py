@@ -251,6 +251,7 @@ def job_manifest(job_id: str, settings: KubernetesSettings, command: Callable[[s
             "runAsUser": s.run_as_user,
             "runAsGroup": s.run_as_user,
             "fsGroup": s.run_as_user,
+            "fsGroupChangePolicy": "OnRootMismatch",  # not a recursive chown of the live state.db per trainer
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],

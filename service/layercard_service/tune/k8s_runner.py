@@ -193,6 +193,7 @@ class KubernetesJobRunner(JobRunner):
                 self.store.transition(
                     job_id, [JobState.CANCELLING], JobState.CANCELLED, "cancelled while the service was stopped"
                 )
+                report_job_end(self.store, self.telemetry, job_id)
                 continue
             step = latest_step(self.settings.data_dir / "artifacts" / "checkpoints" / job_id)
             self.store.append_events(job_id, [], step=step)
@@ -211,20 +212,25 @@ class KubernetesJobRunner(JobRunner):
             running = dict(self._running)
             due = {j for j, at in self._cancel_at.items() if at <= time.monotonic()}
         for job_id, name in running.items():
-            job = listed.get(job_id)
-            finished = job_finished(job) if job is not None else None
-            if job is None:
-                self._ended(job_id, name, f"its Kubernetes Job {name} is gone")
-            elif finished is not None:
-                kind, why = finished
-                self._ended(job_id, name, f"its Kubernetes Job {name} ended ({kind}{': ' + why if why else ''})")
-            elif (job.get("metadata") or {}).get("deletionTimestamp"):
-                continue  # being deleted: the next rounds see it gone
-            elif job_id in due:
-                log.warning("the worker of %s did not stop after the cancel: deleting its Job %s", job_id, name)
-                self.api.delete_job(self.namespace, name)  # the next round sees it gone: CANCELLED
-            elif self._silent(job_id):
-                self._check_start(job_id, name)
+            try:
+                self._settle_one(job_id, name, listed.get(job_id), due)
+            except Exception:  # one job's trouble (RBAC, a locked database) must not starve the others
+                log.exception("settling the Kubernetes Job of %s failed; retrying next round", job_id)
+
+    def _settle_one(self, job_id: str, name: str, job: dict[str, Any] | None, due: set[str]) -> None:
+        finished = job_finished(job) if job is not None else None
+        if job is None:
+            self._ended(job_id, name, f"its Kubernetes Job {name} is gone")
+        elif finished is not None:
+            kind, why = finished
+            self._ended(job_id, name, f"its Kubernetes Job {name} ended ({kind}{': ' + why if why else ''})")
+        elif (job.get("metadata") or {}).get("deletionTimestamp"):
+            return  # being deleted: the next rounds see it gone
+        elif job_id in due:
+            log.warning("the worker of %s did not stop after the cancel: deleting its Job %s", job_id, name)
+            self.api.delete_job(self.namespace, name)  # the next round sees it gone: CANCELLED
+        elif self._silent(job_id):
+            self._check_start(job_id, name)
 
     def _silent(self, job_id: str) -> bool:
         """The worker has not reported in (no pid in the store) long after its Job was created."""
@@ -293,8 +299,9 @@ class KubernetesJobRunner(JobRunner):
                 return self._requeue(job_id, f"a finished Kubernetes Job {name} of an earlier run was in the way")
         except Unavailable as exc:
             return self._requeue(job_id, f"Kubernetes API unavailable: {exc.message}")
-        except FailedPrecondition as exc:
-            message = f"cannot create the Kubernetes Job: {exc.message}"
+        except (FailedPrecondition, Exception) as exc:  # anything else would strand the job RUNNING with no Job
+            log.exception("cannot create the Kubernetes Job of %s", job_id)
+            message = f"cannot create the Kubernetes Job: {getattr(exc, 'message', None) or exc!r}"
             self.store.transition(
                 job_id,
                 [JobState.RUNNING, JobState.CANCELLING],
@@ -332,13 +339,16 @@ class KubernetesJobRunner(JobRunner):
                 self._queue.appendleft(job_id)
         else:  # cancelled meanwhile: no Job was made, so the cancel is complete
             self.store.transition(job_id, [JobState.CANCELLING], JobState.CANCELLED, "cancelled before its Job ran")
+            self._cancel_at.pop(job_id, None)
+            report_job_end(self.store, self.telemetry, job_id)
         return False
 
 
 def kubernetes_runner(config: ServiceConfig, store: JobStore, telemetry: Telemetry) -> KubernetesJobRunner:
     """The runner ``job_runner = "kubernetes"`` selects, on the official client (in-cluster config or kubeconfig)."""
     settings = kubernetes_settings(config)
-    threads = config.job_threads or _cores(settings.cpu_limit or settings.cpu_request)
+    # The trainer pod's own CPU, not job_threads: that one sizes local workers to the service pod's cores.
+    threads = _cores(settings.cpu_limit or settings.cpu_request)
     command = worker_command(
         settings.data_dir, config.model_roots, config.dataset_roots, config.max_lora_rank, threads=threads
     )

@@ -40,6 +40,8 @@ LOG_TAIL_BYTES = 1500
 class JobRunner(ABC):
     """Executes queued jobs. Jobs' states live in the job store; the runner moves QUEUED to RUNNING."""
 
+    telemetry: Telemetry = Telemetry()  # told once of every job that ends (report_job_end)
+
     @abstractmethod
     def start(self) -> None:
         """Recovers jobs left by a previous service process and starts dispatching."""
@@ -216,6 +218,7 @@ class LocalProcessRunner(JobRunner):
                         error_code="WORKER_START_FAILED",
                         error_message=f"cannot start the worker: {exc}",
                     )
+                    report_job_end(self.store, self.telemetry, job_id)
                     continue
                 self._running[job_id] = proc
                 monitor = threading.Thread(target=self._supervise, args=(job_id, proc), daemon=True)

@@ -32,7 +32,7 @@ from layercard_service.tune.jobs import (
     check_id,
     job_id_from_name,
 )
-from layercard_service.tune.runner import JobRunner
+from layercard_service.tune.runner import JobRunner, report_job_end
 
 __all__ = ["CreateJob", "HyperparameterRequest", "LoraRequest", "TuningService"]
 
@@ -218,6 +218,7 @@ class TuningService:
                     record.job_id, [JobState.QUEUED], JobState.CANCELLED, "cancelled while queued"
                 ):
                     self.runner.cancel(record.job_id)
+                    report_job_end(self.store, self.runner.telemetry, record.job_id)
                     break
             elif record.state == JobState.RUNNING:
                 message = "cancel requested: stopping before the next step"
