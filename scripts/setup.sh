@@ -21,5 +21,9 @@ pip=("$venv/bin/python" -m pip)
 # the project always starts vLLM as `python -m vllm.entrypoints.openai.api_server`.
 "$venv/bin/python" -c "import torch, transformers, peft, vllm, grpc, layercard_service, layercard_client" \
   || { echo "setup: imports failed after install" >&2; exit 1; }
-command -v prometheus >/dev/null || echo "setup: Prometheus missing (make test needs it): sudo bash scripts/install_promtool.sh" >&2
+# Prometheus and promtool (Debian's package) for the observability tests: installed here when we are root.
+if ! command -v prometheus >/dev/null; then
+  if [ "$(id -u)" -eq 0 ]; then bash scripts/install_promtool.sh
+  else echo "setup: Prometheus missing (make test needs it): sudo bash scripts/install_promtool.sh" >&2; fi
+fi
 echo "setup: $venv ready"
