@@ -16,27 +16,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
-import json
 import os
-import platform
 import statistics
 import sys
 import threading
 import time
-from importlib import metadata
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from bench.common import machine, version, write_results
 from layercard_service.api.grpc_metrics import GrpcMetricsInterceptor
 from layercard_service.api.interceptors import ErrorInterceptor
 from layercard_service.metrics import new_registry
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CHECK = "/grpc.health.v1.Health/Check"
 SIDES = ("without", "with")
 
@@ -55,35 +50,6 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         args.rpcs, args.warmup, args.block, args.wrapper_calls = 300, 50, 50, 2000
     args.out = args.out or ("metrics_quick" if args.quick else "metrics")
     return args
-
-
-# --- the machine (bench/serving.py's record without torch and vLLM, which importing it would load) -----------
-def _version(name: str) -> str:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def machine() -> dict:
-    cpu_model, mem_kib = platform.processor() or "unknown", 0
-    with contextlib.suppress(OSError):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu_model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu_model)
-    with contextlib.suppress(OSError, StopIteration, ValueError):
-        meminfo = Path("/proc/meminfo").read_text().splitlines()
-        mem_kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal:"))
-    return {
-        "arch": platform.machine(),
-        "cpu_model": cpu_model,
-        "cores": os.cpu_count(),
-        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "ram_gib": round(mem_kib / 2**20, 1),
-        "python": platform.python_version(),
-        "grpcio": _version("grpcio"),
-        "prometheus_client": _version("prometheus_client"),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 # --- the servers ---------------------------------------------------------------------------------------------
@@ -302,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     started = time.time()
     command = "python -m bench.metrics " + " ".join(argv if argv is not None else sys.argv[1:])
-    info = machine()
+    info = machine(grpcio=version("grpcio"), prometheus_client=version("prometheus_client"))
     with Servers() as servers:
         rpc = rpc_phase(servers, args)
         counted = servers.counted()
@@ -319,10 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         "counted_rpcs": counted,
         "seconds": time.time() - started,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"{args.out}.md").write_text(report(result) + "\n")
-    print(report(result))
+    write_results(args.out, result, report(result))
     return 0
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from bench.common import write_results
 from layercard_service.card.engine import compute_card
 from layercard_service.card.types import CardSettings, LayerCardData
 from layercard_service.data.tasks import get_task
@@ -47,7 +48,6 @@ from layercard_service.plan.types import BudgetSpec, PlanRequest
 from layercard_service.tune.evaluate import evaluate
 from layercard_service.tune.trainer import ALL_LINEAR_MODULES, LoraSettings, TrainConfig, attach_lora, train_lora
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PLANNED_SCORES = ("resnorm", "stream_normalized")  # split_half ranks like resnorm here (reported in Spearman)
 HEADLINE_SCORE = "resnorm"  # the planner's default score (plan/gains.py DEFAULT_SCORE)
 BASELINES = ("full_equal_time", "depth_prior", "random_k", "first_k", "last_k", "uniform_k")
@@ -382,10 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.time() - started,
     }
     result["headline"] = headline(summary)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"{args.out}.md").write_text(report(result) + "\n")
-    print(report(result))
+    write_results(args.out, result, report(result))
     return 0
 
 

