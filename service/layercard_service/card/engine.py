@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from layercard_service.card import coupling as coupling_mod
+from layercard_service.card import performance as performance_mod
 from layercard_service.card.arch import detect_layout
 from layercard_service.card.cost import CostModel, measure_forward_nograd, measure_peft_serving, measure_step
 from layercard_service.card.probe import ModuleKey, attach_lora, lora_modules, module_type, run_probe
@@ -29,7 +30,7 @@ from layercard_service.card.types import (
 )
 from layercard_service.data.encode import EncodeConfig, collate, encode_examples
 from layercard_service.data.jsonl import Example
-from layercard_service.errors import Cancelled, InvalidArgument, Unimplemented
+from layercard_service.errors import Cancelled, InvalidArgument
 
 __all__ = ["ProgressFn", "compute_card", "make_probe_batches"]
 
@@ -78,12 +79,6 @@ def compute_card(
     progress: ProgressFn = lambda phase, fraction, message: None,
     cancel: threading.Event | None = None,
 ) -> LayerCardData:
-    if settings.compute_performance:
-        raise Unimplemented(
-            "the performance column (single-layer LoRA runs) is not built yet",
-            reason="NOT_IMPLEMENTED_YET",
-            metadata={"field": "compute_performance"},
-        )
     cancel = cancel or threading.Event()
     started = time.perf_counter()
     layout = detect_layout(model)
@@ -148,6 +143,7 @@ def compute_card(
         per_layer_ms = max(adapted_ms - base_ms, 0.0) / L
 
         rho = None
+        coupling_end = 0.95 if settings.compute_performance else 1.0
         if settings.compute_coupling:
             check("coupling", 0.9, f"{L} extra forward passes")
             steps_by_layer: dict[int, dict[ModuleKey, torch.Tensor]] = {}
@@ -161,9 +157,24 @@ def compute_card(
                 steps_by_layer,
                 rate,
                 batches[0],
-                on_layer=lambda done, total: check("coupling", 0.9 + 0.1 * done / total, f"layer {done}/{total}"),
+                on_layer=lambda done, total: check(
+                    "coupling", 0.9 + (coupling_end - 0.9) * done / total, f"layer {done}/{total}"
+                ),
             )
             rho = coupling_mod.cosine_matrix(deltas).tolist()
+        measured_gains = None
+        if settings.compute_performance:
+            check("performance", coupling_end, f"{L} single-layer runs of {settings.performance_steps} steps")
+            measured_gains = performance_mod.layer_gains(
+                peft_model,
+                lora,
+                batches,
+                L,
+                settings.performance_steps,
+                on_layer=lambda done, total: check(
+                    "performance", coupling_end + (1.0 - coupling_end) * done / total, f"layer {done}/{total}"
+                ),
+            )
     finally:
         peft_model.unload()  # the caller's model comes back without LoRA wrappers...
         if hasattr(model, "peft_config"):
@@ -172,6 +183,8 @@ def compute_card(
     rows = _rows(figures, L, layout.shapes, per_layer_params, dtype_bytes, cost, per_layer_ms)
     for row, stream in zip(rows, probe.stream_mean_square):
         row.residual_mean_square = stream
+    for row, gain in zip(rows, measured_gains or ()):
+        row.measured_gain = gain
     measured_full_bytes = cost.peak_bytes(range(L))
     predicted_partial = cost.step_seconds(validation_layers)
     predicted_partial_bytes = cost.peak_bytes(validation_layers)

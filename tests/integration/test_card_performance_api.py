@@ -1,0 +1,50 @@
+"""ComputeLayerCard's performance column over a real socket: computed when asked, stored, and validated."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from layercard.v1 import common_pb2, layer_card_pb2, layer_card_pb2_grpc
+
+
+def _request(**overrides) -> layer_card_pb2.ComputeLayerCardRequest:
+    fields = dict(
+        model="builtin:tiny",
+        dataset=common_pb2.DatasetSource(builtin="builtin:cipher"),
+        probe_size=32,
+        max_seq_len=48,
+        compute_performance=True,
+        performance_steps=2,
+    )
+    return layer_card_pb2.ComputeLayerCardRequest(**{**fields, **overrides})
+
+
+def test_card_with_the_performance_column(server):
+    with grpc.insecure_channel(server.address) as channel:
+        stub = layer_card_pb2_grpc.LayerCardServiceStub(channel)
+        events = list(stub.ComputeLayerCard(_request(), timeout=600))
+        phases = [e.progress.phase for e in events if e.HasField("progress")]
+        card = events[-1].card
+        assert "performance" in phases
+        assert card.settings.compute_performance and card.settings.performance_steps == 2
+        assert len(card.layers) == 8 and all(layer.HasField("measured_gain") for layer in card.layers)
+        stored = stub.GetLayerCard(layer_card_pb2.GetLayerCardRequest(name=card.name), timeout=10)
+        assert [layer.measured_gain for layer in stored.layers] == [layer.measured_gain for layer in card.layers]
+
+
+@pytest.mark.parametrize("steps", [-1, 10_001])
+def test_performance_steps_out_of_range_is_invalid_argument(server, steps):
+    with grpc.insecure_channel(server.address) as channel:
+        stub = layer_card_pb2_grpc.LayerCardServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.ComputeLayerCard(_request(performance_steps=steps), timeout=60))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        bad = error_details_pb2.BadRequest()
+        next(d for d in rpc_status.from_call(err.value).details if d.Unpack(bad))
+        assert [v.field for v in bad.field_violations] == ["performance_steps"]
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
