@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ from layercard_service.serve.fleet import Fleet, Observation
 from layercard_service.serve.inference import InferenceProxy, served_id
 from layercard_service.serve.probes import measure_effect, measure_latency
 from layercard_service.serve.vllm_api import VllmApi
+from layercard_service.sources import check_tree_within_roots
 from layercard_service.store import paginate
 from layercard_service.telemetry import Telemetry
 from layercard_service.tune.job_store import AdapterVersion, JobStore
@@ -140,8 +142,12 @@ class AdapterManager:
         adapter_id = adapter_id_from_name(adapter_name)
         if version < 0:
             raise InvalidArgument.field("version", f"must be >= 1, or 0 for the newest, got {version}")
-        if max_overhead_fraction is not None and not max_overhead_fraction >= 0:
-            raise InvalidArgument.field("max_overhead_fraction", f"must be >= 0, got {max_overhead_fraction}")
+        if max_overhead_fraction is not None and not (
+            math.isfinite(max_overhead_fraction) and max_overhead_fraction >= 0
+        ):  # NaN fails every comparison, so it would never bind; Infinity is no budget: leave the field unset
+            raise InvalidArgument.field(
+                "max_overhead_fraction", f"must be a finite number >= 0, got {max_overhead_fraction}"
+            )
         chosen = self._version(adapter_id, version)
         config = _adapter_config(chosen)
         problems = adapter_problems(config, chosen.metadata.get("model", ""), self.fleet.settings)
@@ -386,12 +392,27 @@ def _check_budget(served: str, latency: LatencyMeasurement, budget: float | None
 
 
 def _adapter_config(version: AdapterVersion) -> dict:
-    path = Path(version.path) / "adapter_config.json"
+    """The artifact's peft config. vLLM reads the whole folder, so a symlink in it that leaves it is refused
+    first (peft writes none); errors name the file, never what it holds."""
+    folder = Path(version.path)
+    path = folder / "adapter_config.json"
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise FailedPrecondition(
-            f"the artifact of adapters/{version.adapter_id} version {version.version} is unreadable: {exc}",
-            reason="ARTIFACT_MISSING",
-            metadata={"path": str(path)},
-        ) from exc
+        resolved = folder.resolve(strict=True)
+        check_tree_within_roots(resolved, (resolved,), "adapter", "artifact")
+        config = json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError) as exc:
+        problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise _unreadable(version, path, problem) from exc
+    except json.JSONDecodeError as exc:
+        raise _unreadable(version, path, f"adapter_config.json is not valid JSON (line {exc.lineno})") from exc
+    if not isinstance(config, dict):
+        raise _unreadable(version, path, "adapter_config.json is not a JSON object")
+    return config
+
+
+def _unreadable(version: AdapterVersion, path: Path, problem: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"the artifact of adapters/{version.adapter_id} version {version.version} is unreadable: {problem}",
+        reason="ARTIFACT_MISSING",
+        metadata={"path": str(path)},
+    )
