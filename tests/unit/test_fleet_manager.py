@@ -32,7 +32,7 @@ from layercard_service.errors import (
 from layercard_service.plan.planner import PlacementPlanner, calibrated
 from layercard_service.plan.types import BudgetSpec, PlanRequest
 from layercard_service.serve.adapters import AdapterManager, DeploySettings
-from layercard_service.serve.deploy_store import DeploymentStore, LatencyMeasurement
+from layercard_service.serve.deploy_store import DeploymentRecord, DeploymentStore, LatencyMeasurement
 from layercard_service.serve.fleet import Discovery, DnsDiscovery, Fleet, FleetSettings, StaticDiscovery
 from layercard_service.serve.inference import InferenceProxy, Routes
 from layercard_service.serve.reconcile import Reconciler
@@ -672,6 +672,22 @@ async def test_reconcile_unloads_stray_versions_and_leaves_others_alone(env):
     await env.reconciler.reconcile()
     assert set(first.loaded) == {"echo@v1", "someone-else@v1", "plain"}
     assert {e[2] for e in env.calls("unload")} == {"echo@v2", "echo@v9"}
+
+
+@run_async
+async def test_reconcile_unloads_every_version_of_an_id_no_request_can_name(env):
+    # "echo\n" passed the old ^...$ id check; a deploy of it is stored and loaded, but no request can undeploy
+    # it now. Reconcile owns the name (the id has versions) and unloads it, so it cannot hold a slot for good.
+    env.publish("echo\n")
+    env.publish("echo")
+    await env.manager.deploy("adapters/echo")
+    env.store.put(DeploymentRecord("echo\n", 1, "READY", None, 0.0))
+    for replica in env.replicas:
+        replica.loaded["echo\n@v1"] = "/x"
+    assert await env.reconciler.reconcile() == {"echo": "READY"}
+    assert [set(f.loaded) for f in env.replicas] == [{"echo@v1"}, {"echo@v1"}]
+    await env.reconciler.reconcile()  # and it is not loaded back
+    assert [set(f.loaded) for f in env.replicas] == [{"echo@v1"}, {"echo@v1"}]
 
 
 @run_async
