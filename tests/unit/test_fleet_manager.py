@@ -27,6 +27,7 @@ from layercard_service.errors import (
     InvalidArgument,
     LayercardError,
     NotFound,
+    PermissionDenied,
     Unavailable,
 )
 from layercard_service.plan.planner import PlacementPlanner, calibrated
@@ -470,6 +471,20 @@ async def test_bad_deploy_arguments_are_invalid_before_any_call(env):
             await env.manager.deploy(**{"adapter_name": "adapters/echo", **kwargs})
         assert [v.field for v in err.value.violations] == [field], kwargs
     assert env.log == []
+
+
+@run_async
+async def test_an_artifact_linking_out_of_its_folder_is_refused_before_any_load(env, tmp_path):
+    env.publish("echo")
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps({**ADAPTER_CONFIG, "note": "secret"}))
+    artifact = Path(env.jobs.versions("echo")[0].path)
+    (artifact / "adapter_config.json").unlink()
+    (artifact / "adapter_config.json").symlink_to(outside)  # vLLM would read it through the link
+    with pytest.raises(PermissionDenied) as err:
+        await env.manager.deploy("adapters/echo")
+    assert reason(err) == "PATH_OUTSIDE_ROOTS" and err.value.metadata["resolved_path"] == str(outside)
+    assert not env.calls("load")
 
 
 @run_async

@@ -12,7 +12,6 @@ restarted replicas get their adapters back, stray versions of managed adapters a
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
@@ -29,7 +28,7 @@ from layercard_service.errors import (
     NotFound,
     Unavailable,
 )
-from layercard_service.serve.compat import adapter_problems, replica_problems
+from layercard_service.serve.compat import adapter_config, adapter_problems, replica_problems
 from layercard_service.serve.deploy_store import (
     DeploymentRecord,
     DeploymentStore,
@@ -40,7 +39,6 @@ from layercard_service.serve.fleet import Fleet, Observation
 from layercard_service.serve.inference import InferenceProxy, served_id
 from layercard_service.serve.probes import measure_effect, measure_latency
 from layercard_service.serve.vllm_api import VllmApi
-from layercard_service.sources import check_tree_within_roots
 from layercard_service.store import paginate
 from layercard_service.telemetry import Telemetry
 from layercard_service.tune.job_store import AdapterVersion, JobStore
@@ -149,7 +147,7 @@ class AdapterManager:
                 "max_overhead_fraction", f"must be a finite number >= 0, got {max_overhead_fraction}"
             )
         chosen = self._version(adapter_id, version)
-        config = _adapter_config(chosen)
+        config = adapter_config(chosen)
         problems = adapter_problems(config, chosen.metadata.get("model", ""), self.fleet.settings)
         if problems:
             raise FailedPrecondition(
@@ -388,31 +386,4 @@ def _check_budget(served: str, latency: LatencyMeasurement, budget: float | None
             "adapter_latency_ms": f"{latency.adapter_latency_ms:.2f}",
             "replica": latency.replica,
         },
-    )
-
-
-def _adapter_config(version: AdapterVersion) -> dict:
-    """The artifact's peft config. vLLM reads the whole folder, so a symlink in it that leaves it is refused
-    first (peft writes none); errors name the file, never what it holds."""
-    folder = Path(version.path)
-    path = folder / "adapter_config.json"
-    try:
-        resolved = folder.resolve(strict=True)
-        check_tree_within_roots(resolved, (resolved,), "adapter", "artifact")
-        config = json.loads(path.read_bytes())
-    except (OSError, UnicodeDecodeError) as exc:
-        problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        raise _unreadable(version, path, problem) from exc
-    except json.JSONDecodeError as exc:
-        raise _unreadable(version, path, f"adapter_config.json is not valid JSON (line {exc.lineno})") from exc
-    if not isinstance(config, dict):
-        raise _unreadable(version, path, "adapter_config.json is not a JSON object")
-    return config
-
-
-def _unreadable(version: AdapterVersion, path: Path, problem: str) -> FailedPrecondition:
-    return FailedPrecondition(
-        f"the artifact of adapters/{version.adapter_id} version {version.version} is unreadable: {problem}",
-        reason="ARTIFACT_MISSING",
-        metadata={"path": str(path)},
     )
