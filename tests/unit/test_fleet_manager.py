@@ -27,12 +27,13 @@ from layercard_service.errors import (
     InvalidArgument,
     LayercardError,
     NotFound,
+    PermissionDenied,
     Unavailable,
 )
 from layercard_service.plan.planner import PlacementPlanner, calibrated
 from layercard_service.plan.types import BudgetSpec, PlanRequest
 from layercard_service.serve.adapters import AdapterManager, DeploySettings
-from layercard_service.serve.deploy_store import DeploymentStore, LatencyMeasurement
+from layercard_service.serve.deploy_store import DeploymentRecord, DeploymentStore, LatencyMeasurement
 from layercard_service.serve.fleet import Discovery, DnsDiscovery, Fleet, FleetSettings, StaticDiscovery
 from layercard_service.serve.inference import InferenceProxy, Routes
 from layercard_service.serve.reconcile import Reconciler
@@ -473,6 +474,20 @@ async def test_bad_deploy_arguments_are_invalid_before_any_call(env):
 
 
 @run_async
+async def test_an_artifact_linking_out_of_its_folder_is_refused_before_any_load(env, tmp_path):
+    env.publish("echo")
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps({**ADAPTER_CONFIG, "note": "secret"}))
+    artifact = Path(env.jobs.versions("echo")[0].path)
+    (artifact / "adapter_config.json").unlink()
+    (artifact / "adapter_config.json").symlink_to(outside)  # vLLM would read it through the link
+    with pytest.raises(PermissionDenied) as err:
+        await env.manager.deploy("adapters/echo")
+    assert reason(err) == "PATH_OUTSIDE_ROOTS" and err.value.metadata["resolved_path"] == str(outside)
+    assert not env.calls("load")
+
+
+@run_async
 async def test_unknown_adapter_or_version_is_not_found(env):
     env.publish("echo")
     with pytest.raises(NotFound) as err:
@@ -672,6 +687,22 @@ async def test_reconcile_unloads_stray_versions_and_leaves_others_alone(env):
     await env.reconciler.reconcile()
     assert set(first.loaded) == {"echo@v1", "someone-else@v1", "plain"}
     assert {e[2] for e in env.calls("unload")} == {"echo@v2", "echo@v9"}
+
+
+@run_async
+async def test_reconcile_unloads_every_version_of_an_id_no_request_can_name(env):
+    # "echo\n" passed the old ^...$ id check; a deploy of it is stored and loaded, but no request can undeploy
+    # it now. Reconcile owns the name (the id has versions) and unloads it, so it cannot hold a slot for good.
+    env.publish("echo\n")
+    env.publish("echo")
+    await env.manager.deploy("adapters/echo")
+    env.store.put(DeploymentRecord("echo\n", 1, "READY", None, 0.0))
+    for replica in env.replicas:
+        replica.loaded["echo\n@v1"] = "/x"
+    assert await env.reconciler.reconcile() == {"echo": "READY"}
+    assert [set(f.loaded) for f in env.replicas] == [{"echo@v1"}, {"echo@v1"}]
+    await env.reconciler.reconcile()  # and it is not loaded back
+    assert [set(f.loaded) for f in env.replicas] == [{"echo@v1"}, {"echo@v1"}]
 
 
 @run_async

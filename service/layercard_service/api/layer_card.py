@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from layercard.v1 import common_pb2, layer_card_pb2, layer_card_pb2_grpc
 from layercard_service.card.service import CardProgress, CardService, StoredCard
 from layercard_service.card.types import CardSettings, LayerCardData
+from layercard_service.errors import InvalidArgument
 from layercard_service.sources import DatasetRequest
 
 __all__ = ["LayerCardServicer", "card_to_proto", "dataset_request", "settings_from_proto"]
@@ -35,6 +36,9 @@ def dataset_request(source: common_pb2.DatasetSource) -> DatasetRequest:
 def settings_from_proto(request: layer_card_pb2.ComputeLayerCardRequest) -> CardSettings:
     """Unset (zero) fields take the documented defaults; out-of-range ones fail validation in CardSettings."""
     defaults = CardSettings()
+    dropout = request.lora.dropout
+    if not 0.0 <= dropout < 1.0:  # the card does not use dropout, but a value no job would accept is an error here too
+        raise InvalidArgument.field("lora.dropout", f"must be in [0, 1), got {dropout}")
     return CardSettings(
         probe_size=request.probe_size if request.HasField("probe_size") else defaults.probe_size,
         rank=request.lora.rank if request.lora.HasField("rank") else defaults.rank,

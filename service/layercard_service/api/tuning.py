@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 from google.protobuf import json_format, timestamp_pb2
@@ -68,12 +69,22 @@ def _placement_from_shape(layers: list[int], shape: common_pb2.LoraShape, **extr
     )
 
 
+def _prediction(message: placement_pb2.Placement, name: str) -> float:
+    """A plan's prediction sent back to us: a count or a duration, so finite and >= 0 (int(inf) would raise)."""
+    value = getattr(message, name).value
+    if not (math.isfinite(value) and value >= 0):
+        raise InvalidArgument.field(f"placement.{name}.value", f"must be a finite number >= 0, got {value}")
+    return value
+
+
 def _placement_from_proto(message: placement_pb2.Placement) -> PlacementSpec:
+    if message.steps < 0:
+        raise InvalidArgument.field("placement.steps", f"must be >= 0 (0: not chosen by the plan), got {message.steps}")
     return _placement_from_shape(
         list(message.layers),
         message.lora,
-        predicted_step_seconds=message.step_seconds.value,
-        predicted_peak_memory_bytes=int(message.peak_memory_bytes.value),
+        predicted_step_seconds=_prediction(message, "step_seconds"),
+        predicted_peak_memory_bytes=int(_prediction(message, "peak_memory_bytes")),
         steps=message.steps,
         layer_card=message.layer_card,
         detail=json_format.MessageToDict(message),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from layercard_service.errors import InvalidArgument
@@ -11,6 +12,7 @@ __all__ = ["CardSettings", "ModuleCard", "LayerCardRow", "TrainingCostCard", "Se
 MAX_PROBE_SIZE = 4096
 MAX_SEQ_LEN = 4096
 MAX_RANK = 512
+MAX_ALPHA = 1e6  # LoRA alpha (0: 2 * rank); far above any useful value, far below float overflow
 
 
 @dataclass(frozen=True)
@@ -35,12 +37,14 @@ class CardSettings:
         checks = [
             ("probe_size", 2 <= self.probe_size <= MAX_PROBE_SIZE, f"must be in 2..{MAX_PROBE_SIZE}"),
             ("lora.rank", 1 <= self.rank <= MAX_RANK, f"must be in 1..{MAX_RANK}"),
-            ("lora.alpha", self.alpha >= 0, "must be >= 0"),
+            # Infinity passes ">= 0" and then breaks the Cholesky solve; NaN fails every comparison.
+            ("lora.alpha", math.isfinite(self.alpha) and 0 <= self.alpha <= MAX_ALPHA, f"must be in 0..{MAX_ALPHA:g}"),
             ("performance_steps", 1 <= self.performance_steps <= 10_000, "must be in 1..10000"),
             ("max_seq_len", 8 <= self.max_seq_len <= MAX_SEQ_LEN, f"must be in 8..{MAX_SEQ_LEN}"),
             ("batch_size", 1 <= self.batch_size <= 1024, "must be in 1..1024"),
             ("device", self.device in ("", "cpu", "cuda"), "must be cpu or cuda"),
             ("precision", self.precision in ("", "float32", "bfloat16", "float16"), "unknown precision"),
+            ("damping", math.isfinite(self.damping) and self.damping > 0, "must be a positive number"),
         ]
         for name, ok, rule in checks:
             if not ok:

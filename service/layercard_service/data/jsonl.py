@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from layercard_service.errors import FieldViolation, InvalidArgument, NotFound
+from layercard_service.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 
 __all__ = [
     "CHAT_ROLES",
@@ -214,6 +214,9 @@ def _read(stream: BinaryIO, limits: JsonlLimits) -> list[Example]:
         except json.JSONDecodeError as exc:
             problems.add(where, f"is not valid JSON: {exc.msg} (column {exc.colno})")
             continue
+        except RecursionError:  # arrays or objects nested thousands deep: no example looks like that
+            problems.add(where, "is nested too deeply to parse")
+            continue
         if not isinstance(obj, dict):
             problems.add(where, f"must be a JSON object, got {_type_name(obj)}")
             continue
@@ -268,3 +271,8 @@ def load_jsonl(path: str | os.PathLike[str], limits: JsonlLimits | None = None) 
         raise NotFound(f"dataset file {os.fspath(path)!r} does not exist", reason="DATASET_NOT_FOUND") from exc
     except IsADirectoryError as exc:
         raise _fatal("dataset.path", f"{os.fspath(path)!r} is a directory, not a JSONL file") from exc
+    except OSError as exc:  # unreadable (permissions, I/O): the server's state, not the request's shape
+        raise FailedPrecondition(
+            f"dataset file {os.fspath(path)!r} cannot be read: {exc.strerror or type(exc).__name__}",
+            reason="DATASET_UNREADABLE",
+        ) from exc

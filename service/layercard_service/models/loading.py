@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -10,6 +11,8 @@ from torch import nn
 from layercard_service.errors import FailedPrecondition, InvalidArgument
 
 __all__ = ["load_model", "pick_device", "pick_dtype"]
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,14 +43,19 @@ def load_model(path: Path, device: str = "", precision: str = "") -> tuple[nn.Mo
 
     target = pick_device(device)
     dtype = pick_dtype(precision, target)
+    part = "tokenizer"
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        part = "weights"
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     except Exception as exc:  # transformers, tokenizers and safetensors each raise their own kinds
+        # Their messages may quote what a file holds (a model_type, a JSON fragment): that stays in the log.
+        log.warning("model load failed", extra={"path": str(path), "part": part, "error": str(exc)[:1000]})
         raise FailedPrecondition(
-            f"cannot load model from {path}: {type(exc).__name__}: {str(exc)[:300]}",
+            f"cannot load model from {path}: its {part} failed to load ({type(exc).__name__}); "
+            "the server log has the details",
             reason="MODEL_LOAD_FAILED",
-            metadata={"path": str(path)},
+            metadata={"path": str(path), "part": part},
         ) from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out everywhere it is used

@@ -12,8 +12,8 @@ restarted replicas get their adapters back, stray versions of managed adapters a
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -28,7 +28,7 @@ from layercard_service.errors import (
     NotFound,
     Unavailable,
 )
-from layercard_service.serve.compat import adapter_problems, replica_problems
+from layercard_service.serve.compat import adapter_config, adapter_problems, replica_problems
 from layercard_service.serve.deploy_store import (
     DeploymentRecord,
     DeploymentStore,
@@ -140,10 +140,14 @@ class AdapterManager:
         adapter_id = adapter_id_from_name(adapter_name)
         if version < 0:
             raise InvalidArgument.field("version", f"must be >= 1, or 0 for the newest, got {version}")
-        if max_overhead_fraction is not None and not max_overhead_fraction >= 0:
-            raise InvalidArgument.field("max_overhead_fraction", f"must be >= 0, got {max_overhead_fraction}")
+        if max_overhead_fraction is not None and not (
+            math.isfinite(max_overhead_fraction) and max_overhead_fraction >= 0
+        ):  # NaN fails every comparison, so it would never bind; Infinity is no budget: leave the field unset
+            raise InvalidArgument.field(
+                "max_overhead_fraction", f"must be a finite number >= 0, got {max_overhead_fraction}"
+            )
         chosen = self._version(adapter_id, version)
-        config = _adapter_config(chosen)
+        config = adapter_config(chosen)
         problems = adapter_problems(config, chosen.metadata.get("model", ""), self.fleet.settings)
         if problems:
             raise FailedPrecondition(
@@ -383,15 +387,3 @@ def _check_budget(served: str, latency: LatencyMeasurement, budget: float | None
             "replica": latency.replica,
         },
     )
-
-
-def _adapter_config(version: AdapterVersion) -> dict:
-    path = Path(version.path) / "adapter_config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise FailedPrecondition(
-            f"the artifact of adapters/{version.adapter_id} version {version.version} is unreadable: {exc}",
-            reason="ARTIFACT_MISSING",
-            metadata={"path": str(path)},
-        ) from exc

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
+from layercard_service.errors import FailedPrecondition
 from layercard_service.serve.fleet import FleetSettings, Observation
+from layercard_service.sources import check_tree_within_roots
 from layercard_service.tune.artifact import vllm_problems
+from layercard_service.tune.job_store import AdapterVersion
 
-__all__ = ["adapter_problems", "replica_problems"]
+__all__ = ["adapter_config", "adapter_problems", "replica_problems"]
 
 
 def adapter_problems(adapter_config: dict[str, Any], model: str, settings: FleetSettings) -> list[str]:
@@ -31,3 +36,30 @@ def replica_problems(observation: Observation) -> list[str]:
     if observation.base_model is None:
         return [f"{observation.url} serves no base model"]
     return []
+
+
+def adapter_config(version: AdapterVersion) -> dict:
+    """The artifact's peft config. vLLM reads the whole folder, so a symlink in it that leaves it is refused
+    first (peft writes none); errors name the file, never what it holds."""
+    folder = Path(version.path)
+    path = folder / "adapter_config.json"
+    try:
+        resolved = folder.resolve(strict=True)
+        check_tree_within_roots(resolved, (resolved,), "adapter", "artifact")
+        config = json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError) as exc:
+        problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise _unreadable(version, path, problem) from exc
+    except json.JSONDecodeError as exc:
+        raise _unreadable(version, path, f"adapter_config.json is not valid JSON (line {exc.lineno})") from exc
+    if not isinstance(config, dict):
+        raise _unreadable(version, path, "adapter_config.json is not a JSON object")
+    return config
+
+
+def _unreadable(version: AdapterVersion, path: Path, problem: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"the artifact of adapters/{version.adapter_id} version {version.version} is unreadable: {problem}",
+        reason="ARTIFACT_MISSING",
+        metadata={"path": str(path)},
+    )

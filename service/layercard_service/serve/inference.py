@@ -29,7 +29,9 @@ __all__ = ["Generated", "InferenceProxy", "Routes", "resolve_served_name", "serv
 
 MODELS_CACHE_SECONDS = 1.0
 MAX_PROMPT_CHARS = 1_000_000
-_VERSION = re.compile(r"^(?P<id>.+)@v(?P<n>\d+)$")
+# "{id}@v{n}" as served_name() writes it. fullmatch and DOTALL: an id with a newline in it (accepted by an older
+# check) still parses, so the service still recognises, and can unload, a version it loaded under such an id.
+_VERSION = re.compile(r"(?P<id>.+)@v(?P<n>[0-9]+)", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class Generated:
 
 def served_id(name: str) -> str | None:
     """The adapter id of a versioned served name ("bot@v3" -> "bot"), or None."""
-    match = _VERSION.match(name)
+    match = _VERSION.fullmatch(name)
     return match["id"] if match else None
 
 
@@ -55,7 +57,7 @@ def resolve_served_name(models: Sequence[ServedModel], adapter: str) -> str | No
             continue
         if m.name == adapter:
             versions.append((0, m.name))
-        match = _VERSION.match(m.name)
+        match = _VERSION.fullmatch(m.name)
         if match and match["id"] == adapter:
             versions.append((int(match["n"]), m.name))
     return max(versions)[1] if versions else None

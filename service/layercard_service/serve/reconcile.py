@@ -1,7 +1,9 @@
 """The reconcile loop: every few seconds, make each replica hold exactly the desired versions.
 
 A new or restarted replica gets its adapters back; a stray version of an adapter the service owns is unloaded;
-adapters someone else loaded (ids the service does not know) are left alone. An adapter whose deploy or
+adapters someone else loaded (ids the service does not know) are left alone. A version of an adapter whose id
+is no longer a valid id (an older check let "bot\n" through) is always a stray: no request can name it to route
+to or undeploy it, so keeping it would hold a LoRA slot for good. An adapter whose deploy or
 undeploy is under way is skipped, and the desired state is read again right before each action, so a round
 that started before a deploy finished never undoes it.
 """
@@ -18,6 +20,7 @@ from layercard_service.serve.adapters import AdapterManager
 from layercard_service.serve.fleet import Observation
 from layercard_service.serve.inference import served_id
 from layercard_service.serve.vllm_api import VllmApi
+from layercard_service.tune.jobs import ID_PATTERN
 
 __all__ = ["Reconciler"]
 
@@ -64,7 +67,7 @@ class Reconciler:
         healthy = [o for o in after.values() if o.healthy]
         states = {}
         for record in m.store.all():
-            if m.busy(record.adapter_id):
+            if m.busy(record.adapter_id) or not _valid_id(record.adapter_id):
                 continue
             complete = bool(healthy) and all(record.served_name in o.adapters for o in healthy)
             state = "READY" if complete and len(healthy) == len(after) else "DEGRADED"
@@ -77,6 +80,8 @@ class Reconciler:
         for record in m.store.all():
             if m.busy(record.adapter_id) or record.served_name in observation.adapters:
                 continue
+            if not _valid_id(record.adapter_id):
+                continue  # never reloaded: see the module docstring
             version = next((v for v in m.versions.versions(record.adapter_id) if v.version == record.version), None)
             if version is None:
                 continue
@@ -96,6 +101,10 @@ class Reconciler:
             if adapter_id is None or m.busy(adapter_id) or not m.versions.has_adapter(adapter_id):
                 continue  # not versioned by us, being deployed, or someone else's
             wanted = m.store.get(adapter_id)  # read now: a deploy may have finished since the round began
-            if wanted is None or wanted.served_name != name:
+            if wanted is None or wanted.served_name != name or not _valid_id(adapter_id):
                 await m.unload([replica], name)
                 log.info("reconcile unloaded", extra={"replica": replica.url, "served_name": name})
+
+
+def _valid_id(adapter_id: str) -> bool:
+    return ID_PATTERN.fullmatch(adapter_id) is not None

@@ -37,7 +37,8 @@ __all__ = [
 ]
 
 JOB_PREFIX = "tuningJobs/"
-ID_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,62}$")  # AIP-122 resource ids
+# AIP-122 resource ids. Always fullmatch: "$" (and so re.match with ^...$) accepts a trailing newline.
+ID_PATTERN = re.compile(r"[a-z][a-z0-9-]{0,62}")
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -58,7 +59,7 @@ END_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
 
 
 def check_id(value: str, field_name: str) -> str:
-    if not ID_PATTERN.match(value):
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
         raise InvalidArgument.field(
             field_name, f"must match {ID_PATTERN.pattern} (lowercase letters, digits, '-'), got {value!r}"
         )
@@ -67,7 +68,7 @@ def check_id(value: str, field_name: str) -> str:
 
 def job_id_from_name(name: str) -> str:
     """``tuningJobs/{id}`` -> id; anything else is the caller's error."""
-    if not name.startswith(JOB_PREFIX) or not ID_PATTERN.match(name[len(JOB_PREFIX) :]):
+    if not name.startswith(JOB_PREFIX) or not ID_PATTERN.fullmatch(name[len(JOB_PREFIX) :]):
         raise InvalidArgument.field("name", f"must look like 'tuningJobs/{{tuning_job_id}}', got {name!r}")
     return name[len(JOB_PREFIX) :]
 

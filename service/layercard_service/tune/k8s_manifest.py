@@ -61,11 +61,12 @@ NAME_PREFIX = "layercard-"
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
-_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
-_QUANTITY = re.compile(r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?$")
+# Always fullmatch: "$" accepts a trailing newline, which Kubernetes does not.
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"(?=.{1,253}\Z)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?")
+_QUANTITY = re.compile(r"[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?")
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class KubernetesSettings:
         if self.gpus < 0:
             raise ConfigError(f"k8s_gpus must be >= 0, got {self.gpus}")
         prefix, _, name = self.gpu_resource.rpartition("/")
-        if not (prefix and _DNS_SUBDOMAIN.match(prefix) and _LABEL_NAME.match(name)):
+        if not (prefix and _DNS_SUBDOMAIN.fullmatch(prefix) and _LABEL_NAME.fullmatch(name)):
             raise ConfigError(f"k8s_gpu_resource must look like 'nvidia.com/gpu', got {self.gpu_resource!r}")
         for name, value in (("k8s_cpu_request", self.cpu_request), ("k8s_memory_request", self.memory_request)):
             _check(_QUANTITY, value, name, "a Kubernetes quantity like '2', '500m' or '8Gi'")
@@ -194,7 +195,7 @@ def parse_toleration(text: str) -> dict[str, str]:
 def job_name(job_id: str) -> str:
     """The Job's name: ``layercard-<id>``, shortened with a hash when the id is too long for a DNS label."""
     name = NAME_PREFIX + job_id
-    if _DNS_LABEL.match(name):
+    if _DNS_LABEL.fullmatch(name):
         return name
     digest = hashlib.sha256(job_id.encode()).hexdigest()[:8]
     return f"{NAME_PREFIX}{job_id[:43].rstrip('-')}-{digest}"
@@ -202,7 +203,7 @@ def job_name(job_id: str) -> str:
 
 def job_label(job_id: str) -> str:
     """The id as a label value (which must end in a letter or digit); the annotation keeps it exactly."""
-    if _LABEL_VALUE.match(job_id):
+    if _LABEL_VALUE.fullmatch(job_id):
         return job_id
     return f"{job_id[:54].rstrip('-')}.{hashlib.sha256(job_id.encode()).hexdigest()[:8]}"
 
@@ -301,10 +302,10 @@ def _parse_claim(text: str) -> tuple[str, Path]:
 
 def _check_label_key(key: str, setting: str) -> None:
     prefix, slash, name = key.rpartition("/")
-    if not _LABEL_NAME.match(name) or (slash and not _DNS_SUBDOMAIN.match(prefix)):
+    if not _LABEL_NAME.fullmatch(name) or (slash and not _DNS_SUBDOMAIN.fullmatch(prefix)):
         raise ConfigError(f"{setting}: {key!r} is not a valid label key")
 
 
 def _check(pattern: re.Pattern[str], value: str, setting: str, what: str = "") -> None:
-    if not pattern.match(value):
+    if not pattern.fullmatch(value):
         raise ConfigError(f"{setting} must be {what or 'a valid Kubernetes name'}, got {value!r}")

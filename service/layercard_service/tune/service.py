@@ -10,7 +10,6 @@ service process, where training never happens.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -18,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from layercard_service.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
-from layercard_service.sources import DatasetRequest, resolve_dataset, resolve_model_path
+from layercard_service.sources import DatasetRequest, read_json_file, resolve_dataset, resolve_model_path
 from layercard_service.store import paginate
 from layercard_service.tune.job_store import JobStore
 from layercard_service.tune.jobs import (
@@ -182,6 +181,8 @@ class TuningService:
             raise InvalidArgument.field(f"{field}.alpha", f"must be > 0, got {placement.alpha}")
         if not 0.0 <= placement.dropout < 1.0:
             raise InvalidArgument.field(f"{field}.dropout", f"must be in [0, 1), got {placement.dropout}")
+        if not 0 <= placement.steps <= MAX_STEPS:
+            raise InvalidArgument.field("placement.steps", f"must be in 0..{MAX_STEPS}, got {placement.steps}")
         if any(not m or not m.replace("_", "").isalnum() for m in placement.target_modules):
             raise InvalidArgument.field(f"{field}.target_modules", "must be module names like 'q_proj'")
         layers = placement.layers
@@ -255,15 +256,14 @@ class TuningService:
 
 def _num_layers(model_path: Path) -> int:
     """Number of blocks from config.json (Llama-style, GPT-2 and GPT-NeoX spellings)."""
-    try:
-        config = json.loads((model_path / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise InvalidArgument.field("model", f"cannot read {model_path / 'config.json'}: {exc}") from exc
+    config = read_json_file(model_path / "config.json", "model")  # its errors never quote the file
+    if not isinstance(config, dict):
+        raise InvalidArgument.field("model", "its config.json is not a JSON object")
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if isinstance(config.get(key), int):
             return config[key]
     text = config.get("text_config") or {}
-    if isinstance(text.get("num_hidden_layers"), int):
+    if isinstance(text, dict) and isinstance(text.get("num_hidden_layers"), int):
         return text["num_hidden_layers"]
     raise InvalidArgument.field("model", "its config.json does not say how many layers it has")
 
