@@ -6,6 +6,7 @@ large inline datasets cost no training; the last one runs real workers to check 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import sqlite3
@@ -18,6 +19,10 @@ from support.server_thread import ServerThread
 from test_tuning import _config, _details, _hp, _request, _states, _wait_for_event, _watch
 
 from layercard.v1 import adapter_pb2, adapter_pb2_grpc, common_pb2, placement_pb2, tuning_pb2, tuning_pb2_grpc
+from layercard_client import errors
+from layercard_client.aio import AsyncLayercardClient
+from layercard_client.cli import main as cli_main
+from layercard_client.client import LayercardClient
 from layercard_service import store as store_module
 from layercard_service.api.tuning import TuningServicer
 from layercard_service.server import Servicers
@@ -216,6 +221,36 @@ def test_an_idempotent_retry_with_other_data_leaves_no_orphan_artifact(inert):
     )
     assert retry.name == first.name and retry.training_data.inline_jsonl_sha256 == hashlib.sha256(data).hexdigest()
     assert _dataset_file(inert, data).exists() and not _dataset_file(inert, other).exists()
+
+
+def test_the_clients_and_the_cli_delete_ended_jobs_and_report_refusals(inert, capsys):
+    ended = [inert.stub.CreateTuningJob(_request(), timeout=30).name for _ in range(3)]
+    for name in ended:
+        _cancel(inert.stub, name)
+    queued = inert.stub.CreateTuningJob(_request(), timeout=30).name
+    with LayercardClient(inert.address) as client:
+        assert client.delete_tuning_job(ended[0]) is None
+        with pytest.raises(errors.NotFound):
+            client.get_tuning_job(ended[0])
+        with pytest.raises(errors.FailedPrecondition) as refused:
+            client.delete_tuning_job(queued.split("/")[1])  # a bare id works too
+        assert refused.value.reason == "TUNING_JOB_NOT_ENDED"
+
+    async def delete_async() -> None:
+        async with AsyncLayercardClient(inert.address) as client:
+            assert await client.delete_tuning_job(ended[1]) is None
+            with pytest.raises(errors.InvalidArgument):
+                await client.delete_tuning_job("tuningJobs/UPPER")
+
+    asyncio.run(delete_async())
+
+    assert cli_main(["--address", inert.address, "jobs", "delete", ended[2]]) == 0
+    assert f"deleted {ended[2]}" in capsys.readouterr().out
+    assert cli_main(["--address", inert.address, "--json", "jobs", "delete", queued]) != 0
+    assert "TUNING_JOB_NOT_ENDED" in capsys.readouterr().err
+    listed = inert.stub.ListTuningJobs(S.ListTuningJobsRequest(), timeout=10)
+    assert [j.name for j in listed.tuning_jobs] == [queued]
+    _serving(inert)
 
 
 @pytest.mark.slow
