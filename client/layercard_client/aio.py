@@ -273,6 +273,16 @@ class AsyncLayercardClient:
         built = builders.cancel_tuning_job(name)
         return await self._unary("TuningService/CancelTuningJob", built, timeout, metadata)
 
+    async def delete_tuning_job(
+        self,
+        name: str | tuning_pb2.DeleteTuningJobRequest,
+        *,
+        timeout: Timeout = DEFAULT,
+        metadata: Metadata | None = None,
+    ) -> None:
+        """Deletes an ended job (its adapter versions stay); a queued or running one is FAILED_PRECONDITION."""
+        await self._unary("TuningService/DeleteTuningJob", builders.delete_tuning_job(name), timeout, metadata)
+
     def watch_tuning_job(
         self,
         name: str | tuning_pb2.WatchTuningJobRequest,

@@ -29,6 +29,7 @@ __all__ = [
     "DatasetLike",
     "build",
     "cancel_tuning_job",
+    "delete_tuning_job",
     "compute_layer_card",
     "create_tuning_job",
     "dataset_source",
@@ -238,6 +239,10 @@ def get_tuning_job(name: str | tuning_pb2.GetTuningJobRequest) -> tuning_pb2.Get
 
 def cancel_tuning_job(name: str | tuning_pb2.CancelTuningJobRequest) -> tuning_pb2.CancelTuningJobRequest:
     return _job_name(name, tuning_pb2.CancelTuningJobRequest)
+
+
+def delete_tuning_job(name: str | tuning_pb2.DeleteTuningJobRequest) -> tuning_pb2.DeleteTuningJobRequest:
+    return _job_name(name, tuning_pb2.DeleteTuningJobRequest)
 
 
 def watch_tuning_job(

@@ -215,7 +215,9 @@ def _dataset_text(source: common_pb2.DatasetSource) -> str:
     elif kind == "path":
         text = f"`{source.path}`"
     elif kind == "inline_jsonl":
-        text = f"inline JSONL, {len(source.inline_jsonl):,} bytes"
+        text = (
+            f"inline JSONL, {source.inline_jsonl_size_bytes or len(source.inline_jsonl):,} bytes"  # responses: by hash
+        )
     else:
         return "-"
     return f"{text} ({source.split})" if source.split else text

@@ -298,6 +298,16 @@ class LayercardClient:
     ) -> tuning_pb2.TuningJob:
         return self._unary("TuningService/CancelTuningJob", builders.cancel_tuning_job(name), timeout, metadata)
 
+    def delete_tuning_job(
+        self,
+        name: str | tuning_pb2.DeleteTuningJobRequest,
+        *,
+        timeout: Timeout = DEFAULT,
+        metadata: Metadata | None = None,
+    ) -> None:
+        """Deletes an ended job (its adapter versions stay); a queued or running one is FAILED_PRECONDITION."""
+        self._unary("TuningService/DeleteTuningJob", builders.delete_tuning_job(name), timeout, metadata)
+
     def watch_tuning_job(
         self,
         name: str | tuning_pb2.WatchTuningJobRequest,

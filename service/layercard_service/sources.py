@@ -172,6 +172,10 @@ class DatasetRequest:
     inline_jsonl: bytes | None = None  # None: not given; b"": given and empty (an error)
     path: str = ""
     split: str = ""
+    # A stored job's inline dataset: its bytes live in the artifact store under this hash (tune/datasets.py),
+    # and inline_jsonl is None until the worker reads them back.
+    inline_sha256: str = ""
+    inline_size_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import TypeVar
 
 from layercard_service.errors import InvalidArgument
 
-__all__ = ["Store", "CardRecord", "atomic_write", "decode_page_token", "paginate"]
+__all__ = ["MAX_LIST_RESPONSE_BYTES", "CardRecord", "Store", "atomic_write", "decode_page_token", "paginate"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS layer_cards (
@@ -141,16 +141,48 @@ def decode_page_token(token: str) -> int:
 T = TypeVar("T")
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+# Every List response stays under this many bytes (its items serialized, plus the page token), well under the
+# 4 MiB that gRPC clients accept by default, whatever the records hold. Documented in the List requests' proto
+# comments and the README.
+MAX_LIST_RESPONSE_BYTES = 1024 * 1024
+PAGE_TOKEN_RESERVE = 64  # bytes kept for next_page_token and its framing
+FETCH_CHUNK = 64  # records read at a time when a page is bounded in bytes: no 1000 large records for one page
 
 
-def paginate(fetch: Callable[[int, int], list[T]], page_size: int, page_token: str) -> tuple[list[T], str]:
+def paginate(
+    fetch: Callable[[int, int], list[T]],
+    page_size: int,
+    page_token: str,
+    *,
+    size_of: Callable[[T], int] | None = None,
+    max_bytes: int | None = None,
+) -> tuple[list[T], str]:
     """One page of a List call: ``fetch(offset, limit)`` reads the records; returns them and the next token.
 
     page_size 0 means the default, larger ones are capped; one record more than the page tells if there is more.
+    With ``size_of`` (a record's size in the response, framing included: the API layer knows the encoding) the
+    page also stops before its records would pass ``max_bytes`` (default MAX_LIST_RESPONSE_BYTES); it always
+    holds at least one record, and the token continues at the first record it left out.
     """
     if page_size < 0:
         raise InvalidArgument.field("page_size", f"must be >= 0, got {page_size}")
     size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
     offset = decode_page_token(page_token)
-    records = fetch(offset, size + 1)
-    return records[:size], str(offset + size) if len(records) > size else ""
+    if size_of is None:
+        records = fetch(offset, size + 1)
+        return records[:size], str(offset + size) if len(records) > size else ""
+    budget = (max_bytes if max_bytes is not None else MAX_LIST_RESPONSE_BYTES) - PAGE_TOKEN_RESERVE
+    page: list[T] = []
+    used = 0
+    while True:
+        want = min(size - len(page), FETCH_CHUNK)
+        chunk = fetch(offset + len(page), want + 1)
+        for record in chunk[:want]:
+            used += size_of(record)
+            if page and used > budget:
+                return page, str(offset + len(page))
+            page.append(record)
+        if len(chunk) <= want:  # the store has no more
+            return page, ""
+        if len(page) == size:  # full, and the extra record says there is more
+            return page, str(offset + len(page))

@@ -141,7 +141,7 @@ def test_help_lists_subcommands_and_exit_codes(capsys):
     assert "exit codes:" in out and "UNIMPLEMENTED" in out
     code, out, _ = run(capsys, "jobs", "--help")
     assert code == 0
-    for action in ("create", "get", "list", "cancel", "watch"):
+    for action in ("create", "get", "list", "cancel", "delete", "watch"):
         assert action in out
 
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import hashlib
+import json
+import sqlite3
 import threading
 
 import pytest
 
 from layercard_service.errors import AlreadyExists, InvalidArgument
 from layercard_service.sources import DatasetRequest
-from layercard_service.tune.job_store import JobStore, NewEvent
+from layercard_service.tune.job_store import AdapterVersion, JobStore, NewEvent, insert_version
 from layercard_service.tune.jobs import (
     EvalSummary,
     Hyperparameters,
@@ -19,9 +24,10 @@ from layercard_service.tune.jobs import (
     job_id_from_name,
 )
 
+SHA_A, SHA_B = "a" * 64, "b" * 64
 SPEC = JobSpec(
     model="builtin:tiny",
-    training_data=DatasetRequest(inline_jsonl=b'{"prompt": "a", "completion": "b"}\n'),
+    training_data=DatasetRequest(inline_sha256=SHA_A, inline_size_bytes=36),  # stored as an artifact
     validation_data=DatasetRequest(builtin="builtin:cipher", split="validation"),
     placement=PlacementSpec(layers=(2, 5), rank=4, alpha=8.0, target_modules=("q_proj",), detail={"rationale": "x"}),
     hyperparameters=Hyperparameters(steps=30, batch_size=8),
@@ -44,7 +50,7 @@ def test_spec_round_trips_through_the_database(store):
     job, created = store.create("job-a", None, SPEC, 30)
     assert created and job.state == JobState.QUEUED and job.total_steps == 30
     again = store.get("job-a")
-    assert again.spec == SPEC  # inline bytes, tuples and the opaque placement detail survive JSON
+    assert again.spec == SPEC  # dataset references, tuples and the opaque placement detail survive JSON
     assert again.name == "tuningJobs/job-a"
     assert _states(store, "job-a") == ["QUEUED"]
 
@@ -123,3 +129,76 @@ def test_event_sequences_are_gap_free_with_two_writers(store, tmp_path):
 def test_malformed_names(name):
     with pytest.raises(InvalidArgument):
         job_id_from_name(name)
+
+
+def test_a_record_never_holds_inline_bytes(store):
+    raw = dataclasses.replace(SPEC, training_data=DatasetRequest(inline_jsonl=b'{"text": "x"}\n'))
+    with pytest.raises(ValueError, match="artifacts"):
+        store.create("job-a", None, raw, 30)  # the service stores the bytes first (tune/datasets.py)
+    store.create("job-b", None, SPEC, 30)
+    row = sqlite3.connect(store.path).execute("SELECT spec FROM tuning_jobs WHERE job_id = 'job-b'").fetchone()
+    assert json.loads(row[0])["training_data"] == {
+        "builtin": "",
+        "path": "",
+        "split": "",
+        "inline_jsonl_sha256": SHA_A,
+        "inline_jsonl_size_bytes": 36,
+    }
+
+
+def test_a_record_from_before_artifacts_still_loads_with_its_bytes(store):
+    store.create("job-a", None, SPEC, 30)
+    data = b'{"prompt": "a", "completion": "b"}\n'
+    legacy = SPEC.to_dict()
+    legacy["training_data"] = {
+        "builtin": "",
+        "path": "",
+        "split": "",
+        "inline_jsonl_b64": base64.b64encode(data).decode(),
+    }
+    with sqlite3.connect(store.path) as db:
+        db.execute("UPDATE tuning_jobs SET spec = ? WHERE job_id = 'job-a'", (json.dumps(legacy),))
+    loaded = store.get("job-a").spec.training_data
+    assert loaded.inline_jsonl == data  # the worker trains on them as before
+    assert (loaded.inline_sha256, loaded.inline_size_bytes) == (hashlib.sha256(data).hexdigest(), len(data))
+
+
+def _with_datasets(training: str, validation: str | None = None) -> JobSpec:
+    ref = lambda sha: DatasetRequest(inline_sha256=sha, inline_size_bytes=10)  # noqa: E731
+    return dataclasses.replace(
+        SPEC, training_data=ref(training), validation_data=ref(validation) if validation else None
+    )
+
+
+def test_delete_removes_an_ended_job_with_its_events_and_only_unshared_datasets(store):
+    store.create("job-a", None, _with_datasets(SHA_A, SHA_B), 30)
+    store.create("job-b", None, _with_datasets(SHA_B), 30)  # shares SHA_B as its training data
+    removed: list[str] = []
+    assert store.delete("job-a", removed.append) == JobState.QUEUED  # not ended: nothing happens
+    assert store.get("job-a") is not None and removed == []
+    store.transition("job-a", [JobState.QUEUED], JobState.CANCELLED)
+    assert store.delete("job-a", removed.append) == JobState.CANCELLED
+    assert store.get("job-a") is None and store.events_after("job-a", 0) == []
+    assert removed == [SHA_A]  # SHA_B is still job-b's
+    assert _states(store, "job-b") == ["QUEUED"]  # other jobs' events stay
+    assert store.delete("job-a", removed.append) is None  # gone
+
+
+def test_delete_keeps_published_adapter_versions(store):
+    store.create("job-a", None, SPEC, 30)
+    store.transition("job-a", [JobState.QUEUED], JobState.RUNNING)
+
+    def publish(db):
+        insert_version(db, AdapterVersion("bot", 1, "/artifacts/adapters/bot/1", "job-a", 1.0, {"model": "m"}))
+        return JobResult("adapters/bot/versions/1", None, None, 0.1, 0.2, 10, 20, 3.0, 99.0)
+
+    store.transition("job-a", [JobState.RUNNING], JobState.SUCCEEDED, "done", result=publish)
+    assert store.delete("job-a", lambda sha: None) == JobState.SUCCEEDED
+    assert [(v.adapter_id, v.version, v.job_id) for v in store.versions("bot")] == [("bot", 1, "job-a")]
+
+
+def test_release_removes_only_datasets_no_job_refers_to(store):
+    store.create("job-a", None, _with_datasets(SHA_A), 30)
+    removed: list[str] = []
+    store.release_datasets([SHA_A, SHA_B], removed.append)
+    assert removed == [SHA_B]

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import sqlite3
 
 import pytest
 import torch
 
 from layercard_service.sources import DatasetRequest
 from layercard_service.tune import worker
+from layercard_service.tune.datasets import DatasetArtifacts
 from layercard_service.tune.job_store import JobStore
 from layercard_service.tune.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
 from layercard_service.tune.loop import TrainingLoop
 
 TRAIN = "".join(json.dumps({"prompt": f"say {i}", "completion": f" {i}"}) + "\n" for i in range(16)).encode()
+TRAIN_SHA256 = hashlib.sha256(TRAIN).hexdigest()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -28,7 +33,7 @@ def one_thread():
 def _spec(**placement) -> JobSpec:
     return JobSpec(
         model="builtin:tiny",
-        training_data=DatasetRequest(inline_jsonl=TRAIN),
+        training_data=DatasetRequest(inline_sha256=TRAIN_SHA256, inline_size_bytes=len(TRAIN)),  # see `run`
         validation_data=None,
         placement=PlacementSpec(**{"layers": (7,), "rank": 4, "alpha": 8.0, **placement}),
         hyperparameters=Hyperparameters(steps=2, batch_size=8, max_seq_len=32, checkpoint_interval=1),
@@ -39,6 +44,7 @@ def _spec(**placement) -> JobSpec:
 @pytest.fixture
 def run(tmp_path):
     store = JobStore(tmp_path / "state.db")
+    DatasetArtifacts(tmp_path / "artifacts").put(TRAIN)  # as CreateTuningJob stores inline data
 
     def run_job(spec: JobSpec, state: JobState = JobState.RUNNING, max_lora_rank: int = 16):
         store.create("job-a", None, spec, spec.hyperparameters.steps)
@@ -88,3 +94,36 @@ def test_an_unexpected_error_fails_with_internal(run, monkeypatch):
     job = run(_spec())
     assert job.state == JobState.FAILED and job.error_code == "INTERNAL"
     assert job.error_message == "RuntimeError: boom"
+
+
+def test_inline_data_is_read_back_from_its_artifact_and_checked(run, tmp_path):
+    path = DatasetArtifacts(tmp_path / "artifacts").path(TRAIN_SHA256)
+    path.write_bytes(TRAIN.replace(b"say 1", b"say 9"))  # same size, other bytes
+    job = run(_spec())
+    assert job.state == JobState.FAILED and job.error_code == "DATASET_ARTIFACT_CORRUPT"
+    assert TRAIN_SHA256 in job.error_message and "training_data" in job.error_message
+
+
+def test_a_missing_dataset_artifact_fails_the_job_with_its_reason(run, tmp_path):
+    DatasetArtifacts(tmp_path / "artifacts").remove(TRAIN_SHA256)
+    job = run(_spec())
+    assert job.state == JobState.FAILED and job.error_code == "DATASET_ARTIFACT_MISSING"
+
+
+def test_a_record_from_before_artifacts_trains_on_the_bytes_it_holds(tmp_path):
+    store = JobStore(tmp_path / "state.db")  # no artifact at all: the old record carries the data
+    spec = _spec()
+    store.create("job-a", None, spec, spec.hyperparameters.steps)
+    legacy = spec.to_dict()
+    legacy["training_data"] = {
+        "builtin": "",
+        "path": "",
+        "split": "",
+        "inline_jsonl_b64": base64.b64encode(TRAIN).decode(),
+    }
+    with sqlite3.connect(store.path) as db:
+        db.execute("UPDATE tuning_jobs SET spec = ? WHERE job_id = 'job-a'", (json.dumps(legacy),))
+    store.transition("job-a", [JobState.QUEUED], JobState.RUNNING)
+    assert worker.run_job(store, worker.parse_args(["--data-dir", str(tmp_path), "--job-id", "job-a"])) == 0
+    assert store.get("job-a").state == JobState.SUCCEEDED
+    store.close()

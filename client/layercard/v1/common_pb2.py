@@ -25,25 +25,25 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19layercard/v1/common.proto\x12\x0clayercard.v1\x1a\x1egoogle/protobuf/duration.proto\"c\n\rDatasetSource\x12\x11\n\x07\x62uiltin\x18\x01 \x01(\tH\x00\x12\x16\n\x0cinline_jsonl\x18\x02 \x01(\x0cH\x00\x12\x0e\n\x04path\x18\x03 \x01(\tH\x00\x12\r\n\x05split\x18\x04 \x01(\tB\x08\n\x06source\"_\n\tLoraShape\x12\x11\n\x04rank\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\r\n\x05\x61lpha\x18\x02 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x03 \x03(\t\x12\x0f\n\x07\x64ropout\x18\x04 \x01(\x02\x42\x07\n\x05_rank\"d\n\x08Progress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x10\n\x08\x66raction\x18\x02 \x01(\x01\x12&\n\x03\x65ta\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07message\x18\x04 \x01(\t\"8\n\nPrediction\x12\r\n\x05value\x18\x01 \x01(\x01\x12\x0c\n\x04unit\x18\x02 \x01(\t\x12\r\n\x05\x62\x61sis\x18\x03 \x01(\t*A\n\x06\x44\x65vice\x12\x16\n\x12\x44\x45VICE_UNSPECIFIED\x10\x00\x12\x0e\n\nDEVICE_CPU\x10\x01\x12\x0f\n\x0b\x44\x45VICE_CUDA\x10\x02*l\n\tPrecision\x12\x19\n\x15PRECISION_UNSPECIFIED\x10\x00\x12\x15\n\x11PRECISION_FLOAT32\x10\x01\x12\x16\n\x12PRECISION_BFLOAT16\x10\x02\x12\x15\n\x11PRECISION_FLOAT16\x10\x03*a\n\rServingEngine\x12\x1e\n\x1aSERVING_ENGINE_UNSPECIFIED\x10\x00\x12\x17\n\x13SERVING_ENGINE_VLLM\x10\x01\x12\x17\n\x13SERVING_ENGINE_PEFT\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19layercard/v1/common.proto\x12\x0clayercard.v1\x1a\x1egoogle/protobuf/duration.proto\"\xa1\x01\n\rDatasetSource\x12\x11\n\x07\x62uiltin\x18\x01 \x01(\tH\x00\x12\x16\n\x0cinline_jsonl\x18\x02 \x01(\x0cH\x00\x12\x0e\n\x04path\x18\x03 \x01(\tH\x00\x12\r\n\x05split\x18\x04 \x01(\t\x12\x1b\n\x13inline_jsonl_sha256\x18\x05 \x01(\t\x12\x1f\n\x17inline_jsonl_size_bytes\x18\x06 \x01(\x03\x42\x08\n\x06source\"_\n\tLoraShape\x12\x11\n\x04rank\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\r\n\x05\x61lpha\x18\x02 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x03 \x03(\t\x12\x0f\n\x07\x64ropout\x18\x04 \x01(\x02\x42\x07\n\x05_rank\"d\n\x08Progress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x10\n\x08\x66raction\x18\x02 \x01(\x01\x12&\n\x03\x65ta\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07message\x18\x04 \x01(\t\"8\n\nPrediction\x12\r\n\x05value\x18\x01 \x01(\x01\x12\x0c\n\x04unit\x18\x02 \x01(\t\x12\r\n\x05\x62\x61sis\x18\x03 \x01(\t*A\n\x06\x44\x65vice\x12\x16\n\x12\x44\x45VICE_UNSPECIFIED\x10\x00\x12\x0e\n\nDEVICE_CPU\x10\x01\x12\x0f\n\x0b\x44\x45VICE_CUDA\x10\x02*l\n\tPrecision\x12\x19\n\x15PRECISION_UNSPECIFIED\x10\x00\x12\x15\n\x11PRECISION_FLOAT32\x10\x01\x12\x16\n\x12PRECISION_BFLOAT16\x10\x02\x12\x15\n\x11PRECISION_FLOAT16\x10\x03*a\n\rServingEngine\x12\x1e\n\x1aSERVING_ENGINE_UNSPECIFIED\x10\x00\x12\x17\n\x13SERVING_ENGINE_VLLM\x10\x01\x12\x17\n\x13SERVING_ENGINE_PEFT\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'layercard.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DEVICE']._serialized_start=433
-  _globals['_DEVICE']._serialized_end=498
-  _globals['_PRECISION']._serialized_start=500
-  _globals['_PRECISION']._serialized_end=608
-  _globals['_SERVINGENGINE']._serialized_start=610
-  _globals['_SERVINGENGINE']._serialized_end=707
-  _globals['_DATASETSOURCE']._serialized_start=75
-  _globals['_DATASETSOURCE']._serialized_end=174
-  _globals['_LORASHAPE']._serialized_start=176
-  _globals['_LORASHAPE']._serialized_end=271
-  _globals['_PROGRESS']._serialized_start=273
-  _globals['_PROGRESS']._serialized_end=373
-  _globals['_PREDICTION']._serialized_start=375
-  _globals['_PREDICTION']._serialized_end=431
+  _globals['_DEVICE']._serialized_start=496
+  _globals['_DEVICE']._serialized_end=561
+  _globals['_PRECISION']._serialized_start=563
+  _globals['_PRECISION']._serialized_end=671
+  _globals['_SERVINGENGINE']._serialized_start=673
+  _globals['_SERVINGENGINE']._serialized_end=770
+  _globals['_DATASETSOURCE']._serialized_start=76
+  _globals['_DATASETSOURCE']._serialized_end=237
+  _globals['_LORASHAPE']._serialized_start=239
+  _globals['_LORASHAPE']._serialized_end=334
+  _globals['_PROGRESS']._serialized_start=336
+  _globals['_PROGRESS']._serialized_end=436
+  _globals['_PREDICTION']._serialized_start=438
+  _globals['_PREDICTION']._serialized_end=494
 # @@protoc_insertion_point(module_scope)

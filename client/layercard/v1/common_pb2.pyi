@@ -40,16 +40,20 @@ SERVING_ENGINE_VLLM: ServingEngine
 SERVING_ENGINE_PEFT: ServingEngine
 
 class DatasetSource(_message.Message):
-    __slots__ = ("builtin", "inline_jsonl", "path", "split")
+    __slots__ = ("builtin", "inline_jsonl", "path", "split", "inline_jsonl_sha256", "inline_jsonl_size_bytes")
     BUILTIN_FIELD_NUMBER: _ClassVar[int]
     INLINE_JSONL_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
+    INLINE_JSONL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    INLINE_JSONL_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     builtin: str
     inline_jsonl: bytes
     path: str
     split: str
-    def __init__(self, builtin: _Optional[str] = ..., inline_jsonl: _Optional[bytes] = ..., path: _Optional[str] = ..., split: _Optional[str] = ...) -> None: ...
+    inline_jsonl_sha256: str
+    inline_jsonl_size_bytes: int
+    def __init__(self, builtin: _Optional[str] = ..., inline_jsonl: _Optional[bytes] = ..., path: _Optional[str] = ..., split: _Optional[str] = ..., inline_jsonl_sha256: _Optional[str] = ..., inline_jsonl_size_bytes: _Optional[int] = ...) -> None: ...
 
 class LoraShape(_message.Message):
     __slots__ = ("rank", "alpha", "target_modules", "dropout")

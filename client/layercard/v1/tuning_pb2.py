@@ -23,52 +23,55 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from layercard.v1 import common_pb2 as layercard_dot_v1_dot_common__pb2
 from layercard.v1 import placement_pb2 as layercard_dot_v1_dot_placement__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19layercard/v1/tuning.proto\x12\x0clayercard.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19layercard/v1/common.proto\x1a\x1clayercard/v1/placement.proto\"\xd4\x02\n\x0fHyperparameters\x12\x0f\n\x05steps\x18\x01 \x01(\x05H\x00\x12\x10\n\x06\x65pochs\x18\x02 \x01(\x01H\x00\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x34\n\x08schedule\x18\x04 \x01(\x0e\x32\".layercard.v1.LearningRateSchedule\x12\x14\n\x0cwarmup_steps\x18\x05 \x01(\x05\x12\x12\n\nbatch_size\x18\x06 \x01(\x05\x12%\n\x04lora\x18\x07 \x01(\x0b\x32\x17.layercard.v1.LoraShape\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x15\n\reval_interval\x18\t \x01(\x05\x12\x1f\n\x17\x65\x61rly_stopping_patience\x18\n \x01(\x05\x12\x1b\n\x13\x63heckpoint_interval\x18\x0b \x01(\x05\x12\x13\n\x0bmax_seq_len\x18\x0c \x01(\x05\x42\x08\n\x06length\"G\n\x0e\x45xplicitLayers\x12\x0e\n\x06layers\x18\x01 \x03(\x05\x12%\n\x04lora\x18\x02 \x01(\x0b\x32\x17.layercard.v1.LoraShape\"\x9b\x01\n\nCardBudget\x12\x12\n\nlayer_card\x18\x01 \x01(\t\x12*\n\tobjective\x18\x02 \x01(\x0e\x32\x17.layercard.v1.Objective\x12$\n\x06\x62udget\x18\x03 \x01(\x0b\x32\x14.layercard.v1.Budget\x12\x1c\n\x14target_gain_fraction\x18\x04 \x01(\x01\x12\t\n\x01k\x18\x05 \x01(\x05\"\xb4\x03\n\x16\x43reateTuningJobRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x32\n\rtraining_data\x18\x02 \x01(\x0b\x32\x1b.layercard.v1.DatasetSource\x12\x34\n\x0fvalidation_data\x18\x03 \x01(\x0b\x32\x1b.layercard.v1.DatasetSource\x12,\n\tplacement\x18\x04 \x01(\x0b\x32\x17.layercard.v1.PlacementH\x00\x12/\n\x0b\x63\x61rd_budget\x18\x05 \x01(\x0b\x32\x18.layercard.v1.CardBudgetH\x00\x12\x37\n\x0f\x65xplicit_layers\x18\x06 \x01(\x0b\x32\x1c.layercard.v1.ExplicitLayersH\x00\x12\x36\n\x0fhyperparameters\x18\x07 \x01(\x0b\x32\x1d.layercard.v1.Hyperparameters\x12\x12\n\nadapter_id\x18\x08 \x01(\t\x12\x15\n\rtuning_job_id\x18\t \x01(\t\x12\x12\n\nrequest_id\x18\n \x01(\tB\x12\n\x10placement_source\"#\n\x13GetTuningJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"l\n\x15ListTuningJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12,\n\x06states\x18\x03 \x03(\x0e\x32\x1c.layercard.v1.TuningJobState\"_\n\x16ListTuningJobsResponse\x12,\n\x0btuning_jobs\x18\x01 \x03(\x0b\x32\x17.layercard.v1.TuningJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x16\x43\x61ncelTuningJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"=\n\x15WatchTuningJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\xc0\x04\n\tTuningJob\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.layercard.v1.TuningJobState\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05model\x18\x06 \x01(\t\x12\x32\n\rtraining_data\x18\x07 \x01(\x0b\x32\x1b.layercard.v1.DatasetSource\x12\x34\n\x0fvalidation_data\x18\x08 \x01(\x0b\x32\x1b.layercard.v1.DatasetSource\x12*\n\tplacement\x18\t \x01(\x0b\x32\x17.layercard.v1.Placement\x12\x36\n\x0fhyperparameters\x18\n \x01(\x0b\x32\x1d.layercard.v1.Hyperparameters\x12\x12\n\nadapter_id\x18\x0b \x01(\t\x12\x0c\n\x04step\x18\x0c \x01(\x05\x12\x13\n\x0btotal_steps\x18\r \x01(\x05\x12\x12\n\nerror_code\x18\x0e \x01(\t\x12\x15\n\rerror_message\x18\x0f \x01(\t\x12*\n\x06result\x18\x10 \x01(\x0b\x32\x1a.layercard.v1.TuningResult\"\xdd\x02\n\x0cTuningResult\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x01 \x01(\t\x12-\n\nfinal_eval\x18\x02 \x01(\x0b\x32\x19.layercard.v1.EvalMetrics\x12,\n\tbase_eval\x18\x03 \x01(\x0b\x32\x19.layercard.v1.EvalMetrics\x12\x1d\n\x15measured_step_seconds\x18\x04 \x01(\x01\x12\x1e\n\x16predicted_step_seconds\x18\x05 \x01(\x01\x12\"\n\x1ameasured_peak_memory_bytes\x18\x06 \x01(\x03\x12#\n\x1bpredicted_peak_memory_bytes\x18\x07 \x01(\x03\x12\x34\n\x11training_duration\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11tokens_per_second\x18\t \x01(\x01\"P\n\x0b\x45valMetrics\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x13\n\x0b\x65xact_match\x18\x03 \x01(\x01\x12\x10\n\x08\x65xamples\x18\x04 \x01(\x05\"\x83\x01\n\x0bStepMetrics\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x04 \x01(\x01\x12&\n\x03\x65ta\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"(\n\nCheckpoint\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0c\n\x04path\x18\x02 \x01(\t\"\xa2\x02\n\x0eTuningJobEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x0cstate_change\x18\x03 \x01(\x0e\x32\x1c.layercard.v1.TuningJobStateH\x00\x12)\n\x04step\x18\x04 \x01(\x0b\x32\x19.layercard.v1.StepMetricsH\x00\x12)\n\x04\x65val\x18\x05 \x01(\x0b\x32\x19.layercard.v1.EvalMetricsH\x00\x12.\n\ncheckpoint\x18\x06 \x01(\x0b\x32\x18.layercard.v1.CheckpointH\x00\x12\x0f\n\x07message\x18\x07 \x01(\tB\x07\n\x05\x65vent*\xeb\x01\n\x0eTuningJobState\x12 \n\x1cTUNING_JOB_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17TUNING_JOB_STATE_QUEUED\x10\x01\x12\x1c\n\x18TUNING_JOB_STATE_RUNNING\x10\x02\x12\x1f\n\x1bTUNING_JOB_STATE_CANCELLING\x10\x03\x12\x1e\n\x1aTUNING_JOB_STATE_SUCCEEDED\x10\x04\x12\x1b\n\x17TUNING_JOB_STATE_FAILED\x10\x05\x12\x1e\n\x1aTUNING_JOB_STATE_CANCELLED\x10\x06*\xa9\x01\n\x14LearningRateSchedule\x12&\n\"LEARNING_RATE_SCHEDULE_UNSPECIFIED\x10\x00\x12#\n\x1fLEARNING_RATE_SCHEDULE_CONSTANT\x10\x01\x12!\n\x1dLEARNING_RATE_SCHEDULE_LINEAR\x10\x02\x12!\n\x1dLEARNING_RATE_SCHEDULE_COSINE\x10\x03\x32\xb3\x03\n\rTuningService\x12P\n\x0f\x43reateTuningJob\x12$.layercard.v1.CreateTuningJobRequest\x1a\x17.layercard.v1.TuningJob\x12J\n\x0cGetTuningJob\x12!.layercard.v1.GetTuningJobRequest\x1a\x17.layercard.v1.TuningJob\x12[\n\x0eListTuningJobs\x12#.layercard.v1.ListTuningJobsRequest\x1a$.layercard.v1.ListTuningJobsResponse\x12P\n\x0f\x43\x61ncelTuningJob\x12$.layercard.v1.CancelTuningJobRequest\x1a\x17.layercard.v1.TuningJob\x12U\n\x0eWatchTuningJob\x12#.layercard.v1.WatchTuningJobRequest\x1a\x1c.layercard.v1.TuningJobEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19layercard/v1/tuning.proto\x12\x0clayercard.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19layercard/v1/common.proto\x1a\x1clayercard/v1/placement.proto\"\xd4\x02\n\x0fHyperparameters\x12\x0f\n\x05steps\x18\x01 \x01(\x05H\x00\x12\x10\n\x06\x65pochs\x18\x02 \x01(\x01H\x00\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x34\n\x08schedule\x18\x04 \x01(\x0e\x32\".layercard.v1.LearningRateSchedule\x12\x14\n\x0cwarmup_steps\x18\x05 \x01(\x05\x12\x12\n\nbatch_size\x18\x06 \x01(\x05\x12%\n\x04lora\x18\x07 \x01(\x0b\x32\x17.layercard.v1.LoraShape\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x15\n\reval_interval\x18\t \x01(\x05\x12\x1f\n\x17\x65\x61rly_stopping_patience\x18\n \x01(\x05\x12\x1b\n\x13\x63heckpoint_interval\x18\x0b \x01(\x05\x12\x13\n\x0bmax_seq_len\x18\x0c \x01(\x05\x42\x08\n\x06length\"G\n\x0e\x45xplicitLayers\x12\x0e\n\x06layers\x18\x01 \x03(\x05\x12%\n\x04lora\x18\x02 \x01(\x0b\x32\x17.layercard.v1.LoraShape\"\x9b\x01\n\nCardBudget\x12\x12\n\nlayer_card\x18\x01 \x01(\t\x12*\n\tobjective\x18\x02 \x01(\x0e\x32\x17.layercard.v1.Objective\x12$\n\x06\x62udget\x18\x03 \x01(\x0b\x32\x14.layercard.v1.Budget\x12\x1c\n\x14target_gain_fraction\x18\x04 \x01(\x01\x12\t\n\x01k\x18\x05 \x01(\x05\"\xb4\x03\n\x16\x43reateTuningJobRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x32\n\rtraining_data\x18\x02 \x01(\x0b\x32\x1b.layercard.v1.DatasetSource\x12\x34\n\x0fvalidation_data\x18\x03 \x01(\x0b\x32\x1b.layercard.v1.DatasetSource\x12,\n\tplacement\x18\x04 \x01(\x0b\x32\x17.layercard.v1.PlacementH\x00\x12/\n\x0b\x63\x61rd_budget\x18\x05 \x01(\x0b\x32\x18.layercard.v1.CardBudgetH\x00\x12\x37\n\x0f\x65xplicit_layers\x18\x06 \x01(\x0b\x32\x1c.layercard.v1.ExplicitLayersH\x00\x12\x36\n\x0fhyperparameters\x18\x07 \x01(\x0b\x32\x1d.layercard.v1.Hyperparameters\x12\x12\n\nadapter_id\x18\x08 \x01(\t\x12\x15\n\rtuning_job_id\x18\t \x01(\t\x12\x12\n\nrequest_id\x18\n \x01(\tB\x12\n\x10placement_source\"#\n\x13GetTuningJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"l\n\x15ListTuningJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12,\n\x06states\x18\x03 \x03(\x0e\x32\x1c.layercard.v1.TuningJobState\"_\n\x16ListTuningJobsResponse\x12,\n\x0btuning_jobs\x18\x01 \x03(\x0b\x32\x17.layercard.v1.TuningJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x16\x43\x61ncelTuningJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"&\n\x16\x44\x65leteTuningJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"=\n\x15WatchTuningJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\xc0\x04\n\tTuningJob\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.layercard.v1.TuningJobState\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05model\x18\x06 \x01(\t\x12\x32\n\rtraining_data\x18\x07 \x01(\x0b\x32\x1b.layercard.v1.DatasetSource\x12\x34\n\x0fvalidation_data\x18\x08 \x01(\x0b\x32\x1b.layercard.v1.DatasetSource\x12*\n\tplacement\x18\t \x01(\x0b\x32\x17.layercard.v1.Placement\x12\x36\n\x0fhyperparameters\x18\n \x01(\x0b\x32\x1d.layercard.v1.Hyperparameters\x12\x12\n\nadapter_id\x18\x0b \x01(\t\x12\x0c\n\x04step\x18\x0c \x01(\x05\x12\x13\n\x0btotal_steps\x18\r \x01(\x05\x12\x12\n\nerror_code\x18\x0e \x01(\t\x12\x15\n\rerror_message\x18\x0f \x01(\t\x12*\n\x06result\x18\x10 \x01(\x0b\x32\x1a.layercard.v1.TuningResult\"\xdd\x02\n\x0cTuningResult\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x01 \x01(\t\x12-\n\nfinal_eval\x18\x02 \x01(\x0b\x32\x19.layercard.v1.EvalMetrics\x12,\n\tbase_eval\x18\x03 \x01(\x0b\x32\x19.layercard.v1.EvalMetrics\x12\x1d\n\x15measured_step_seconds\x18\x04 \x01(\x01\x12\x1e\n\x16predicted_step_seconds\x18\x05 \x01(\x01\x12\"\n\x1ameasured_peak_memory_bytes\x18\x06 \x01(\x03\x12#\n\x1bpredicted_peak_memory_bytes\x18\x07 \x01(\x03\x12\x34\n\x11training_duration\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11tokens_per_second\x18\t \x01(\x01\"P\n\x0b\x45valMetrics\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x13\n\x0b\x65xact_match\x18\x03 \x01(\x01\x12\x10\n\x08\x65xamples\x18\x04 \x01(\x05\"\x83\x01\n\x0bStepMetrics\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x04 \x01(\x01\x12&\n\x03\x65ta\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"(\n\nCheckpoint\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0c\n\x04path\x18\x02 \x01(\t\"\xa2\x02\n\x0eTuningJobEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x0cstate_change\x18\x03 \x01(\x0e\x32\x1c.layercard.v1.TuningJobStateH\x00\x12)\n\x04step\x18\x04 \x01(\x0b\x32\x19.layercard.v1.StepMetricsH\x00\x12)\n\x04\x65val\x18\x05 \x01(\x0b\x32\x19.layercard.v1.EvalMetricsH\x00\x12.\n\ncheckpoint\x18\x06 \x01(\x0b\x32\x18.layercard.v1.CheckpointH\x00\x12\x0f\n\x07message\x18\x07 \x01(\tB\x07\n\x05\x65vent*\xeb\x01\n\x0eTuningJobState\x12 \n\x1cTUNING_JOB_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17TUNING_JOB_STATE_QUEUED\x10\x01\x12\x1c\n\x18TUNING_JOB_STATE_RUNNING\x10\x02\x12\x1f\n\x1bTUNING_JOB_STATE_CANCELLING\x10\x03\x12\x1e\n\x1aTUNING_JOB_STATE_SUCCEEDED\x10\x04\x12\x1b\n\x17TUNING_JOB_STATE_FAILED\x10\x05\x12\x1e\n\x1aTUNING_JOB_STATE_CANCELLED\x10\x06*\xa9\x01\n\x14LearningRateSchedule\x12&\n\"LEARNING_RATE_SCHEDULE_UNSPECIFIED\x10\x00\x12#\n\x1fLEARNING_RATE_SCHEDULE_CONSTANT\x10\x01\x12!\n\x1dLEARNING_RATE_SCHEDULE_LINEAR\x10\x02\x12!\n\x1dLEARNING_RATE_SCHEDULE_COSINE\x10\x03\x32\x84\x04\n\rTuningService\x12P\n\x0f\x43reateTuningJob\x12$.layercard.v1.CreateTuningJobRequest\x1a\x17.layercard.v1.TuningJob\x12J\n\x0cGetTuningJob\x12!.layercard.v1.GetTuningJobRequest\x1a\x17.layercard.v1.TuningJob\x12[\n\x0eListTuningJobs\x12#.layercard.v1.ListTuningJobsRequest\x1a$.layercard.v1.ListTuningJobsResponse\x12P\n\x0f\x43\x61ncelTuningJob\x12$.layercard.v1.CancelTuningJobRequest\x1a\x17.layercard.v1.TuningJob\x12U\n\x0eWatchTuningJob\x12#.layercard.v1.WatchTuningJobRequest\x1a\x1c.layercard.v1.TuningJobEvent0\x01\x12O\n\x0f\x44\x65leteTuningJob\x12$.layercard.v1.DeleteTuningJobRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'layercard.v1.tuning_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TUNINGJOBSTATE']._serialized_start=3008
-  _globals['_TUNINGJOBSTATE']._serialized_end=3243
-  _globals['_LEARNINGRATESCHEDULE']._serialized_start=3246
-  _globals['_LEARNINGRATESCHEDULE']._serialized_end=3415
-  _globals['_HYPERPARAMETERS']._serialized_start=166
-  _globals['_HYPERPARAMETERS']._serialized_end=506
-  _globals['_EXPLICITLAYERS']._serialized_start=508
-  _globals['_EXPLICITLAYERS']._serialized_end=579
-  _globals['_CARDBUDGET']._serialized_start=582
-  _globals['_CARDBUDGET']._serialized_end=737
-  _globals['_CREATETUNINGJOBREQUEST']._serialized_start=740
-  _globals['_CREATETUNINGJOBREQUEST']._serialized_end=1176
-  _globals['_GETTUNINGJOBREQUEST']._serialized_start=1178
-  _globals['_GETTUNINGJOBREQUEST']._serialized_end=1213
-  _globals['_LISTTUNINGJOBSREQUEST']._serialized_start=1215
-  _globals['_LISTTUNINGJOBSREQUEST']._serialized_end=1323
-  _globals['_LISTTUNINGJOBSRESPONSE']._serialized_start=1325
-  _globals['_LISTTUNINGJOBSRESPONSE']._serialized_end=1420
-  _globals['_CANCELTUNINGJOBREQUEST']._serialized_start=1422
-  _globals['_CANCELTUNINGJOBREQUEST']._serialized_end=1460
-  _globals['_WATCHTUNINGJOBREQUEST']._serialized_start=1462
-  _globals['_WATCHTUNINGJOBREQUEST']._serialized_end=1523
-  _globals['_TUNINGJOB']._serialized_start=1526
-  _globals['_TUNINGJOB']._serialized_end=2102
-  _globals['_TUNINGRESULT']._serialized_start=2105
-  _globals['_TUNINGRESULT']._serialized_end=2454
-  _globals['_EVALMETRICS']._serialized_start=2456
-  _globals['_EVALMETRICS']._serialized_end=2536
-  _globals['_STEPMETRICS']._serialized_start=2539
-  _globals['_STEPMETRICS']._serialized_end=2670
-  _globals['_CHECKPOINT']._serialized_start=2672
-  _globals['_CHECKPOINT']._serialized_end=2712
-  _globals['_TUNINGJOBEVENT']._serialized_start=2715
-  _globals['_TUNINGJOBEVENT']._serialized_end=3005
-  _globals['_TUNINGSERVICE']._serialized_start=3418
-  _globals['_TUNINGSERVICE']._serialized_end=3853
+  _globals['_TUNINGJOBSTATE']._serialized_start=3077
+  _globals['_TUNINGJOBSTATE']._serialized_end=3312
+  _globals['_LEARNINGRATESCHEDULE']._serialized_start=3315
+  _globals['_LEARNINGRATESCHEDULE']._serialized_end=3484
+  _globals['_HYPERPARAMETERS']._serialized_start=195
+  _globals['_HYPERPARAMETERS']._serialized_end=535
+  _globals['_EXPLICITLAYERS']._serialized_start=537
+  _globals['_EXPLICITLAYERS']._serialized_end=608
+  _globals['_CARDBUDGET']._serialized_start=611
+  _globals['_CARDBUDGET']._serialized_end=766
+  _globals['_CREATETUNINGJOBREQUEST']._serialized_start=769
+  _globals['_CREATETUNINGJOBREQUEST']._serialized_end=1205
+  _globals['_GETTUNINGJOBREQUEST']._serialized_start=1207
+  _globals['_GETTUNINGJOBREQUEST']._serialized_end=1242
+  _globals['_LISTTUNINGJOBSREQUEST']._serialized_start=1244
+  _globals['_LISTTUNINGJOBSREQUEST']._serialized_end=1352
+  _globals['_LISTTUNINGJOBSRESPONSE']._serialized_start=1354
+  _globals['_LISTTUNINGJOBSRESPONSE']._serialized_end=1449
+  _globals['_CANCELTUNINGJOBREQUEST']._serialized_start=1451
+  _globals['_CANCELTUNINGJOBREQUEST']._serialized_end=1489
+  _globals['_DELETETUNINGJOBREQUEST']._serialized_start=1491
+  _globals['_DELETETUNINGJOBREQUEST']._serialized_end=1529
+  _globals['_WATCHTUNINGJOBREQUEST']._serialized_start=1531
+  _globals['_WATCHTUNINGJOBREQUEST']._serialized_end=1592
+  _globals['_TUNINGJOB']._serialized_start=1595
+  _globals['_TUNINGJOB']._serialized_end=2171
+  _globals['_TUNINGRESULT']._serialized_start=2174
+  _globals['_TUNINGRESULT']._serialized_end=2523
+  _globals['_EVALMETRICS']._serialized_start=2525
+  _globals['_EVALMETRICS']._serialized_end=2605
+  _globals['_STEPMETRICS']._serialized_start=2608
+  _globals['_STEPMETRICS']._serialized_end=2739
+  _globals['_CHECKPOINT']._serialized_start=2741
+  _globals['_CHECKPOINT']._serialized_end=2781
+  _globals['_TUNINGJOBEVENT']._serialized_start=2784
+  _globals['_TUNINGJOBEVENT']._serialized_end=3074
+  _globals['_TUNINGSERVICE']._serialized_start=3487
+  _globals['_TUNINGSERVICE']._serialized_end=4003
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from layercard.v1 import tuning_pb2 as layercard_dot_v1_dot_tuning__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -60,6 +61,11 @@ class TuningServiceStub:
                 request_serializer=layercard_dot_v1_dot_tuning__pb2.WatchTuningJobRequest.SerializeToString,
                 response_deserializer=layercard_dot_v1_dot_tuning__pb2.TuningJobEvent.FromString,
                 _registered_method=True)
+        self.DeleteTuningJob = channel.unary_unary(
+                '/layercard.v1.TuningService/DeleteTuningJob',
+                request_serializer=layercard_dot_v1_dot_tuning__pb2.DeleteTuningJobRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
 
 
 class TuningServiceServicer:
@@ -80,7 +86,7 @@ class TuningServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListTuningJobs(self, request, context):
-        """Lists jobs, newest first.
+        """Lists jobs, newest first. Pages are bounded in bytes as well as in count (see ListTuningJobsRequest).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -95,6 +101,15 @@ class TuningServiceServicer:
 
     def WatchTuningJob(self, request, context):
         """Streams a job's events: its history first, then new ones as they happen, until the job ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteTuningJob(self, request, context):
+        """Deletes an ended job (AIP-135): its record, events, checkpoints and log, and its inline datasets when no
+        other job uses them. The adapter versions it published stay. FAILED_PRECONDITION (reason
+        TUNING_JOB_NOT_ENDED) while the job is queued, running or cancelling: cancel it and wait for the end first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -127,6 +142,11 @@ def add_TuningServiceServicer_to_server(servicer, server):
                     servicer.WatchTuningJob,
                     request_deserializer=layercard_dot_v1_dot_tuning__pb2.WatchTuningJobRequest.FromString,
                     response_serializer=layercard_dot_v1_dot_tuning__pb2.TuningJobEvent.SerializeToString,
+            ),
+            'DeleteTuningJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTuningJob,
+                    request_deserializer=layercard_dot_v1_dot_tuning__pb2.DeleteTuningJobRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +285,33 @@ class TuningService:
             '/layercard.v1.TuningService/WatchTuningJob',
             layercard_dot_v1_dot_tuning__pb2.WatchTuningJobRequest.SerializeToString,
             layercard_dot_v1_dot_tuning__pb2.TuningJobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTuningJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layercard.v1.TuningService/DeleteTuningJob',
+            layercard_dot_v1_dot_tuning__pb2.DeleteTuningJobRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

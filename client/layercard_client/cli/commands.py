@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2
 from rich.markup import escape
 
 from layercard.v1 import adapter_pb2, layer_card_pb2, tuning_pb2
-from layercard_client import cardplot
+from layercard_client import builders, cardplot
 from layercard_client.builders import DatasetLike, dataset_source
 from layercard_client.cardview import card_json, card_markdown
 from layercard_client.cli import render
@@ -226,6 +226,11 @@ def run_jobs(client: LayercardClient, args: argparse.Namespace, out: render.Outp
         call = client.get_tuning_job if args.action == "get" else client.cancel_tuning_job
         job = call(args.name)
         out.show(job, render.job_table(job))
+        return EXIT_OK
+    if args.action == "delete":
+        request = builders.delete_tuning_job(args.name)
+        client.delete_tuning_job(request)
+        out.show(request, f"deleted {request.name}")  # JSON mode: the request, naming what was deleted
         return EXIT_OK
     if args.action == "watch":
         return _watch_job(client, args.name, args.after, out)

@@ -152,7 +152,7 @@ def _plan(sub: argparse._SubParsersAction) -> None:
 
 
 def _jobs(sub: argparse._SubParsersAction) -> None:
-    jobs = sub.add_parser("jobs", help="tuning jobs: create, get, list, cancel, watch")
+    jobs = sub.add_parser("jobs", help="tuning jobs: create, get, list, cancel, delete, watch")
     actions = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
     create = actions.add_parser("create", help="queue a LoRA tuning job")
     create.add_argument("--model", required=True)
@@ -177,7 +177,11 @@ def _jobs(sub: argparse._SubParsersAction) -> None:
     create.add_argument("--watch", action="store_true", help="then watch the job until it ends")
     _add_lora(create)
     _add_budget(create)
-    for name, text in (("get", "show a job"), ("cancel", "ask a job to stop")):
+    for name, text in (
+        ("get", "show a job"),
+        ("cancel", "ask a job to stop"),
+        ("delete", "delete an ended job (its adapter versions stay)"),
+    ):
         parser = actions.add_parser(name, help=text)
         parser.add_argument("name", help="tuningJobs/ID or ID")
     listing = actions.add_parser("list", help="list jobs, newest first")

@@ -7,6 +7,7 @@ from pathlib import Path
 from google.protobuf import timestamp_pb2
 
 from layercard.v1 import adapter_pb2, adapter_pb2_grpc, common_pb2
+from layercard_service.api.paging import ProtoPage
 from layercard_service.serve.adapters import AdapterManager, AdapterView, DeploymentView, ReplicaView
 from layercard_service.serve.deploy_store import LatencyMeasurement
 from layercard_service.tune.job_store import AdapterVersion
@@ -112,5 +113,6 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
         return adapter_pb2.UndeployAdapterResponse(replicas=[_replica(r) for r in replicas])
 
     async def ListAdapters(self, request, context) -> adapter_pb2.ListAdaptersResponse:
-        views, token = await self.adapters.list(request.page_size, request.page_token)
-        return adapter_pb2.ListAdaptersResponse(adapters=[_adapter(a) for a in views], next_page_token=token)
+        page = ProtoPage(_adapter)
+        views, token = await self.adapters.list(request.page_size, request.page_token, size_of=page.size_of)
+        return adapter_pb2.ListAdaptersResponse(adapters=page.messages(views), next_page_token=token)

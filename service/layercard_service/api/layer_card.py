@@ -7,6 +7,7 @@ import math
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from layercard.v1 import common_pb2, layer_card_pb2, layer_card_pb2_grpc
+from layercard_service.api.paging import ProtoPage
 from layercard_service.card.service import CardProgress, CardService, StoredCard
 from layercard_service.card.types import CardSettings, LayerCardData
 from layercard_service.errors import InvalidArgument
@@ -175,7 +176,6 @@ class LayerCardServicer(layer_card_pb2_grpc.LayerCardServiceServicer):
         return card_to_proto(self.cards.get(request.name))
 
     async def ListLayerCards(self, request, context):
-        cards, token = self.cards.list(request.model, request.page_size, request.page_token)
-        return layer_card_pb2.ListLayerCardsResponse(
-            layer_cards=[card_to_proto(c) for c in cards], next_page_token=token
-        )
+        page = ProtoPage(card_to_proto)
+        cards, token = self.cards.list(request.model, request.page_size, request.page_token, size_of=page.size_of)
+        return layer_card_pb2.ListLayerCardsResponse(layer_cards=page.messages(cards), next_page_token=token)

@@ -6,10 +6,11 @@ import asyncio
 import math
 from typing import Any
 
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import empty_pb2, json_format, timestamp_pb2
 
 from layercard.v1 import common_pb2, placement_pb2, tuning_pb2, tuning_pb2_grpc
 from layercard_service.api.layer_card import dataset_request
+from layercard_service.api.paging import ProtoPage
 from layercard_service.api.placement import placement_to_proto, plan_request_from_card_budget
 from layercard_service.errors import FailedPrecondition, InvalidArgument
 from layercard_service.plan.planner import PlacementPlanner
@@ -28,6 +29,10 @@ __all__ = ["TuningServicer", "event_to_proto", "job_to_proto"]
 
 DEFAULT_RANK = 8
 DEFAULT_PLAN_STEPS = 200
+# A job echoes its placement back (every prediction and its basis); a caller's own placement is capped so that
+# no job outgrows a List page (store.MAX_LIST_RESPONSE_BYTES). Planned placements are far smaller.
+MAX_PLACEMENT_BYTES = 64 * 1024
+MAX_ERROR_MESSAGE_CHARS = 4096  # a failure's message is shown up to this length (it may quote the data)
 
 _STATES = {
     JobState.QUEUED: tuning_pb2.TUNING_JOB_STATE_QUEUED,
@@ -78,8 +83,15 @@ def _prediction(message: placement_pb2.Placement, name: str) -> float:
 
 
 def _placement_from_proto(message: placement_pb2.Placement) -> PlacementSpec:
+<<<<<<< HEAD
     if message.steps < 0:
         raise InvalidArgument.field("placement.steps", f"must be >= 0 (0: not chosen by the plan), got {message.steps}")
+=======
+    if message.ByteSize() > MAX_PLACEMENT_BYTES:
+        raise InvalidArgument.field(
+            "placement", f"is {message.ByteSize()} bytes serialized; at most {MAX_PLACEMENT_BYTES} are accepted"
+        )
+>>>>>>> issue12-responses
     return _placement_from_shape(
         list(message.layers),
         message.lora,
@@ -125,8 +137,13 @@ def _dataset_to_proto(request: DatasetRequest | None) -> common_pb2.DatasetSourc
         return None
     if request.builtin:
         return common_pb2.DatasetSource(builtin=request.builtin, split=request.split)
-    if request.inline_jsonl is not None:
-        return common_pb2.DatasetSource(inline_jsonl=request.inline_jsonl, split=request.split)
+    if request.inline_sha256:  # by reference: the bytes stay in the artifact store, responses stay small
+        return common_pb2.DatasetSource(
+            inline_jsonl=b"",
+            split=request.split,
+            inline_jsonl_sha256=request.inline_sha256,
+            inline_jsonl_size_bytes=request.inline_size_bytes,
+        )
     return common_pb2.DatasetSource(path=request.path, split=request.split)
 
 
@@ -194,7 +211,7 @@ def job_to_proto(job: JobRecord) -> tuning_pb2.TuningJob:
         step=job.step,
         total_steps=job.total_steps,
         error_code=job.error_code,
-        error_message=job.error_message,
+        error_message=job.error_message[:MAX_ERROR_MESSAGE_CHARS],
     )
     if job.result is not None:
         r = job.result
@@ -283,11 +300,18 @@ class TuningServicer(tuning_pb2_grpc.TuningServiceServicer):
             if value not in _STATES_BACK:
                 raise InvalidArgument.field("states", f"unknown or unspecified state {value}")
             states.append(_STATES_BACK[value])
-        jobs, token = await asyncio.to_thread(self.tuning.list, request.page_size, request.page_token, states)
-        return tuning_pb2.ListTuningJobsResponse(tuning_jobs=[job_to_proto(j) for j in jobs], next_page_token=token)
+        page = ProtoPage(job_to_proto)
+        jobs, token = await asyncio.to_thread(
+            self.tuning.list, request.page_size, request.page_token, states, page.size_of
+        )
+        return tuning_pb2.ListTuningJobsResponse(tuning_jobs=page.messages(jobs), next_page_token=token)
 
     async def CancelTuningJob(self, request, context):
         return job_to_proto(await asyncio.to_thread(self.tuning.cancel, request.name))
+
+    async def DeleteTuningJob(self, request, context):
+        await asyncio.to_thread(self.tuning.delete, request.name)
+        return empty_pb2.Empty()
 
     async def WatchTuningJob(self, request, context):
         events = self.tuning.watch(request.name, request.after_sequence)

@@ -13,7 +13,7 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,11 +83,15 @@ class CardService:
             raise NotFound(f"no layer card {name!r}", reason="LAYER_CARD_NOT_FOUND", metadata={"name": name})
         return _stored(record, from_store=True)
 
-    def list(self, model: str, page_size: int, page_token: str) -> tuple[list[StoredCard], str]:
-        records, token = paginate(
-            lambda offset, limit: self.store.list_cards(model, offset, limit), page_size, page_token
-        )
-        return [_stored(r, from_store=True) for r in records], token
+    def list(
+        self, model: str, page_size: int, page_token: str, size_of: Callable[[StoredCard], int] | None = None
+    ) -> tuple[list[StoredCard], str]:
+        """One page of cards; ``size_of`` (a card's size in the response) bounds the page in bytes too."""
+
+        def fetch(offset: int, limit: int) -> list[StoredCard]:
+            return [_stored(r, from_store=True) for r in self.store.list_cards(model, offset, limit)]
+
+        return paginate(fetch, page_size, page_token, size_of=size_of)
 
     # --- computing --------------------------------------------------------------------------------------
     async def compute(

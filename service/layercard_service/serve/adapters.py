@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -293,21 +293,28 @@ class AdapterManager:
         return [self._replica_view(o, None) for o in observed.values()]
 
     # --- list ----------------------------------------------------------------------------------------------
-    async def list(self, page_size: int, page_token: str) -> tuple[list[AdapterView], str]:
-        ids, token = paginate(self.versions.adapter_ids, page_size, page_token)
+    async def list(
+        self, page_size: int, page_token: str, size_of: Callable[[AdapterView], int] | None = None
+    ) -> tuple[list[AdapterView], str]:
+        """One page of adapters; ``size_of`` (an adapter's size in the response) bounds the page in bytes too."""
+        paginate(lambda offset, limit: [], page_size, page_token)  # a bad page_size or token fails before the fleet
         observed = await self.fleet.observe()
-        views = []
-        for adapter_id in ids:
-            versions = tuple(self.versions.versions(adapter_id))
-            record = self.store.get(adapter_id)
-            deployment = None
-            if record is not None:
-                deployment = self._view(
-                    adapter_id, record.version, record.state, observed, record.latency, record.update_time
-                )
-            model = versions[-1].metadata.get("model", "") if versions else ""
-            views.append(AdapterView(adapter_id, model, versions, deployment))
-        return views, token
+
+        def fetch(offset: int, limit: int) -> list[AdapterView]:
+            return [self._adapter_view(i, observed) for i in self.versions.adapter_ids(offset, limit)]
+
+        return paginate(fetch, page_size, page_token, size_of=size_of)
+
+    def _adapter_view(self, adapter_id: str, observed: dict[str, Observation]) -> AdapterView:
+        versions = tuple(self.versions.versions(adapter_id))
+        record = self.store.get(adapter_id)
+        deployment = None
+        if record is not None:
+            deployment = self._view(
+                adapter_id, record.version, record.state, observed, record.latency, record.update_time
+            )
+        model = versions[-1].metadata.get("model", "") if versions else ""
+        return AdapterView(adapter_id, model, versions, deployment)
 
     # --- helpers -------------------------------------------------------------------------------------------
     def _version(self, adapter_id: str, version: int) -> AdapterVersion:

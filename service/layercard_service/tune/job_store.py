@@ -246,6 +246,30 @@ class JobStore:
             ).fetchall()
         return [JobEvent(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5]) for r in rows]
 
+    def delete(self, job_id: str, remove_dataset: Callable[[str], None]) -> JobState | None:
+        """Deletes an ended job and its events in one transaction; returns the state it had (None: no such job).
+
+        A job not ended is left as it is (its state is returned). Adapter versions it published stay: adapters
+        outlive their jobs. ``remove_dataset(sha256)`` runs inside the transaction for each of the job's inline
+        datasets that no other job refers to, so a job created meanwhile with the same data keeps its file.
+        """
+        with self._write() as db:
+            row = db.execute("SELECT state, spec FROM tuning_jobs WHERE job_id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            state = JobState(row[0])
+            if not state.ended:
+                return state
+            db.execute("DELETE FROM tuning_job_events WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM tuning_jobs WHERE job_id = ?", (job_id,))
+            _release(db, _dataset_hashes(json.loads(row[1])), remove_dataset)
+        return state
+
+    def release_datasets(self, hashes: Iterable[str], remove_dataset: Callable[[str], None]) -> None:
+        """Removes stored datasets no job refers to (a create that stored one, then wrote no job)."""
+        with self._write() as db:
+            _release(db, hashes, remove_dataset)
+
     # --- adapter versions ---------------------------------------------------------------------------------
     def versions(self, adapter_id: str) -> list[AdapterVersion]:
         with self._lock:
@@ -303,6 +327,22 @@ def _append(db: sqlite3.Connection, job_id: str, events: Sequence[NewEvent], now
             "INSERT INTO tuning_job_events VALUES (?, ?, ?, ?, ?, ?)",
             (job_id, sequence, event.time or now, event.kind, json.dumps(event.payload), event.message),
         )
+
+
+def _dataset_hashes(spec: dict[str, Any]) -> set[str]:
+    datasets = (spec.get("training_data"), spec.get("validation_data"))
+    return {d["inline_jsonl_sha256"] for d in datasets if d and d.get("inline_jsonl_sha256")}
+
+
+def _release(db: sqlite3.Connection, hashes: Iterable[str], remove_dataset: Callable[[str], None]) -> None:
+    for sha256 in set(hashes):
+        used = db.execute(
+            "SELECT 1 FROM tuning_jobs WHERE json_extract(spec, '$.training_data.inline_jsonl_sha256') = ?1 "
+            "OR json_extract(spec, '$.validation_data.inline_jsonl_sha256') = ?1 LIMIT 1",
+            (sha256,),
+        ).fetchone()
+        if used is None:
+            remove_dataset(sha256)
 
 
 def _job(row: sqlite3.Row | tuple) -> JobRecord:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -74,23 +75,31 @@ def job_id_from_name(name: str) -> str:
 
 
 def dataset_to_dict(request: DatasetRequest | None) -> dict[str, Any] | None:
+    """A dataset as a job record keeps it: inline data by reference (tune/datasets.py), never its bytes."""
     if request is None:
         return None
+    if request.inline_jsonl is not None and not request.inline_sha256:
+        raise ValueError("inline datasets are stored as artifacts before the job is written")
     out: dict[str, Any] = {"builtin": request.builtin, "path": request.path, "split": request.split}
-    if request.inline_jsonl is not None:
-        out["inline_jsonl_b64"] = base64.b64encode(request.inline_jsonl).decode("ascii")
+    if request.inline_sha256:
+        out["inline_jsonl_sha256"] = request.inline_sha256
+        out["inline_jsonl_size_bytes"] = request.inline_size_bytes
     return out
 
 
 def dataset_from_dict(raw: dict[str, Any] | None) -> DatasetRequest | None:
     if raw is None:
         return None
+    common = {"builtin": raw.get("builtin", ""), "path": raw.get("path", ""), "split": raw.get("split", "")}
     inline = raw.get("inline_jsonl_b64")
+    if inline is not None:  # a record from before inline datasets were artifacts: the bytes are in it
+        data = base64.b64decode(inline)
+        digest = hashlib.sha256(data).hexdigest()
+        return DatasetRequest(inline_jsonl=data, inline_sha256=digest, inline_size_bytes=len(data), **common)
     return DatasetRequest(
-        builtin=raw.get("builtin", ""),
-        inline_jsonl=base64.b64decode(inline) if inline is not None else None,
-        path=raw.get("path", ""),
-        split=raw.get("split", ""),
+        inline_sha256=raw.get("inline_jsonl_sha256", ""),
+        inline_size_bytes=int(raw.get("inline_jsonl_size_bytes", 0)),
+        **common,
     )
 
 

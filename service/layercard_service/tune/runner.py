@@ -62,6 +62,9 @@ class JobRunner(ABC):
     def close(self) -> None:
         """Stops dispatching and ends running workers, leaving their jobs resumable."""
 
+    def forget(self, job_id: str) -> None:
+        """Removes what the runner keeps of a deleted (ended) job, such as its log; nothing by default."""
+
 
 def worker_command(
     data_dir: Path,
@@ -224,6 +227,9 @@ class LocalProcessRunner(JobRunner):
                 monitor = threading.Thread(target=self._supervise, args=(job_id, proc), daemon=True)
                 self._monitors.append(monitor)
                 monitor.start()
+
+    def forget(self, job_id: str) -> None:
+        (self.log_dir / f"{job_id}.log").unlink(missing_ok=True)
 
     def _spawn(self, job_id: str) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)

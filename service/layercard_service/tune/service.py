@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import math
+import shutil
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from layercard_service.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from layercard_service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from layercard_service.sources import DatasetRequest, read_json_file, resolve_dataset, resolve_model_path
 from layercard_service.store import paginate
+from layercard_service.tune.datasets import DatasetArtifacts
 from layercard_service.tune.job_store import JobStore
 from layercard_service.tune.jobs import (
     SCHEDULES,
@@ -41,6 +43,10 @@ MAX_SEQ_LEN = 32_768
 WATCH_POLL_SECONDS = 0.2
 QUEUE_RETRY_SECONDS = 60.0
 ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING)  # count against the queue limit
+# User strings a job echoes back are capped, so that no single job outgrows a List page (store.py's
+# MAX_LIST_RESPONSE_BYTES); the placement's size is capped at the API edge, which knows its encoding.
+MAX_TARGET_MODULES = 64
+MAX_MODULE_NAME_CHARS = 64
 
 
 @dataclass(frozen=True)
@@ -95,8 +101,12 @@ class TuningService:
         max_concurrent: int = 1,
         queue_size: int = 16,
         poll_seconds: float = WATCH_POLL_SECONDS,
+        data_dir: Path | None = None,
     ) -> None:
         self.store, self.runner = store, runner
+        # Artifacts live beside the database unless told otherwise (core.py opens <data-dir>/state.db).
+        self.data_dir = Path(data_dir) if data_dir is not None else store.path.parent
+        self.datasets = DatasetArtifacts(self.data_dir / "artifacts")
         self.model_roots, self.dataset_roots = model_roots, dataset_roots
         self.max_lora_rank, self.poll_seconds = max_lora_rank, poll_seconds
         self.max_concurrent, self.queue_size = max_concurrent, queue_size
@@ -138,12 +148,30 @@ class TuningService:
                 metadata={"limit": str(limit)},
             )
         job_id = request.job_id or f"job-{uuid.uuid4().hex[:16]}"
-        record, created = await asyncio.to_thread(
-            self.store.create, job_id, request.request_id or None, spec, total_steps
-        )
+        record, created = await asyncio.to_thread(self._insert, job_id, request, spec, total_steps)
         if created:
             self.runner.submit(job_id)
         return record
+
+    def _insert(self, job_id: str, request: CreateJob, spec: JobSpec, total_steps: int) -> tuple[JobRecord, bool]:
+        """Stores the inline datasets as artifacts, then the job that refers to them."""
+        stored = replace(
+            spec,
+            training_data=self.datasets.store(spec.training_data),
+            validation_data=self.datasets.store(spec.validation_data),
+        )
+        hashes = [d.inline_sha256 for d in (stored.training_data, stored.validation_data) if d and d.inline_sha256]
+        try:
+            record, created = self.store.create(job_id, request.request_id or None, stored, total_steps)
+        except BaseException:
+            self.store.release_datasets(hashes, self.datasets.remove)
+            raise
+        if created:
+            self.datasets.ensure(spec.training_data)
+            self.datasets.ensure(spec.validation_data)
+        else:  # an idempotent retry: the first job's datasets are the ones kept
+            self.store.release_datasets(hashes, self.datasets.remove)
+        return record, created
 
     def _validate(self, request: CreateJob) -> tuple[JobSpec, int]:
         """The synchronous checks; returns the spec with defaults filled in, and the number of steps."""
@@ -185,6 +213,13 @@ class TuningService:
             raise InvalidArgument.field("placement.steps", f"must be in 0..{MAX_STEPS}, got {placement.steps}")
         if any(not m or not m.replace("_", "").isalnum() for m in placement.target_modules):
             raise InvalidArgument.field(f"{field}.target_modules", "must be module names like 'q_proj'")
+        if len(placement.target_modules) > MAX_TARGET_MODULES or any(
+            len(m) > MAX_MODULE_NAME_CHARS for m in placement.target_modules
+        ):
+            raise InvalidArgument.field(
+                f"{field}.target_modules",
+                f"at most {MAX_TARGET_MODULES} names of at most {MAX_MODULE_NAME_CHARS} characters each",
+            )
         layers = placement.layers
         if layers is not None:
             if not layers:
@@ -207,8 +242,38 @@ class TuningService:
             raise NotFound(f"no tuning job {name!r}", reason="TUNING_JOB_NOT_FOUND", metadata={"name": name})
         return record
 
-    def list(self, page_size: int, page_token: str, states: Sequence[JobState]) -> tuple[list[JobRecord], str]:
-        return paginate(lambda offset, limit: self.store.list(states, offset, limit), page_size, page_token)
+    def list(
+        self,
+        page_size: int,
+        page_token: str,
+        states: Sequence[JobState],
+        size_of: Callable[[JobRecord], int] | None = None,
+    ) -> tuple[list[JobRecord], str]:
+        """One page of jobs; ``size_of`` (a job's size in the response) bounds the page in bytes too."""
+
+        def fetch(offset: int, limit: int) -> list[JobRecord]:
+            return self.store.list(states, offset, limit)
+
+        return paginate(fetch, page_size, page_token, size_of=size_of)
+
+    # --- delete -------------------------------------------------------------------------------------------
+    def delete(self, name: str) -> None:
+        """Deletes an ended job with its events, checkpoints, log and unshared inline datasets (AIP-135).
+
+        Adapter versions the job published stay: deployments and later jobs depend on them.
+        """
+        job_id = job_id_from_name(name)
+        state = self.store.delete(job_id, self.datasets.remove)
+        if state is None:
+            raise NotFound(f"no tuning job {name!r}", reason="TUNING_JOB_NOT_FOUND", metadata={"name": name})
+        if not state.ended:
+            raise FailedPrecondition(
+                f"tuning job {name!r} is {state.value}: only ended jobs can be deleted; cancel it first",
+                reason="TUNING_JOB_NOT_ENDED",
+                metadata={"name": name, "state": state.value},
+            )
+        shutil.rmtree(self.data_dir / "artifacts" / "checkpoints" / job_id, ignore_errors=True)
+        self.runner.forget(job_id)
 
     # --- cancel -------------------------------------------------------------------------------------------
     def cancel(self, name: str) -> JobRecord:

@@ -124,6 +124,7 @@ def _train(store: JobStore, job: JobRecord, settings: WorkerSettings, events: Ev
     from layercard_service.models.loading import load_model
     from layercard_service.sources import resolve_dataset, resolve_model_path
     from layercard_service.tune.artifact import stage_adapter
+    from layercard_service.tune.datasets import DatasetArtifacts
     from layercard_service.tune.loop import LoopHooks, StepReport, TrainingLoop
     from layercard_service.tune.trainer import LoraSettings, attach_lora
 
@@ -131,10 +132,12 @@ def _train(store: JobStore, job: JobRecord, settings: WorkerSettings, events: Ev
         torch.set_num_threads(settings.threads)
     spec, job_id, placement = job.spec, job.job_id, job.spec.placement
     artifacts = settings.data_dir / "artifacts"
-    data = resolve_dataset(spec.training_data, settings.dataset_roots, "training_data")
+    datasets = DatasetArtifacts(artifacts)  # inline data is read back from its artifact, its hash checked
+    data = resolve_dataset(datasets.load(spec.training_data, "training_data"), settings.dataset_roots, "training_data")
     validation = data.validation
     if spec.validation_data is not None:
-        validation = resolve_dataset(spec.validation_data, settings.dataset_roots, "validation_data").examples
+        stored = datasets.load(spec.validation_data, "validation_data")
+        validation = resolve_dataset(stored, settings.dataset_roots, "validation_data").examples
     model, tokenizer = load_model(resolve_model_path(spec.model, settings.model_roots))
     modules = placement.target_modules or detect_layout(model).module_types
     lora = LoraSettings(placement.rank, placement.alpha, placement.dropout, tuple(modules), placement.layers)
