@@ -83,15 +83,12 @@ def _prediction(message: placement_pb2.Placement, name: str) -> float:
 
 
 def _placement_from_proto(message: placement_pb2.Placement) -> PlacementSpec:
-<<<<<<< HEAD
     if message.steps < 0:
         raise InvalidArgument.field("placement.steps", f"must be >= 0 (0: not chosen by the plan), got {message.steps}")
-=======
     if message.ByteSize() > MAX_PLACEMENT_BYTES:
         raise InvalidArgument.field(
             "placement", f"is {message.ByteSize()} bytes serialized; at most {MAX_PLACEMENT_BYTES} are accepted"
         )
->>>>>>> issue12-responses
     return _placement_from_shape(
         list(message.layers),
         message.lora,
