@@ -135,7 +135,7 @@ class CardService:
     async def compute(
         self, model: str, dataset: DatasetRequest, settings: CardSettings, force: bool = False
     ) -> AsyncIterator[CardProgress | StoredCard]:
-        """Yields progress, then the card. Closing the iterator early cancels the work."""
+        """Yields progress, then the card. Closing the iterator early leaves; the work stops when no caller is left."""
         began = time.monotonic()
         model_path = resolve_model_path(model, self.model_roots)
         data = await asyncio.to_thread(resolve_dataset, dataset, self.dataset_roots)
