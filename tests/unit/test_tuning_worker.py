@@ -96,7 +96,9 @@ def test_a_resumed_job_reports_each_step_once(tmp_path, monkeypatch):
     store = JobStore(tmp_path / "state.db")
     spec = _spec()
     spec = dataclasses.replace(
-        spec, hyperparameters=dataclasses.replace(spec.hyperparameters, steps=4, checkpoint_interval=2)
+        spec,
+        training_data=DatasetRequest(builtin="builtin:cipher"),  # needs nothing stored beside the job
+        hyperparameters=dataclasses.replace(spec.hyperparameters, steps=4, checkpoint_interval=2),
     )
     store.create("job-a", None, spec, 4)
     store.transition("job-a", [JobState.QUEUED], JobState.RUNNING)
