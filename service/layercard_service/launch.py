@@ -14,6 +14,7 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from layercard_service.config import ServiceConfig
@@ -42,21 +43,39 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def _supervise(vllm: VllmProcess, stopping: asyncio.Event) -> None:
-    """Restarts vLLM when it exits unexpectedly, with exponential backoff (1 s .. 60 s)."""
-    backoff = 1.0
+async def _supervise(
+    vllm: VllmProcess,
+    stopping: asyncio.Event,
+    *,
+    poll_seconds: float = 2.0,
+    backoff: tuple[float, float] = (1.0, 60.0),
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> None:
+    """Restarts vLLM when it exits unexpectedly, with exponential backoff (``backoff``: first, most seconds).
+
+    Before each restart the dead server's whole process group is reaped (``VllmProcess.stop``): a server killed
+    with SIGKILL leaves its engine core child alive, holding memory, and the new server takes the same port.
+    """
+    first, most = backoff
+    delay = first
     while not stopping.is_set():
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stopping.wait(), timeout=2.0)
-        if stopping.is_set() or vllm.running:
+            await asyncio.wait_for(stopping.wait(), timeout=poll_seconds)
+        if stopping.is_set() or vllm.running():
             continue
-        log.warning("vLLM exited; restarting", extra={"backoff_seconds": backoff, "log": str(vllm.log_path)})
-        await asyncio.sleep(backoff)
-        backoff = min(backoff * 2, 60.0)
+        log.warning("vLLM exited; restarting", extra={"backoff_seconds": delay, "log": str(vllm.log_path)})
+        try:
+            await asyncio.to_thread(vllm.stop)  # reaps the engine core and any other orphan of the group
+        except Exception:
+            log.exception("could not reap the exited vLLM's processes")
+        await sleep(delay)
+        if stopping.is_set():
+            break
+        delay = min(delay * 2, most)
         try:
             await asyncio.to_thread(vllm.start)
             await asyncio.to_thread(vllm.wait_ready)
-            backoff = 1.0
+            delay = first
             log.info("vLLM is back", extra={"url": vllm.url})
         except Exception:  # keep supervising; the next round retries
             log.exception("vLLM restart failed")

@@ -240,7 +240,7 @@ def test_nothing_listening_fails_with_unavailable_in_bounded_time():
         started = time.monotonic()
         with pytest.raises(Unavailable):
             client.get_layer_card("abc")
-        assert time.monotonic() - started < 10  # three attempts with sub-second backoff, not a hang
+        assert time.monotonic() - started < 60  # three attempts with sub-second backoff: a hang, not a slow CPU, fails
 
 
 def test_idempotent_call_is_retried_the_configured_times_and_others_are_not(fake_server):

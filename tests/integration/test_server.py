@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import grpc
 import pytest
@@ -217,11 +216,11 @@ class _SlowPlacement(placement_pb2_grpc.PlacementServiceServicer):
     """Holds a call in flight until released, to observe draining."""
 
     def __init__(self) -> None:
-        self.entered = threading.Event()
+        self.entered, self.release = threading.Event(), threading.Event()
 
     async def PlanPlacement(self, request, context):
         self.entered.set()
-        await asyncio.sleep(1.5)
+        await asyncio.to_thread(self.release.wait, 60)
         return placement_pb2.Placement(layers=[1, 2], rationale="finished while draining")
 
 
@@ -237,16 +236,16 @@ def test_graceful_shutdown_drains_in_flight_call():
             placement_pb2.PlanPlacementRequest(), timeout=30
         )
         assert slow.entered.wait(10)
-        started = time.monotonic()
-        stopping = running.submit(running.server.stop(grace=20))
+        stopping = running.submit(running.server.stop(grace=600))
         # Health flips first, so load balancers stop sending work.
         assert next(watch).status == NOT_SERVING
         watch.cancel()  # a watcher that saw NOT_SERVING goes away; an open stream would hold the whole grace
+        assert not stopping.done()  # draining: it waits for the call in flight
+        slow.release.set()
         # The call that was in flight completes normally.
         result = in_flight.result(timeout=20)
         assert result.rationale == "finished while draining"
-        stopping.result(timeout=20)
-        assert time.monotonic() - started < 15  # it waited for the call, not for the whole grace period
+        stopping.result(timeout=60)  # it waited for the call, not for the whole grace period (600 s)
         # And new calls are refused once stopped.
         with pytest.raises(grpc.RpcError) as err:
             health.Check(health_pb2.HealthCheckRequest(), timeout=2)

@@ -140,7 +140,9 @@ def test_activation_energy_matches_inputs_captured_separately(tiny, examples):
     state = Probed(model, tokenizer, batches)
     try:
         for key, (total, count) in captured.items():
-            assert state.figures[key].activation_energy == pytest.approx(total / count, rel=1e-6)
+            # rel 1e-5: the engine sums each batch in float32 (in an order that differs between CPUs); a wrong
+            # mask or denominator is off by far more
+            assert state.figures[key].activation_energy == pytest.approx(total / count, rel=1e-5)
     finally:
         state.peft.unload()
 

@@ -15,7 +15,7 @@ from layercard_service.models.builtin import builtin_model_path
 from layercard_service.models.loading import load_model
 from layercard_service.tune.artifact import stage_adapter, vllm_problems
 from layercard_service.tune.checkpoint import latest_step, load_latest
-from layercard_service.tune.jobs import Hyperparameters
+from layercard_service.tune.jobs import EvalSummary, Hyperparameters
 from layercard_service.tune.loop import LoopHooks, TrainingLoop
 from layercard_service.tune.schedule import lr_factor
 from layercard_service.tune.trainer import LoraSettings, attach_lora
@@ -105,15 +105,52 @@ def test_should_stop_ends_before_the_next_step():
     assert outcome.reason == "stopped" and loop.state.step == 2
 
 
+def _scripted_evals(loop: TrainingLoop, losses: list[float]) -> list[EvalSummary]:
+    """Replaces the loop's evaluation with a fixed loss sequence: early stopping is then independent of how
+    a CPU rounds the training math."""
+    seen: list[EvalSummary] = []
+
+    def evaluate() -> EvalSummary:
+        seen.append(EvalSummary(loop.state.step, losses[len(seen)], 0.0, len(VALIDATION)))
+        return seen[-1]
+
+    loop.evaluate = evaluate
+    return seen
+
+
 def test_early_stopping_after_patience_evaluations_without_improvement():
+    hp = Hyperparameters(steps=40, batch_size=8, eval_interval=1, early_stopping_patience=2, max_seq_len=64)
+    loop = _loop(hp, dropout=0.0)
+    # Moves far below the minimum delta (1e-4; 1e-3 relative) are noise, not improvement.
+    evals = _scripted_evals(loop, [2.0, 2.0 - 1e-6, 2.0 - 1e-5, 1.0])
+    outcome = loop.run(40)
+    assert outcome.reason == "early_stopped" and len(evals) == 3 and loop.state.step == 3
+    assert loop.state.best_loss == 2.0
+
+
+def test_an_improvement_beyond_the_minimum_delta_resets_patience():
     hp = Hyperparameters(
-        steps=40, batch_size=8, learning_rate=1e-9, eval_interval=1, early_stopping_patience=2, max_seq_len=64
+        steps=40,
+        batch_size=8,
+        eval_interval=1,
+        early_stopping_patience=2,
+        max_seq_len=64,
+        early_stopping_min_delta=0.0,
+        early_stopping_min_delta_rel=0.01,
     )
     loop = _loop(hp, dropout=0.0)
-    evals = []
-    outcome = loop.run(40, LoopHooks(on_eval=evals.append))
-    # A learning rate of 1e-9 cannot improve the loss: the first eval sets the best, two more end the run.
-    assert outcome.reason == "early_stopped" and len(evals) == 3 and loop.state.step == 3
+    # 100 -> 99.5 is within 1% of the best; 98.5 is beyond it and restarts the count; then two stalls.
+    evals = _scripted_evals(loop, [100.0, 99.5, 98.5, 98.0, 98.4, 50.0])
+    outcome = loop.run(40)
+    assert outcome.reason == "early_stopped" and len(evals) == 5 and loop.state.best_loss == 98.5
+
+
+@pytest.mark.parametrize("name", ["early_stopping_min_delta", "early_stopping_min_delta_rel"])
+@pytest.mark.parametrize("value", [-1e-3, math.nan, math.inf])
+def test_a_bad_minimum_delta_is_refused(name, value):
+    with pytest.raises(InvalidArgument) as caught:
+        Hyperparameters(**{name: value})
+    assert name in str(caught.value)
 
 
 def test_too_few_examples_for_the_batch_is_a_dataset_error():

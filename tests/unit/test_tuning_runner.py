@@ -35,6 +35,11 @@ start = time.time()
 if job_id.startswith("die"):
     print("something went badly wrong", flush=True)
     sys.exit(3)
+if job_id.startswith("pair"):  # runs only when both of a pair run at once: proof of concurrency, not of timing
+    (log.parent / f"started-{job_id}").touch()
+    deadline = time.time() + 60
+    while len(list(log.parent.glob("started-pair*"))) < 2 and time.time() < deadline:
+        time.sleep(0.01)
 time.sleep(0.6 if not job_id.startswith("long") else 60)
 with log.open("a") as f:
     f.write(json.dumps({"job": job_id, "start": start, "end": time.time()}) + "\\n")
@@ -106,11 +111,11 @@ def test_two_at_once_when_allowed(setup):
     runner = make(max_concurrent=2)
     runner.start()
     for i in range(2):
-        store.create(f"job-{i}", None, SPEC, 5)
-        runner.submit(f"job-{i}")
-    _wait(lambda: all(store.state(f"job-{i}") == JobState.SUCCEEDED for i in range(2)))
+        store.create(f"pair-{i}", None, SPEC, 5)
+        runner.submit(f"pair-{i}")
+    _wait(lambda: all(store.state(f"pair-{i}") == JobState.SUCCEEDED for i in range(2)), timeout=90)
     a, b = _runs(tmp_path)
-    assert b["start"] < a["end"] and a["start"] < b["end"]  # overlapped
+    assert b["start"] < a["end"] and a["start"] < b["end"]  # overlapped: each waited for the other to start
 
 
 def test_a_worker_that_dies_fails_its_job_with_worker_died(setup):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import sqlite3
@@ -127,3 +128,34 @@ def test_a_record_from_before_artifacts_trains_on_the_bytes_it_holds(tmp_path):
     assert worker.run_job(store, worker.parse_args(["--data-dir", str(tmp_path), "--job-id", "job-a"])) == 0
     assert store.get("job-a").state == JobState.SUCCEEDED
     store.close()
+
+
+def test_a_resumed_job_reports_each_step_once(tmp_path, monkeypatch):
+    """Killed after step 3 with its checkpoint at step 2: the resumed run repeats step 3, the history does not."""
+    store = JobStore(tmp_path / "state.db")
+    spec = _spec()
+    spec = dataclasses.replace(
+        spec,
+        training_data=DatasetRequest(builtin="builtin:cipher"),  # needs nothing stored beside the job
+        hyperparameters=dataclasses.replace(spec.hyperparameters, steps=4, checkpoint_interval=2),
+    )
+    store.create("job-a", None, spec, 4)
+    store.transition("job-a", [JobState.QUEUED], JobState.RUNNING)
+    settings = worker.parse_args(["--data-dir", str(tmp_path), "--job-id", "job-a"])
+    add = worker.EventWriter.add
+
+    def add_then_die_after_step_3(self, event, step=None, urgent=False):
+        add(self, event, step, urgent)
+        if event.kind == "step" and event.payload["step"] == 3:
+            raise worker.Terminated  # as SIGTERM (or a crash) between checkpoints
+
+    with monkeypatch.context() as patched:
+        patched.setattr(worker.EventWriter, "add", add_then_die_after_step_3)
+        assert worker.run_job(store, settings) == worker.EXIT_TERMINATED
+    assert worker.run_job(store, settings) == 0
+    history = store.events_after("job-a", 0)
+    store.close()
+    assert [e.payload["step"] for e in history if e.kind == "step"] == [1, 2, 3, 4]
+    assert [e.payload["step"] for e in history if e.kind == "checkpoint"] == [2]
+    assert any(e.kind == "note" and "resumed from the checkpoint at step 2" in e.message for e in history)
+    assert history[-1].kind == "state" and history[-1].payload["state"] == "SUCCEEDED"

@@ -2,7 +2,12 @@
 
 Heavy work runs in worker threads (torch releases the GIL in its kernels), at most ``max_concurrent`` at once
 with at most ``queue_size`` more waiting; past that a request is RESOURCE_EXHAUSTED with a retry hint.
-A client that goes away sets the cancel flag, which the engine checks between batches.
+
+Identical requests (same fingerprint) in flight at once share one computation: each caller streams its
+progress (a caller that joins late starts from the latest event) and gets the same card; admission counts it
+once. ``force`` skips the store, not a computation already running: a forced request joins it too, since
+that computation is as fresh as a new one would be. A caller that goes away leaves; the last one to leave
+sets the cancel flag, which the engine checks between batches.
 """
 
 from __future__ import annotations
@@ -13,19 +18,20 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from layercard_service.card.codec import card_from_dict, card_to_dict
 from layercard_service.card.types import CardSettings, LayerCardData
+from layercard_service.data.jsonl import Example
 from layercard_service.errors import InvalidArgument, NotFound, ResourceExhausted
 from layercard_service.models.loading import load_model
 from layercard_service.sources import DatasetRequest, resolve_dataset, resolve_model_path
 from layercard_service.store import CardRecord, Store, paginate
 from layercard_service.telemetry import Telemetry
 
-__all__ = ["CardProgress", "StoredCard", "CardService"]
+__all__ = ["CardProgress", "CardService", "StoredCard", "compute_with_engine"]
 
 CARD_PREFIX = "layerCards/"
 WEIGHT_FILES = ("*.safetensors", "*.bin", "config.json", "tokenizer.json", "tokenizer_config.json")
@@ -48,6 +54,40 @@ class StoredCard:
     from_store: bool
 
 
+Report = Callable[[str, float, str], None]  # (phase, fraction, message), called from the worker thread
+
+
+def compute_with_engine(
+    model_path: Path,
+    model: str,
+    examples: Sequence[Example],
+    settings: CardSettings,
+    report: Report,
+    cancel: threading.Event,
+) -> LayerCardData:
+    """Loads the model and computes its card (in a worker thread)."""
+    report("load_model", 0.0, f"loading {model}")
+    loaded, tokenizer = load_model(model_path, settings.device, settings.precision)
+    from layercard_service.card.engine import compute_card  # torch-heavy: imported on first use
+
+    return compute_card(loaded, tokenizer, examples, settings, model, report, cancel)
+
+
+@dataclass(eq=False)
+class _Flight:
+    """One computation of a fingerprint and the callers streaming it (one event queue each)."""
+
+    task: asyncio.Future = field(init=False)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    listeners: set[asyncio.Queue] = field(default_factory=set)
+    last: CardProgress | None = None
+
+    def publish(self, event: CardProgress) -> None:
+        self.last = event
+        for listener in self.listeners:
+            listener.put_nowait(event)
+
+
 class CardService:
     def __init__(
         self,
@@ -67,6 +107,8 @@ class CardService:
         self._slots = threading.BoundedSemaphore(max_concurrent)
         self._admitted = 0  # running + waiting
         self._lock = threading.Lock()
+        self._flights: dict[str, _Flight] = {}  # by fingerprint; touched only on the event loop
+        self.computations_started = 0  # computations, not requests: identical concurrent ones count once
 
     @property
     def in_progress(self) -> int:
@@ -97,7 +139,7 @@ class CardService:
     async def compute(
         self, model: str, dataset: DatasetRequest, settings: CardSettings, force: bool = False
     ) -> AsyncIterator[CardProgress | StoredCard]:
-        """Yields progress, then the card. Closing the iterator early cancels the work."""
+        """Yields progress, then the card. Closing the iterator early leaves; the work stops when no caller is left."""
         began = time.monotonic()
         model_path = resolve_model_path(model, self.model_roots)
         data = await asyncio.to_thread(resolve_dataset, dataset, self.dataset_roots)
@@ -109,45 +151,24 @@ class CardService:
                 self.telemetry.card_finished(time.monotonic() - began, cached=True, ok=True)
                 yield _stored(record, from_store=True)
                 return
-        queued = self._admit()
-        loop = asyncio.get_running_loop()
+        flight = self._flights.get(fingerprint)
+        if flight is None or flight.cancel.is_set():  # a cancelled one is winding down: do not join it
+            flight = self._start(fingerprint, model, model_path, data.examples, settings)
         events: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-        started = time.monotonic()
-
-        def report(phase: str, fraction: float, message: str) -> None:
-            elapsed = time.monotonic() - started
-            eta = elapsed * (1 - fraction) / fraction if fraction > 0.02 else None
-            loop.call_soon_threadsafe(events.put_nowait, CardProgress(phase, fraction, eta, message))
-
-        def work() -> StoredCard:
-            try:
-                with self._slots:  # waits here while other cards run: the queue
-                    report("load_model", 0.0, f"loading {model}")
-                    loaded, tokenizer = load_model(model_path, settings.device, settings.precision)
-                    from layercard_service.card.engine import compute_card  # torch-heavy: imported on first use
-
-                    card = compute_card(loaded, tokenizer, data.examples, settings, model, report, cancel)
-                    record = CardRecord(fingerprint[:24], fingerprint, model, time.time(), card_to_dict(card))
-                    self.store.put_card(record)
-                    return _stored(record, from_store=False)
-            finally:
-                with self._lock:
-                    self._admitted -= 1
-
-        task = loop.run_in_executor(None, work)
-        getter: asyncio.Future | None = None
+        if flight.last is not None:
+            events.put_nowait(flight.last)
+        flight.listeners.add(events)
+        task, getter = flight.task, None
         try:
-            if queued:
-                report("queued", 0.0, "waiting for a running card to finish")
             while not task.done() or not events.empty():
                 getter = asyncio.ensure_future(events.get())
+                # asyncio.wait never cancels the shared task, even when this caller is cancelled
                 done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
                     yield getter.result()
                 else:
                     getter.cancel()
-            card = await task
+            card = task.result()
             self.telemetry.card_finished(time.monotonic() - began, cached=False, ok=True)
             yield card
         except Exception:
@@ -156,8 +177,48 @@ class CardService:
         finally:
             if getter is not None and not getter.done():
                 getter.cancel()
-            if not task.done():
-                cancel.set()  # the client went away: stop at the next batch
+            flight.listeners.discard(events)
+            if not flight.listeners and not task.done():
+                flight.cancel.set()  # the last caller went away: stop at the next batch
+
+    def _start(
+        self, fingerprint: str, model: str, model_path: Path, examples: Sequence[Example], settings: CardSettings
+    ) -> _Flight:
+        """Admits one computation (or refuses it when the queue is full) and starts it in a worker thread."""
+        queued = self._admit()
+        loop = asyncio.get_running_loop()
+        flight = _Flight()
+        started = time.monotonic()
+
+        def report(phase: str, fraction: float, message: str) -> None:
+            elapsed = time.monotonic() - started
+            eta = elapsed * (1 - fraction) / fraction if fraction > 0.02 else None
+            loop.call_soon_threadsafe(flight.publish, CardProgress(phase, fraction, eta, message))
+
+        def work() -> StoredCard:
+            try:
+                with self._slots:  # waits here while other cards run: the queue
+                    card = compute_with_engine(model_path, model, examples, settings, report, flight.cancel)
+                    record = CardRecord(fingerprint[:24], fingerprint, model, time.time(), card_to_dict(card))
+                    self.store.put_card(record)
+                    return _stored(record, from_store=False)
+            finally:
+                with self._lock:
+                    self._admitted -= 1
+
+        def finished(task: asyncio.Future) -> None:
+            if not task.cancelled():
+                task.exception()  # retrieved: every caller may have left before it ended
+            if self._flights.get(fingerprint) is flight:
+                del self._flights[fingerprint]  # later requests find the card in the store
+
+        if queued:
+            flight.publish(CardProgress("queued", 0.0, None, "waiting for a running card to finish"))
+        flight.task = loop.run_in_executor(None, work)
+        flight.task.add_done_callback(finished)
+        self._flights[fingerprint] = flight
+        self.computations_started += 1
+        return flight
 
     def _admit(self) -> bool:
         """Counts the request in, or refuses it when the queue is full; True when it has to wait."""

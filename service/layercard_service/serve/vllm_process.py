@@ -158,6 +158,37 @@ def _kill_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)  # pid == pgid: the child was started in its own session
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of the group still runs (zombies, which hold nothing, do not count)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if not Path("/proc/self/stat").exists():
+        return True  # no /proc: the signal test is all we know
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _ppid, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile
+        if int(group) == pgid and state not in ("Z", "X"):
+            return True
+    return False
+
+
+def _reap_group(pgid: int, timeout: float) -> bool:
+    """SIGKILL to the whole group, then wait until none of it runs; False if some process outlived the timeout."""
+    _kill_group(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while _group_alive(pgid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _http_get(url: str, timeout: float) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
@@ -177,6 +208,7 @@ class VllmProcess:
     _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _started_at: float = field(default=0.0, init=False, repr=False)
     _finalizer: weakref.finalize | None = field(default=None, init=False, repr=False)
+    _reaped: bool = field(default=False, init=False, repr=False)  # the group is gone: its id may be reused
 
     @property
     def url(self) -> str:
@@ -197,6 +229,13 @@ class VllmProcess:
         same port, so that its URL stays valid for the fleet."""
         if self._proc is not None and self._proc.poll() is None:
             raise FailedPrecondition("vLLM server already started", reason="VLLM_ALREADY_STARTED")
+        if self._proc is not None:  # the last run's engine core may outlive its server (kill -9): reap it first
+            self.stop()
+            if not self._reaped:
+                raise VllmStartupError(
+                    f"processes of the last vLLM run (group {self._proc.pid}) survive SIGKILL; not starting another",
+                    metadata={"pgid": str(self._proc.pid)},
+                )
         s = self.settings
         if not (s.model / "config.json").is_file():
             raise VllmStartupError(f"no model at {s.model} (config.json missing)", metadata={"model": str(s.model)})
@@ -224,7 +263,7 @@ class VllmProcess:
                 )
             except OSError as exc:  # no such interpreter, not executable
                 raise VllmStartupError(f"cannot run {s.python}: {exc}", metadata={"python": s.python}) from exc
-        self._started_at = time.monotonic()
+        self._started_at, self._reaped = time.monotonic(), False
         # If the owner forgets stop() (a crashed test session), do not leave a 3 GB server behind.
         self._finalizer = weakref.finalize(self, _kill_group, self._proc.pid, signal.SIGKILL)
 
@@ -276,7 +315,9 @@ class VllmProcess:
             time.sleep(0.5)
 
     def stop(self) -> int | None:
-        """SIGTERM to the server, SIGKILL to its process group after the grace; returns the exit code. Idempotent.
+        """SIGTERM to the server, SIGKILL to its process group after the grace, then waits until no process of the
+        group runs (orphans such as the engine core of a server killed by -9 included); returns the exit code.
+        Idempotent.
 
         SIGTERM goes to the API server alone: it shuts its engine core down in order. Signalling the group at
         once kills the engine first and the server logs a spurious EngineDeadError traceback.
@@ -292,7 +333,8 @@ class VllmProcess:
                 _kill_group(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
         # The leader may exit before its children (the engine core): make sure the group is gone.
-        _kill_group(proc.pid, signal.SIGKILL)
+        if not self._reaped:
+            self._reaped = _reap_group(proc.pid, timeout=10.0)
         if self._finalizer is not None:
             self._finalizer.detach()
         return proc.returncode

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -136,8 +137,19 @@ class Hyperparameters:
     seed: int = 0
     eval_interval: int = 0  # 0: at the end only
     early_stopping_patience: int = 0
+    # An evaluation improves only when its loss falls below the best by more than
+    # max(abs, rel * |best|): smaller moves are float noise (summation order differs between CPUs) or noise of
+    # the validation sample, and counting them as progress would keep a stalled run alive.
+    early_stopping_min_delta: float = 1e-4
+    early_stopping_min_delta_rel: float = 1e-3
     checkpoint_interval: int = 50
     max_seq_len: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("early_stopping_min_delta", "early_stopping_min_delta_rel"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise InvalidArgument.field(f"hyperparameters.{name}", f"must be a finite number >= 0, got {value}")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ prediction on any device: frozen weight bytes + the bytes autograd saves for bac
 saved-tensor hooks, largest step) + 4x the adapter's bytes (weights, gradients, Adam's two moments).
 Measured step time is the median wall time of a step (forward, backward, optimizer) after warm-up.
 
-Early stopping ends training with the current weights (those of the last evaluation), not the best ones.
+Early stopping ends training with the current weights (those of the last evaluation), not the best ones. An
+evaluation counts as an improvement only when its loss falls below the best by more than
+max(early_stopping_min_delta, early_stopping_min_delta_rel * |best|) (defaults 1e-4 and 1e-3).
 """
 
 from __future__ import annotations
@@ -202,9 +204,11 @@ class TrainingLoop:
         return EvalSummary(**self.state.base_eval) if self.state.base_eval else None
 
     def _improved(self, summary: EvalSummary) -> bool:
-        """Records an evaluation; False when early stopping says enough."""
+        """Records an evaluation; True when its loss beats the best by more than the minimum delta."""
         self.state.last_eval = asdict(summary)
-        if self.state.best_loss is None or summary.loss < self.state.best_loss - 1e-9:
+        best, hp = self.state.best_loss, self.hp
+        margin = max(hp.early_stopping_min_delta, hp.early_stopping_min_delta_rel * abs(best or 0.0))
+        if best is None or summary.loss < best - margin:
             self.state.best_loss, self.state.evals_without_improvement = summary.loss, 0
             return True
         self.state.evals_without_improvement += 1

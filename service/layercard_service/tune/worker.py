@@ -147,13 +147,22 @@ def _train(store: JobStore, job: JobRecord, settings: WorkerSettings, events: Ev
         peft_model, tokenizer, data.examples, validation, spec.hyperparameters, artifacts / "checkpoints" / job_id
     )
     resumed = loop.resume()
+    recorded = _recorded_steps(store, job_id)
+
+    def fresh(kind: str, step: int) -> bool:
+        # Steps between the checkpoint and a crash were reported by the run that crashed; resuming repeats
+        # them (identically), so the history keeps the first report of each step and a watcher sees it once.
+        return step > recorded.get(kind, -1)
+
     if resumed:
         events.add(NewEvent("note", {}, f"resumed from the checkpoint at step {resumed}"), step=resumed, urgent=True)
     base = loop.base_eval()
-    if base is not None and not resumed:
+    if base is not None and not resumed and fresh("eval", base.step):
         events.add(_eval_event(base, "base model, adapter off"), urgent=True)
 
     def on_step(report: StepReport) -> None:
+        if not fresh("step", report.step):
+            return
         payload = {
             "step": report.step,
             "loss": report.loss,
@@ -164,13 +173,19 @@ def _train(store: JobStore, job: JobRecord, settings: WorkerSettings, events: Ev
         step_event = NewEvent("step", payload, time=time.time())  # stamped now: the writer buffers it
         events.add(step_event, step=report.step, urgent=report.step == job.total_steps)
 
+    def on_eval(summary: EvalSummary) -> None:
+        if fresh("eval", summary.step):
+            events.add(_eval_event(summary, "validation"), urgent=True)
+
+    def on_checkpoint(step: int, path: Path) -> None:
+        if fresh("checkpoint", step):
+            events.add(NewEvent("checkpoint", {"step": step, "path": str(path)}), urgent=True)
+
     hooks = LoopHooks(
         should_stop=lambda: store.state(job_id) != JobState.RUNNING,
         on_step=on_step,
-        on_eval=lambda summary: events.add(_eval_event(summary, "validation"), urgent=True),
-        on_checkpoint=lambda step, path: events.add(
-            NewEvent("checkpoint", {"step": step, "path": str(path)}), urgent=True
-        ),
+        on_eval=on_eval,
+        on_checkpoint=on_checkpoint,
     )
     outcome = loop.run(job.total_steps, hooks)
     if outcome.reason == "stopped":
@@ -212,6 +227,19 @@ def _train(store: JobStore, job: JobRecord, settings: WorkerSettings, events: Ev
         _cancelled(store, job_id, loop.state.step)
         return
     shutil.rmtree(loop.checkpoint_root, ignore_errors=True)  # the published adapter supersedes them
+
+
+def _recorded_steps(store: JobStore, job_id: str) -> dict[str, int]:
+    """The highest step of each kind of event (step, eval, checkpoint) already in the job's history."""
+    highest: dict[str, int] = {}
+    after = 0
+    while batch := store.events_after(job_id, after):
+        for event in batch:
+            step = event.payload.get("step")
+            if event.kind in ("step", "eval", "checkpoint") and isinstance(step, int):
+                highest[event.kind] = max(highest.get(event.kind, -1), step)
+        after = batch[-1].sequence
+    return highest
 
 
 def _paths(raw: str) -> tuple[Path, ...]:
