@@ -113,6 +113,15 @@ JOBS = [
     ("plan steps negative", _job(placement=_placement(steps=-5)), "placement.steps"),
     ("plan steps huge", _job(placement=_placement(steps=2_000_000_000)), "placement.steps"),
     ("placement dropout -5", _job(placement=_placement(lora=common_pb2.LoraShape(rank=8, dropout=-5))), None),
+    *(
+        (
+            f"min delta {value}",
+            _job(hyperparameters=tuning_pb2.Hyperparameters(steps=1, **{name: value})),
+            f"hyperparameters.{name}",
+        )
+        for name in ("early_stopping_min_delta", "early_stopping_min_delta_relative")
+        for value in (NAN, INF, -1.0)
+    ),
 ]
 PLACEMENT_FIELDS = {
     "step seconds infinity": "placement.step_seconds.value",

@@ -138,3 +138,20 @@ def test_job_and_events_to_proto(parts):
     assert event("checkpoint", {"step": 5, "path": "/x"}).checkpoint.path == "/x"
     note = event("note", {})
     assert note.WhichOneof("event") is None and note.message == "m"
+
+
+def test_early_stopping_min_deltas_are_the_callers_or_the_defaults(parts):
+    store, _, service = parts
+    servicer = TuningServicer(service, FakePlanner())
+    chosen = asyncio.run(
+        servicer.CreateTuningJob(
+            _card_budget_request(early_stopping_min_delta=0.05, early_stopping_min_delta_relative=0.0), None
+        )
+    )
+    assert chosen.hyperparameters.early_stopping_min_delta == 0.05
+    assert chosen.hyperparameters.HasField("early_stopping_min_delta_relative")
+    assert chosen.hyperparameters.early_stopping_min_delta_relative == 0.0
+    stored = store.get(chosen.name.split("/")[1]).spec.hyperparameters
+    assert (stored.early_stopping_min_delta, stored.early_stopping_min_delta_rel) == (0.05, 0.0)
+    default = asyncio.run(servicer.CreateTuningJob(_card_budget_request(), None)).hyperparameters
+    assert (default.early_stopping_min_delta, default.early_stopping_min_delta_relative) == (1e-4, 1e-3)

@@ -43,7 +43,7 @@ LEARNING_RATE_SCHEDULE_LINEAR: LearningRateSchedule
 LEARNING_RATE_SCHEDULE_COSINE: LearningRateSchedule
 
 class Hyperparameters(_message.Message):
-    __slots__ = ("steps", "epochs", "learning_rate", "schedule", "warmup_steps", "batch_size", "lora", "seed", "eval_interval", "early_stopping_patience", "checkpoint_interval", "max_seq_len")
+    __slots__ = ("steps", "epochs", "learning_rate", "schedule", "warmup_steps", "batch_size", "lora", "seed", "eval_interval", "early_stopping_patience", "checkpoint_interval", "max_seq_len", "early_stopping_min_delta", "early_stopping_min_delta_relative")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,8 @@ class Hyperparameters(_message.Message):
     EARLY_STOPPING_PATIENCE_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    EARLY_STOPPING_MIN_DELTA_FIELD_NUMBER: _ClassVar[int]
+    EARLY_STOPPING_MIN_DELTA_RELATIVE_FIELD_NUMBER: _ClassVar[int]
     steps: int
     epochs: float
     learning_rate: float
@@ -68,7 +70,9 @@ class Hyperparameters(_message.Message):
     early_stopping_patience: int
     checkpoint_interval: int
     max_seq_len: int
-    def __init__(self, steps: _Optional[int] = ..., epochs: _Optional[float] = ..., learning_rate: _Optional[float] = ..., schedule: _Optional[_Union[LearningRateSchedule, str]] = ..., warmup_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lora: _Optional[_Union[_common_pb2.LoraShape, _Mapping]] = ..., seed: _Optional[int] = ..., eval_interval: _Optional[int] = ..., early_stopping_patience: _Optional[int] = ..., checkpoint_interval: _Optional[int] = ..., max_seq_len: _Optional[int] = ...) -> None: ...
+    early_stopping_min_delta: float
+    early_stopping_min_delta_relative: float
+    def __init__(self, steps: _Optional[int] = ..., epochs: _Optional[float] = ..., learning_rate: _Optional[float] = ..., schedule: _Optional[_Union[LearningRateSchedule, str]] = ..., warmup_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lora: _Optional[_Union[_common_pb2.LoraShape, _Mapping]] = ..., seed: _Optional[int] = ..., eval_interval: _Optional[int] = ..., early_stopping_patience: _Optional[int] = ..., checkpoint_interval: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., early_stopping_min_delta: _Optional[float] = ..., early_stopping_min_delta_relative: _Optional[float] = ...) -> None: ...
 
 class ExplicitLayers(_message.Message):
     __slots__ = ("layers", "lora")

@@ -255,6 +255,7 @@ def _create_job(client: LayercardClient, args: argparse.Namespace, out: render.O
         seed=args.seed,
         eval_interval=args.eval_interval,
         early_stopping_patience=args.early_stopping_patience,
+        early_stopping_min_delta=args.early_stopping_min_delta,
         checkpoint_interval=args.checkpoint_interval,
         max_seq_len=args.max_seq_len,
     )

@@ -170,6 +170,9 @@ def _jobs(sub: argparse._SubParsersAction) -> None:
     create.add_argument("--seed", type=int)
     create.add_argument("--eval-interval", type=int)
     create.add_argument("--early-stopping-patience", type=int)
+    create.add_argument(
+        "--early-stopping-min-delta", type=float, help="smallest eval-loss decrease that counts (default 1e-4)"
+    )
     create.add_argument("--checkpoint-interval", type=int)
     create.add_argument("--max-seq-len", type=int)
     create.add_argument("--job-id", help="client-chosen job id")

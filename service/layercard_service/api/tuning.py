@@ -115,6 +115,12 @@ def _hyperparameters(message: tuning_pb2.Hyperparameters) -> HyperparameterReque
         seed=message.seed,
         eval_interval=message.eval_interval,
         early_stopping_patience=message.early_stopping_patience,
+        early_stopping_min_delta=(
+            message.early_stopping_min_delta if message.HasField("early_stopping_min_delta") else None
+        ),
+        early_stopping_min_delta_relative=(
+            message.early_stopping_min_delta_relative if message.HasField("early_stopping_min_delta_relative") else None
+        ),
         checkpoint_interval=message.checkpoint_interval,
         max_seq_len=message.max_seq_len,
     )
@@ -173,6 +179,8 @@ def _hyperparameters_to_proto(hp: Hyperparameters, placement: PlacementSpec) -> 
         seed=hp.seed,
         eval_interval=hp.eval_interval,
         early_stopping_patience=hp.early_stopping_patience,
+        early_stopping_min_delta=hp.early_stopping_min_delta,
+        early_stopping_min_delta_relative=hp.early_stopping_min_delta_rel,
         checkpoint_interval=hp.checkpoint_interval,
         max_seq_len=hp.max_seq_len,
     )

@@ -73,6 +73,8 @@ class HyperparameterRequest:
     seed: int = 0
     eval_interval: int = 0
     early_stopping_patience: int = 0
+    early_stopping_min_delta: float | None = None  # None: the default
+    early_stopping_min_delta_relative: float | None = None
     checkpoint_interval: int = 0
     max_seq_len: int = 0
 
@@ -379,6 +381,15 @@ def _hyperparameters(
         raise bad("max_seq_len", f"must be in 8..{MAX_SEQ_LEN}, got {raw.max_seq_len}")
     if not 0 <= raw.seed < 2**63:
         raise bad("seed", f"must be in 0..2^63-1, got {raw.seed}")
+    min_deltas = {}
+    for name, value in (
+        ("early_stopping_min_delta", raw.early_stopping_min_delta),
+        ("early_stopping_min_delta_rel", raw.early_stopping_min_delta_relative),
+    ):
+        if value is not None:
+            if not (math.isfinite(value) and value >= 0):
+                raise bad(name.replace("_rel", "_relative"), f"must be a finite number >= 0, got {value}")
+            min_deltas[name] = value
     hp = Hyperparameters(
         steps=steps,
         epochs=raw.epochs or 0.0,
@@ -389,6 +400,7 @@ def _hyperparameters(
         seed=raw.seed,
         eval_interval=raw.eval_interval,
         early_stopping_patience=raw.early_stopping_patience,
+        **min_deltas,
         checkpoint_interval=raw.checkpoint_interval or 50,
         max_seq_len=max_seq_len,
     )
