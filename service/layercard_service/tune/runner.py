@@ -349,8 +349,11 @@ class LocalProcessRunner(JobRunner):
             try:
                 write()
                 return True
-            except Exception:
-                log.exception("cannot %s; trying again in %.1f s", what, delay)
+            except Exception as exc:
+                if is_disk_full(exc):  # expected until space is freed: one line each time, no traceback
+                    log.warning("cannot %s: %s; trying again in %.1f s", what, exc, delay)
+                else:
+                    log.exception("cannot %s; trying again in %.1f s", what, delay)
             if self._closed.wait(delay):
                 return False  # the job stays as it is: the next start recovers it
             delay = min(delay * 2, RETRY_MAX_SECONDS)
