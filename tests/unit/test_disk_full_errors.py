@@ -11,7 +11,8 @@ import pytest
 
 from layercard_service.errors import ResourceExhausted
 from layercard_service.sources import DatasetRequest
-from layercard_service.store import DISK_FULL, atomic_write, is_disk_full, storage_errors
+from layercard_service.store import DISK_FULL, atomic_write, disk_full_error, is_disk_full, storage_errors
+from layercard_service.tune import worker
 from layercard_service.tune.job_store import JobStore
 from layercard_service.tune.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
 from layercard_service.tune.worker_log import error_excerpt
@@ -101,3 +102,39 @@ def test_error_excerpt_takes_the_traceback_and_drops_progress_bars():
     assert excerpt.endswith("RuntimeError: CUDA error: out of memory")
     assert error_excerpt(f"{bars}\n{bars}") == ""  # killed mid-bar (OOM killer): nothing to show, no noise
     assert error_excerpt("a\n2026 ERROR x: disk gone\nb\n") == "2026 ERROR x: disk gone"
+
+
+class FullStore(JobStore):
+    """A store on a full disk: every write is refused."""
+
+    def _write(self):
+        raise disk_full_error(self.path.parent)
+
+
+def _worker_job(tmp_path, store_class=JobStore):
+    store = JobStore(tmp_path / "state.db")
+    store.create("job-a", None, SPEC, 5)
+    store.transition("job-a", [JobState.QUEUED], JobState.RUNNING)
+    store.close()
+    return store_class(tmp_path / "state.db"), worker.parse_args(["--data-dir", str(tmp_path), "--job-id", "job-a"])
+
+
+def test_a_worker_that_cannot_write_exits_with_the_disk_full_code(tmp_path):
+    store, settings = _worker_job(tmp_path, FullStore)
+    assert worker.run_job(store, settings) == worker.EXIT_DISK_FULL  # the runner then writes FAILED/DISK_FULL
+    assert store.state("job-a") == JobState.RUNNING
+    store.close()
+
+
+def test_a_write_failure_that_does_not_say_enospc_on_a_full_disk_fails_the_job_disk_full(tmp_path, monkeypatch):
+    store, settings = _worker_job(tmp_path)
+
+    def train(*args):  # torch.save on a full disk says only this
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(worker, "_train", train)
+    monkeypatch.setattr(worker.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 4096})())
+    assert worker.run_job(store, settings) == 0
+    job = store.get("job-a")
+    assert job.state == JobState.FAILED and job.error_code == DISK_FULL and "file write failed" in job.error_message
+    store.close()
