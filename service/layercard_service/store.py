@@ -21,10 +21,6 @@ from typing import TypeVar
 from layercard_service.errors import InvalidArgument, ResourceExhausted
 
 __all__ = ["Store", "CardRecord", "atomic_write", "decode_page_token", "paginate"]
-__all__ += ["DISK_FULL", "disk_full_error", "is_disk_full", "storage_errors"]
-
-DISK_FULL = "DISK_FULL"  # the ErrorInfo reason, and a failed job's error_code, when the data dir's disk is full
-_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS layer_cards (
@@ -42,6 +38,12 @@ CREATE TABLE IF NOT EXISTS file_hashes (
     sha256 TEXT NOT NULL
 );
 """
+
+
+# A full disk (kept apart from __all__ above, which the paging work edits too).
+__all__ += ["DISK_FULL", "disk_full_error", "is_disk_full", "storage_errors"]
+DISK_FULL = "DISK_FULL"  # the ErrorInfo reason, and a failed job's error_code, when the data dir's disk is full
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 def is_disk_full(exc: BaseException | None) -> bool:

@@ -36,9 +36,6 @@ from layercard_service.tune.job_store import JobStore
 from layercard_service.tune.jobs import JobState
 db, job_id, log = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 start = time.time()
-if job_id.startswith("die"):
-    print("something went badly wrong", flush=True)
-    sys.exit(3)
 if job_id.startswith("full"):
     sys.exit(28)  # the real worker's EXIT_DISK_FULL
 if job_id.startswith("crash"):
@@ -46,6 +43,9 @@ if job_id.startswith("crash"):
     print('Traceback (most recent call last):\\n  File "x.py", line 1, in <module>\\nValueError: the real problem')
     for i in range(100):  # a progress bar that goes on after the error (another thread's tqdm)
         print(f"\\r{i:3d}%|#         | {i}/100 [00:01<00:09, 10.00it/s]", end="", flush=True)
+    sys.exit(3)
+if job_id.startswith("die"):
+    print("something went badly wrong", flush=True)
     sys.exit(3)
 time.sleep(0.6 if not job_id.startswith("long") else 60)
 with log.open("a") as f:
