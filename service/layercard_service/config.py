@@ -194,6 +194,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="layercard-server",
         description="The layercard gRPC service. Every flag also reads from LAYERCARD_<NAME> in the environment.",
+        epilog="exit codes: 0 stopped cleanly (SIGTERM/SIGINT), 2 bad settings, 3 the data dir is in use by another "
+        "server (one data dir, one server), 4 a port cannot be bound",
     )
     for f in fields(ServiceConfig):
         flag = "--" + f.name.replace("_", "-")

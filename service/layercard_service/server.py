@@ -1,6 +1,10 @@
 """The gRPC server: wiring of servicers, health, reflection, interceptors, TLS, metrics and graceful shutdown.
 
 ``LayercardServer`` is what tests start in-process on port 0; ``main`` is the ``layercard-server`` console script.
+Start-up order matters: the data dir's lock comes first (before any store opens), the ports are bound next, and
+only then does job recovery change any state, so a server that cannot start leaves the data dir as it was.
+Exit codes of ``main``: 0 stopped cleanly, 2 bad settings, 3 the data dir is in use by another server,
+4 a port cannot be bound.
 """
 
 from __future__ import annotations
@@ -38,13 +42,30 @@ from layercard_service.api.placement import PlacementServicer
 from layercard_service.api.tuning import TuningServicer
 from layercard_service.config import ConfigError, ServiceConfig
 from layercard_service.core import Core
+from layercard_service.data_dir_lock import DataDirInUse, DataDirLock
 from layercard_service.logs import configure_logging
 from layercard_service.metrics import MetricsEndpoint, new_registry
 from layercard_service.prometheus_metrics import PrometheusTelemetry
 
-__all__ = ["SERVICE_NAMES", "LayercardServer", "Servicers", "main"]
+__all__ = [
+    "EXIT_DATA_DIR_IN_USE",
+    "EXIT_PORT_UNAVAILABLE",
+    "SERVICE_NAMES",
+    "LayercardServer",
+    "PortUnavailable",
+    "Servicers",
+    "main",
+]
 
 log = logging.getLogger(__name__)
+
+EXIT_DATA_DIR_IN_USE = 3
+EXIT_PORT_UNAVAILABLE = 4
+
+
+class PortUnavailable(RuntimeError):
+    """The gRPC or metrics port cannot be bound (in use, or not ours to bind)."""
+
 
 # Full names of the five API services, as reflection and health report them.
 SERVICE_NAMES: tuple[str, ...] = (
@@ -95,10 +116,15 @@ class LayercardServer:
 
     def __init__(self, config: ServiceConfig, servicers: Servicers | None = None) -> None:
         self.config = config
-        self.registry = new_registry(_version())
-        self.core = Core.from_config(config, PrometheusTelemetry(self.registry))
-        self.registry.register(self.core.state_collector())
-        self.servicers = (servicers or Servicers()).complete(self.core)
+        self.data_dir_lock = DataDirLock(config.data_dir).acquire()  # DataDirInUse: before any store opens
+        try:
+            self.registry = new_registry(_version())
+            self.core = Core.from_config(config, PrometheusTelemetry(self.registry))
+            self.registry.register(self.core.state_collector())
+            self.servicers = (servicers or Servicers()).complete(self.core)
+        except BaseException:
+            self.data_dir_lock.release()
+            raise
         self.health = HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -123,8 +149,6 @@ class LayercardServer:
             ],
         )
         self.servicers.add_to(self._server)
-        await asyncio.to_thread(self.core.start)  # job recovery reads the database and may start workers
-        await self.core.start_serving()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         # Not serving until everything below is up; "" is the overall status.
         for name in ("", *SERVICE_NAMES):
@@ -133,15 +157,14 @@ class LayercardServer:
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._server,
         )
-        address = f"{cfg.host}:{cfg.port}"
-        if cfg.tls_cert_file is not None:
-            credentials = grpc.ssl_server_credentials([(cfg.tls_key_file.read_bytes(), cfg.tls_cert_file.read_bytes())])
-            self.port = self._server.add_secure_port(address, credentials)
-        else:
-            self.port = self._server.add_insecure_port(address)
-        if cfg.metrics_port >= 0:
-            self._metrics = MetricsEndpoint(self.registry, cfg.host, cfg.metrics_port)
-            self.metrics_port = self._metrics.start()
+        try:
+            self._bind()
+            # Only now, with the ports ours, may recovery change job states (and start workers).
+            await asyncio.to_thread(self.core.start)
+            await self.core.start_serving()
+        except BaseException:
+            await self._abandon_start()
+            raise
         await self._server.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -150,6 +173,37 @@ class LayercardServer:
             extra={"port": self.port, "metrics_port": self.metrics_port, "tls": cfg.tls_cert_file is not None},
         )
         return self.port
+
+    def _bind(self) -> None:
+        cfg = self.config
+        address = f"{cfg.host}:{cfg.port}"
+        try:
+            if cfg.tls_cert_file is not None:
+                key, cert = cfg.tls_key_file.read_bytes(), cfg.tls_cert_file.read_bytes()
+                self.port = self._server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+            else:
+                self.port = self._server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc says only "Failed to bind to address"
+            raise PortUnavailable(f"cannot bind the gRPC port {address}: in use, or not ours to bind") from exc
+        if cfg.metrics_port >= 0:
+            self._metrics = MetricsEndpoint(self.registry, cfg.host, cfg.metrics_port)
+            try:
+                self.metrics_port = self._metrics.start()
+            except OSError as exc:
+                self._metrics = None
+                raise PortUnavailable(f"cannot bind the metrics port {cfg.host}:{cfg.metrics_port}: {exc}") from exc
+
+    async def _abandon_start(self) -> None:
+        """A start that failed: what was opened is closed, the lock released; the job states are untouched."""
+        if self._metrics is not None:
+            self._metrics.stop()
+            self._metrics = None
+        self._server = None  # never started: stop() has nothing to do
+        try:
+            await self.core.stop_serving()
+            await asyncio.to_thread(self.core.close)
+        finally:
+            self.data_dir_lock.release()
 
     async def stop(self, grace: float | None = None) -> None:
         """Flips health to NOT_SERVING, refuses new RPCs, lets in-flight ones finish within the grace period."""
@@ -168,6 +222,7 @@ class LayercardServer:
             self._metrics.stop()
         await self.core.stop_serving()  # the reconcile loop and HTTP connections to vLLM belong to this loop
         await asyncio.to_thread(self.core.close)  # waits for tuning workers to exit (SIGTERM, then SIGKILL)
+        self.data_dir_lock.release()  # last: the workers are gone, the next server may recover their jobs
         log.info("stopped")
 
     async def wait(self) -> None:
@@ -175,17 +230,22 @@ class LayercardServer:
 
 
 async def serve(config: ServiceConfig) -> None:
+    # Signals only set an event, from before start: a SIGTERM at any moment means a graceful stop (not the
+    # default kill before the handler exists), and no stop task runs unawaited, its exception unretrieved.
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
     server = LayercardServer(config)
     port = await server.start()
     # Scripts and tests read this line to learn the bound port when --port 0 was given.
     print(f"layercard-server listening on {config.host}:{port}", flush=True)
     if server.metrics_port is not None:
         print(f"layercard-server metrics on http://{config.host}:{server.metrics_port}/metrics", flush=True)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
-    await server.wait()
-    await server.stop()  # the server stops accepting before stop() finishes its clean-up: wait for the rest
+    # Only a signal stops this server. (Not server.wait() in a task to cancel: cancelling grpc's
+    # wait_for_termination cancels the server's own shutdown future.)
+    await stop_requested.wait()
+    await server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,7 +257,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"layercard-server: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.log_format)
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except DataDirInUse as exc:
+        print(f"layercard-server: {exc}", file=sys.stderr)
+        return EXIT_DATA_DIR_IN_USE
+    except PortUnavailable as exc:
+        print(f"layercard-server: {exc}", file=sys.stderr)
+        return EXIT_PORT_UNAVAILABLE
     return 0
 
 

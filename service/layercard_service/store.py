@@ -6,17 +6,19 @@ in a thread when they may block (large payloads).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from layercard_service.errors import InvalidArgument
+from layercard_service.errors import InvalidArgument, ResourceExhausted
 
 __all__ = ["MAX_LIST_RESPONSE_BYTES", "CardRecord", "Store", "atomic_write", "decode_page_token", "paginate"]
 
@@ -38,19 +40,65 @@ CREATE TABLE IF NOT EXISTS file_hashes (
 """
 
 
+# A full disk (kept apart from __all__ above, which the paging work edits too).
+__all__ += ["DISK_FULL", "disk_full_error", "is_disk_full", "storage_errors"]
+DISK_FULL = "DISK_FULL"  # the ErrorInfo reason, and a failed job's error_code, when the data dir's disk is full
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """True when ``exc``, or an exception it was raised from, says the disk is full.
+
+    SQLite says SQLITE_FULL ("database or disk is full"); the OS says ENOSPC, or EDQUOT for a quota.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ResourceExhausted) and exc.reason == DISK_FULL:
+            return True
+        if isinstance(exc, sqlite3.OperationalError):
+            code = getattr(exc, "sqlite_errorcode", None)
+            if (code is not None and code & 0xFF == sqlite3.SQLITE_FULL) or "database or disk is full" in str(exc):
+                return True
+        if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def disk_full_error(where: Path) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"the data dir's disk is full (writing {where}): free space there, then retry",
+        reason=DISK_FULL,
+        metadata={"path": str(where)},
+    )
+
+
+@contextmanager
+def storage_errors(where: Path) -> Iterator[None]:
+    """Re-raises a full disk as ResourceExhausted(DISK_FULL): callers above never see raw sqlite or OS errors."""
+    try:
+        yield
+    except (sqlite3.OperationalError, OSError) as exc:
+        if not is_disk_full(exc):
+            raise
+        raise disk_full_error(where) from exc
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Writes ``data`` so that readers see the old file or the whole new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with storage_errors(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 @dataclass(frozen=True)
@@ -66,12 +114,13 @@ class Store:
     def __init__(self, data_dir: Path) -> None:
         self.root = Path(data_dir)
         self.artifacts = self.root / "artifacts"
-        self.artifacts.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.root / "state.db", check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        with storage_errors(self.root):
+            self.artifacts.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.root / "state.db", check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
         with self._lock:
@@ -79,7 +128,7 @@ class Store:
 
     # --- layer cards ---------------------------------------------------------------------------------
     def put_card(self, record: CardRecord) -> None:
-        with self._lock:
+        with self._lock, storage_errors(self.root):
             self._db.execute(
                 "INSERT OR REPLACE INTO layer_cards VALUES (?, ?, ?, ?, ?)",
                 (record.card_id, record.fingerprint, record.model, record.create_time, json.dumps(record.payload)),
@@ -115,7 +164,7 @@ class Store:
         return row[0] if row else None
 
     def remember_hash(self, path: Path, size: int, mtime: float, sha256: str) -> None:
-        with self._lock:
+        with self._lock, storage_errors(self.root):
             self._db.execute("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)", (str(path), size, mtime, sha256))
 
 

@@ -1,12 +1,15 @@
-"""The layercard-server console script as a real process: port 0, the printed port, SIGTERM, TLS, bad flags."""
+"""The layercard-server console script as a real process: port 0, the printed port, SIGTERM, TLS, bad flags,
+one server per data dir, and a port that is taken."""
 
 from __future__ import annotations
 
 import datetime
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -14,7 +17,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.server_thread import ServerThread
 
+from layercard.v1 import common_pb2, tuning_pb2, tuning_pb2_grpc
 from layercard_service.config import ServiceConfig
+from layercard_service.data_dir_lock import DataDirInUse
+from layercard_service.server import EXIT_DATA_DIR_IN_USE, EXIT_PORT_UNAVAILABLE, PortUnavailable
+from layercard_service.sources import DatasetRequest
+from layercard_service.tune.job_store import JobStore
+from layercard_service.tune.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
 
 SERVER = [sys.executable, "-m", "layercard_service.server"]
 
@@ -105,3 +114,109 @@ def test_tls(tmp_path):
             assert response.status == health_pb2.HealthCheckResponse.SERVING
         with grpc.insecure_channel(address) as plain, pytest.raises(grpc.RpcError):
             health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=3)
+
+
+def test_sigterm_right_after_the_listening_line_stops_gracefully():
+    # The ready lines used to come before the signal handler: a SIGTERM then killed the process outright
+    # (-15, no graceful stop), most of the time; three tries make a miss of that old race unlikely.
+    for _ in range(3):
+        proc, _address = start_process("--metrics-port", "0")
+        assert "/metrics" in proc.stdout.readline()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        stderr = proc.stderr.read()
+        assert "stopped" in stderr and "never retrieved" not in stderr and "Traceback" not in stderr
+
+
+def _job_request() -> tuning_pb2.CreateTuningJobRequest:
+    return tuning_pb2.CreateTuningJobRequest(
+        model="builtin:tiny",
+        training_data=common_pb2.DatasetSource(builtin="builtin:cipher"),
+        explicit_layers=tuning_pb2.ExplicitLayers(layers=[1], lora=common_pb2.LoraShape(rank=4)),
+        hyperparameters=tuning_pb2.Hyperparameters(steps=100_000, batch_size=2, max_seq_len=32),  # minutes
+        adapter_id="locked-bot",
+    )
+
+
+def _wait(predicate, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+@pytest.mark.slow
+def test_a_second_server_on_the_same_data_dir_fails_fast_and_leaves_the_first_ones_job_alone(tmp_path):
+    data = tmp_path / "data"
+    first, address = start_process("--data-dir", str(data), "--job-threads", "1")
+    store = JobStore(data / "state.db")
+    try:
+        with grpc.insecure_channel(address) as channel:
+            job = tuning_pb2_grpc.TuningServiceStub(channel).CreateTuningJob(_job_request(), timeout=60)
+        job_id = job.name.rsplit("/", 1)[-1]
+        _wait(lambda: store.state(job_id) == JobState.RUNNING and store.worker_pid(job_id))
+        worker, events = store.worker_pid(job_id), len(store.events_after(job_id, 0))
+
+        second = subprocess.run(
+            [*SERVER, "--port", "0", "--data-dir", str(data)], capture_output=True, text=True, timeout=60
+        )
+        assert second.returncode == EXIT_DATA_DIR_IN_USE
+        assert str(data) in second.stderr and f"pid {first.pid}" in second.stderr
+        with pytest.raises(DataDirInUse):
+            ServerThread(ServiceConfig(port=0, log_format="text", data_dir=data))
+
+        assert _alive(worker) and store.state(job_id) == JobState.RUNNING and store.worker_pid(job_id) == worker
+        assert "after a service restart" not in " ".join(e.message for e in store.events_after(job_id, events))
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 0
+        with ServerThread(ServiceConfig(port=0, log_format="text", data_dir=data, job_threads=1)) as after:
+            assert after.server.port  # the lock went with the first server: a new one starts and recovers
+            _wait(lambda: store.state(job_id) == JobState.RUNNING and store.worker_pid(job_id) not in (None, worker))
+    finally:
+        first.kill()
+        store.close()
+
+
+def test_a_server_whose_port_is_taken_fails_without_touching_job_states(tmp_path):
+    data = tmp_path / "data"
+    store = JobStore(data / "state.db")
+    spec = JobSpec(
+        "builtin:tiny",
+        DatasetRequest(builtin="builtin:cipher"),
+        None,
+        PlacementSpec(layers=(1,)),
+        Hyperparameters(),
+        "b",
+    )
+    store.create("job-c", None, spec, 5)
+    store.transition("job-c", [JobState.QUEUED], JobState.RUNNING)
+    store.transition("job-c", [JobState.RUNNING], JobState.CANCELLING)
+    store.create("job-r", None, spec, 5)
+    store.transition("job-r", [JobState.QUEUED], JobState.RUNNING)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        running = ServerThread(ServiceConfig(port=port, log_format="text", data_dir=data))
+        try:
+            with pytest.raises(PortUnavailable):
+                running.start()
+        finally:
+            running.stop()
+        assert store.state("job-c") == JobState.CANCELLING and store.state("job-r") == JobState.RUNNING
+        process = subprocess.run(
+            [*SERVER, "--port", str(port), "--data-dir", str(data)], capture_output=True, text=True, timeout=60
+        )
+        assert process.returncode == EXIT_PORT_UNAVAILABLE and f"127.0.0.1:{port}" in process.stderr
+        assert store.state("job-c") == JobState.CANCELLING and store.state("job-r") == JobState.RUNNING
+    with ServerThread(ServiceConfig(port=0, log_format="text", data_dir=data)):  # the lock was released
+        assert store.state("job-c") == JobState.CANCELLED
+    store.close()

@@ -15,6 +15,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from layercard_service.store import storage_errors
+
 __all__ = ["DeploymentRecord", "DeploymentStore", "LatencyMeasurement", "ServingCalibration"]
 
 _SCHEMA = """
@@ -86,12 +88,13 @@ def served_name(adapter_id: str, version: int) -> str:
 
 class DeploymentStore:
     def __init__(self, db_path: Path) -> None:
-        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+        self._dir = Path(db_path).parent
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA busy_timeout=30000")
-        self._db.execute("PRAGMA journal_mode=WAL")
-        with self._lock:
+        with self._lock, storage_errors(self._dir):
+            self._dir.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._db.execute("PRAGMA busy_timeout=30000")
+            self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(deployments)")}
             if "budget" not in columns:  # a state.db from before budgets were kept
@@ -113,27 +116,27 @@ class DeploymentStore:
 
     def put(self, record: DeploymentRecord) -> None:
         latency = json.dumps(asdict(record.latency)) if record.latency else None
-        with self._lock:
+        with self._lock, storage_errors(self._dir):
             self._db.execute(
                 "INSERT OR REPLACE INTO deployments VALUES (?, ?, ?, ?, ?, ?)",
                 (record.adapter_id, record.version, record.state, latency, record.update_time, record.budget),
             )
 
     def set_state(self, adapter_id: str, version: int, state: str) -> None:
-        with self._lock:
+        with self._lock, storage_errors(self._dir):
             self._db.execute(
                 "UPDATE deployments SET state = ?, update_time = ? WHERE adapter_id = ? AND version = ? AND state != ?",
                 (state, time.time(), adapter_id, version, state),
             )
 
     def delete(self, adapter_id: str) -> bool:
-        with self._lock:
+        with self._lock, storage_errors(self._dir):
             return self._db.execute("DELETE FROM deployments WHERE adapter_id = ?", (adapter_id,)).rowcount > 0
 
     def add_measurement(
         self, model: str, adapter_id: str, version: int, max_rank: int, modules: tuple[str, ...], m: LatencyMeasurement
     ) -> None:
-        with self._lock:
+        with self._lock, storage_errors(self._dir):
             self._db.execute(
                 "INSERT INTO serving_measurements (time, model, adapter_id, version, server_max_rank, "
                 "server_modules, overhead_fraction, measurement) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

@@ -9,6 +9,7 @@ even with two writers (the service cancelling, the worker stepping).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from layercard_service.errors import AlreadyExists
+from layercard_service.store import storage_errors
 from layercard_service.tune.jobs import JobEvent, JobRecord, JobResult, JobSpec, JobState
 
 __all__ = ["AdapterVersion", "JobStore", "NewEvent"]
@@ -93,11 +95,11 @@ class JobStore:
         self.path = Path(db_path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        with self._lock:
+        with self._lock, storage_errors(self.path.parent):
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
@@ -106,15 +108,21 @@ class JobStore:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction; IMMEDIATE takes the write lock up front, so read-then-write cannot race."""
-        with self._lock:
+        """A write transaction; IMMEDIATE takes the write lock up front, so read-then-write cannot race.
+
+        A failed COMMIT (a full disk fails there, when WAL frames are written) is rolled back too: SQLite may
+        leave the transaction open, and the connection would refuse every later BEGIN.
+        """
+        with self._lock, storage_errors(self.path.parent):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite rolls back by itself after some errors (SQLITE_FULL)
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     # --- jobs ---------------------------------------------------------------------------------------------
     def create(self, job_id: str, request_id: str | None, spec: JobSpec, total_steps: int) -> tuple[JobRecord, bool]:

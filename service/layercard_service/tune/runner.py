@@ -8,7 +8,11 @@ a FIFO queue. The runner only dispatches and supervises; workers write their own
 Restart semantics (``start``): QUEUED jobs are queued again; a RUNNING job (its worker gone with the old
 service) goes back to QUEUED with an event saying from which checkpoint step it resumes; a CANCELLING one
 becomes CANCELLED. On ``close`` workers get SIGTERM, then SIGKILL, and their jobs stay RUNNING, so the next
-start resumes them. A worker that exits without ending its job while the service runs fails it: WORKER_DIED.
+start resumes them. A worker that exits without ending its job while the service runs fails it: WORKER_DIED
+(with the error its log shows), or DISK_FULL when the data dir's disk was full.
+
+No runner thread dies of an error: a store write that fails (a full disk) is retried with backoff until it
+succeeds or the runner closes, so a job is never left RUNNING without a worker or a thread to end it.
 """
 
 from __future__ import annotations
@@ -25,16 +29,20 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from layercard_service.store import DISK_FULL, is_disk_full
 from layercard_service.telemetry import JobOutcome, Telemetry
 from layercard_service.tune.checkpoint import latest_step
 from layercard_service.tune.job_store import JobStore
 from layercard_service.tune.jobs import JobState
+from layercard_service.tune.worker import EXIT_DISK_FULL
+from layercard_service.tune.worker_log import error_excerpt
 
 __all__ = ["JobRunner", "LocalProcessRunner", "report_job_end", "worker_command"]
 
 log = logging.getLogger(__name__)
 
-LOG_TAIL_BYTES = 1500
+LOG_SCAN_BYTES = 64 * 1024  # how much of a dead worker's log is searched for its error
+RETRY_MAX_SECONDS = 30.0
 
 
 class JobRunner(ABC):
@@ -108,6 +116,7 @@ class LocalProcessRunner(JobRunner):
         terminate_grace_seconds: float = 10.0,
         cancel_grace_seconds: float = 120.0,
         telemetry: Telemetry | None = None,
+        retry_seconds: float = 0.5,
     ) -> None:
         self.store = store
         self.telemetry = telemetry or Telemetry()
@@ -116,12 +125,15 @@ class LocalProcessRunner(JobRunner):
         self.max_concurrent = max_concurrent
         self.terminate_grace_seconds = terminate_grace_seconds
         self.cancel_grace_seconds = cancel_grace_seconds
+        self.retry_seconds = retry_seconds  # the first wait before a failed store write is tried again
         self.log_dir = self.data_dir / "logs" / "jobs"
         self._queue: deque[str] = deque()
         self._running: dict[str, subprocess.Popen] = {}
+        self._settling: set[str] = set()  # worker gone, its supervisor still recording how the job ended
         self._monitors: list[threading.Thread] = []
         self._cond = threading.Condition()
         self._closing = False
+        self._closed = threading.Event()  # wakes retry waits at close
         self._dispatcher: threading.Thread | None = None
 
     # --- interface ----------------------------------------------------------------------------------------
@@ -144,14 +156,24 @@ class LocalProcessRunner(JobRunner):
                 self._queue.remove(job_id)
                 return
             proc = self._running.get(job_id)
+            settling = job_id in self._settling
         if proc is not None:
             timer = threading.Timer(self.cancel_grace_seconds, self._force_stop, args=(job_id, proc))
             timer.daemon = True
             timer.start()
+        elif not settling and self.store.transition(
+            # No worker, and no supervisor to see the CANCELLING: nothing else would ever end the job.
+            job_id,
+            [JobState.CANCELLING],
+            JobState.CANCELLED,
+            "cancelled: no worker was running",
+        ):
+            report_job_end(self.store, self.telemetry, job_id)
 
     def close(self) -> None:
         with self._cond:
             self._closing = True
+            self._closed.set()
             self._cond.notify_all()
             running = list(self._running.items())
         for job_id, proc in running:
@@ -199,6 +221,7 @@ class LocalProcessRunner(JobRunner):
             log.info(message, extra={"job_id": job_id})
 
     def _dispatch(self) -> None:
+        delay = self.retry_seconds
         while True:
             with self._cond:
                 while not self._closing and (not self._queue or len(self._running) >= self.max_concurrent):
@@ -206,27 +229,41 @@ class LocalProcessRunner(JobRunner):
                 if self._closing:
                     return
                 job_id = self._queue.popleft()
-                # QUEUED -> RUNNING before the worker starts: a cancel from now on is CANCELLING, which the
-                # worker honours at its first poll.
-                if not self.store.transition(job_id, [JobState.QUEUED], JobState.RUNNING, "worker starting"):
-                    continue
                 try:
-                    proc = self._spawn(job_id)
-                except OSError as exc:
-                    self.store.transition(
-                        job_id,
-                        [JobState.RUNNING, JobState.CANCELLING],
-                        JobState.FAILED,
-                        f"cannot start the worker: {exc}",
-                        error_code="WORKER_START_FAILED",
-                        error_message=f"cannot start the worker: {exc}",
-                    )
-                    report_job_end(self.store, self.telemetry, job_id)
-                    continue
-                self._running[job_id] = proc
-                monitor = threading.Thread(target=self._supervise, args=(job_id, proc), daemon=True)
-                self._monitors.append(monitor)
-                monitor.start()
+                    self._start(job_id)
+                    delay, failed = self.retry_seconds, False
+                except Exception:  # the store refused the write (a full disk): the job stays QUEUED
+                    log.exception("cannot start job %s; trying again in %.1f s", job_id, delay)
+                    self._queue.appendleft(job_id)
+                    failed = True
+            if failed:
+                if self._closed.wait(delay):
+                    return
+                delay = min(delay * 2, RETRY_MAX_SECONDS)
+
+    def _start(self, job_id: str) -> None:
+        """Under the lock: QUEUED -> RUNNING, then the worker and its supervisor."""
+        # QUEUED -> RUNNING before the worker starts: a cancel from now on is CANCELLING, which the worker
+        # honours at its first poll.
+        if not self.store.transition(job_id, [JobState.QUEUED], JobState.RUNNING, "worker starting"):
+            return
+        try:
+            proc = self._spawn(job_id)
+        except OSError as exc:
+            # RUNNING with no worker: recorded as FAILED by a thread of its own, retried until the store takes it.
+            self._settling.add(job_id)
+            thread = threading.Thread(target=self._record_start_failure, args=(job_id, exc), daemon=True)
+            self._monitors.append(thread)
+            thread.start()
+            return
+        self._running[job_id] = proc
+        monitor = threading.Thread(target=self._supervise, args=(job_id, proc), daemon=True)
+        self._monitors.append(monitor)
+        monitor.start()
+        try:  # for recovery after a crash of this service; the worker reports its pid itself too
+            self.store.set_progress(job_id, worker_pid=proc.pid)
+        except Exception:
+            log.warning("cannot record the worker pid of %s", job_id, exc_info=True)
 
     def forget(self, job_id: str) -> None:
         (self.log_dir / f"{job_id}.log").unlink(missing_ok=True)
@@ -235,43 +272,105 @@ class LocalProcessRunner(JobRunner):
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{job_id}.log", "ab") as log_file:
             # A session of its own: a Ctrl-C at the service's terminal reaches the service, which ends workers.
-            proc = subprocess.Popen(
+            return subprocess.Popen(
                 self.command(job_id),
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self.store.set_progress(job_id, worker_pid=proc.pid)
-        return proc
 
     def _supervise(self, job_id: str, proc: subprocess.Popen) -> None:
-        code = proc.wait()
-        with self._cond:
-            self._running.pop(job_id, None)
-            closing = self._closing
-            self._cond.notify_all()
-        if closing:
-            return  # the job stays RUNNING (or whatever the worker wrote) and is recovered at the next start
+        try:
+            code = proc.wait()
+            with self._cond:
+                self._running.pop(job_id, None)
+                self._settling.add(job_id)
+                closing = self._closing
+                self._cond.notify_all()
+            if closing:
+                return  # the job stays RUNNING (or whatever the worker wrote) and is recovered at the next start
+            disk_full = code == EXIT_DISK_FULL
+
+            def settle() -> None:
+                nonlocal disk_full
+                try:
+                    self._settle(job_id, code, disk_full)
+                except Exception as exc:
+                    disk_full = disk_full or is_disk_full(exc)  # the service cannot write either: say so
+                    raise
+
+            if self._retry(f"record the end of {job_id}", settle):
+                report_job_end(self.store, self.telemetry, job_id)
+        except Exception:  # a bug: logged, and the thread ends without taking the service down
+            log.exception("the supervisor of %s failed", job_id)
+        finally:
+            with self._cond:
+                self._settling.discard(job_id)
+
+    def _settle(self, job_id: str, code: int, disk_full: bool) -> None:
+        """Ends a job whose worker exited without ending it; a job the worker ended is left as it is."""
         state = self.store.state(job_id)
         if state == JobState.CANCELLING:
             self.store.transition(
                 job_id, [JobState.CANCELLING], JobState.CANCELLED, f"the worker exited (code {code}) while cancelling"
             )
         elif state == JobState.RUNNING:
-            message = f"the worker process exited with code {code} without finishing the job{self._log_tail(job_id)}"
+            if disk_full:
+                error_code = DISK_FULL
+                message = (
+                    f"the data dir's disk is full: the worker could not write the job's progress (exit code {code}); "
+                    "free space and create the job again"
+                )
+            else:
+                error_code = "WORKER_DIED"
+                message = f"the worker exited with code {code} without finishing the job{self._log_tail(job_id)}"
             self.store.transition(
-                job_id,
-                [JobState.RUNNING],
-                JobState.FAILED,
-                message,
-                error_code="WORKER_DIED",
-                error_message=message,
+                job_id, [JobState.RUNNING], JobState.FAILED, message, error_code=error_code, error_message=message
             )
-        report_job_end(self.store, self.telemetry, job_id)
+
+    def _record_start_failure(self, job_id: str, exc: OSError) -> None:
+        error_code = DISK_FULL if is_disk_full(exc) else "WORKER_START_FAILED"
+        message = f"cannot start the worker: {exc}"
+        active = [JobState.RUNNING, JobState.CANCELLING]
+
+        def fail() -> None:
+            self.store.transition(
+                job_id, active, JobState.FAILED, message, error_code=error_code, error_message=message
+            )
+
+        try:
+            if self._retry(f"record the failed start of {job_id}", fail):
+                report_job_end(self.store, self.telemetry, job_id)
+        except Exception:
+            log.exception("cannot record the failed start of %s", job_id)
+        finally:
+            with self._cond:
+                self._settling.discard(job_id)
+
+    def _retry(self, what: str, write: Callable[[], object]) -> bool:
+        """Runs ``write`` until it succeeds (True) or the runner closes (False), waiting longer each time."""
+        delay = self.retry_seconds
+        while True:
+            try:
+                write()
+                return True
+            except Exception as exc:
+                if is_disk_full(exc):  # expected until space is freed: one line each time, no traceback
+                    log.warning("cannot %s: %s; trying again in %.1f s", what, exc, delay)
+                else:
+                    log.exception("cannot %s; trying again in %.1f s", what, delay)
+            if self._closed.wait(delay):
+                return False  # the job stays as it is: the next start recovers it
+            delay = min(delay * 2, RETRY_MAX_SECONDS)
 
     def _force_stop(self, job_id: str, proc: subprocess.Popen) -> None:
-        if proc.poll() is None and not self._closing and self.store.state(job_id) == JobState.CANCELLING:
+        try:
+            stuck = proc.poll() is None and not self._closing and self.store.state(job_id) == JobState.CANCELLING
+        except Exception:
+            log.exception("cannot read the state of %s", job_id)
+            return
+        if stuck:
             log.warning("the worker of %s ignored the cancel for %.0f s: killing it", job_id, self.cancel_grace_seconds)
             _signal(proc, signal.SIGKILL)  # _supervise then records CANCELLED
 
@@ -279,11 +378,12 @@ class LocalProcessRunner(JobRunner):
         path = self.log_dir / f"{job_id}.log"
         try:
             with open(path, "rb") as handle:
-                handle.seek(max(0, path.stat().st_size - LOG_TAIL_BYTES))
-                tail = handle.read().decode(errors="replace").strip()
+                handle.seek(max(0, path.stat().st_size - LOG_SCAN_BYTES))
+                text = handle.read().decode(errors="replace")
         except OSError:
             return ""
-        return f"; last output: {tail}" if tail else ""
+        excerpt = error_excerpt(text)
+        return f"; the worker's log says: {excerpt}" if excerpt else ""
 
 
 def report_job_end(store: JobStore, telemetry: Telemetry, job_id: str) -> None:

@@ -11,7 +11,9 @@ Exit paths, and what the job's state becomes:
 - a known problem (bad dataset, bad layers, unloadable model or checkpoint): FAILED with the error's reason;
 - anything else: FAILED with INTERNAL, the exception's type and message;
 - SIGTERM (the service is shutting down): buffered events are flushed, the state stays RUNNING, and the next
-  service start resumes the job from its last checkpoint.
+  service start resumes the job from its last checkpoint;
+- the data dir's disk is full: FAILED with DISK_FULL if that write still goes through, else the worker exits
+  with EXIT_DISK_FULL and the runner records FAILED with DISK_FULL once the disk takes it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 from layercard_service.errors import LayercardError
+from layercard_service.store import DISK_FULL, is_disk_full
 from layercard_service.tune.job_store import JobStore, NewEvent
 from layercard_service.tune.jobs import EvalSummary, JobRecord, JobResult, JobState
 
@@ -35,6 +38,8 @@ log = logging.getLogger("layercard_service.tune.worker")
 
 FLUSH_INTERVAL_SECONDS = 0.2  # step events are buffered: at most ~5 database writes a second
 EXIT_TERMINATED = 143
+EXIT_DISK_FULL = 28  # ENOSPC's number: the job's end could not be written, the runner writes it
+LOW_SPACE_BYTES = 1 << 20  # an unexpected error with less free than this on the data dir's disk is a full disk
 
 
 class Terminated(BaseException):
@@ -78,6 +83,16 @@ def _eval_event(summary: EvalSummary, message: str) -> NewEvent:
 
 
 def run_job(store: JobStore, settings: WorkerSettings) -> int:
+    try:
+        return _run_job(store, settings)
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        log.error("job %s: the data dir's disk is full and the job's end cannot be written: %s", settings.job_id, exc)
+        return EXIT_DISK_FULL
+
+
+def _run_job(store: JobStore, settings: WorkerSettings) -> int:
     job_id = settings.job_id
     job = store.get(job_id)
     if job is None:
@@ -98,13 +113,27 @@ def run_job(store: JobStore, settings: WorkerSettings) -> int:
         log.info("terminated; job %s stays RUNNING and resumes from its last checkpoint", job_id)
         return EXIT_TERMINATED
     except LayercardError as exc:
+        log.error("job %s failed: %s", job_id, exc.message)
         events.flush()
         _fail(store, job_id, exc.reason, exc.message)
     except Exception as exc:  # a bug or an environment problem: reported, never silent
         log.exception("job %s failed", job_id)
+        if _disk_full(exc, settings.data_dir):  # torch and safetensors say "write failed", not ENOSPC
+            message = f"the data dir's disk is full: {type(exc).__name__}: {exc}"[:2000]
+            _fail(store, job_id, DISK_FULL, message)
+            return 0
         events.flush()
         _fail(store, job_id, "INTERNAL", f"{type(exc).__name__}: {exc}"[:2000])
     return 0
+
+
+def _disk_full(exc: BaseException, data_dir: Path) -> bool:
+    if is_disk_full(exc):
+        return True
+    try:
+        return shutil.disk_usage(data_dir).free < LOW_SPACE_BYTES
+    except OSError:
+        return False
 
 
 def _fail(store: JobStore, job_id: str, code: str, message: str) -> None:
@@ -271,7 +300,13 @@ def main(argv: list[str] | None = None) -> int:
         raise Terminated
 
     signal.signal(signal.SIGTERM, terminate)
-    store = JobStore(settings.data_dir / "state.db")
+    try:
+        store = JobStore(settings.data_dir / "state.db")
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        log.error("cannot open the job store: %s", exc)
+        return EXIT_DISK_FULL
     try:
         return run_job(store, settings)
     finally:
@@ -279,4 +314,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == EXIT_DISK_FULL:
+        os._exit(code)  # flushing stdio into a log on the full disk at exit would turn the code into 120
+    sys.exit(code)
