@@ -1,19 +1,26 @@
 """The gRPC fuzz driver shared by tests/integration/test_fuzz_grpc.py and ``make bench BENCH=hardening``.
 
-Every RPC of the five public services is a ``Target`` found from the proto descriptors; its requests are drawn
-from the generic message strategy and from a valid request with one field changed (tests/support/
-proto_strategies.py). Each call goes to one real server over a socket, and after each one the properties hold:
-the status is never INTERNAL or UNKNOWN (nor DEADLINE_EXCEEDED on a cheap call: that is a hang), and health
-still says SERVING. Resources made before the fuzz (a card, jobs, adapter versions) must still be there after.
+Every RPC of the five public services is a ``Target`` found from the proto descriptors. Its requests: a boundary
+corpus (each field a valid request sets, at its classic edge cases), then hypothesis's draws from the generic
+message strategy and from valid requests with one field changed (tests/support/proto_strategies.py). Each call
+goes to one real server (tests/support/fuzz_server.py) over a socket; after each one the properties hold:
+- the status is never INTERNAL or UNKNOWN, nor DEADLINE_EXCEEDED on a cheap call (that is a hang);
+- an error's trailer fits the client's metadata limit (else the caller sees RESOURCE_EXHAUSTED, not the error);
+- a successful reply names what it made as AIP-122 spells ids (a name that does not round-trip is a bug);
+- health still says SERVING.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 import time
+import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from google.protobuf import duration_pb2, message_factory, text_format
@@ -26,7 +33,17 @@ from layercard.v1 import adapter_pb2, common_pb2, inference_pb2, layer_card_pb2,
 from support.fuzz_server import TRAIN_JSONL, FuzzEnv, hyperparameters, job_request
 from support.proto_strategies import boundary_corpus, messages, near_valid
 
-__all__ = ["EXAMPLES_DEFAULT", "EXAMPLES_PER_RPC", "Tally", "Target", "call", "run_target", "serving", "targets"]
+__all__ = [
+    "EXAMPLES_DEFAULT",
+    "EXAMPLES_PER_RPC",
+    "IncidentLog",
+    "Tally",
+    "Target",
+    "call",
+    "run_target",
+    "serving",
+    "targets",
+]
 
 BAD = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 CHEAP_DEADLINE_S, EXPENSIVE_DEADLINE_S = 20.0, 2.0
@@ -174,6 +191,35 @@ def malformed(response: Message | None) -> str:
     return ""
 
 
+class IncidentLog(logging.Handler):
+    """The server's own account of each INTERNAL (it runs in this process): exception and where it was raised."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.causes: dict[str, str] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        incident = getattr(record, "incident", None)
+        if incident and record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            frames = [f for f in traceback.extract_tb(exc.__traceback__) if "layercard_service" in f.filename]
+            where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+            self.causes[incident] = f"{type(exc).__name__}: {str(exc)[:120]}{where}"
+
+    def cause(self, details: str) -> str:
+        found = re.search(r"incident ([0-9a-f]{12})", details)
+        return self.causes.get(found.group(1), "") if found else ""
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[IncidentLog]:
+        logger = logging.getLogger("layercard_service.api.interceptors")
+        logger.addHandler(self)
+        try:
+            yield self
+        finally:
+            logger.removeHandler(self)
+
+
 @dataclass
 class Tally:
     """Calls per RPC, status histograms, and every failure of a property, with its request."""
@@ -182,6 +228,7 @@ class Tally:
     failures: list[dict] = field(default_factory=list)
     not_serving: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    incidents: IncidentLog = field(default_factory=IncidentLog)
 
     @property
     def cases(self) -> int:
@@ -189,6 +236,14 @@ class Tally:
 
     def failures_of(self, method: str) -> list[dict]:
         return [f for f in self.failures if f["rpc"].endswith("/" + method)]
+
+    def distinct(self, failures: list[dict] | None = None) -> list[dict]:
+        """One failure per kind (RPC, status, cause), with how many cases showed it."""
+        kinds: dict[tuple, dict] = {}
+        for f in self.failures if failures is None else failures:
+            key = (f["rpc"], f["status"], f["cause"] or re.sub(r"incident \w+", "", f["details"])[:80])
+            kinds.setdefault(key, {**f, "cases": 0})["cases"] += 1
+        return list(kinds.values())
 
     def record(
         self, target: Target, request: Message, code: grpc.StatusCode, details: str, serving: bool, bad_reply: str = ""
@@ -198,6 +253,9 @@ class Tally:
             self._fail(target, request, "OK with a malformed reply", bad_reply)
         if code in BAD or (code == grpc.StatusCode.DEADLINE_EXCEEDED and target.method not in EXPENSIVE):
             self._fail(target, request, code.name, details)
+        elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and "metadata size exceeds" in details:
+            # The error echoed the input into its trailer and the client could not read it: not a status.
+            self._fail(target, request, "error trailer over the client's metadata limit", details)
         if not serving:
             self.not_serving += 1
             self._fail(target, request, "health not SERVING after the call", details)
@@ -209,6 +267,7 @@ class Tally:
                 "rpc": target.path,
                 "status": what,
                 "details": details[:300],
+                "cause": self.incidents.cause(details),
                 "request": text[:400] + "…" * (len(text) > 400),
             }
         )
@@ -249,8 +308,8 @@ def _after(channel: grpc.Channel, target: Target, response: Message | None, tall
     if target.method == "CreateTuningJob" and response is not None:
         cancel = next(t for t in targets() if t.method == "CancelTuningJob")
         request = tuning_pb2.CancelTuningJobRequest(name=response.name)
-        code, details, reply = call(channel, cancel, request)
-        tally.record(cancel, request, code, details, True, malformed(reply))
+        code, details, _ = call(channel, cancel, request)
+        tally.record(cancel, request, code, details, True)
 
 
 def run_target(channel: grpc.Channel, env: FuzzEnv, target: Target, max_examples: int, tally: Tally) -> None:
@@ -273,5 +332,6 @@ def run_target(channel: grpc.Channel, env: FuzzEnv, target: Target, max_examples
         suppress_health_check=list(HealthCheck),
     )(test)
     began = time.monotonic()
-    test()
+    with tally.incidents.attached():
+        test()
     tally.seconds[target.method] = tally.seconds.get(target.method, 0.0) + time.monotonic() - began
