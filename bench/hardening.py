@@ -106,7 +106,7 @@ def fault_phase() -> dict:
             try:
                 lost, error = scenario(Path(tmp)), ""
             except Exception as exc:  # a failed scenario is a result, reported with its cause
-                lost, error = [], f"{type(exc).__name__}: {exc}"[:500] + "\n" + traceback.format_exc(limit=3)[-800:]
+                lost, error = [], f"{type(exc).__name__}: {exc}"[:500] + "\n" + traceback.format_exc()[-1500:]
         results[name] = {
             "ok": not error and not lost,
             "lost_data": lost,

@@ -241,7 +241,7 @@ class Tally:
         """One failure per kind (RPC, status, cause), with how many cases showed it."""
         kinds: dict[tuple, dict] = {}
         for f in self.failures if failures is None else failures:
-            key = (f["rpc"], f["status"], f["cause"] or re.sub(r"incident \w+", "", f["details"])[:80])
+            key = (f["rpc"], f["status"], f["cause"] or re.sub(r"incident \w+|\d+", "", f["details"])[:60])
             kinds.setdefault(key, {**f, "cases": 0})["cases"] += 1
         return list(kinds.values())
 
