@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("card", "tasks_check", "placement", "serving", "metrics")
+BENCHMARKS = ("card", "tasks_check", "placement", "serving", "metrics", "hardening")
 
 
 def main(argv: list[str]) -> int:
