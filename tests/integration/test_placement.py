@@ -69,6 +69,14 @@ def test_plan_with_a_training_time_budget_chooses_steps(planning):
     assert abs(p.steps - 100 * full_step / p.step_seconds.value) < 1.01
 
 
+@pytest.mark.parametrize("objective", [placement_pb2.OBJECTIVE_EFFICIENCY, placement_pb2.OBJECTIVE_FIXED_K])
+def test_a_huge_training_time_plans_no_more_steps_than_a_job_takes(planning, objective):
+    """The steps that fit in about 292 billion years overflowed the contract's int32 (INTERNAL before)."""
+    limit = duration_pb2.Duration(seconds=9_223_372_036)
+    p = plan(planning, budget=placement_pb2.Budget(max_training_time=limit), objective=objective, k=2)
+    assert p.steps == 1_000_000
+
+
 def test_peft_serving_budget_and_fixed_k(planning):
     one_layer = planning.card.layers[0].peft_serving_overhead_ms_per_token
     p = plan(

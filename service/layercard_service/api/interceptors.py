@@ -28,25 +28,50 @@ ERROR_DOMAIN = "layercard.dev"
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 
+# Errors echo what the caller sent (a name, a path); clipped so that the status always fits the trailers a
+# client accepts (gRPC's default hard limit is 16 KiB of metadata, and non-ASCII text is %-encoded there).
+MAX_MESSAGE_BYTES = 1000
+MAX_DETAIL_BYTES = 300
+MAX_VIOLATIONS = 5
+MAX_METADATA_ENTRIES = 8
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes (at a character boundary), marked when cut."""
+    data = text.encode("utf-8", errors="replace")
+    if len(data) <= limit:
+        return text
+    return data[: limit - 3].decode("utf-8", errors="ignore") + "..."
+
+
 def to_grpc_status(err: LayercardError) -> grpc.Status:
     """Maps a domain error to a status with ErrorInfo, and BadRequest/RetryInfo details when it has them."""
     code = getattr(code_pb2, err.code_name)
     details = []
-    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata)
+    metadata = {
+        clip(k, 64): clip(str(v), MAX_DETAIL_BYTES) for k, v in list(err.metadata.items())[:MAX_METADATA_ENTRIES]
+    }
+    info = error_details_pb2.ErrorInfo(reason=clip(err.reason, 64), domain=ERROR_DOMAIN, metadata=metadata)
     details.append(info)
     if err.violations:
+        shown = err.violations[:MAX_VIOLATIONS]
         bad = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in err.violations
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=clip(v.field, MAX_DETAIL_BYTES), description=clip(v.description, MAX_DETAIL_BYTES)
+                )
+                for v in shown
             ]
         )
+        if len(err.violations) > len(shown):
+            more = len(err.violations) - len(shown)
+            bad.field_violations.add(field="...", description=f"and {more} more")
         details.append(bad)
     if err.retry_after is not None:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(err.retry_after * 1e9))
         details.append(error_details_pb2.RetryInfo(retry_delay=delay))
-    status = status_pb2.Status(code=code, message=err.message)
+    status = status_pb2.Status(code=code, message=clip(err.message, MAX_MESSAGE_BYTES))
     for detail in details:
         status.details.add().Pack(detail)
     grpc_status = rpc_status.to_status(status)

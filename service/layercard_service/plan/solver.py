@@ -22,6 +22,7 @@ from layercard_service.plan.types import BudgetSpec, PlanRequest
 
 __all__ = ["Candidate", "EXACT_MAX_LAYERS", "Solution", "solve"]
 
+MAX_PLANNED_STEPS = 1_000_000  # the most steps a tuning job accepts (tune/service.py MAX_STEPS)
 EXACT_MAX_LAYERS = 12
 _LIMITS = (
     "max_step_seconds",
@@ -90,7 +91,8 @@ def _candidate(
     if request.budget.max_training_seconds is not None:
         # A cheaper step buys more steps in the same time. The card predicts the gain of a converged run, not
         # a learning curve, so assume the gain accrues in proportion to steps up to the reference count.
-        steps = math.floor(request.budget.max_training_seconds / step)
+        # No more than a job may run (tuning's MAX_STEPS): a huge budget must not plan an unrunnable count.
+        steps = min(math.floor(request.budget.max_training_seconds / step), MAX_PLANNED_STEPS)
         value = gain * min(1.0, steps / request.steps)
     return Candidate(
         layers=layers,
