@@ -33,6 +33,7 @@ from support.grpc_fuzz import BAD, EXAMPLES_DEFAULT, EXAMPLES_PER_RPC, Tally, ru
 
 from bench.common import machine, version, write_results
 from layercard.v1 import common_pb2, tuning_pb2, tuning_pb2_grpc
+from layercard_service.store import MAX_LIST_RESPONSE_BYTES
 
 INLINE_JOBS, INLINE_BYTES = 20, 256 * 1024  # jobs whose inline dataset a List must not carry back in full
 
@@ -128,6 +129,7 @@ def headline(fuzz: dict, faults: dict) -> dict:
         "fault_cases_failed": sum(1 for f in faults.values() if f["error"]),
         "fault_cases_lost_data": sum(1 for f in faults.values() if f["lost_data"]),
         "max_list_response_bytes": max(sizes, default=0),
+        "list_response_bound_bytes": MAX_LIST_RESPONSE_BYTES,
     }
 
 
