@@ -227,8 +227,48 @@ def sigterm_during_card(tmp: Path) -> list[str]:
     return lost_data(data_dir)
 
 
+def sigterm_mid_job(tmp: Path) -> list[str]:
+    """SIGTERM (a rolling restart) while a job trains: exit 0, the job stays resumable, the next server finishes it."""
+    data_dir = tmp / "state"
+    with ServerProcess(data_dir) as first:
+        stub = tuning_pb2_grpc.TuningServiceStub(first.channel)
+        job = stub.CreateTuningJob(_job_request("rolled", steps=40), timeout=60)
+        _wait_for(stub, job.name, lambda e: e.WhichOneof("event") == "checkpoint")
+        assert first.kill(signal.SIGTERM) == 0
+    with ServerProcess(data_dir) as second:
+        stub = tuning_pb2_grpc.TuningServiceStub(second.channel)
+        done = _finish(stub, job.name)
+        assert done.state == tuning_pb2.TUNING_JOB_STATE_SUCCEEDED, (done.state, done.error_message)
+        assert done.step == 40 and serving(second.channel)
+    return lost_data(data_dir)
+
+
+def second_server_on_the_data_dir(tmp: Path) -> list[str]:
+    """A second server on a data dir in use exits at once (code 3) and leaves the first one's job untouched."""
+    data_dir = tmp / "state"
+    with ServerProcess(data_dir) as first:
+        stub = tuning_pb2_grpc.TuningServiceStub(first.channel)
+        job = stub.CreateTuningJob(_job_request("undisturbed", steps=100_000), timeout=60)
+        _wait_for(stub, job.name, lambda e: e.WhichOneof("event") == "step")
+        pid = _worker_pid(data_dir, job.name)
+        second = subprocess.run(
+            [sys.executable, "-m", "layercard_service.server", "--port", "0", "--data-dir", str(data_dir)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert second.returncode == 3 and str(data_dir) in second.stderr, (second.returncode, second.stderr[-500:])
+        state = stub.GetTuningJob(tuning_pb2.GetTuningJobRequest(name=job.name), timeout=30)
+        assert state.state == tuning_pb2.TUNING_JOB_STATE_RUNNING, (state.state, state.error_message)
+        assert _alive_worker(pid) and _worker_pid(data_dir, job.name) == pid  # the first one's worker lives on
+        stub.CancelTuningJob(tuning_pb2.CancelTuningJobRequest(name=job.name), timeout=30)
+        assert _finish(stub, job.name).state == tuning_pb2.TUNING_JOB_STATE_CANCELLED
+        assert serving(first.channel)
+    return lost_data(data_dir)
+
+
 SCENARIOS: dict[str, Callable[[Path], list[str]]] = {
     "server_killed_mid_job": server_killed_mid_job,
     "worker_killed_mid_step": worker_killed_mid_step,
     "sigterm_during_card": sigterm_during_card,
+    "sigterm_mid_job": sigterm_mid_job,
+    "second_server_on_the_data_dir": second_server_on_the_data_dir,
 }
