@@ -203,3 +203,24 @@ def test_only_the_persistence_layer_imports_sqlite3():
         if any(line.strip().startswith(("import sqlite3", "from sqlite3")) for line in p.read_text().splitlines())
     }
     assert importers and all(path.startswith("persistence/") for path in importers), importers
+
+
+def test_a_publication_that_fails_inside_the_transition_leaves_neither_version_nor_state(tmp_path):
+    from layercard_service.sources import DatasetRequest
+    from layercard_service.tune.job_store import AdapterVersion, insert_version, next_version
+    from layercard_service.tune.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
+
+    spec = JobSpec("builtin:tiny", DatasetRequest(builtin="builtin:cipher"), None, PlacementSpec(layers=(1,)),
+                   Hyperparameters(steps=5), "bot")  # fmt: skip
+    jobs = JobStore(tmp_path / "state.db")
+    jobs.create("job-a", None, spec, 5)
+    jobs.transition("job-a", [JobState.QUEUED], JobState.RUNNING)
+
+    def publish(tx):  # the session of the transition's own transaction, not a raw connection
+        insert_version(tx, AdapterVersion("bot", next_version(tx, "bot"), "/a/bot/1", "job-a", 1.0, {}))
+        raise OSError("rename failed")
+
+    with pytest.raises(OSError, match="rename failed"):
+        jobs.transition("job-a", [JobState.RUNNING], JobState.SUCCEEDED, "done", result=publish)
+    assert jobs.state("job-a") == JobState.RUNNING and jobs.versions("bot") == []
+    jobs.close()

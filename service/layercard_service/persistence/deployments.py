@@ -18,6 +18,8 @@ from layercard_service.persistence.database import Database
 
 __all__ = ["DeploymentRecord", "DeploymentStore", "LatencyMeasurement", "ServingCalibration", "served_name"]
 
+# Named, not *: where ``budget`` sits depends on how the table was migrated (schema.py, migration 2).
+_COLUMNS = "adapter_id, version, state, latency, update_time, budget"
 CALIBRATION_WINDOW = 20  # the newest measurements the planner's calibration takes the median of
 
 
@@ -73,17 +75,16 @@ class DeploymentStore:
             self.db.close()
 
     def get(self, adapter_id: str) -> DeploymentRecord | None:
-        row = self.db.execute("SELECT * FROM deployments WHERE adapter_id = ?", (adapter_id,)).fetchone()
+        row = self.db.execute(f"SELECT {_COLUMNS} FROM deployments WHERE adapter_id = ?", (adapter_id,)).fetchone()
         return _record(row) if row else None
 
     def all(self) -> list[DeploymentRecord]:
-        return [_record(r) for r in self.db.execute("SELECT * FROM deployments ORDER BY adapter_id")]
+        return [_record(r) for r in self.db.execute(f"SELECT {_COLUMNS} FROM deployments ORDER BY adapter_id")]
 
     def put(self, record: DeploymentRecord) -> None:
         latency = json.dumps(asdict(record.latency)) if record.latency else None
         self.db.execute(
-            "INSERT OR REPLACE INTO deployments (adapter_id, version, state, latency, update_time, budget) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
+            f"INSERT OR REPLACE INTO deployments ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
             (record.adapter_id, record.version, record.state, latency, record.update_time, record.budget),
         )
 
