@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from layercard_service.card.service import CardService
 from layercard_service.config import ServiceConfig
+from layercard_service.persistence import Database, open_database
 from layercard_service.plan.planner import PlacementPlanner
 from layercard_service.prometheus_metrics import StateCollector
 from layercard_service.serve.adapters import AdapterManager, DeploySettings
@@ -16,7 +17,7 @@ from layercard_service.serve.inference import InferenceProxy, Routes
 from layercard_service.serve.reconcile import Reconciler
 from layercard_service.store import Store
 from layercard_service.telemetry import SafeTelemetry, Telemetry
-from layercard_service.tune.job_store import JobStore
+from layercard_service.tune.job_store import AdapterVersions, JobStore
 from layercard_service.tune.runner import LocalProcessRunner, worker_command
 from layercard_service.tune.service import TuningService
 
@@ -32,11 +33,13 @@ class Core:
     inference: InferenceProxy
     adapters: AdapterManager
     reconciler: Reconciler
+    db: Database | None = None  # the one database every repository shares; closed last
 
     @classmethod
     def from_config(cls, config: ServiceConfig, telemetry: Telemetry | None = None) -> Core:
         telemetry = SafeTelemetry(telemetry or Telemetry())
-        store = Store(config.data_dir)
+        db = open_database(config.data_dir / "state.db")  # migrated to the current schema here, once
+        store = Store(config.data_dir, db)
         cards = CardService(
             store,
             config.model_roots,
@@ -45,8 +48,8 @@ class Core:
             queue_size=config.card_queue_size,
             telemetry=telemetry,
         )
-        tuning = _tuning(config, telemetry)
-        deployments = DeploymentStore(config.data_dir / "state.db")
+        tuning = _tuning(config, telemetry, JobStore(db))
+        deployments = DeploymentStore(db)
         fleet = Fleet(
             _discovery(config),
             FleetSettings(config.vllm_model, config.max_lora_rank, config.vllm_lora_target_modules),
@@ -56,7 +59,7 @@ class Core:
         adapters = AdapterManager(
             fleet,
             proxy,
-            tuning.store,
+            AdapterVersions(db),
             deployments,
             DeploySettings(config.drain_timeout_seconds),
             telemetry,
@@ -69,6 +72,7 @@ class Core:
             inference=proxy,
             adapters=adapters,
             reconciler=Reconciler(adapters, config.reconcile_interval_seconds),
+            db=db,
         )
 
     def state_collector(self) -> StateCollector:
@@ -101,6 +105,8 @@ class Core:
         self.tuning.close()  # workers stop; their jobs stay RUNNING and resume at the next start
         self.adapters.store.close()
         self.store.close()
+        if self.db is not None:
+            self.db.close()
 
 
 def _discovery(config: ServiceConfig) -> Discovery:
@@ -108,8 +114,9 @@ def _discovery(config: ServiceConfig) -> Discovery:
     return Union([static, DnsDiscovery(config.vllm_dns)]) if config.vllm_dns else static
 
 
-def _tuning(config: ServiceConfig, telemetry: Telemetry) -> TuningService:
-    jobs = JobStore(config.data_dir / "state.db")  # the same database as Store, its own connection
+def _tuning(config: ServiceConfig, telemetry: Telemetry, jobs: JobStore | None = None) -> TuningService:
+    if jobs is None:  # on its own (tests): a database of its own
+        jobs = JobStore(config.data_dir / "state.db")
     if config.job_runner == "kubernetes":  # a batch/v1 Job per tuning job; the client is imported only then
         from layercard_service.tune.k8s_runner import kubernetes_runner
 

@@ -1,88 +1,27 @@
-"""State and artifacts: SQLite (WAL) for records, a filesystem tree with atomic writes for payloads.
+"""State and artifacts: records in the database (persistence/), a filesystem tree with atomic writes for payloads.
 
-One ``Store`` per process. SQLite calls are short and serialised by a lock; callers on the event loop run them
-in a thread when they may block (large payloads).
+Also the List calls' paging. Callers on the event loop run store calls in a thread when they may block (large
+payloads). The disk-full helpers live in persistence/disk_full.py and are re-exported here.
 """
 
 from __future__ import annotations
 
-import errno
-import json
 import os
-import sqlite3
 import tempfile
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from layercard_service.errors import InvalidArgument, ResourceExhausted
+from layercard_service.errors import InvalidArgument
+from layercard_service.persistence import as_database
+from layercard_service.persistence.cards import CardRecord, CardRepository
+from layercard_service.persistence.database import Database
+from layercard_service.persistence.disk_full import DISK_FULL, disk_full_error, is_disk_full, storage_errors
 
 __all__ = ["MAX_LIST_RESPONSE_BYTES", "CardRecord", "Store", "atomic_write", "decode_page_token", "paginate"]
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS layer_cards (
-    card_id     TEXT PRIMARY KEY,
-    fingerprint TEXT NOT NULL UNIQUE,
-    model       TEXT NOT NULL,
-    create_time REAL NOT NULL,
-    payload     TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS layer_cards_by_time ON layer_cards (create_time DESC, card_id);
-CREATE TABLE IF NOT EXISTS file_hashes (
-    path   TEXT PRIMARY KEY,
-    size   INTEGER NOT NULL,
-    mtime  REAL NOT NULL,
-    sha256 TEXT NOT NULL
-);
-"""
-
-
-# A full disk (kept apart from __all__ above, which the paging work edits too).
+# A full disk (kept apart from __all__ above, which the paging work edits too); its home is the persistence layer.
 __all__ += ["DISK_FULL", "disk_full_error", "is_disk_full", "storage_errors"]
-DISK_FULL = "DISK_FULL"  # the ErrorInfo reason, and a failed job's error_code, when the data dir's disk is full
-_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-
-
-def is_disk_full(exc: BaseException | None) -> bool:
-    """True when ``exc``, or an exception it was raised from, says the disk is full.
-
-    SQLite says SQLITE_FULL ("database or disk is full"); the OS says ENOSPC, or EDQUOT for a quota.
-    """
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, ResourceExhausted) and exc.reason == DISK_FULL:
-            return True
-        if isinstance(exc, sqlite3.OperationalError):
-            code = getattr(exc, "sqlite_errorcode", None)
-            if (code is not None and code & 0xFF == sqlite3.SQLITE_FULL) or "database or disk is full" in str(exc):
-                return True
-        if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def disk_full_error(where: Path) -> ResourceExhausted:
-    return ResourceExhausted(
-        f"the data dir's disk is full (writing {where}): free space there, then retry",
-        reason=DISK_FULL,
-        metadata={"path": str(where)},
-    )
-
-
-@contextmanager
-def storage_errors(where: Path) -> Iterator[None]:
-    """Re-raises a full disk as ResourceExhausted(DISK_FULL): callers above never see raw sqlite or OS errors."""
-    try:
-        yield
-    except (sqlite3.OperationalError, OSError) as exc:
-        if not is_disk_full(exc):
-            raise
-        raise disk_full_error(where) from exc
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -101,77 +40,44 @@ def atomic_write(path: Path, data: bytes) -> None:
             raise
 
 
-@dataclass(frozen=True)
-class CardRecord:
-    card_id: str
-    fingerprint: str
-    model: str
-    create_time: float
-    payload: dict
-
-
 class Store:
-    def __init__(self, data_dir: Path) -> None:
+    """The data dir: the artifact tree, and the layer cards and file hashes in its database.
+
+    ``Store(data_dir)`` opens ``<data_dir>/state.db`` itself (and closes it); the service passes the one
+    Database every repository shares (core.py), and closes that itself.
+    """
+
+    def __init__(self, data_dir: Path, db: Database | None = None) -> None:
         self.root = Path(data_dir)
         self.artifacts = self.root / "artifacts"
-        self._lock = threading.Lock()
         with storage_errors(self.root):
             self.artifacts.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.root / "state.db", check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+        self.db, self._owns_db = as_database(db if db is not None else self.root / "state.db")
+        self.cards = CardRepository(self.db)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        if self._owns_db:
+            self.db.close()
 
     # --- layer cards ---------------------------------------------------------------------------------
     def put_card(self, record: CardRecord) -> None:
-        with self._lock, storage_errors(self.root):
-            self._db.execute(
-                "INSERT OR REPLACE INTO layer_cards VALUES (?, ?, ?, ?, ?)",
-                (record.card_id, record.fingerprint, record.model, record.create_time, json.dumps(record.payload)),
-            )
+        self.cards.put_card(record)
 
     def get_card(self, card_id: str) -> CardRecord | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM layer_cards WHERE card_id = ?", (card_id,)).fetchone()
-        return _card(row)
+        return self.cards.get_card(card_id)
 
     def find_card(self, fingerprint: str) -> CardRecord | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM layer_cards WHERE fingerprint = ?", (fingerprint,)).fetchone()
-        return _card(row)
+        return self.cards.find_card(fingerprint)
 
     def list_cards(self, model: str, offset: int, limit: int) -> list[CardRecord]:
-        query = "SELECT * FROM layer_cards"
-        args: list[object] = []
-        if model:
-            query += " WHERE model = ?"
-            args.append(model)
-        query += " ORDER BY create_time DESC, card_id LIMIT ? OFFSET ?"
-        with self._lock:
-            rows = self._db.execute(query, (*args, limit, offset)).fetchall()
-        return [_card(row) for row in rows]
+        return self.cards.list_cards(model, offset, limit)
 
     # --- file hash cache (fingerprints of large weight files are costly) --------------------------------
     def cached_hash(self, path: Path, size: int, mtime: float) -> str | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT sha256 FROM file_hashes WHERE path = ? AND size = ? AND mtime = ?", (str(path), size, mtime)
-            ).fetchone()
-        return row[0] if row else None
+        return self.cards.cached_hash(path, size, mtime)
 
     def remember_hash(self, path: Path, size: int, mtime: float, sha256: str) -> None:
-        with self._lock, storage_errors(self.root):
-            self._db.execute("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)", (str(path), size, mtime, sha256))
-
-
-def _card(row) -> CardRecord | None:
-    if row is None:
-        return None
-    return CardRecord(row[0], row[1], row[2], row[3], json.loads(row[4]))
+        self.cards.remember_hash(path, size, mtime, sha256)
 
 
 def decode_page_token(token: str) -> int:

@@ -46,7 +46,7 @@ class FailingCommit:
 def test_the_store_works_after_a_failed_commit(tmp_path):
     store = JobStore(tmp_path / "state.db")
     store.create("job-a", None, SPEC, 5)
-    store._db = FailingCommit(store._db)
+    store.db._connection = FailingCommit(store.db._connection)
     with pytest.raises(ResourceExhausted) as err:
         store.transition("job-a", [JobState.QUEUED], JobState.RUNNING, "worker starting")
     assert err.value.reason == DISK_FULL and "disk is full" in err.value.message

@@ -41,7 +41,7 @@ from layercard_service.serve.probes import measure_effect, measure_latency
 from layercard_service.serve.vllm_api import VllmApi
 from layercard_service.store import paginate
 from layercard_service.telemetry import Telemetry
-from layercard_service.tune.job_store import AdapterVersion, JobStore
+from layercard_service.tune.job_store import AdapterVersion, AdapterVersions, JobStore
 from layercard_service.tune.jobs import check_id
 
 __all__ = ["AdapterManager", "AdapterView", "DeploySettings", "DeploymentView", "ReplicaView", "adapter_id_from_name"]
@@ -93,7 +93,7 @@ class AdapterManager:
         self,
         fleet: Fleet,
         proxy: InferenceProxy,
-        versions: JobStore,
+        versions: AdapterVersions | JobStore,
         store: DeploymentStore,
         settings: DeploySettings = DeploySettings(),
         telemetry: Telemetry | None = None,

@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sqlite3
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from layercard_service.errors import FailedPrecondition
-from layercard_service.tune.job_store import AdapterVersion, insert_version, next_version
+from layercard_service.persistence.adapter_versions import AdapterVersion, insert_version, next_version
+from layercard_service.persistence.database import Session
 
 __all__ = ["StagedAdapter", "adapter_root", "stage_adapter", "vllm_problems"]
 
@@ -72,8 +72,9 @@ class StagedAdapter:
     def discard(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def publish(self, db: sqlite3.Connection, metadata: dict[str, Any]) -> AdapterVersion:
-        """Inside the job store's write transaction: takes the next version number and renames into place."""
+    def publish(self, db: Session, metadata: dict[str, Any]) -> AdapterVersion:
+        """Inside the job store's write transaction (the session ``JobStore.transition`` hands its ``result``
+        callable): takes the next version number and renames into place."""
         version = next_version(db, self.adapter_id)
         final = self.root / str(version)
         if final.exists():  # left by a publication that crashed before its row was committed: no one has it
