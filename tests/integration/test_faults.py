@@ -42,6 +42,6 @@ def test_lost_data_finds_gaps_repeats_orphans_and_unfinished_successes(tmp_path)
     assert lost_data(tmp_path) == [
         "job orphan is RUNNING without a live worker",
         "job orphan: event sequences [1, 3] are not 1..2",
-        "job orphan: run 0 has steps that skip or repeat: [1, 1]",
+        "job orphan: steps are not reported once each from 1: [1, 1]",
         "job short SUCCEEDED at step 1 of 2",
     ]

@@ -99,24 +99,12 @@ def lost_data(data_dir: Path) -> list[str]:
 
 
 def _step_problems(job_id: str, events: list[tuple[str, dict]]) -> list[str]:
-    """Within each run of the job (a requeue after a restart starts the next), steps go up by exactly one; a
-    resumed run starts right after a checkpoint the job wrote, so the steps of the runs together cover 1..last."""
-    runs: list[list[int]] = [[]]
-    checkpoints = {0}
-    for kind, payload in events:
-        if kind == "state" and payload.get("state") == "QUEUED" and any(runs):
-            runs.append([])
-        elif kind == "step":
-            runs[-1].append(payload["step"])
-        elif kind == "checkpoint":
-            checkpoints.add(payload["step"])
-    problems = []
-    for i, steps in enumerate(r for r in runs if r):
-        if steps != list(range(steps[0], steps[0] + len(steps))):
-            problems.append(f"job {job_id}: run {i} has steps that skip or repeat: {steps}")
-        if steps[0] - 1 not in checkpoints:
-            problems.append(f"job {job_id}: run {i} starts at step {steps[0]}, after no checkpoint")
-    return problems
+    """Each step is reported once, in order, across every run of the job: a run resumed from a checkpoint
+    repeats the steps after it, but reports only those the job has not reported yet (issue 12)."""
+    steps = [payload["step"] for kind, payload in events if kind == "step"]
+    if steps != list(range(1, len(steps) + 1)):
+        return [f"job {job_id}: steps are not reported once each from 1: {steps}"]
+    return []
 
 
 def _worker_pid(data_dir: Path, name: str) -> int | None:
