@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+from google.protobuf import duration_pb2
+
 from layercard.v1 import common_pb2, placement_pb2, placement_pb2_grpc, tuning_pb2
+from layercard_service.plan.budgets import BUDGET_KINDS
 from layercard_service.plan.planner import PlacementPlanner
 from layercard_service.plan.types import DEFAULT_STEPS, BudgetSpec, Estimate, Plan, PlanRequest
 
@@ -25,26 +28,14 @@ _ENGINES = {
 }
 
 
-def _optional(message, name: str):
-    return getattr(message, name) if message.HasField(name) else None
-
-
 def budget_from_proto(budget: placement_pb2.Budget) -> BudgetSpec:
-    training = None
-    if budget.HasField("max_training_time"):
-        training = budget.max_training_time.ToNanoseconds() / 1e9
-    return BudgetSpec(
-        max_step_seconds=_optional(budget, "max_step_seconds"),
-        max_step_fraction_of_full=_optional(budget, "max_step_fraction_of_full"),
-        max_peak_memory_bytes=_optional(budget, "max_peak_memory_bytes"),
-        max_adapter_parameters=_optional(budget, "max_adapter_parameters"),
-        max_adapter_bytes=_optional(budget, "max_adapter_bytes"),
-        max_layers=_optional(budget, "max_layers"),
-        max_serving_overhead_ms_per_token=_optional(budget, "max_serving_overhead_ms_per_token"),
-        max_serving_overhead_fraction=_optional(budget, "max_serving_overhead_fraction"),
-        serving_engine=_ENGINES.get(budget.serving_engine, "?"),
-        max_training_seconds=training,
-    )
+    """Each set limit by the table of budget kinds; a Duration (max_training_time) becomes seconds."""
+    limits: dict[str, float | None] = {}
+    for kind in BUDGET_KINDS:
+        if budget.HasField(kind.proto_field):
+            value = getattr(budget, kind.proto_field)
+            limits[kind.name] = value.ToNanoseconds() / 1e9 if isinstance(value, duration_pb2.Duration) else value
+    return BudgetSpec(serving_engine=_ENGINES.get(budget.serving_engine, "?"), **limits)
 
 
 def _request(objective: int, budget, target: float, k: int, ranks=(), module_sets=(), steps=0, score="") -> PlanRequest:
