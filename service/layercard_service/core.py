@@ -45,8 +45,9 @@ class Core:
             queue_size=config.card_queue_size,
             telemetry=telemetry,
         )
-        tuning = _tuning(config, telemetry)
         deployments = DeploymentStore(config.data_dir / "state.db")
+        planner = PlacementPlanner(cards, serving_calibration=deployments.calibration)
+        tuning = _tuning(config, telemetry, planner)  # it plans card-budget placements itself
         fleet = Fleet(
             _discovery(config),
             FleetSettings(config.vllm_model, config.max_lora_rank, config.vllm_lora_target_modules),
@@ -65,7 +66,7 @@ class Core:
             store=store,
             cards=cards,
             tuning=tuning,
-            planner=PlacementPlanner(cards, serving_calibration=deployments.calibration),
+            planner=planner,
             inference=proxy,
             adapters=adapters,
             reconciler=Reconciler(adapters, config.reconcile_interval_seconds),
@@ -108,7 +109,7 @@ def _discovery(config: ServiceConfig) -> Discovery:
     return Union([static, DnsDiscovery(config.vllm_dns)]) if config.vllm_dns else static
 
 
-def _tuning(config: ServiceConfig, telemetry: Telemetry) -> TuningService:
+def _tuning(config: ServiceConfig, telemetry: Telemetry, planner: PlacementPlanner | None = None) -> TuningService:
     jobs = JobStore(config.data_dir / "state.db")  # the same database as Store, its own connection
     if config.job_runner == "kubernetes":  # a batch/v1 Job per tuning job; the client is imported only then
         from layercard_service.tune.k8s_runner import kubernetes_runner
@@ -130,4 +131,5 @@ def _tuning(config: ServiceConfig, telemetry: Telemetry) -> TuningService:
         max_lora_rank=config.max_lora_rank,
         max_concurrent=config.max_concurrent_jobs,
         queue_size=config.job_queue_size,
+        planner=planner,
     )

@@ -11,7 +11,15 @@ from layercard_service.plan.budgets import BUDGET_KINDS
 from layercard_service.plan.planner import PlacementPlanner
 from layercard_service.plan.types import DEFAULT_STEPS, BudgetSpec, Estimate, Plan, PlanRequest
 
-__all__ = ["PlacementServicer", "budget_from_proto", "placement_to_proto", "plan_request_from_card_budget"]
+__all__ = [
+    "PlacementServicer",
+    "budget_from_proto",
+    "objective_from_name",
+    "objective_name",
+    "placement_to_proto",
+    "plan_request_from_card_budget",
+    "prediction_from_estimate",
+]
 
 _OBJECTIVES = {
     placement_pb2.OBJECTIVE_UNSPECIFIED: "accuracy",
@@ -21,6 +29,7 @@ _OBJECTIVES = {
     placement_pb2.OBJECTIVE_FIXED_K: "fixed_k",
 }
 _OBJECTIVE_NUMBERS = {"accuracy": 1, "efficiency": 2, "balanced": 3, "fixed_k": 4}
+_OBJECTIVE_NAMES = {number: name for name, number in _OBJECTIVE_NUMBERS.items()}
 _ENGINES = {
     common_pb2.SERVING_ENGINE_UNSPECIFIED: "vllm",
     common_pb2.SERVING_ENGINE_VLLM: "vllm",
@@ -53,16 +62,27 @@ def _request(objective: int, budget, target: float, k: int, ranks=(), module_set
     )
 
 
-def plan_request_from_card_budget(message: tuning_pb2.CardBudget, steps: int) -> tuple[str, PlanRequest]:
-    """A tuning job's card_budget: the card's name and the plan request; ``steps`` is the job's step count."""
-    request = _request(message.objective, message.budget, message.target_gain_fraction, message.k, steps=steps)
+def plan_request_from_card_budget(message: tuning_pb2.CardBudget) -> tuple[str, PlanRequest]:
+    """A tuning job's card_budget: the card's name and the plan request (the tuning service sets its steps)."""
+    request = _request(message.objective, message.budget, message.target_gain_fraction, message.k)
     return message.layer_card, request
 
 
-def _estimate(estimate: Estimate | None) -> common_pb2.Prediction | None:
-    if estimate is None:
-        return None
+def objective_name(number: int) -> str:
+    """A placement's objective as the domain names it; "" when unspecified or unknown (a caller's placement)."""
+    return _OBJECTIVE_NAMES.get(number, "")
+
+
+def objective_from_name(name: str) -> int:
+    return _OBJECTIVE_NUMBERS.get(name, placement_pb2.OBJECTIVE_UNSPECIFIED)
+
+
+def prediction_from_estimate(estimate: Estimate) -> common_pb2.Prediction:
     return common_pb2.Prediction(value=estimate.value, unit=estimate.unit, basis=estimate.basis)
+
+
+def _estimate(estimate: Estimate | None) -> common_pb2.Prediction | None:
+    return None if estimate is None else prediction_from_estimate(estimate)
 
 
 def placement_to_proto(plan: Plan) -> placement_pb2.Placement:
