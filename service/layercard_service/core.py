@@ -48,8 +48,9 @@ class Core:
             queue_size=config.card_queue_size,
             telemetry=telemetry,
         )
-        tuning = _tuning(config, telemetry, JobStore(db))
         deployments = DeploymentStore(db)
+        planner = PlacementPlanner(cards, serving_calibration=deployments.calibration)
+        tuning = _tuning(config, telemetry, JobStore(db), planner)  # it plans card-budget placements itself
         fleet = Fleet(
             _discovery(config),
             FleetSettings(config.vllm_model, config.max_lora_rank, config.vllm_lora_target_modules),
@@ -68,7 +69,7 @@ class Core:
             store=store,
             cards=cards,
             tuning=tuning,
-            planner=PlacementPlanner(cards, serving_calibration=deployments.calibration),
+            planner=planner,
             inference=proxy,
             adapters=adapters,
             reconciler=Reconciler(adapters, config.reconcile_interval_seconds),
@@ -114,7 +115,12 @@ def _discovery(config: ServiceConfig) -> Discovery:
     return Union([static, DnsDiscovery(config.vllm_dns)]) if config.vllm_dns else static
 
 
-def _tuning(config: ServiceConfig, telemetry: Telemetry, jobs: JobStore | None = None) -> TuningService:
+def _tuning(
+    config: ServiceConfig,
+    telemetry: Telemetry,
+    jobs: JobStore | None = None,
+    planner: PlacementPlanner | None = None,
+) -> TuningService:
     if jobs is None:  # on its own (tests): a database of its own
         jobs = JobStore(config.data_dir / "state.db")
     if config.job_runner == "kubernetes":  # a batch/v1 Job per tuning job; the client is imported only then
@@ -137,4 +143,5 @@ def _tuning(config: ServiceConfig, telemetry: Telemetry, jobs: JobStore | None =
         max_lora_rank=config.max_lora_rank,
         max_concurrent=config.max_concurrent_jobs,
         queue_size=config.job_queue_size,
+        planner=planner,
     )

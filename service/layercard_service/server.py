@@ -98,7 +98,7 @@ class Servicers:
         return Servicers(
             layer_card=self.layer_card or LayerCardServicer(core.cards),
             placement=self.placement or PlacementServicer(core.planner),
-            tuning=self.tuning or TuningServicer(core.tuning, planner=core.planner),
+            tuning=self.tuning or TuningServicer(core.tuning),
             adapter=self.adapter or AdapterServicer(core.adapters),
             inference=self.inference or InferenceServicer(core.inference),
         )

@@ -352,7 +352,7 @@ def one_thread():
 
 
 def test_a_card_budget_job_trains_the_planned_layers_and_reports_measured_beside_predicted(tmp_path, one_thread):
-    from layercard.v1 import layer_card_pb2, layer_card_pb2_grpc, placement_pb2
+    from layercard.v1 import layer_card_pb2, layer_card_pb2_grpc, placement_pb2, placement_pb2_grpc
 
     with ServerThread(_config(tmp_path)) as server, grpc.insecure_channel(server.address) as channel:
         compute = layer_card_pb2.ComputeLayerCardRequest(
@@ -365,9 +365,18 @@ def test_a_card_budget_job_trains_the_planned_layers_and_reports_measured_beside
         placement = job.placement
         assert len(placement.layers) == 2 and placement.layer_card == card.name
         assert placement.step_seconds.value > 0 and placement.step_seconds.basis
+        # The tuning service planned it as PlanPlacement does: every prediction and its basis, kept.
+        planned = placement_pb2_grpc.PlacementServiceStub(channel).PlanPlacement(
+            placement_pb2.PlanPlacementRequest(
+                layer_card=card.name, objective=placement_pb2.OBJECTIVE_FIXED_K, k=2, steps=8
+            ),
+            timeout=30,
+        )
+        assert placement == planned and placement.rationale and placement.predicted_gain.basis
         _watch(stub, job.name)
         done = stub.GetTuningJob(S.GetTuningJobRequest(name=job.name), timeout=10)
         assert done.state == S.TUNING_JOB_STATE_SUCCEEDED, done.error_message
+        assert done.placement == planned
         result = done.result
         assert result.predicted_step_seconds == pytest.approx(placement.step_seconds.value)
         assert result.predicted_peak_memory_bytes == int(placement.peak_memory_bytes.value)

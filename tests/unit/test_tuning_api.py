@@ -1,19 +1,26 @@
-"""The tuning servicer's conversions, with a real job store and fakes at two seams: the planner and the runner."""
+"""The tuning servicer's conversions, with a real job store and fakes at two seams: the planner and the runner.
+
+The servicer only converts: a card_budget reaches the tuning service as a ``PlannedPlacement``, which the
+service plans through its planner, keeping the plan's predictions as domain data.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 
 import pytest
+from google.protobuf.json_format import MessageToDict
 
 from layercard.v1 import common_pb2, placement_pb2, tuning_pb2
 from layercard_service.api.tuning import TuningServicer, event_to_proto, job_to_proto
 from layercard_service.errors import FailedPrecondition
 from layercard_service.plan.types import Estimate, Plan
 from layercard_service.tune.job_store import JobStore
-from layercard_service.tune.jobs import EvalSummary, JobEvent, JobResult, JobState
+from layercard_service.tune.jobs import EvalSummary, JobEvent, JobResult, JobSpec, JobState
 from layercard_service.tune.runner import JobRunner
-from layercard_service.tune.service import TuningService
+from layercard_service.tune.service import CreateJob, PlannedPlacement, TuningService
 
 
 class FakeRunner(JobRunner):
@@ -68,8 +75,8 @@ class FakePlanner:
 @pytest.fixture
 def parts(tmp_path):
     store = JobStore(tmp_path / "state.db")
-    runner = FakeRunner()
-    yield store, runner, TuningService(store, runner, (), (), max_lora_rank=16)
+    runner, planner = FakeRunner(), FakePlanner()
+    yield store, runner, TuningService(store, runner, (), (), max_lora_rank=16, planner=planner), planner
     store.close()
 
 
@@ -88,9 +95,8 @@ def _card_budget_request(**hp) -> tuning_pb2.CreateTuningJobRequest:
 
 
 def test_card_budget_is_planned_and_the_predictions_are_kept(parts):
-    _, runner, service = parts
-    planner = FakePlanner()
-    job = asyncio.run(TuningServicer(service, planner).CreateTuningJob(_card_budget_request(), None))
+    store, runner, service, planner = parts
+    job = asyncio.run(TuningServicer(service).CreateTuningJob(_card_budget_request(), None))
     card_name, plan_request = planner.calls[0]
     assert card_name == "layerCards/abc" and plan_request.steps == 200
     assert plan_request.budget.max_step_fraction_of_full == 0.5
@@ -99,22 +105,84 @@ def test_card_budget_is_planned_and_the_predictions_are_kept(parts):
     assert job.placement.rationale == "because" and job.placement.layer_card == "layerCards/abc"
     assert job.total_steps == 120  # the plan chose the steps that fit its training-time budget
     assert runner.submitted == [job.name.split("/")[1]]
+    # Kept as domain data: the plan's figures with their basis, in the spec's JSON, no protobuf.
+    predictions = store.get(job.name.split("/")[1]).spec.placement.predictions
+    assert predictions.step_seconds == Estimate(0.05, "s", "test basis for s")
+    assert predictions.binding_limits == ("max_training_time",) and predictions.objective == "accuracy"
+    assert predictions.serving_overhead_fraction is None and not job.placement.HasField("serving_overhead_fraction")
+    assert job.placement.objective == placement_pb2.OBJECTIVE_ACCURACY
+    assert job.placement.adapter_bytes.value == 16384 and job.placement.predicted_gain_share == 0.8
 
-    with_steps = asyncio.run(TuningServicer(service, planner).CreateTuningJob(_card_budget_request(steps=30), None))
+    with_steps = asyncio.run(TuningServicer(service).CreateTuningJob(_card_budget_request(steps=30), None))
     assert planner.calls[1][1].steps == 30 and with_steps.total_steps == 30
 
 
 def test_planner_errors_reach_the_caller(parts):
-    *_, service = parts
-    planner = FakePlanner(FailedPrecondition("infeasible", reason="BUDGET_INFEASIBLE"))
+    *_, service, planner = parts
+    planner.error = FailedPrecondition("infeasible", reason="BUDGET_INFEASIBLE")
     with pytest.raises(FailedPrecondition):
-        asyncio.run(TuningServicer(service, planner).CreateTuningJob(_card_budget_request(), None))
+        asyncio.run(TuningServicer(service).CreateTuningJob(_card_budget_request(), None))
+
+
+def test_without_a_planner_a_card_budget_is_refused(parts):
+    store, runner, *_ = parts
+    service = TuningService(store, runner, (), (), max_lora_rank=16)
+    with pytest.raises(FailedPrecondition) as err:
+        asyncio.run(TuningServicer(service).CreateTuningJob(_card_budget_request(), None))
+    assert err.value.reason == "NO_PLANNER"
+
+
+class CapturingTuning:
+    """The tuning service's seam: what the servicer hands it."""
+
+    def __init__(self) -> None:
+        self.created: list[CreateJob] = []
+
+    async def create(self, request: CreateJob):
+        self.created.append(request)
+        raise FailedPrecondition("captured", reason="CAPTURED")
+
+
+def test_the_servicer_does_not_plan_it_hands_the_budget_to_the_tuning_service():
+    tuning = CapturingTuning()
+    with pytest.raises(FailedPrecondition):
+        asyncio.run(TuningServicer(tuning).CreateTuningJob(_card_budget_request(steps=30), None))
+    placement = tuning.created[0].placement
+    assert isinstance(placement, PlannedPlacement) and placement.layer_card == "layerCards/abc"
+    assert placement.request.budget.max_step_fraction_of_full == 0.5 and placement.request.objective == "accuracy"
+
+
+def test_an_old_record_with_protobuf_json_detail_still_shows_its_placement(parts):
+    """Records written before predictions were domain data kept the Placement as protobuf JSON (``detail``)."""
+    store, *_ = parts
+    asyncio.run(TuningServicer(parts[2]).CreateTuningJob(_card_budget_request(), None))
+    record = store.list([], 0, 1)[0]
+    old = placement_pb2.Placement(
+        layer_card="layerCards/abc",
+        objective=placement_pb2.OBJECTIVE_FIXED_K,
+        layers=[3, 6],
+        lora=common_pb2.LoraShape(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj"]),  # as the record has
+        predicted_gain=common_pb2.Prediction(value=float("inf"), unit="nats", basis="gain basis"),
+        predicted_gain_share=0.75,
+        step_seconds=common_pb2.Prediction(value=0.05, unit="s", basis="step basis"),
+        peak_memory_bytes=common_pb2.Prediction(value=1.5e6, unit="bytes", basis="memory basis"),
+        serving_overhead_fraction=common_pb2.Prediction(),  # set, every field at its default
+        steps=120,
+        binding_limits=["max_layers", "max_training_time"],
+        rationale="because",
+        gain_score="resnorm",
+    )
+    raw = record.spec.to_dict()
+    placement = {k: v for k, v in raw["placement"].items() if k != "predictions"}
+    raw["placement"] = {**placement, "steps": 120, "layer_card": "layerCards/abc", "detail": MessageToDict(old)}
+    shown = job_to_proto(dataclasses.replace(record, spec=JobSpec.from_dict(json.loads(json.dumps(raw)))))
+    assert shown.placement == old
 
 
 def test_job_and_events_to_proto(parts):
     store, *_ = parts
     servicer_job = asyncio.run(
-        TuningServicer(parts[2], FakePlanner()).CreateTuningJob(_card_budget_request(epochs=0.5, batch_size=8), None)
+        TuningServicer(parts[2]).CreateTuningJob(_card_budget_request(epochs=0.5, batch_size=8), None)
     )
     assert servicer_job.hyperparameters.epochs == 0.5 and servicer_job.total_steps == 125  # ceil(0.5 * 2000 / 8)
     job_id = servicer_job.name.split("/")[1]
@@ -141,8 +209,8 @@ def test_job_and_events_to_proto(parts):
 
 
 def test_early_stopping_min_deltas_are_the_callers_or_the_defaults(parts):
-    store, _, service = parts
-    servicer = TuningServicer(service, FakePlanner())
+    store, _, service, _ = parts
+    servicer = TuningServicer(service)
     chosen = asyncio.run(
         servicer.CreateTuningJob(
             _card_budget_request(early_stopping_min_delta=0.05, early_stopping_min_delta_relative=0.0), None

@@ -12,6 +12,7 @@ import threading
 import pytest
 
 from layercard_service.errors import AlreadyExists, InvalidArgument
+from layercard_service.plan.types import Estimate
 from layercard_service.sources import DatasetRequest
 from layercard_service.tune.job_store import AdapterVersion, JobStore, NewEvent, insert_version
 from layercard_service.tune.jobs import (
@@ -20,6 +21,7 @@ from layercard_service.tune.jobs import (
     JobResult,
     JobSpec,
     JobState,
+    PlacementPredictions,
     PlacementSpec,
     job_id_from_name,
 )
@@ -29,7 +31,13 @@ SPEC = JobSpec(
     model="builtin:tiny",
     training_data=DatasetRequest(inline_sha256=SHA_A, inline_size_bytes=36),  # stored as an artifact
     validation_data=DatasetRequest(builtin="builtin:cipher", split="validation"),
-    placement=PlacementSpec(layers=(2, 5), rank=4, alpha=8.0, target_modules=("q_proj",), detail={"rationale": "x"}),
+    placement=PlacementSpec(
+        layers=(2, 5),
+        rank=4,
+        alpha=8.0,
+        target_modules=("q_proj",),
+        predictions=PlacementPredictions(step_seconds=Estimate(0.5, "s", "basis"), binding_limits=("max_layers",)),
+    ),
     hyperparameters=Hyperparameters(steps=30, batch_size=8),
     adapter_id="bot",
 )
@@ -50,7 +58,7 @@ def test_spec_round_trips_through_the_database(store):
     job, created = store.create("job-a", None, SPEC, 30)
     assert created and job.state == JobState.QUEUED and job.total_steps == 30
     again = store.get("job-a")
-    assert again.spec == SPEC  # dataset references, tuples and the opaque placement detail survive JSON
+    assert again.spec == SPEC  # dataset references, tuples and the placement's predictions survive JSON
     assert again.name == "tuningJobs/job-a"
     assert _states(store, "job-a") == ["QUEUED"]
 

@@ -8,7 +8,7 @@ import os
 from layercard_client.channel import DEFAULT_ADDRESS
 from layercard_client.cli.exit_codes import epilog
 
-__all__ = ["budget_from_args", "build_parser", "lora_from_args"]
+__all__ = ["BUDGET_FLAGS", "budget_from_args", "build_parser", "lora_from_args"]
 
 _OBJECTIVES = ("accuracy", "efficiency", "balanced", "fixed-k")
 _STATES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
@@ -50,34 +50,37 @@ def _add_budget(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--objective", choices=_OBJECTIVES, help="default accuracy")
     group.add_argument("--k", type=int, help="number of layers, for --objective fixed-k")
     group.add_argument("--target-gain-fraction", type=float, help="for --objective efficiency (default 0.9)")
-    group.add_argument("--max-step-seconds", type=float)
-    group.add_argument("--max-step-fraction", type=float, help="of full-layer LoRA's step time")
-    group.add_argument("--max-peak-memory", type=int, metavar="BYTES")
-    group.add_argument("--max-adapter-params", type=int)
-    group.add_argument("--max-adapter-bytes", type=int)
-    group.add_argument("--max-layers", type=int)
-    group.add_argument("--max-serving-ms-per-token", type=float)
-    group.add_argument("--max-serving-fraction", type=float)
+    for flag, _, kind, metavar, help_ in BUDGET_FLAGS:
+        group.add_argument(flag, type=kind, metavar=metavar, help=help_)
     group.add_argument("--serving-engine", choices=("vllm", "peft"))
-    group.add_argument("--max-training-time", type=float, metavar="SECONDS")
+
+
+# The budget options: (flag, the contract's Budget field, type, metavar, help). The client keeps its own list
+# (it imports no service code); tests/unit/test_budget_kinds.py checks that it covers exactly Budget's fields.
+BUDGET_FLAGS: tuple[tuple[str, str, type, str | None, str | None], ...] = (
+    ("--max-step-seconds", "max_step_seconds", float, None, None),
+    ("--max-step-fraction", "max_step_fraction_of_full", float, None, "of full-layer LoRA's step time"),
+    ("--max-peak-memory", "max_peak_memory_bytes", int, "BYTES", None),
+    ("--max-adapter-params", "max_adapter_parameters", int, None, None),
+    ("--max-adapter-bytes", "max_adapter_bytes", int, None, None),
+    ("--max-layers", "max_layers", int, None, None),
+    ("--max-serving-ms-per-token", "max_serving_overhead_ms_per_token", float, None, None),
+    ("--max-serving-fraction", "max_serving_overhead_fraction", float, None, None),
+    ("--max-training-time", "max_training_time", float, "SECONDS", None),
+)
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
 
 
 def budget_from_args(args: argparse.Namespace) -> dict | None:
-    budget = {
-        "max_step_seconds": args.max_step_seconds,
-        "max_step_fraction_of_full": args.max_step_fraction,
-        "max_peak_memory_bytes": args.max_peak_memory,
-        "max_adapter_parameters": args.max_adapter_params,
-        "max_adapter_bytes": args.max_adapter_bytes,
-        "max_layers": args.max_layers,
-        "max_serving_overhead_ms_per_token": args.max_serving_ms_per_token,
-        "max_serving_overhead_fraction": args.max_serving_fraction,
-        "serving_engine": args.serving_engine,
-    }
+    budget = {field: getattr(args, _dest(flag)) for flag, field, *_ in BUDGET_FLAGS}
+    budget["serving_engine"] = args.serving_engine
     budget = {key: value for key, value in budget.items() if value is not None}
-    if args.max_training_time is not None:
-        seconds = int(args.max_training_time)
-        budget["max_training_time"] = {"seconds": seconds, "nanos": int((args.max_training_time - seconds) * 1e9)}
+    if "max_training_time" in budget:  # a Duration
+        total = budget["max_training_time"]
+        budget["max_training_time"] = {"seconds": int(total), "nanos": int((total - int(total)) * 1e9)}
     return budget or None
 
 

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import asyncio
 
+from google.protobuf import duration_pb2
+
 from layercard.v1 import common_pb2, placement_pb2, placement_pb2_grpc, tuning_pb2
+from layercard_service.plan.budgets import BUDGET_KINDS
 from layercard_service.plan.planner import PlacementPlanner
 from layercard_service.plan.types import DEFAULT_STEPS, BudgetSpec, Estimate, Plan, PlanRequest
 
-__all__ = ["PlacementServicer", "budget_from_proto", "placement_to_proto", "plan_request_from_card_budget"]
+__all__ = [
+    "PlacementServicer",
+    "budget_from_proto",
+    "objective_from_name",
+    "objective_name",
+    "placement_to_proto",
+    "plan_request_from_card_budget",
+    "prediction_from_estimate",
+]
 
 _OBJECTIVES = {
     placement_pb2.OBJECTIVE_UNSPECIFIED: "accuracy",
@@ -18,6 +29,7 @@ _OBJECTIVES = {
     placement_pb2.OBJECTIVE_FIXED_K: "fixed_k",
 }
 _OBJECTIVE_NUMBERS = {"accuracy": 1, "efficiency": 2, "balanced": 3, "fixed_k": 4}
+_OBJECTIVE_NAMES = {number: name for name, number in _OBJECTIVE_NUMBERS.items()}
 _ENGINES = {
     common_pb2.SERVING_ENGINE_UNSPECIFIED: "vllm",
     common_pb2.SERVING_ENGINE_VLLM: "vllm",
@@ -25,26 +37,14 @@ _ENGINES = {
 }
 
 
-def _optional(message, name: str):
-    return getattr(message, name) if message.HasField(name) else None
-
-
 def budget_from_proto(budget: placement_pb2.Budget) -> BudgetSpec:
-    training = None
-    if budget.HasField("max_training_time"):
-        training = budget.max_training_time.ToNanoseconds() / 1e9
-    return BudgetSpec(
-        max_step_seconds=_optional(budget, "max_step_seconds"),
-        max_step_fraction_of_full=_optional(budget, "max_step_fraction_of_full"),
-        max_peak_memory_bytes=_optional(budget, "max_peak_memory_bytes"),
-        max_adapter_parameters=_optional(budget, "max_adapter_parameters"),
-        max_adapter_bytes=_optional(budget, "max_adapter_bytes"),
-        max_layers=_optional(budget, "max_layers"),
-        max_serving_overhead_ms_per_token=_optional(budget, "max_serving_overhead_ms_per_token"),
-        max_serving_overhead_fraction=_optional(budget, "max_serving_overhead_fraction"),
-        serving_engine=_ENGINES.get(budget.serving_engine, "?"),
-        max_training_seconds=training,
-    )
+    """Each set limit by the table of budget kinds; a Duration (max_training_time) becomes seconds."""
+    limits: dict[str, float | None] = {}
+    for kind in BUDGET_KINDS:
+        if budget.HasField(kind.proto_field):
+            value = getattr(budget, kind.proto_field)
+            limits[kind.name] = value.ToNanoseconds() / 1e9 if isinstance(value, duration_pb2.Duration) else value
+    return BudgetSpec(serving_engine=_ENGINES.get(budget.serving_engine, "?"), **limits)
 
 
 def _request(objective: int, budget, target: float, k: int, ranks=(), module_sets=(), steps=0, score="") -> PlanRequest:
@@ -62,16 +62,27 @@ def _request(objective: int, budget, target: float, k: int, ranks=(), module_set
     )
 
 
-def plan_request_from_card_budget(message: tuning_pb2.CardBudget, steps: int) -> tuple[str, PlanRequest]:
-    """A tuning job's card_budget: the card's name and the plan request; ``steps`` is the job's step count."""
-    request = _request(message.objective, message.budget, message.target_gain_fraction, message.k, steps=steps)
+def plan_request_from_card_budget(message: tuning_pb2.CardBudget) -> tuple[str, PlanRequest]:
+    """A tuning job's card_budget: the card's name and the plan request (the tuning service sets its steps)."""
+    request = _request(message.objective, message.budget, message.target_gain_fraction, message.k)
     return message.layer_card, request
 
 
-def _estimate(estimate: Estimate | None) -> common_pb2.Prediction | None:
-    if estimate is None:
-        return None
+def objective_name(number: int) -> str:
+    """A placement's objective as the domain names it; "" when unspecified or unknown (a caller's placement)."""
+    return _OBJECTIVE_NAMES.get(number, "")
+
+
+def objective_from_name(name: str) -> int:
+    return _OBJECTIVE_NUMBERS.get(name, placement_pb2.OBJECTIVE_UNSPECIFIED)
+
+
+def prediction_from_estimate(estimate: Estimate) -> common_pb2.Prediction:
     return common_pb2.Prediction(value=estimate.value, unit=estimate.unit, basis=estimate.basis)
+
+
+def _estimate(estimate: Estimate | None) -> common_pb2.Prediction | None:
+    return None if estimate is None else prediction_from_estimate(estimate)
 
 
 def placement_to_proto(plan: Plan) -> placement_pb2.Placement:

@@ -6,14 +6,19 @@ import asyncio
 import math
 from typing import Any
 
-from google.protobuf import empty_pb2, json_format, timestamp_pb2
+from google.protobuf import empty_pb2, timestamp_pb2
 
 from layercard.v1 import common_pb2, placement_pb2, tuning_pb2, tuning_pb2_grpc
 from layercard_service.api.layer_card import dataset_request
 from layercard_service.api.paging import ProtoPage
-from layercard_service.api.placement import placement_to_proto, plan_request_from_card_budget
-from layercard_service.errors import FailedPrecondition, InvalidArgument
-from layercard_service.plan.planner import PlacementPlanner
+from layercard_service.api.placement import (
+    objective_from_name,
+    objective_name,
+    plan_request_from_card_budget,
+    prediction_from_estimate,
+)
+from layercard_service.errors import InvalidArgument
+from layercard_service.plan.types import Estimate
 from layercard_service.sources import DatasetRequest
 from layercard_service.tune.jobs import (
     EvalSummary,
@@ -21,14 +26,20 @@ from layercard_service.tune.jobs import (
     JobEvent,
     JobRecord,
     JobState,
+    PlacementPredictions,
     PlacementSpec,
 )
-from layercard_service.tune.service import CreateJob, HyperparameterRequest, LoraRequest, TuningService
+from layercard_service.tune.service import (
+    CreateJob,
+    HyperparameterRequest,
+    LoraRequest,
+    PlannedPlacement,
+    TuningService,
+)
 
 __all__ = ["TuningServicer", "event_to_proto", "job_to_proto"]
 
 DEFAULT_RANK = 8
-DEFAULT_PLAN_STEPS = 200
 # A job echoes its placement back (every prediction and its basis); a caller's own placement is capped so that
 # no job outgrows a List page (store.MAX_LIST_RESPONSE_BYTES). Planned placements are far smaller.
 MAX_PLACEMENT_BYTES = 64 * 1024
@@ -50,6 +61,17 @@ _SCHEDULES = {
     tuning_pb2.LEARNING_RATE_SCHEDULE_COSINE: "cosine",
 }
 _SCHEDULES_BACK = {v: k for k, v in _SCHEDULES.items() if v}
+# The Placement fields that are predictions with their basis (PlacementPredictions' Estimates).
+_PREDICTIONS = (
+    "predicted_gain",
+    "step_seconds",
+    "step_fraction_of_full",
+    "peak_memory_bytes",
+    "adapter_parameters",
+    "adapter_bytes",
+    "serving_overhead_ms_per_token",
+    "serving_overhead_fraction",
+)
 
 
 # --- requests -> domain ---------------------------------------------------------------------------------------
@@ -82,6 +104,24 @@ def _prediction(message: placement_pb2.Placement, name: str) -> float:
     return value
 
 
+def _estimate(message: placement_pb2.Placement, name: str) -> Estimate | None:
+    if not message.HasField(name):
+        return None
+    prediction = getattr(message, name)
+    return Estimate(prediction.value, prediction.unit, prediction.basis)
+
+
+def _predictions_from_proto(message: placement_pb2.Placement) -> PlacementPredictions:
+    return PlacementPredictions(
+        objective=objective_name(message.objective),
+        predicted_gain_share=message.predicted_gain_share,
+        binding_limits=tuple(message.binding_limits),
+        rationale=message.rationale,
+        score=message.gain_score,
+        **{name: _estimate(message, name) for name in _PREDICTIONS},
+    )
+
+
 def _placement_from_proto(message: placement_pb2.Placement) -> PlacementSpec:
     if message.steps < 0:
         raise InvalidArgument.field("placement.steps", f"must be >= 0 (0: not chosen by the plan), got {message.steps}")
@@ -96,8 +136,20 @@ def _placement_from_proto(message: placement_pb2.Placement) -> PlacementSpec:
         predicted_peak_memory_bytes=int(_prediction(message, "peak_memory_bytes")),
         steps=message.steps,
         layer_card=message.layer_card,
-        detail=json_format.MessageToDict(message),
+        predictions=_predictions_from_proto(message),
     )
+
+
+def _placement(request: tuning_pb2.CreateTuningJobRequest) -> PlacementSpec | PlannedPlacement:
+    kind = request.WhichOneof("placement_source")
+    if kind == "placement":
+        return _placement_from_proto(request.placement)
+    if kind == "explicit_layers":
+        return _placement_from_shape(list(request.explicit_layers.layers), request.explicit_layers.lora)
+    if kind == "card_budget":  # the tuning service plans it
+        card_name, plan_request = plan_request_from_card_budget(request.card_budget)
+        return PlannedPlacement(card_name, plan_request)
+    raise InvalidArgument.field("placement_source", "is required: set placement, card_budget or explicit_layers")
 
 
 def _hyperparameters(message: tuning_pb2.Hyperparameters) -> HyperparameterRequest:
@@ -151,16 +203,25 @@ def _dataset_to_proto(request: DatasetRequest | None) -> common_pb2.DatasetSourc
 
 
 def _placement_to_proto(spec: PlacementSpec) -> placement_pb2.Placement:
-    message = placement_pb2.Placement()
-    if spec.detail:
-        json_format.ParseDict(spec.detail, message, ignore_unknown_fields=True)
-    del message.layers[:]
-    message.layers.extend(spec.layers or ())
-    message.lora.CopyFrom(
-        common_pb2.LoraShape(
+    message = placement_pb2.Placement(
+        layer_card=spec.layer_card,
+        layers=list(spec.layers or ()),
+        lora=common_pb2.LoraShape(
             rank=spec.rank, alpha=spec.alpha, target_modules=list(spec.target_modules), dropout=spec.dropout
-        )
+        ),
+        steps=spec.steps,
     )
+    predicted = spec.predictions
+    if predicted is not None:
+        message.objective = objective_from_name(predicted.objective)
+        message.predicted_gain_share = predicted.predicted_gain_share
+        message.binding_limits.extend(predicted.binding_limits)
+        message.rationale = predicted.rationale
+        message.gain_score = predicted.score
+        for name in _PREDICTIONS:
+            estimate = getattr(predicted, name)
+            if estimate is not None:
+                getattr(message, name).CopyFrom(prediction_from_estimate(estimate))
     return message
 
 
@@ -259,9 +320,8 @@ def event_to_proto(event: JobEvent) -> tuning_pb2.TuningJobEvent:
 
 
 class TuningServicer(tuning_pb2_grpc.TuningServiceServicer):
-    def __init__(self, tuning: TuningService, planner: PlacementPlanner | None = None) -> None:
+    def __init__(self, tuning: TuningService) -> None:
         self.tuning = tuning
-        self.planner = planner  # plans card_budget placements
 
     async def CreateTuningJob(self, request, context):
         hp = request.hyperparameters
@@ -269,32 +329,13 @@ class TuningServicer(tuning_pb2_grpc.TuningServiceServicer):
             model=request.model,
             training_data=dataset_request(request.training_data),
             validation_data=dataset_request(request.validation_data) if request.HasField("validation_data") else None,
-            placement=await self._placement(request),
+            placement=_placement(request),
             hyperparameters=_hyperparameters(hp),
             adapter_id=request.adapter_id,
             job_id=request.tuning_job_id,
             request_id=request.request_id,
         )
         return job_to_proto(await self.tuning.create(create))
-
-    async def _placement(self, request: tuning_pb2.CreateTuningJobRequest) -> PlacementSpec:
-        kind = request.WhichOneof("placement_source")
-        if kind == "placement":
-            return _placement_from_proto(request.placement)
-        if kind == "explicit_layers":
-            return _placement_from_shape(list(request.explicit_layers.layers), request.explicit_layers.lora)
-        if kind == "card_budget":
-            return await self._planned(request)
-        raise InvalidArgument.field("placement_source", "is required: set placement, card_budget or explicit_layers")
-
-    async def _planned(self, request: tuning_pb2.CreateTuningJobRequest) -> PlacementSpec:
-        if self.planner is None:
-            raise FailedPrecondition("card_budget placements need the placement planner", reason="NO_PLANNER")
-        hp = request.hyperparameters
-        steps = hp.steps if hp.WhichOneof("length") == "steps" and hp.steps > 0 else DEFAULT_PLAN_STEPS
-        card_name, plan_request = plan_request_from_card_budget(request.card_budget, steps)
-        plan = await asyncio.to_thread(self.planner.plan, card_name, plan_request)
-        return _placement_from_proto(placement_to_proto(plan))
 
     async def GetTuningJob(self, request, context):
         return job_to_proto(await asyncio.to_thread(self.tuning.get, request.name))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 from layercard_service.card.types import LayerCardData
 from layercard_service.errors import FailedPrecondition, InvalidArgument
+from layercard_service.plan.budgets import BUDGET_KINDS
 from layercard_service.plan.costs import Shape, ShapeCosts, shape_costs
 from layercard_service.plan.gains import DEFAULT_SCORE, layer_scores, score_basis, set_gain
 from layercard_service.plan.types import BudgetSpec, PlanRequest
@@ -24,17 +25,6 @@ __all__ = ["Candidate", "EXACT_MAX_LAYERS", "Solution", "solve"]
 
 MAX_PLANNED_STEPS = 1_000_000  # the most steps a tuning job accepts (tune/service.py MAX_STEPS)
 EXACT_MAX_LAYERS = 12
-_LIMITS = (
-    "max_step_seconds",
-    "max_step_fraction_of_full",
-    "max_training_seconds",
-    "max_peak_memory_bytes",
-    "max_adapter_parameters",
-    "max_adapter_bytes",
-    "max_layers",
-    "max_serving_overhead_ms_per_token",
-    "max_serving_overhead_fraction",
-)
 
 
 @dataclass(frozen=True)
@@ -111,27 +101,16 @@ def _candidate(
 
 def _violations(c: Candidate, budget: BudgetSpec, full: Candidate) -> dict[str, float]:
     """Each set limit the candidate exceeds, as value / limit (> 1)."""
-    values = {
-        "max_step_seconds": c.step_seconds,
-        "max_step_fraction_of_full": c.step_seconds / full.step_seconds,
-        "max_training_seconds": c.step_seconds,  # at least one step must fit
-        "max_peak_memory_bytes": c.peak_bytes,
-        "max_adapter_parameters": c.parameters,
-        "max_adapter_bytes": c.adapter_bytes,
-        "max_layers": len(c.layers),
-        "max_serving_overhead_ms_per_token": c.serving_ms,
-        "max_serving_overhead_fraction": c.serving_fraction,
-    }
     over = {}
-    for name in _LIMITS:
-        limit = getattr(budget, name)
+    for kind in BUDGET_KINDS:
+        limit = budget.limit(kind)
         if limit is None:
             continue
-        value = values[name]
+        value = kind.measure(c, full)
         # Only a serving fraction may be 0: then any overhead exceeds it.
         ratio = (math.inf if value else 0.0) if limit == 0 else value / limit
         if ratio > 1.0 + 1e-9:
-            over[name] = ratio
+            over[kind.name] = ratio
     return over
 
 
@@ -185,16 +164,12 @@ def _infeasible(candidates: list[Candidate], request: PlanRequest, full: Candida
         "cheapest_layers": _ints(cheapest.layers),
         "cheapest_rank": str(cheapest.shape.rank),
         "cheapest_target_modules": ",".join(cheapest.shape.modules),
-        "cheapest_step_seconds": f"{cheapest.step_seconds:.6g}",
-        "cheapest_step_fraction_of_full": f"{cheapest.step_seconds / full.step_seconds:.4f}",
-        "cheapest_peak_memory_bytes": str(cheapest.peak_bytes),
-        "cheapest_adapter_parameters": str(cheapest.parameters),
-        "cheapest_adapter_bytes": str(cheapest.adapter_bytes),
-        "violated_limits": ",".join(sorted(over)),
     }
-    if cheapest.serving_ms is not None:
-        metadata["cheapest_serving_overhead_ms_per_token"] = f"{cheapest.serving_ms:.6g}"
-        metadata["cheapest_serving_overhead_fraction"] = f"{cheapest.serving_fraction:.4f}"
+    for kind in BUDGET_KINDS:
+        value = kind.measure(cheapest, full)
+        if kind.report and value is not None:
+            metadata[kind.report] = format(value, kind.report_format)
+    metadata["violated_limits"] = ",".join(sorted(over))
     return FailedPrecondition(
         f"no placement fits the budget; the cheapest (layers {list(cheapest.layers)}, rank {cheapest.shape.rank}) "
         f"still exceeds {', '.join(sorted(over))}",
@@ -237,14 +212,14 @@ def solve(card: LayerCardData, request: PlanRequest) -> Solution:
     if chosen is None:
         raise _infeasible(candidates, request, full)
     binding = []
-    for name in _LIMITS:
-        if name == "max_training_seconds":  # it binds through the steps it leaves, not as a filter
+    for kind in BUDGET_KINDS:
+        if kind.chooses_steps:
             if chosen.steps and chosen.steps < request.steps:
-                binding.append(name)
-        elif getattr(budget, name) is not None:
-            relaxed = _solve_once(candidates, request, replace(budget, **{name: None}), full)
+                binding.append(kind.name)
+        elif budget.limit(kind) is not None:
+            relaxed = _solve_once(candidates, request, replace(budget, **{kind.name: None}), full)
             if relaxed is not None and relaxed != chosen:
-                binding.append(name)
+                binding.append(kind.name)
     return Solution(
         chosen=chosen,
         full=full,

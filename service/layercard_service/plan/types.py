@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from layercard_service.errors import InvalidArgument
+from layercard_service.plan.budgets import BUDGET_KINDS, BudgetKind
 
 __all__ = ["OBJECTIVES", "ENGINES", "BudgetSpec", "PlanRequest", "Estimate", "Plan"]
 
@@ -15,15 +15,9 @@ MAX_CANDIDATE_RANK = 512
 DEFAULT_STEPS = 200
 
 
-def _check_positive(name: str, value: float | None) -> None:
-    if value is not None and not (math.isfinite(value) and value > 0):
-        field_name = "max_training_time" if name == "max_training_seconds" else name  # the contract's name
-        raise InvalidArgument.field(f"budget.{field_name}", f"must be a positive number when set, got {value!r}")
-
-
 @dataclass(frozen=True)
 class BudgetSpec:
-    """Limits a plan must respect; None means no limit."""
+    """Limits a plan must respect; None means no limit. One field per kind of plan/budgets.py's table."""
 
     max_step_seconds: float | None = None
     max_step_fraction_of_full: float | None = None
@@ -37,28 +31,19 @@ class BudgetSpec:
     max_training_seconds: float | None = None
 
     def __post_init__(self) -> None:
-        for name in (
-            "max_step_seconds",
-            "max_step_fraction_of_full",
-            "max_peak_memory_bytes",
-            "max_adapter_parameters",
-            "max_adapter_bytes",
-            "max_layers",
-            "max_serving_overhead_ms_per_token",
-            "max_training_seconds",
-        ):
-            _check_positive(name, getattr(self, name))
-        fraction = self.max_serving_overhead_fraction
-        if fraction is not None and not (math.isfinite(fraction) and fraction >= 0):
-            raise InvalidArgument.field("budget.max_serving_overhead_fraction", f"must be >= 0, got {fraction!r}")
+        for kind in BUDGET_KINDS:
+            kind.validate(self.limit(kind))
         if self.serving_engine not in ENGINES:
             raise InvalidArgument.field(
                 "budget.serving_engine", f"must be one of {ENGINES}, got {self.serving_engine!r}"
             )
 
+    def limit(self, kind: BudgetKind) -> float | None:
+        return getattr(self, kind.name)
+
     @property
     def limits_serving(self) -> bool:
-        return self.max_serving_overhead_ms_per_token is not None or self.max_serving_overhead_fraction is not None
+        return any(kind.serving and self.limit(kind) is not None for kind in BUDGET_KINDS)
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,12 @@ import dataclasses
 import hashlib
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 from layercard_service.errors import InvalidArgument
+from layercard_service.plan.types import Estimate, Plan
 from layercard_service.sources import DatasetRequest
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "JobResult",
     "JobSpec",
     "JobState",
+    "PlacementPredictions",
     "PlacementSpec",
     "check_id",
     "dataset_from_dict",
@@ -104,12 +106,98 @@ def dataset_from_dict(raw: dict[str, Any] | None) -> DatasetRequest | None:
     )
 
 
+_ESTIMATES = (
+    "predicted_gain",
+    "step_seconds",
+    "step_fraction_of_full",
+    "peak_memory_bytes",
+    "adapter_parameters",
+    "adapter_bytes",
+    "serving_overhead_ms_per_token",
+    "serving_overhead_fraction",
+)
+# Old records kept the placement as protobuf JSON (``detail``); its enum names, read without protobuf.
+_DETAIL_OBJECTIVES = {
+    "OBJECTIVE_ACCURACY": "accuracy",
+    "OBJECTIVE_EFFICIENCY": "efficiency",
+    "OBJECTIVE_BALANCED": "balanced",
+    "OBJECTIVE_FIXED_K": "fixed_k",
+}
+
+
+@dataclass(frozen=True)
+class PlacementPredictions:
+    """What a plan predicted for a placement, each figure with its basis, so that GetTuningJob can show them.
+
+    A plan's figures (plan/types.py ``Plan`` less the adapter's shape, which ``PlacementSpec`` holds); a caller's
+    own placement may leave any of them out (None).
+    """
+
+    objective: str = ""  # one of plan/types.py OBJECTIVES; "": not said
+    predicted_gain: Estimate | None = None
+    predicted_gain_share: float = 0.0
+    step_seconds: Estimate | None = None
+    step_fraction_of_full: Estimate | None = None
+    peak_memory_bytes: Estimate | None = None
+    adapter_parameters: Estimate | None = None
+    adapter_bytes: Estimate | None = None
+    serving_overhead_ms_per_token: Estimate | None = None
+    serving_overhead_fraction: Estimate | None = None
+    binding_limits: tuple[str, ...] = ()
+    rationale: str = ""
+    score: str = ""
+
+    @classmethod
+    def from_plan(cls, plan: Plan) -> PlacementPredictions:
+        return cls(
+            objective=plan.objective,
+            predicted_gain_share=plan.predicted_gain_share,
+            binding_limits=plan.binding_limits,
+            rationale=plan.rationale,
+            score=plan.score,
+            **{name: getattr(plan, name) for name in _ESTIMATES},
+        )
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> PlacementPredictions:
+        values = _known(cls, raw)
+        for name in _ESTIMATES:
+            if values.get(name) is not None:
+                values[name] = Estimate(**_known(Estimate, values[name]))
+        values["binding_limits"] = tuple(values.get("binding_limits", ()))
+        return cls(**values)
+
+    @classmethod
+    def from_detail(cls, detail: dict[str, Any]) -> PlacementPredictions:
+        """From an old record's ``detail``: protobuf JSON of the Placement (lowerCamelCase names, defaults left
+        out, enums by name, non-finite doubles as strings)."""
+
+        def get(name: str, default: Any = None) -> Any:
+            head, *rest = name.split("_")
+            return detail.get("".join([head, *(part.title() for part in rest)]), detail.get(name, default))
+
+        def estimate(name: str) -> Estimate | None:
+            raw = get(name)
+            if not isinstance(raw, dict):
+                return None
+            return Estimate(float(raw.get("value", 0.0)), str(raw.get("unit", "")), str(raw.get("basis", "")))
+
+        return cls(
+            objective=_DETAIL_OBJECTIVES.get(get("objective"), ""),
+            predicted_gain_share=float(get("predicted_gain_share", 0.0)),
+            binding_limits=tuple(str(v) for v in get("binding_limits", ())),
+            rationale=str(get("rationale", "")),
+            score=str(get("gain_score", "")),
+            **{name: estimate(name) for name in _ESTIMATES},
+        )
+
+
 @dataclass(frozen=True)
 class PlacementSpec:
     """Where the adapter goes and what the plan predicted (0 when nothing was predicted).
 
-    ``detail`` is the placement as the API received or planned it (protobuf JSON), kept verbatim so that
-    GetTuningJob can show every prediction and its basis; the domain never reads it.
+    ``predictions`` keeps every prediction with its basis, for GetTuningJob to show; the worker reads only the
+    two figures it compares its measurements with (``predicted_step_seconds``, ``predicted_peak_memory_bytes``).
     """
 
     layers: tuple[int, ...] | None  # None: every layer
@@ -121,7 +209,33 @@ class PlacementSpec:
     predicted_peak_memory_bytes: int = 0
     steps: int = 0  # steps the plan chose (a total-training-time budget); 0: not chosen
     layer_card: str = ""
-    detail: dict[str, Any] = field(default_factory=dict)
+    predictions: PlacementPredictions | None = None  # None: explicit layers, nothing predicted
+
+    @classmethod
+    def from_plan(cls, plan: Plan) -> PlacementSpec:
+        return cls(
+            layers=plan.layers,
+            rank=plan.rank,
+            alpha=plan.alpha,
+            target_modules=plan.target_modules,
+            predicted_step_seconds=plan.step_seconds.value,
+            predicted_peak_memory_bytes=int(plan.peak_memory_bytes.value),
+            steps=plan.steps,
+            layer_card=plan.layer_card,
+            predictions=PlacementPredictions.from_plan(plan),
+        )
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> PlacementSpec:
+        values = _known(cls, raw)
+        if values.get("layers") is not None:
+            values["layers"] = tuple(values["layers"])
+        values["target_modules"] = tuple(values.get("target_modules", ()))
+        if values.get("predictions") is not None:
+            values["predictions"] = PlacementPredictions.from_dict(values["predictions"])
+        elif raw.get("detail"):  # a record from before predictions were domain data
+            values["predictions"] = PlacementPredictions.from_detail(raw["detail"])
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -173,15 +287,11 @@ class JobSpec:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> JobSpec:
-        placement = _known(PlacementSpec, raw["placement"])
-        if placement.get("layers") is not None:
-            placement["layers"] = tuple(placement["layers"])
-        placement["target_modules"] = tuple(placement.get("target_modules", ()))
         return cls(
             model=raw["model"],
             training_data=dataset_from_dict(raw["training_data"]),
             validation_data=dataset_from_dict(raw.get("validation_data")),
-            placement=PlacementSpec(**placement),
+            placement=PlacementSpec.from_dict(raw["placement"]),
             hyperparameters=Hyperparameters(**_known(Hyperparameters, raw.get("hyperparameters", {}))),
             adapter_id=raw["adapter_id"],
         )

@@ -16,8 +16,10 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 from layercard_service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from layercard_service.plan.types import Plan, PlanRequest
 from layercard_service.sources import DatasetRequest, read_json_file, resolve_dataset, resolve_model_path
 from layercard_service.store import paginate
 from layercard_service.tune.datasets import DatasetArtifacts
@@ -35,7 +37,7 @@ from layercard_service.tune.jobs import (
 )
 from layercard_service.tune.runner import JobRunner, report_job_end
 
-__all__ = ["CreateJob", "HyperparameterRequest", "LoraRequest", "TuningService"]
+__all__ = ["CreateJob", "HyperparameterRequest", "LoraRequest", "PlannedPlacement", "Planner", "TuningService"]
 
 DEFAULT_STEPS = 200
 MAX_STEPS = 1_000_000
@@ -80,11 +82,25 @@ class HyperparameterRequest:
 
 
 @dataclass(frozen=True)
+class PlannedPlacement:
+    """A placement the planner chooses at creation: from a stored card under a budget."""
+
+    layer_card: str
+    request: PlanRequest  # its steps are replaced by the job's (the hyperparameters' steps, or the default)
+
+
+class Planner(Protocol):
+    """plan/planner.py ``PlacementPlanner``: reads the card and plans (a seam, so that this module needs no torch)."""
+
+    def plan(self, card_name: str, request: PlanRequest) -> Plan: ...
+
+
+@dataclass(frozen=True)
 class CreateJob:
     model: str
     training_data: DatasetRequest
     validation_data: DatasetRequest | None
-    placement: PlacementSpec
+    placement: PlacementSpec | PlannedPlacement
     hyperparameters: HyperparameterRequest
     adapter_id: str
     job_id: str = ""
@@ -104,8 +120,10 @@ class TuningService:
         queue_size: int = 16,
         poll_seconds: float = WATCH_POLL_SECONDS,
         data_dir: Path | None = None,
+        planner: Planner | None = None,
     ) -> None:
         self.store, self.runner = store, runner
+        self.planner = planner  # plans card-budget placements; None: they are refused
         # Artifacts live beside the database unless told otherwise (core.py opens <data-dir>/state.db).
         self.data_dir = Path(data_dir) if data_dir is not None else store.path.parent
         self.datasets = DatasetArtifacts(self.data_dir / "artifacts")
@@ -139,6 +157,10 @@ class TuningService:
                     reason="TUNING_JOB_EXISTS",
                     metadata={"name": f"tuningJobs/{request.job_id}"},
                 )
+        if isinstance(request.placement, PlannedPlacement):
+            # Reading the card and the search are short but not free (2^L sets): keep them off the event loop.
+            planned = await asyncio.to_thread(self._plan, request.placement, request.hyperparameters)
+            request = replace(request, placement=planned)
         spec, total_steps = await asyncio.to_thread(self._validate, request)
         active = await asyncio.to_thread(self.store.ids_in, ACTIVE_STATES)
         limit = self.max_concurrent + self.queue_size
@@ -175,6 +197,15 @@ class TuningService:
             self.store.release_datasets(hashes, self.datasets.remove)
         return record, created
 
+    def _plan(self, planned: PlannedPlacement, hp: HyperparameterRequest) -> PlacementSpec:
+        """The plan's placement, with every prediction and its basis kept for GetTuningJob to show."""
+        if self.planner is None:
+            raise FailedPrecondition("card_budget placements need the placement planner", reason="NO_PLANNER")
+        # The plan's reference steps are the job's: a training-time budget then fits them, or fewer.
+        steps = hp.steps if hp.steps is not None and hp.steps > 0 else DEFAULT_STEPS
+        plan = self.planner.plan(planned.layer_card, replace(planned.request, steps=steps))
+        return PlacementSpec.from_plan(plan)
+
     def _validate(self, request: CreateJob) -> tuple[JobSpec, int]:
         """The synchronous checks; returns the spec with defaults filled in, and the number of steps."""
         model_path = resolve_model_path(request.model, self.model_roots)
@@ -186,6 +217,7 @@ class TuningService:
                 raise InvalidArgument.field("validation_data", "has no examples", reason="INVALID_DATASET")
         if not train.examples:
             raise InvalidArgument.field("training_data", "has no examples", reason="INVALID_DATASET")
+        assert isinstance(request.placement, PlacementSpec)  # create() has planned a PlannedPlacement
         placement = self._placement(request.placement, request.hyperparameters.lora, _num_layers(model_path))
         has_validation = validation is not None or bool(train.validation)
         hp, total = _hyperparameters(request.hyperparameters, len(train.examples), placement.steps, has_validation)
