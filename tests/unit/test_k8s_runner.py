@@ -14,10 +14,11 @@ from typing import ClassVar
 from urllib.parse import parse_qs, urlparse
 
 import pytest
+from support.fakes import RecordingTelemetry
 
 from layercard_service.errors import AlreadyExists, FailedPrecondition, Unavailable
 from layercard_service.sources import DatasetRequest
-from layercard_service.telemetry import JobOutcome, Telemetry
+from layercard_service.telemetry import Telemetry
 from layercard_service.tune.job_store import JobStore
 from layercard_service.tune.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
 from layercard_service.tune.k8s_api import BatchApi, KubernetesBatchApi, pod_failure_text
@@ -100,14 +101,6 @@ class FakeBatchApi(BatchApi):
         condition = {"type": kind, "status": "True", "reason": reason, "message": message}
         with self.lock:
             self.jobs[name]["status"] = {"succeeded" if succeeded else "failed": 1, "conditions": [condition]}
-
-
-class RecordingTelemetry(Telemetry):
-    def __init__(self) -> None:
-        self.outcomes: list[JobOutcome] = []
-
-    def job_ended(self, outcome: JobOutcome) -> None:
-        self.outcomes.append(outcome)
 
 
 def _wait(predicate, timeout: float = 10.0) -> None:
