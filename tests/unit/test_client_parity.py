@@ -31,7 +31,7 @@ def test_the_same_public_methods(sync, aio):
 
 @pytest.mark.parametrize(("sync", "aio"), PAIRS, ids=lambda cls: cls.__name__)
 def test_the_same_signatures_ignoring_async(sync, aio):
-    names = sorted(set(_public(sync)) & set(_public(aio))) + ["__init__"]
+    names = [*sorted(set(_public(sync)) & set(_public(aio))), "__init__"]
     for name in names:
         if name not in vars(sync):
             continue
