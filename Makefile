@@ -51,14 +51,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
+# Unit and integration tests never start vLLM: every e2e test is marked (tests/e2e/conftest.py), and a test
+# outside tests/e2e that asks for a vLLM fixture fails (tests/conftest.py).
 test-unit: $(STAMP)
-	$(BIN)/python -m pytest tests/unit
+	$(BIN)/python -m pytest -m "not e2e" tests/unit
 
 test-integration: $(STAMP)
-	$(BIN)/python -m pytest tests/integration
+	$(BIN)/python -m pytest -m "not e2e" tests/integration
 
 test-e2e: $(STAMP)
-	$(BIN)/python -m pytest tests/e2e
+	$(BIN)/python -m pytest -m e2e tests/e2e
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH)

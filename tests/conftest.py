@@ -11,6 +11,15 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/support is importable as
 
 from support.server_thread import ServerThread
 
+VLLM_FIXTURES = ("vllm_pair", "vllm_server")  # tests/e2e/conftest.py's: each starts real vLLM servers
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Only an e2e test may start vLLM: unit and integration runs (-m "not e2e") must never pay for it."""
+    wanted = [name for name in VLLM_FIXTURES if name in getattr(item, "fixturenames", ())]
+    if wanted and item.get_closest_marker("e2e") is None:
+        pytest.fail(f"{item.nodeid} asks for {wanted} but is not marked e2e (only tests/e2e may start vLLM)")
+
 
 @pytest.fixture
 def server():

@@ -8,94 +8,79 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import Field, dataclass, fields
 from pathlib import Path
+from typing import Any
 
-__all__ = ["ConfigError", "ServiceConfig"]
+from layercard_service.settings import ConfigError, setting, setting_help, setting_parser
+from layercard_service.tune.k8s_settings import FLAG_PREFIX as K8S_PREFIX
+from layercard_service.tune.k8s_settings import KubernetesSettings
+
+__all__ = ["ConfigError", "KubernetesSettings", "ServiceConfig"]
 
 ENV_PREFIX = "LAYERCARD_"
 
 
-class ConfigError(ValueError):
-    """A setting is malformed; the server refuses to start rather than guess."""
-
-
 @dataclass(frozen=True)
 class ServiceConfig:
-    # Network. port 0 picks a free port (the server prints the one it bound).
-    host: str = "127.0.0.1"
-    port: int = 50051
-    # Prometheus /metrics on its own HTTP port; -1 turns it off, 0 picks a free port.
-    metrics_port: int = -1
-    # Where state (SQLite) and artifacts (cards, adapters) live.
-    data_dir: Path = Path(".layercard")
-    # Models and datasets load only from under these roots (PERMISSION_DENIED otherwise); built-ins always load.
-    model_roots: tuple[Path, ...] = ()
-    dataset_roots: tuple[Path, ...] = ()
-    # vLLM servers of the fleet: base URLs (e.g. http://127.0.0.1:8000), and/or "host:port" of a DNS name that
-    # resolves to every server (a Kubernetes headless Service), re-resolved every reconcile round.
-    vllm_urls: tuple[str, ...] = ()
-    vllm_dns: str = ""
-    # What the fleet's servers were started with (vLLM does not report it): the base model, as layercard names
-    # models, and --lora-target-modules (empty: every LoRA-capable module). Their --max-lora-rank is
-    # max_lora_rank below.
-    vllm_model: str = "builtin:tiny"
-    vllm_lora_target_modules: tuple[str, ...] = ()
-    # How often the fleet is made to match the desired deployments, and how long a version swap waits for the
-    # old version's requests in flight before unloading it.
-    reconcile_interval_seconds: float = 5.0
-    drain_timeout_seconds: float = 30.0
-    # Optional bearer token: every RPC but health then needs metadata "authorization: Bearer <token>".
-    auth_token: str | None = None
-    auth_token_file: Path | None = None
-    # Optional TLS: both files or neither.
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    # Largest request or response message.
-    max_message_bytes: int = 64 * 1024 * 1024
-    # On SIGTERM: health flips to NOT_SERVING, in-flight RPCs get this long to finish, then the process exits.
-    shutdown_grace_seconds: float = 30.0
-    # Layer Cards computed at once, and how many more may wait (RESOURCE_EXHAUSTED past that).
-    max_concurrent_cards: int = 1
-    card_queue_size: int = 4
-    # Tuning jobs trained at once (one worker process each), how many more may wait (RESOURCE_EXHAUSTED past
-    # that), and the largest LoRA rank a job may train: the serving engine's maximum (vLLM's max_lora_rank).
-    max_concurrent_jobs: int = 1
-    job_queue_size: int = 16
-    max_lora_rank: int = 16
-    # torch threads per tuning worker; 0: the machine's cores divided by max_concurrent_jobs. More threads than
-    # free cores make every step wait on descheduled threads (20x slower measured on a busy 2-core machine).
-    job_threads: int = 0
-    # Where tuning jobs run: "local" (a worker process each, on this machine) or "kubernetes" (a batch/v1 Job
-    # each; see tune/k8s_manifest.py). The Kubernetes runner needs data_dir (absolute) on a ReadWriteMany volume,
-    # k8s_data_claim, mounted at the same path in this pod: the trainers write state.db (SQLite) there, so the
-    # volume needs working file locks, and k8s_colocate_with (this pod's labels) keeps trainers on this node,
-    # as SQLite's WAL mode requires. k8s_namespace "": this pod's own. Quantities as Kubernetes writes them
-    # ("2", "500m", "8Gi"; "" for no limit). k8s_node_selector and k8s_colocate_with: "k=v,k2=v2";
-    # k8s_tolerations: "key=value:Effect" items; k8s_read_only_claims: "claim=/mount/path" items (models,
-    # datasets: model_roots and dataset_roots must exist at the same paths in the trainer pods).
-    job_runner: str = "local"
-    k8s_namespace: str = ""
-    k8s_trainer_image: str = ""
-    k8s_data_claim: str = ""
-    k8s_service_account: str = ""
-    k8s_gpus: int = 0
-    k8s_gpu_resource: str = "nvidia.com/gpu"
-    k8s_cpu_request: str = "1"
-    k8s_cpu_limit: str = ""
-    k8s_memory_request: str = "4Gi"
-    k8s_memory_limit: str = ""
-    k8s_node_selector: str = ""
-    k8s_tolerations: tuple[str, ...] = ()
-    k8s_read_only_claims: tuple[str, ...] = ()
-    k8s_colocate_with: str = ""
-    k8s_run_as_user: int = 10001  # the UID of deploy/docker/Dockerfile and of the service pod
-    k8s_active_deadline_seconds: int = 0
-    k8s_ttl_seconds_after_finished: int = 86_400
-    k8s_poll_seconds: float = 5.0
-    log_level: str = "INFO"
-    log_format: str = "json"  # "json" for machines, "text" for people
+    host: str = setting("127.0.0.1", "address the gRPC server binds")
+    port: int = setting(50051, "gRPC port; 0 picks a free port (the server prints the one it bound)")
+    metrics_port: int = setting(-1, "Prometheus /metrics on its own HTTP port; -1 turns it off, 0 picks a free port")
+    data_dir: Path = setting(Path(".layercard"), "where state (SQLite) and artifacts (cards, adapters) live")
+    model_roots: tuple[Path, ...] = setting(
+        (), "comma-separated directories models load from (PERMISSION_DENIED elsewhere); built-ins always load"
+    )
+    dataset_roots: tuple[Path, ...] = setting((), "comma-separated directories datasets load from")
+    vllm_urls: tuple[str, ...] = setting((), "the fleet's vLLM servers: comma-separated base URLs (http://host:port)")
+    vllm_dns: str = setting(
+        "",
+        "host:port of a DNS name that resolves to every vLLM server (a Kubernetes headless Service), "
+        "re-resolved every reconcile round",
+    )
+    vllm_model: str = setting(
+        "builtin:tiny",
+        "the base model the fleet's servers were started with (vLLM does not report it), as layercard names models",
+    )
+    vllm_lora_target_modules: tuple[str, ...] = setting(
+        (),
+        "the fleet's --lora-target-modules (empty: every LoRA-capable module); their --max-lora-rank is max_lora_rank",
+    )
+    reconcile_interval_seconds: float = setting(5.0, "how often the fleet is made to match the desired deployments")
+    drain_timeout_seconds: float = setting(
+        30.0, "how long a version swap waits for the old version's requests in flight before unloading it"
+    )
+    auth_token: str | None = setting(
+        None, 'bearer token: every RPC but health then needs metadata "authorization: Bearer <token>"'
+    )
+    auth_token_file: Path | None = setting(None, "a file holding the bearer token (a Kubernetes Secret)")
+    tls_cert_file: Path | None = setting(None, "TLS certificate (PEM); with tls_key_file: both or neither")
+    tls_key_file: Path | None = setting(None, "TLS private key (PEM); with tls_cert_file: both or neither")
+    max_message_bytes: int = setting(64 * 1024 * 1024, "largest request or response message, in bytes")
+    shutdown_grace_seconds: float = setting(
+        30.0, "on SIGTERM health flips to NOT_SERVING and in-flight RPCs get this long to finish"
+    )
+    max_concurrent_cards: int = setting(1, "Layer Cards computed at once")
+    card_queue_size: int = setting(4, "Layer Cards that may wait (RESOURCE_EXHAUSTED past that)")
+    max_concurrent_jobs: int = setting(1, "tuning jobs trained at once (one worker process or Kubernetes Job each)")
+    job_queue_size: int = setting(16, "tuning jobs that may wait (RESOURCE_EXHAUSTED past that)")
+    max_lora_rank: int = setting(
+        16, "the largest LoRA rank a job may train: the serving engine's maximum (vLLM's --max-lora-rank)"
+    )
+    # More threads than free cores make every step wait on descheduled threads (20x slower measured on a busy
+    # 2-core machine).
+    job_threads: int = setting(
+        0, "torch threads per local tuning worker; 0: the machine's cores divided by max_concurrent_jobs"
+    )
+    job_runner: str = setting(
+        "local",
+        "where tuning jobs run: local (a worker process each, on this machine) or kubernetes (a batch/v1 Job "
+        "each, with the --k8s-* settings)",
+    )
+    # Flags and variables --k8s-<name> / LAYERCARD_K8S_<NAME>: the runner's own settings (tune/k8s_settings.py).
+    kubernetes: KubernetesSettings = setting(help="the Kubernetes runner's settings", factory=KubernetesSettings)
+    log_level: str = setting("INFO", "log level: DEBUG, INFO, WARNING, ERROR")
+    log_format: str = setting("json", "json for machines, text for people")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -120,12 +105,8 @@ class ServiceConfig:
             raise ConfigError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         if self.job_runner not in ("local", "kubernetes"):
             raise ConfigError(f"job_runner must be 'local' or 'kubernetes', got {self.job_runner!r}")
-        if self.k8s_poll_seconds <= 0:
-            raise ConfigError(f"k8s_poll_seconds must be > 0, got {self.k8s_poll_seconds}")
         if self.job_runner == "kubernetes":
-            from layercard_service.tune.k8s_manifest import kubernetes_settings  # imports ConfigError from here
-
-            kubernetes_settings(self)  # checks every k8s_* setting; raises ConfigError
+            self.kubernetes.check(self.data_dir)
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"log_format must be 'json' or 'text', got {self.log_format!r}")
         host, _, port = self.vllm_dns.rpartition(":")
@@ -154,25 +135,33 @@ class ServiceConfig:
     def load(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServiceConfig:
         """Builds the config from flags over environment variables over defaults."""
         environ = os.environ if environ is None else environ
-        values: dict[str, object] = {}
-        for f in fields(cls):
-            raw = environ.get(ENV_PREFIX + f.name.upper())
-            if raw is not None and raw != "":
-                values[f.name] = _parse(f.name, f.type, raw)
-        args = _parser().parse_args(argv)
-        for name, raw in vars(args).items():
+        args = vars(_parser().parse_args(argv))
+        values: dict[str, dict[str, object]] = {"": {}, K8S_PREFIX: {}}
+        for prefix, f in _settings():
+            name = prefix + f.name
+            raw = args.get(name)
+            if raw is None:
+                raw = environ.get(ENV_PREFIX + name.upper()) or None
             if raw is not None:
-                values[name] = _parse(name, _field_type(name), raw)
-        return cls(**values)
+                values[prefix][f.name] = _parse(name, f, raw)
+        return cls(**values[""], kubernetes=KubernetesSettings(**values[K8S_PREFIX]))
 
 
-def _field_type(name: str) -> str:
-    return next(f.type for f in fields(ServiceConfig) if f.name == name)
+def _settings() -> Iterator[tuple[str, Field[Any]]]:
+    """Every setting with the prefix of its name: the service's own, then the Kubernetes runner's (``k8s_``)."""
+    for f in fields(ServiceConfig):
+        if f.name == "kubernetes":
+            yield from ((K8S_PREFIX, k) for k in fields(KubernetesSettings))
+        else:
+            yield "", f
 
 
-def _parse(name: str, type_name: str, raw: str) -> object:
-    """Converts one setting's text into its field's type; the annotations are strings (postponed evaluation)."""
+def _parse(name: str, f: Field[Any], raw: str) -> object:
+    """Converts one setting's text into its field's value; the annotations are strings (postponed evaluation)."""
+    parse, type_name = setting_parser(f), f.type
     try:
+        if parse is not None:
+            return parse(raw)
         if type_name == "int":
             return int(raw)
         if type_name == "float":
@@ -187,6 +176,8 @@ def _parse(name: str, type_name: str, raw: str) -> object:
             return tuple(p.strip() for p in raw.split(",") if p.strip())
         return raw
     except ValueError as exc:
+        if isinstance(exc, ConfigError):
+            raise
         raise ConfigError(f"{name}: cannot parse {raw!r} as {type_name}") from exc
 
 
@@ -197,7 +188,12 @@ def _parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 stopped cleanly (SIGTERM/SIGINT), 2 bad settings, 3 the data dir is in use by another "
         "server (one data dir, one server), 4 a port cannot be bound",
     )
-    for f in fields(ServiceConfig):
-        flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, dest=f.name, default=None, help=f"env {ENV_PREFIX}{f.name.upper()}")
+    groups = {"": parser.add_argument_group("settings"), K8S_PREFIX: parser.add_argument_group(
+        "Kubernetes runner (--job-runner kubernetes)", "Quantities as Kubernetes writes them: 2, 500m, 8Gi."
+    )}  # fmt: skip
+    for prefix, f in _settings():
+        name = prefix + f.name
+        default = "" if f.default in (None, "", ()) or callable(f.default_factory) else f" (default: {f.default})"
+        help_text = f"{setting_help(f)}{default}. env {ENV_PREFIX}{name.upper()}"
+        groups[prefix].add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text)
     return parser

@@ -3,6 +3,9 @@
 Starting vLLM costs about a minute and 3 GB each, so there are exactly two, started side by side; most tests
 use the first alone (``vllm_server``), the fleet tests use both. If one cannot start the fixture fails with
 vLLM's log tail: an e2e run never skips silently.
+
+Every test under tests/e2e is marked ``e2e`` here, so ``-m "not e2e"`` (make test-unit, make test-integration)
+leaves them all out, whatever a module declares.
 """
 
 from __future__ import annotations
@@ -15,8 +18,17 @@ import pytest
 from layercard_service.models.builtin import builtin_model_path
 from layercard_service.serve.vllm_process import VllmProcess, VllmServerSettings
 
+E2E_DIR = Path(__file__).parent
+VLLM_FIXTURES = ("vllm_pair", "vllm_server")  # tests/conftest.py refuses them to a test not marked e2e
+
 SERVED_NAME = "builtin-tiny"
 MAX_LORA_RANK = 8
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if E2E_DIR in item.path.parents:
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")

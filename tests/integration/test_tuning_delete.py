@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support.fakes import RecordingRunner
 from support.server_thread import ServerThread
 from test_tuning import _config, _details, _hp, _request, _states, _wait_for_event, _watch
 
@@ -27,7 +28,6 @@ from layercard_service import store as store_module
 from layercard_service.api.tuning import TuningServicer
 from layercard_service.server import Servicers
 from layercard_service.tune.job_store import JobStore
-from layercard_service.tune.runner import JobRunner
 from layercard_service.tune.service import TuningService
 
 S = tuning_pb2
@@ -40,25 +40,11 @@ def _jsonl(size: int, tag: str = "x") -> bytes:
     return (line * 16).encode()
 
 
-class InertRunner(JobRunner):
-    """Runs nothing: jobs stay QUEUED until cancelled, which ends them at once."""
-
-    def __init__(self) -> None:
-        self.forgotten: list[str] = []
-
-    def start(self) -> None: ...
-    def submit(self, job_id: str) -> None: ...
-    def cancel(self, job_id: str) -> None: ...
-    def close(self) -> None: ...
-
-    def forget(self, job_id: str) -> None:
-        self.forgotten.append(job_id)
-
-
 @pytest.fixture
 def inert(tmp_path):
     jobs_dir = tmp_path / "jobs"
-    service = TuningService(JobStore(jobs_dir / "state.db"), InertRunner(), (), (), queue_size=64)
+    # The runner runs nothing: jobs stay QUEUED until cancelled.
+    service = TuningService(JobStore(jobs_dir / "state.db"), RecordingRunner(), (), (), queue_size=64)
     servicers = Servicers(tuning=TuningServicer(service))
     with ServerThread(_config(tmp_path / "server"), servicers) as running:
         running.service, running.jobs_dir = service, jobs_dir

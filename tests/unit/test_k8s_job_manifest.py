@@ -17,7 +17,6 @@ from layercard_service.tune.k8s_manifest import (
     job_label,
     job_manifest,
     job_name,
-    kubernetes_settings,
     parse_toleration,
 )
 from layercard_service.tune.runner import worker_command
@@ -25,13 +24,13 @@ from layercard_service.tune.runner import worker_command
 KUBERNETES_VERSION = "1.37.0"  # the newest schemas kubernetes-validate 1.37 ships
 
 COMMAND = worker_command(Path("/data"), (Path("/models"),), (Path("/data/datasets"),), 16, threads=4)
-CPU = KubernetesSettings(namespace="ml", image="registry.example/layercard-trainer:0.1.0", data_claim="layercard-data",
-                         data_dir=Path("/data"))  # fmt: skip
+DATA = Path("/data")  # the service's data_dir: the data volume's mount path in the trainer pods
+CPU = KubernetesSettings(namespace="ml", trainer_image="registry.example/layercard-trainer:0.1.0",
+                         data_claim="layercard-data")  # fmt: skip
 GPU = KubernetesSettings(
     namespace="ml",
-    image="registry.example/layercard-trainer:0.1.0-cuda",
+    trainer_image="registry.example/layercard-trainer:0.1.0-cuda",
     data_claim="layercard-data",
-    data_dir=Path("/data"),
     service_account="layercard-trainer",
     gpus=2,
     cpu_request="8",
@@ -56,7 +55,7 @@ def _container(manifest: dict) -> dict:
 
 
 def test_the_cpu_job_is_valid_and_runs_the_worker_as_the_local_runner_would():
-    manifest = job_manifest("job-a", CPU, COMMAND)
+    manifest = job_manifest("job-a", CPU, COMMAND, data_dir=DATA)
     _validate(manifest)
     argv = COMMAND("job-a")
     container = _container(manifest)
@@ -77,7 +76,7 @@ def test_the_cpu_job_is_valid_and_runs_the_worker_as_the_local_runner_would():
 
 
 def test_the_multi_gpu_job_is_valid_and_launches_through_torchrun():
-    manifest = job_manifest("job-a", GPU, COMMAND)
+    manifest = job_manifest("job-a", GPU, COMMAND, data_dir=DATA)
     _validate(manifest)
     container = _container(manifest)
     launch = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "layercard_service.tune.worker"]
@@ -101,18 +100,18 @@ def test_the_multi_gpu_job_is_valid_and_launches_through_torchrun():
 
 
 def test_one_gpu_needs_no_launcher():
-    manifest = job_manifest("job-a", replace(GPU, gpus=1), COMMAND)
+    manifest = job_manifest("job-a", replace(GPU, gpus=1), COMMAND, data_dir=DATA)
     _validate(manifest)
     assert _container(manifest)["command"][:3] == ["python", "-m", "layercard_service.tune.worker"]
     assert _container(manifest)["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
 
 def test_the_validator_does_refuse_a_broken_job():
-    manifest = job_manifest("job-a", CPU, COMMAND)
+    manifest = job_manifest("job-a", CPU, COMMAND, data_dir=DATA)
     manifest["spec"]["template"]["spec"]["restartPolicy"] = ["Never"]
     with pytest.raises(kubernetes_validate.ValidationError):
         _validate(manifest)
-    manifest = job_manifest("job-a", CPU, COMMAND)
+    manifest = job_manifest("job-a", CPU, COMMAND, data_dir=DATA)
     manifest["spec"]["backofLimit"] = 0  # a typo: strict validation knows every field
     with pytest.raises(kubernetes_validate.ValidationError):
         _validate(manifest)
@@ -120,7 +119,7 @@ def test_the_validator_does_refuse_a_broken_job():
 
 @pytest.mark.parametrize("job_id", ["a", "job-ends-in-dash-", "x" * 63, "j" + "-" * 62])
 def test_any_job_id_gives_a_valid_name_and_label(job_id):
-    manifest = job_manifest(job_id, CPU, COMMAND)
+    manifest = job_manifest(job_id, CPU, COMMAND, data_dir=DATA)
     _validate(manifest)
     name, label = job_name(job_id), job_label(job_id)
     assert len(name) <= 63 and name[-1].isalnum() and len(label) <= 63 and label[-1].isalnum()
@@ -140,7 +139,7 @@ def test_settings_from_flags_and_environment(tmp_path):
         "LAYERCARD_K8S_TOLERATIONS": "nvidia.com/gpu:NoSchedule,spot",
     }
     config = ServiceConfig.load(["--k8s-gpus", "2", "--k8s-read-only-claims", "models=/models"], environ=env)
-    settings = kubernetes_settings(config, namespace_file)
+    settings = config.kubernetes.resolved(namespace_file)
     assert settings.namespace == "team-ml"  # the service pod's own namespace
     assert (settings.gpus, settings.node_selector) == (2, {"pool": "gpu", "zone": "a"})
     assert settings.tolerations == (
@@ -148,8 +147,8 @@ def test_settings_from_flags_and_environment(tmp_path):
         {"key": "spot", "operator": "Exists"},
     )
     assert settings.read_only_claims == (("models", Path("/models")),)
-    assert kubernetes_settings(config, tmp_path / "absent").namespace == "default"
-    _validate(job_manifest("job-a", settings, COMMAND))
+    assert config.kubernetes.resolved(tmp_path / "absent").namespace == "default"
+    _validate(job_manifest("job-a", settings, COMMAND, data_dir=DATA))
 
 
 def test_the_local_runner_stays_the_default():

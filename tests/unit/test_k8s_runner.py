@@ -14,10 +14,11 @@ from typing import ClassVar
 from urllib.parse import parse_qs, urlparse
 
 import pytest
+from support.fakes import RecordingTelemetry
 
 from layercard_service.errors import AlreadyExists, FailedPrecondition, Unavailable
 from layercard_service.sources import DatasetRequest
-from layercard_service.telemetry import JobOutcome, Telemetry
+from layercard_service.telemetry import Telemetry
 from layercard_service.tune.job_store import JobStore
 from layercard_service.tune.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
 from layercard_service.tune.k8s_api import BatchApi, KubernetesBatchApi, pod_failure_text
@@ -102,14 +103,6 @@ class FakeBatchApi(BatchApi):
             self.jobs[name]["status"] = {"succeeded" if succeeded else "failed": 1, "conditions": [condition]}
 
 
-class RecordingTelemetry(Telemetry):
-    def __init__(self) -> None:
-        self.outcomes: list[JobOutcome] = []
-
-    def job_ended(self, outcome: JobOutcome) -> None:
-        self.outcomes.append(outcome)
-
-
 def _wait(predicate, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -121,7 +114,7 @@ def _wait(predicate, timeout: float = 10.0) -> None:
 def setup(tmp_path):
     store = JobStore(tmp_path / "state.db")
     api = FakeBatchApi()
-    settings = KubernetesSettings(namespace="ml", image="trainer:1", data_claim="layercard-data", data_dir=tmp_path)
+    settings = KubernetesSettings(namespace="ml", trainer_image="trainer:1", data_claim="layercard-data")
     command = worker_command(tmp_path, (), (), 16, threads=2)
     telemetry = RecordingTelemetry()
     runners: list[KubernetesJobRunner] = []
@@ -134,6 +127,7 @@ def setup(tmp_path):
             api,
             settings,
             command,
+            data_dir=tmp_path,
             max_concurrent=max_concurrent,
             poll_seconds=0.02,
             cancel_grace_seconds=cancel_grace_seconds,
@@ -157,7 +151,7 @@ def _states(store: JobStore, job_id: str) -> list[str]:
     return [e.payload["state"] for e in store.events_after(job_id, 0) if e.kind == "state"]
 
 
-def test_create_submits_the_manifest_and_queues_beyond_the_limit(setup):
+def test_create_submits_the_manifest_and_queues_beyond_the_limit(setup, tmp_path):
     store, api, make, create, (settings, command, _) = setup
     runner = make(max_concurrent=2)
     runner.start()
@@ -167,7 +161,7 @@ def test_create_submits_the_manifest_and_queues_beyond_the_limit(setup):
     _wait(lambda: len(api.created) == 2)
     time.sleep(0.1)  # a few more rounds: the third must stay queued
     assert api.created == ["layercard-job-a", "layercard-job-b"]
-    assert api.jobs["layercard-job-a"]["spec"] == job_manifest("job-a", settings, command)["spec"]
+    assert api.jobs["layercard-job-a"]["spec"] == job_manifest("job-a", settings, command, data_dir=tmp_path)["spec"]
     assert [store.state(j) for j in ("job-a", "job-b", "job-c")] == [JobState.RUNNING] * 2 + [JobState.QUEUED]
     assert runner.running == ["job-a", "job-b"] and runner.queued == ["job-c"]
 
@@ -355,20 +349,21 @@ def test_a_refused_create_fails_the_job_with_worker_start_failed(setup):
     assert job.error_code == "WORKER_START_FAILED" and "exceeded quota" in job.error_message
 
 
-def test_a_job_whose_create_answer_was_lost_is_attached_not_duplicated(setup):
+def test_a_job_whose_create_answer_was_lost_is_attached_not_duplicated(setup, tmp_path):
     store, api, make, create, (settings, command, _) = setup
     create("job-a")
-    api.create_job("ml", job_manifest("job-a", settings, command))  # created, but the answer never came back
+    # Created, but the answer never came back:
+    api.create_job("ml", job_manifest("job-a", settings, command, data_dir=tmp_path))
     runner = make()
     runner.start()
     _wait(lambda: runner.running == ["job-a"])
     assert api.created == ["layercard-job-a"] and store.state("job-a") == JobState.RUNNING
 
 
-def test_a_finished_job_in_the_way_is_replaced(setup):
+def test_a_finished_job_in_the_way_is_replaced(setup, tmp_path):
     store, api, make, create, (settings, command, _) = setup
     create("job-a")
-    api.create_job("ml", job_manifest("job-a", settings, command))
+    api.create_job("ml", job_manifest("job-a", settings, command, data_dir=tmp_path))
     api.finish("layercard-job-a", succeeded=False)  # left over from an earlier run of the same job id
     runner = make()
     runner.start()
@@ -473,8 +468,8 @@ def real_api():
 
 
 def test_the_real_batch_api_speaks_the_kubernetes_rest_api(real_api, tmp_path):
-    settings = KubernetesSettings(namespace="ml", image="trainer:1", data_claim="layercard-data", data_dir=tmp_path)
-    manifest = job_manifest("job-a", settings, worker_command(tmp_path, (), (), 16))
+    settings = KubernetesSettings(namespace="ml", trainer_image="trainer:1", data_claim="layercard-data")
+    manifest = job_manifest("job-a", settings, worker_command(tmp_path, (), (), 16), data_dir=tmp_path)
     real_api.create_job("ml", manifest)
     method, path, body = _ApiServer.requests[-1]
     assert (method, path) == ("POST", "/apis/batch/v1/namespaces/ml/jobs")
@@ -483,7 +478,9 @@ def test_the_real_batch_api_speaks_the_kubernetes_rest_api(real_api, tmp_path):
     with pytest.raises(AlreadyExists):
         real_api.create_job("ml", manifest)
     with pytest.raises(FailedPrecondition, match="is invalid"):
-        real_api.create_job("ml", job_manifest("bad", settings, worker_command(tmp_path, (), (), 16)))
+        real_api.create_job(
+            "ml", job_manifest("bad", settings, worker_command(tmp_path, (), (), 16), data_dir=tmp_path)
+        )
 
     listed = real_api.list_jobs("ml", "app.kubernetes.io/name=layercard-trainer")
     assert [j["metadata"]["name"] for j in listed] == [job_name("job-a")]

@@ -12,6 +12,7 @@ import json
 
 import pytest
 from google.protobuf.json_format import MessageToDict
+from support.fakes import RecordingRunner
 
 from layercard.v1 import common_pb2, placement_pb2, tuning_pb2
 from layercard_service.api.tuning import TuningServicer, event_to_proto, job_to_proto
@@ -19,22 +20,7 @@ from layercard_service.errors import FailedPrecondition
 from layercard_service.plan.types import Estimate, Plan
 from layercard_service.tune.job_store import JobStore
 from layercard_service.tune.jobs import EvalSummary, JobEvent, JobResult, JobSpec, JobState
-from layercard_service.tune.runner import JobRunner
 from layercard_service.tune.service import CreateJob, PlannedPlacement, TuningService
-
-
-class FakeRunner(JobRunner):
-    def __init__(self) -> None:
-        self.submitted: list[str] = []
-
-    def start(self) -> None: ...
-
-    def submit(self, job_id: str) -> None:
-        self.submitted.append(job_id)
-
-    def cancel(self, job_id: str) -> None: ...
-
-    def close(self) -> None: ...
 
 
 class FakePlanner:
@@ -75,7 +61,7 @@ class FakePlanner:
 @pytest.fixture
 def parts(tmp_path):
     store = JobStore(tmp_path / "state.db")
-    runner, planner = FakeRunner(), FakePlanner()
+    runner, planner = RecordingRunner(), FakePlanner()
     yield store, runner, TuningService(store, runner, (), (), max_lora_rank=16, planner=planner), planner
     store.close()
 

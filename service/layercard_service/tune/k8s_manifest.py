@@ -30,16 +30,17 @@ What the Job looks like, and why:
 from __future__ import annotations
 
 import hashlib
-import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from layercard_service.config import ConfigError
-
-if TYPE_CHECKING:
-    from layercard_service.config import ServiceConfig
+from layercard_service.tune.k8s_settings import (
+    DNS_LABEL,
+    LABEL_VALUE,
+    KubernetesSettings,
+    parse_node_selector,
+    parse_toleration,
+)
 
 __all__ = [
     "APP_LABEL",
@@ -48,7 +49,6 @@ __all__ = [
     "KubernetesSettings",
     "job_manifest",
     "job_name",
-    "kubernetes_settings",
     "parse_node_selector",
     "parse_toleration",
 ]
@@ -58,144 +58,12 @@ JOB_ID_KEY = "layercard.dev/job-id"  # a label (for selection) and an annotation
 SELECTOR = f"{APP_LABEL[0]}={APP_LABEL[1]}"
 WORKER_MODULE = "layercard_service.tune.worker"
 NAME_PREFIX = "layercard-"
-SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
-
-# Always fullmatch: "$" accepts a trailing newline, which Kubernetes does not.
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
-_DNS_SUBDOMAIN = re.compile(r"(?=.{1,253}\Z)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
-_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?")
-_QUANTITY = re.compile(r"[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?")
-
-
-@dataclass(frozen=True)
-class KubernetesSettings:
-    """Where and how trainer Jobs run; every field is checked here, so a bad setting stops the server at start."""
-
-    namespace: str
-    image: str
-    data_claim: str  # a ReadWriteMany PVC holding data_dir, mounted in the service pod at the same path
-    data_dir: Path  # absolute: the mount path in the trainer pods, the worker's --data-dir
-    service_account: str = ""  # "": the namespace's default
-    gpus: int = 0
-    gpu_resource: str = "nvidia.com/gpu"
-    cpu_request: str = "1"
-    cpu_limit: str = ""  # "": none
-    memory_request: str = "4Gi"
-    memory_limit: str = ""  # "": none
-    node_selector: Mapping[str, str] = field(default_factory=dict)
-    tolerations: tuple[Mapping[str, str], ...] = ()
-    read_only_claims: tuple[tuple[str, Path], ...] = ()  # (claim, mount path): models and datasets
-    colocate_with: Mapping[str, str] = field(default_factory=dict)  # the service pod's labels: same node
-    run_as_user: int = 10001  # and group, fsGroup: the service pod's (deploy/), so both write state.db
-    active_deadline_seconds: int = 0  # 0: no deadline
-    ttl_seconds_after_finished: int = 86_400
-
-    def __post_init__(self) -> None:
-        _check(_DNS_LABEL, self.namespace, "k8s_namespace")
-        if not self.image.strip() or any(c.isspace() for c in self.image):
-            raise ConfigError(f"k8s_trainer_image must be an image reference, got {self.image!r}")
-        _check(_DNS_SUBDOMAIN, self.data_claim, "k8s_data_claim")
-        if not self.data_dir.is_absolute():
-            raise ConfigError(
-                f"data_dir must be an absolute path with the Kubernetes runner (the trainer pods mount the data "
-                f"volume at the same path), got {str(self.data_dir)!r}"
-            )
-        if self.service_account:
-            _check(_DNS_SUBDOMAIN, self.service_account, "k8s_service_account")
-        if self.gpus < 0:
-            raise ConfigError(f"k8s_gpus must be >= 0, got {self.gpus}")
-        prefix, _, name = self.gpu_resource.rpartition("/")
-        if not (prefix and _DNS_SUBDOMAIN.fullmatch(prefix) and _LABEL_NAME.fullmatch(name)):
-            raise ConfigError(f"k8s_gpu_resource must look like 'nvidia.com/gpu', got {self.gpu_resource!r}")
-        for name, value in (("k8s_cpu_request", self.cpu_request), ("k8s_memory_request", self.memory_request)):
-            _check(_QUANTITY, value, name, "a Kubernetes quantity like '2', '500m' or '8Gi'")
-        for name, value in (("k8s_cpu_limit", self.cpu_limit), ("k8s_memory_limit", self.memory_limit)):
-            if value:
-                _check(_QUANTITY, value, name, "a Kubernetes quantity like '2', '500m' or '8Gi', or empty")
-        for claim, path in self.read_only_claims:
-            _check(_DNS_SUBDOMAIN, claim, "k8s_read_only_claims")
-            if not path.is_absolute():
-                raise ConfigError(f"k8s_read_only_claims: the mount path of {claim!r} must be absolute, got {path}")
-        if self.run_as_user < 1:
-            raise ConfigError(f"k8s_run_as_user must be >= 1 (the pods run as non-root), got {self.run_as_user}")
-        if self.active_deadline_seconds < 0 or self.ttl_seconds_after_finished < 0:
-            raise ConfigError("k8s_active_deadline_seconds and k8s_ttl_seconds_after_finished must be >= 0")
-
-
-def kubernetes_settings(config: ServiceConfig, namespace_file: Path = SERVICE_ACCOUNT_NAMESPACE) -> KubernetesSettings:
-    """The settings from the service's config; the namespace defaults to the service pod's own."""
-    namespace = config.k8s_namespace
-    if not namespace:
-        try:
-            namespace = namespace_file.read_text().strip() or "default"
-        except OSError:
-            namespace = "default"
-    if not config.k8s_trainer_image:
-        raise ConfigError("job_runner 'kubernetes' needs k8s_trainer_image: the image that runs the worker")
-    if not config.k8s_data_claim:
-        raise ConfigError("job_runner 'kubernetes' needs k8s_data_claim: the ReadWriteMany PVC holding data_dir")
-    return KubernetesSettings(
-        namespace=namespace,
-        image=config.k8s_trainer_image,
-        data_claim=config.k8s_data_claim,
-        data_dir=config.data_dir,
-        service_account=config.k8s_service_account,
-        gpus=config.k8s_gpus,
-        gpu_resource=config.k8s_gpu_resource,
-        cpu_request=config.k8s_cpu_request,
-        cpu_limit=config.k8s_cpu_limit,
-        memory_request=config.k8s_memory_request,
-        memory_limit=config.k8s_memory_limit,
-        node_selector=parse_node_selector(config.k8s_node_selector, "k8s_node_selector"),
-        tolerations=tuple(parse_toleration(t) for t in config.k8s_tolerations),
-        read_only_claims=tuple(_parse_claim(c) for c in config.k8s_read_only_claims),
-        colocate_with=parse_node_selector(config.k8s_colocate_with, "k8s_colocate_with"),
-        run_as_user=config.k8s_run_as_user,
-        active_deadline_seconds=config.k8s_active_deadline_seconds,
-        ttl_seconds_after_finished=config.k8s_ttl_seconds_after_finished,
-    )
-
-
-def parse_node_selector(text: str, setting: str = "k8s_node_selector") -> dict[str, str]:
-    """``"k=v,k2=v2"`` -> ``{"k": "v", "k2": "v2"}``; keys and values as Kubernetes labels allow them."""
-    selector: dict[str, str] = {}
-    for item in (p.strip() for p in text.split(",")):
-        if not item:
-            continue
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"{setting} entries must be key=value, got {item!r}")
-        _check_label_key(key.strip(), setting)
-        _check(_LABEL_VALUE, value.strip(), f"{setting} value")
-        selector[key.strip()] = value.strip()
-    return selector
-
-
-def parse_toleration(text: str) -> dict[str, str]:
-    """A toleration in ``kubectl taint`` spelling: ``key=value:Effect``, ``key:Effect``, ``key=value`` or ``key``.
-
-    With a value the operator is Equal, without one Exists; without an effect it tolerates every effect.
-    """
-    spec, _, effect = text.strip().partition(":")
-    key, sep, value = spec.partition("=")
-    _check_label_key(key, "k8s_tolerations")
-    toleration = {"key": key, "operator": "Equal" if sep else "Exists"}
-    if sep:
-        _check(_LABEL_VALUE, value, "k8s_tolerations value")
-        toleration["value"] = value
-    if effect:
-        if effect not in TAINT_EFFECTS:
-            raise ConfigError(f"k8s_tolerations effect must be one of {TAINT_EFFECTS}, got {effect!r}")
-        toleration["effect"] = effect
-    return toleration
 
 
 def job_name(job_id: str) -> str:
     """The Job's name: ``layercard-<id>``, shortened with a hash when the id is too long for a DNS label."""
     name = NAME_PREFIX + job_id
-    if _DNS_LABEL.fullmatch(name):
+    if DNS_LABEL.fullmatch(name):
         return name
     digest = hashlib.sha256(job_id.encode()).hexdigest()[:8]
     return f"{NAME_PREFIX}{job_id[:43].rstrip('-')}-{digest}"
@@ -203,13 +71,18 @@ def job_name(job_id: str) -> str:
 
 def job_label(job_id: str) -> str:
     """The id as a label value (which must end in a letter or digit); the annotation keeps it exactly."""
-    if _LABEL_VALUE.fullmatch(job_id):
+    if LABEL_VALUE.fullmatch(job_id):
         return job_id
     return f"{job_id[:54].rstrip('-')}.{hashlib.sha256(job_id.encode()).hexdigest()[:8]}"
 
 
-def job_manifest(job_id: str, settings: KubernetesSettings, command: Callable[[str], Sequence[str]]) -> dict[str, Any]:
-    """The ``batch/v1`` Job for one tuning job; ``command`` is ``worker_command(...)``: its arguments are reused."""
+def job_manifest(
+    job_id: str, settings: KubernetesSettings, command: Callable[[str], Sequence[str]], *, data_dir: Path
+) -> dict[str, Any]:
+    """The ``batch/v1`` Job for one tuning job; ``command`` is ``worker_command(...)``: its arguments are reused.
+
+    ``settings`` are checked and resolved (``KubernetesSettings.check``, ``resolved``); ``data_dir`` is the
+    service's, absolute: the data volume's mount path in the trainer pods."""
     s = settings
     labels = {APP_LABEL[0]: APP_LABEL[1], "app.kubernetes.io/component": "tuning-job", JOB_ID_KEY: job_label(job_id)}
     annotations = {JOB_ID_KEY: job_id}
@@ -221,7 +94,7 @@ def job_manifest(job_id: str, settings: KubernetesSettings, command: Callable[[s
         limits["memory"] = s.memory_limit
     if s.gpus > 0:  # an extended resource: requests, if given, must equal limits
         requests[s.gpu_resource] = limits[s.gpu_resource] = str(s.gpus)
-    mounts: list[dict[str, Any]] = [{"name": "data", "mountPath": str(s.data_dir)}]
+    mounts: list[dict[str, Any]] = [{"name": "data", "mountPath": str(data_dir)}]
     volumes: list[dict[str, Any]] = [{"name": "data", "persistentVolumeClaim": {"claimName": s.data_claim}}]
     for i, (claim, path) in enumerate(s.read_only_claims):
         mounts.append({"name": f"ro-{i}", "mountPath": str(path), "readOnly": True})
@@ -236,7 +109,7 @@ def job_manifest(job_id: str, settings: KubernetesSettings, command: Callable[[s
     ]
     container: dict[str, Any] = {
         "name": "trainer",
-        "image": s.image,
+        "image": s.trainer_image,
         "command": _container_command(list(command(job_id)), s.gpus),
         "env": env,
         "resources": {"requests": requests, **({"limits": limits} if limits else {})},
@@ -291,21 +164,3 @@ def _container_command(argv: list[str], gpus: int) -> list[str]:
     if gpus > 1:
         return ["torchrun", "--standalone", "--nproc_per_node", str(gpus), "-m", WORKER_MODULE, *args]
     return ["python", "-m", WORKER_MODULE, *args]
-
-
-def _parse_claim(text: str) -> tuple[str, Path]:
-    claim, sep, path = text.partition("=")
-    if not sep or not path:
-        raise ConfigError(f"k8s_read_only_claims entries must be claim=/mount/path, got {text!r}")
-    return claim.strip(), Path(path.strip())
-
-
-def _check_label_key(key: str, setting: str) -> None:
-    prefix, slash, name = key.rpartition("/")
-    if not _LABEL_NAME.fullmatch(name) or (slash and not _DNS_SUBDOMAIN.fullmatch(prefix)):
-        raise ConfigError(f"{setting}: {key!r} is not a valid label key")
-
-
-def _check(pattern: re.Pattern[str], value: str, setting: str, what: str = "") -> None:
-    if not pattern.fullmatch(value):
-        raise ConfigError(f"{setting} must be {what or 'a valid Kubernetes name'}, got {value!r}")

@@ -38,6 +38,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from layercard_service.errors import AlreadyExists, FailedPrecondition, Unavailable
@@ -52,7 +53,6 @@ from layercard_service.tune.k8s_manifest import (
     KubernetesSettings,
     job_manifest,
     job_name,
-    kubernetes_settings,
 )
 from layercard_service.tune.runner import JobRunner, report_job_end, worker_command
 
@@ -81,6 +81,7 @@ class KubernetesJobRunner(JobRunner):
         settings: KubernetesSettings,
         command: Callable[[str], Sequence[str]],
         *,
+        data_dir: Path,
         max_concurrent: int = 1,
         poll_seconds: float = 5.0,
         cancel_grace_seconds: float = 60.0,
@@ -88,6 +89,7 @@ class KubernetesJobRunner(JobRunner):
         telemetry: Telemetry | None = None,
     ) -> None:
         self.store, self.api, self.settings, self.command = store, api, settings, command
+        self.data_dir = data_dir  # the service's, absolute: the data volume's mount path in the trainer pods
         self.max_concurrent, self.poll_seconds = max_concurrent, poll_seconds
         self.cancel_grace_seconds, self.start_timeout_seconds = cancel_grace_seconds, start_timeout_seconds
         self.telemetry = telemetry or Telemetry()
@@ -195,7 +197,7 @@ class KubernetesJobRunner(JobRunner):
                 )
                 report_job_end(self.store, self.telemetry, job_id)
                 continue
-            step = latest_step(self.settings.data_dir / "artifacts" / "checkpoints" / job_id)
+            step = latest_step(self.data_dir / "artifacts" / "checkpoints" / job_id)
             self.store.append_events(job_id, [], step=step)
             message = (
                 f"resuming from step {step}: its Kubernetes Job was gone after a service restart"
@@ -322,7 +324,9 @@ class KubernetesJobRunner(JobRunner):
     def _create_or_attach(self, job_id: str, name: str) -> bool:
         """True once the job has a running Job; False after deleting a finished one that held its name."""
         try:
-            self.api.create_job(self.namespace, job_manifest(job_id, self.settings, self.command))
+            self.api.create_job(
+                self.namespace, job_manifest(job_id, self.settings, self.command, data_dir=self.data_dir)
+            )
             log.info("created the Kubernetes Job %s", name, extra={"job_id": job_id})
             return True
         except AlreadyExists:  # created by an attempt whose answer was lost, or left over from an earlier run
@@ -346,19 +350,20 @@ class KubernetesJobRunner(JobRunner):
 
 def kubernetes_runner(config: ServiceConfig, store: JobStore, telemetry: Telemetry) -> KubernetesJobRunner:
     """The runner ``job_runner = "kubernetes"`` selects, on the official client (in-cluster config or kubeconfig)."""
-    settings = kubernetes_settings(config)
+    settings = config.kubernetes.resolved()  # checked by ServiceConfig; the namespace: this pod's own if unset
     # The trainer pod's own CPU, not job_threads: that one sizes local workers to the service pod's cores.
     threads = _cores(settings.cpu_limit or settings.cpu_request)
     command = worker_command(
-        settings.data_dir, config.model_roots, config.dataset_roots, config.max_lora_rank, threads=threads
+        config.data_dir, config.model_roots, config.dataset_roots, config.max_lora_rank, threads=threads
     )
     return KubernetesJobRunner(
         store,
         KubernetesBatchApi(),
         settings,
         command,
+        data_dir=config.data_dir,
         max_concurrent=config.max_concurrent_jobs,
-        poll_seconds=config.k8s_poll_seconds,
+        poll_seconds=settings.poll_seconds,
         telemetry=telemetry,
     )
 
