@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from layercard_service.card.service import CardService
 from layercard_service.config import ServiceConfig
@@ -42,6 +43,7 @@ class Core:
         store = Store(config.data_dir, db)
         cards = CardService(
             store,
+            _card_engine,
             config.model_roots,
             config.dataset_roots,
             max_concurrent=config.max_concurrent_cards,
@@ -108,6 +110,13 @@ class Core:
         self.store.close()
         if self.db is not None:
             self.db.close()
+
+
+def _card_engine(*args: Any) -> Any:
+    """The card engine, imported on the first card: torch stays out of a server that computes none."""
+    from layercard_service.card.run import compute_with_engine
+
+    return compute_with_engine(*args)
 
 
 def _discovery(config: ServiceConfig) -> Discovery:

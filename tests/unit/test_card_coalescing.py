@@ -1,6 +1,6 @@
 """Identical concurrent ComputeLayerCard requests share one computation (card/service.py).
 
-The card engine (``card.engine.compute_card``, imported by the service on first use) is replaced by a gated
+The card engine (``card.engine.compute_card``, called through card.run) is replaced by a gated
 fake, so each test decides when the computation ends; the card it returns is a real one of the built-in model,
 computed once.
 """
@@ -13,6 +13,7 @@ import threading
 import pytest
 
 from layercard_service.card import engine as card_engine
+from layercard_service.card.run import compute_with_engine
 from layercard_service.card.service import CardProgress, CardService, StoredCard
 from layercard_service.card.types import CardSettings
 from layercard_service.data.tasks import get_task
@@ -59,7 +60,7 @@ def engine(real_card, monkeypatch):
 
 
 def _service(tmp_path, queue_size=4) -> CardService:
-    return CardService(Store(tmp_path), (), (), max_concurrent=1, queue_size=queue_size)
+    return CardService(Store(tmp_path), compute_with_engine, (), (), max_concurrent=1, queue_size=queue_size)
 
 
 async def _until(condition, what: str, timeout: float = 30.0) -> None:

@@ -21,17 +21,17 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from layercard_service.card.codec import card_from_dict, card_to_dict
 from layercard_service.card.types import CardSettings, LayerCardData
 from layercard_service.data.jsonl import Example
 from layercard_service.errors import InvalidArgument, NotFound, ResourceExhausted
-from layercard_service.models.loading import load_model
 from layercard_service.sources import DatasetRequest, resolve_dataset, resolve_model_path
 from layercard_service.store import CardRecord, Store, paginate
 from layercard_service.telemetry import Telemetry
 
-__all__ = ["CardProgress", "CardService", "StoredCard", "compute_with_engine"]
+__all__ = ["CardEngine", "CardProgress", "CardService", "StoredCard"]
 
 CARD_PREFIX = "layerCards/"
 WEIGHT_FILES = ("*.safetensors", "*.bin", "config.json", "tokenizer.json", "tokenizer_config.json")
@@ -57,20 +57,19 @@ class StoredCard:
 Report = Callable[[str, float, str], None]  # (phase, fraction, message), called from the worker thread
 
 
-def compute_with_engine(
-    model_path: Path,
-    model: str,
-    examples: Sequence[Example],
-    settings: CardSettings,
-    report: Report,
-    cancel: threading.Event,
-) -> LayerCardData:
-    """Loads the model and computes its card (in a worker thread)."""
-    report("load_model", 0.0, f"loading {model}")
-    loaded, tokenizer = load_model(model_path, settings.device, settings.precision)
-    from layercard_service.card.engine import compute_card  # torch-heavy: imported on first use
+class CardEngine(Protocol):
+    """Loads the model and computes its card in a worker thread (card engine: torch). A seam, injected by the
+    composition root, so that this control-plane module never imports torch."""
 
-    return compute_card(loaded, tokenizer, examples, settings, model, report, cancel)
+    def __call__(
+        self,
+        model_path: Path,
+        model: str,
+        examples: Sequence[Example],
+        settings: CardSettings,
+        report: Report,
+        cancel: threading.Event,
+    ) -> LayerCardData: ...
 
 
 @dataclass(eq=False)
@@ -92,6 +91,7 @@ class CardService:
     def __init__(
         self,
         store: Store,
+        engine: CardEngine,
         model_roots: tuple[Path, ...],
         dataset_roots: tuple[Path, ...],
         max_concurrent: int = 1,
@@ -99,6 +99,7 @@ class CardService:
         telemetry: Telemetry | None = None,
     ) -> None:
         self.store = store
+        self.engine = engine
         self.telemetry = telemetry or Telemetry()
         self.model_roots = model_roots
         self.dataset_roots = dataset_roots
@@ -198,7 +199,7 @@ class CardService:
         def work() -> StoredCard:
             try:
                 with self._slots:  # waits here while other cards run: the queue
-                    card = compute_with_engine(model_path, model, examples, settings, report, flight.cancel)
+                    card = self.engine(model_path, model, examples, settings, report, flight.cancel)
                     record = CardRecord(fingerprint[:24], fingerprint, model, time.time(), card_to_dict(card))
                     self.store.put_card(record)
                     return _stored(record, from_store=False)
