@@ -17,6 +17,7 @@ from layercard_service.serve.reconcile import Reconciler
 from layercard_service.store import Store
 from layercard_service.telemetry import SafeTelemetry, Telemetry
 from layercard_service.tune.job_store import JobStore
+from layercard_service.tune.reports import ServiceEndpoint, WorkerReports
 from layercard_service.tune.runner import LocalProcessRunner, worker_command
 from layercard_service.tune.service import TuningService
 
@@ -32,6 +33,7 @@ class Core:
     inference: InferenceProxy
     adapters: AdapterManager
     reconciler: Reconciler
+    worker_reports: WorkerReports  # the internal API's domain: what tuning workers report
 
     @classmethod
     def from_config(cls, config: ServiceConfig, telemetry: Telemetry | None = None) -> Core:
@@ -69,6 +71,7 @@ class Core:
             inference=proxy,
             adapters=adapters,
             reconciler=Reconciler(adapters, config.reconcile_interval_seconds),
+            worker_reports=WorkerReports(tuning.store, config.data_dir / "artifacts", config.max_lora_rank),
         )
 
     def state_collector(self) -> StateCollector:
@@ -84,6 +87,10 @@ class Core:
             return [(o.url, o.healthy, o.adapters) for o in list(self.adapters.fleet.last.values())]
 
         return StateCollector(self.tuning.store.count_by_state, deployments, replicas)
+
+    def set_worker_endpoint(self, endpoint: ServiceEndpoint) -> None:
+        """Where workers reach this service: known once the server has bound its port, before any worker starts."""
+        self.tuning.runner.set_service_endpoint(endpoint)
 
     def start(self) -> None:
         """Starts background work: the tuning runner recovers jobs left by the previous process."""

@@ -1,10 +1,9 @@
-"""Tuning jobs, their events and adapter versions in SQLite: the service's ``state.db``, shared with workers.
+"""Tuning jobs, their events, adapter versions and worker credentials in SQLite: the service's ``state.db``.
 
-The service and every worker process open their own connection to the same WAL database; WAL lets readers
-run beside one writer and ``busy_timeout`` makes a second writer wait instead of failing. Every state change
-is one transaction with the event that announces it, so a watcher never sees a state without its event.
-Event sequence numbers are assigned inside the writing transaction (max + 1), so they are gap-free per job
-even with two writers (the service cancelling, the worker stepping).
+Only the service opens it: workers report through the service's internal API (tune/reports.py). WAL lets
+readers run beside one writer and ``busy_timeout`` makes a second writer wait instead of failing. Every state
+change is one transaction with the event that announces it, so a watcher never sees a state without its event.
+Event sequence numbers are assigned inside the writing transaction (max + 1), so they are gap-free per job.
 """
 
 from __future__ import annotations
@@ -60,6 +59,11 @@ CREATE TABLE IF NOT EXISTS adapter_versions (
     create_time REAL NOT NULL,
     metadata    TEXT NOT NULL,
     PRIMARY KEY (adapter_id, version)
+);
+CREATE TABLE IF NOT EXISTS tuning_job_workers (
+    job_id       TEXT PRIMARY KEY,
+    token_sha256 TEXT NOT NULL UNIQUE,
+    batch        INTEGER NOT NULL DEFAULT 0
 );
 """
 
@@ -241,6 +245,57 @@ class JobStore:
             if worker_pid is not None:
                 db.execute("UPDATE tuning_jobs SET worker_pid = ? WHERE job_id = ?", (worker_pid, job_id))
 
+    # --- worker credentials and reports (tune/reports.py) ---------------------------------------------------
+    def set_worker_credential(self, job_id: str, token_sha256: str) -> None:
+        """The credential of the job's next worker attempt; the previous attempt's stops working."""
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO tuning_job_workers (job_id, token_sha256, batch) VALUES (?, ?, 0)",
+                (job_id, token_sha256),
+            )
+
+    def job_of_credential(self, token_sha256: str) -> str | None:
+        """The job whose current worker credential this is; None: no job's."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT job_id FROM tuning_job_workers WHERE token_sha256 = ?", (token_sha256,)
+            ).fetchone()
+        return row[0] if row else None
+
+    def record_report(
+        self,
+        job_id: str,
+        batch: int,
+        events: Sequence[NewEvent],
+        step: int | None,
+        worker_pid: int | None,
+        writable: Iterable[JobState],
+    ) -> tuple[JobState | None, bool]:
+        """A worker's report in one transaction: (the job's state, whether anything was written).
+
+        Nothing is written when the job is not in a ``writable`` state, or when ``batch`` (> 0) is not above
+        the highest batch recorded for the current credential: a retry of a batch already recorded.
+        """
+        allowed = {s.value for s in writable}
+        with self._write() as db:
+            row = db.execute("SELECT state FROM tuning_jobs WHERE job_id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None, False
+            state = JobState(row[0])
+            if state.value not in allowed:
+                return state, False
+            if batch > 0:
+                seen = db.execute("SELECT batch FROM tuning_job_workers WHERE job_id = ?", (job_id,)).fetchone()
+                if seen is not None and batch <= seen[0]:
+                    return state, False
+                db.execute("UPDATE tuning_job_workers SET batch = ? WHERE job_id = ?", (batch, job_id))
+            if worker_pid is not None:
+                db.execute("UPDATE tuning_jobs SET worker_pid = ? WHERE job_id = ?", (worker_pid, job_id))
+            if step is not None:
+                db.execute("UPDATE tuning_jobs SET step = ? WHERE job_id = ?", (step, job_id))
+            _append(db, job_id, events, time.time())
+        return state, True
+
     def worker_pid(self, job_id: str) -> int | None:
         with self._lock:
             row = self._db.execute("SELECT worker_pid FROM tuning_jobs WHERE job_id = ?", (job_id,)).fetchone()
@@ -269,6 +324,7 @@ class JobStore:
             if not state.ended:
                 return state
             db.execute("DELETE FROM tuning_job_events WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM tuning_job_workers WHERE job_id = ?", (job_id,))
             db.execute("DELETE FROM tuning_jobs WHERE job_id = ?", (job_id,))
             _release(db, _dataset_hashes(json.loads(row[1])), remove_dataset)
         return state
