@@ -69,16 +69,17 @@ class ServiceConfig:
     job_threads: int = 0
     # Where tuning jobs run: "local" (a worker process each, on this machine) or "kubernetes" (a batch/v1 Job
     # each; see tune/k8s_manifest.py). The Kubernetes runner needs data_dir (absolute) on a ReadWriteMany volume,
-    # k8s_data_claim, mounted at the same path in this pod: the trainers write state.db (SQLite) there, so the
-    # volume needs working file locks, and k8s_colocate_with (this pod's labels) keeps trainers on this node,
-    # as SQLite's WAL mode requires. k8s_namespace "": this pod's own. Quantities as Kubernetes writes them
-    # ("2", "500m", "8Gi"; "" for no limit). k8s_node_selector and k8s_colocate_with: "k=v,k2=v2";
+    # k8s_data_claim, mounted at the same path in this pod (the trainers read and write the artifacts there; only
+    # this pod opens state.db), and k8s_service_address: host:port where trainer pods reach this service's gRPC
+    # port, to report through (e.g. its Service, layercard.<namespace>.svc:50051). k8s_namespace "": this pod's
+    # own. Quantities as Kubernetes writes them ("2", "500m", "8Gi"; "" for no limit). k8s_node_selector: "k=v,k2=v2";
     # k8s_tolerations: "key=value:Effect" items; k8s_read_only_claims: "claim=/mount/path" items (models,
     # datasets: model_roots and dataset_roots must exist at the same paths in the trainer pods).
     job_runner: str = "local"
     k8s_namespace: str = ""
     k8s_trainer_image: str = ""
     k8s_data_claim: str = ""
+    k8s_service_address: str = ""
     k8s_service_account: str = ""
     k8s_gpus: int = 0
     k8s_gpu_resource: str = "nvidia.com/gpu"
@@ -89,7 +90,6 @@ class ServiceConfig:
     k8s_node_selector: str = ""
     k8s_tolerations: tuple[str, ...] = ()
     k8s_read_only_claims: tuple[str, ...] = ()
-    k8s_colocate_with: str = ""
     k8s_run_as_user: int = 10001  # the UID of deploy/docker/Dockerfile and of the service pod
     k8s_active_deadline_seconds: int = 0
     k8s_ttl_seconds_after_finished: int = 86_400

@@ -6,15 +6,14 @@ tests validate it offline against the API's schemas (kubernetes-validate) and a 
 What the Job looks like, and why:
 - the container runs the worker exactly as the local runner does (``worker_command``'s arguments), with
   ``python`` from the trainer image in place of the service's interpreter;
-- the service's ``data_dir`` is a ReadWriteMany PersistentVolumeClaim mounted at the same path in the service
-  pod and in every trainer pod: the worker writes its state and events straight into ``state.db`` (SQLite in
-  WAL mode) and its checkpoints and adapter beside it. That is this runner's main limitation. SQLite over a
-  network filesystem needs a filesystem with working POSIX locks (NFSv4 with locking, CephFS, a cloud
-  filestore; never one that fakes them), and WAL mode needs every process that opens the database on ONE host
-  (its ``-shm`` index is shared memory): ``colocate_with`` (the service pod's labels) keeps trainer pods on the
-  service pod's node, which meets both. Without it, trainers on other nodes write a WAL database over the
-  network, which SQLite does not support: fine for a trial, not for production. Lifting it needs a store the
-  worker reaches over the network (a database server, or progress reported through the service);
+- the worker reports through the service's internal gRPC API (``service_address``: the service's in-cluster
+  address, e.g. its Service ``layercard.<namespace>.svc:50051``), never into ``state.db``: only the service
+  pod opens the database. Its credential, fresh per attempt, is a Secret of its own (``worker_secret``, named
+  as the Job) that the container reads as ``LAYERCARD_WORKER_TOKEN``: not in the Job's spec, which anyone who
+  may read Jobs sees. Trainer pods may run on any node;
+- the service's ``data_dir`` (a ReadWriteMany PersistentVolumeClaim) is mounted at the same path in trainer
+  pods for the files a worker reads and writes: inline datasets, checkpoints and the staged adapter, which the
+  service then publishes (a rename on the same volume);
 - ``backoffLimit: 0``: Kubernetes never runs a failed worker again by itself; the service decides. A failed
   Job fails the job (WORKER_DIED); a RUNNING job whose Job vanished while the service was down is created
   again at the next start and resumes from its last checkpoint. One exception, in the pod failure policy: a
@@ -49,6 +48,7 @@ __all__ = [
     "job_manifest",
     "job_name",
     "kubernetes_settings",
+    "worker_secret",
     "parse_node_selector",
     "parse_toleration",
 ]
@@ -57,6 +57,7 @@ APP_LABEL = ("app.kubernetes.io/name", "layercard-trainer")
 JOB_ID_KEY = "layercard.dev/job-id"  # a label (for selection) and an annotation (the exact id)
 SELECTOR = f"{APP_LABEL[0]}={APP_LABEL[1]}"
 WORKER_MODULE = "layercard_service.tune.worker"
+TOKEN_ENV = "LAYERCARD_WORKER_TOKEN"  # tune/reports.py's; repeated so this module stays free of the store
 NAME_PREFIX = "layercard-"
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
@@ -77,6 +78,7 @@ class KubernetesSettings:
     image: str
     data_claim: str  # a ReadWriteMany PVC holding data_dir, mounted in the service pod at the same path
     data_dir: Path  # absolute: the mount path in the trainer pods, the worker's --data-dir
+    service_address: str = ""  # host:port where trainer pods reach the service's gRPC port (its Service)
     service_account: str = ""  # "": the namespace's default
     gpus: int = 0
     gpu_resource: str = "nvidia.com/gpu"
@@ -87,8 +89,7 @@ class KubernetesSettings:
     node_selector: Mapping[str, str] = field(default_factory=dict)
     tolerations: tuple[Mapping[str, str], ...] = ()
     read_only_claims: tuple[tuple[str, Path], ...] = ()  # (claim, mount path): models and datasets
-    colocate_with: Mapping[str, str] = field(default_factory=dict)  # the service pod's labels: same node
-    run_as_user: int = 10001  # and group, fsGroup: the service pod's (deploy/), so both write state.db
+    run_as_user: int = 10001  # and group, fsGroup: the service pod's (deploy/), so both write the artifacts
     active_deadline_seconds: int = 0  # 0: no deadline
     ttl_seconds_after_finished: int = 86_400
 
@@ -97,6 +98,14 @@ class KubernetesSettings:
         if not self.image.strip() or any(c.isspace() for c in self.image):
             raise ConfigError(f"k8s_trainer_image must be an image reference, got {self.image!r}")
         _check(_DNS_SUBDOMAIN, self.data_claim, "k8s_data_claim")
+        host, _, port = self.service_address.rpartition(":")
+        if not (host.strip("[]") and port.isdigit() and 0 < int(port) < 65536) or any(
+            c.isspace() for c in self.service_address
+        ):
+            raise ConfigError(
+                "k8s_service_address must be the host:port where trainer pods reach the service's gRPC port "
+                f"(e.g. layercard.<namespace>.svc:50051), got {self.service_address!r}"
+            )
         if not self.data_dir.is_absolute():
             raise ConfigError(
                 f"data_dir must be an absolute path with the Kubernetes runner (the trainer pods mount the data "
@@ -141,6 +150,7 @@ def kubernetes_settings(config: ServiceConfig, namespace_file: Path = SERVICE_AC
         image=config.k8s_trainer_image,
         data_claim=config.k8s_data_claim,
         data_dir=config.data_dir,
+        service_address=config.k8s_service_address,
         service_account=config.k8s_service_account,
         gpus=config.k8s_gpus,
         gpu_resource=config.k8s_gpu_resource,
@@ -151,7 +161,6 @@ def kubernetes_settings(config: ServiceConfig, namespace_file: Path = SERVICE_AC
         node_selector=parse_node_selector(config.k8s_node_selector, "k8s_node_selector"),
         tolerations=tuple(parse_toleration(t) for t in config.k8s_tolerations),
         read_only_claims=tuple(_parse_claim(c) for c in config.k8s_read_only_claims),
-        colocate_with=parse_node_selector(config.k8s_colocate_with, "k8s_colocate_with"),
         run_as_user=config.k8s_run_as_user,
         active_deadline_seconds=config.k8s_active_deadline_seconds,
         ttl_seconds_after_finished=config.k8s_ttl_seconds_after_finished,
@@ -233,11 +242,12 @@ def job_manifest(job_id: str, settings: KubernetesSettings, command: Callable[[s
         {"name": "PYTHONUNBUFFERED", "value": "1"},  # the log tail on failure is the last thing it printed
         {"name": "HF_HUB_OFFLINE", "value": "1"},  # models load from mounted directories, never from a hub
         {"name": "LAYERCARD_JOB_ID", "value": job_id},
+        {"name": TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": job_name(job_id), "key": "token"}}},
     ]
     container: dict[str, Any] = {
         "name": "trainer",
         "image": s.image,
-        "command": _container_command(list(command(job_id)), s.gpus),
+        "command": _container_command([*command(job_id), "--service-address", s.service_address], s.gpus),
         "env": env,
         "resources": {"requests": requests, **({"limits": limits} if limits else {})},
         "volumeMounts": mounts,
@@ -246,13 +256,13 @@ def job_manifest(job_id: str, settings: KubernetesSettings, command: Callable[[s
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "automountServiceAccountToken": False,  # the worker talks to the database, never to the API server
+        "automountServiceAccountToken": False,  # the worker talks to the service, never to the API server
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": s.run_as_user,
             "runAsGroup": s.run_as_user,
             "fsGroup": s.run_as_user,
-            "fsGroupChangePolicy": "OnRootMismatch",  # not a recursive chown of the live state.db per trainer
+            "fsGroupChangePolicy": "OnRootMismatch",  # not a recursive chown of the whole volume per trainer
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
@@ -264,9 +274,6 @@ def job_manifest(job_id: str, settings: KubernetesSettings, command: Callable[[s
         pod_spec["nodeSelector"] = dict(s.node_selector)
     if s.tolerations:
         pod_spec["tolerations"] = [dict(t) for t in s.tolerations]
-    if s.colocate_with:  # SQLite in WAL mode: every process that opens state.db on one host
-        same_node = {"labelSelector": {"matchLabels": dict(s.colocate_with)}, "topologyKey": "kubernetes.io/hostname"}
-        pod_spec["affinity"] = {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [same_node]}}
     job_spec: dict[str, Any] = {
         "backoffLimit": 0,  # retries are the service's decision: a resumed job continues from its checkpoint
         "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]},
@@ -280,6 +287,24 @@ def job_manifest(job_id: str, settings: KubernetesSettings, command: Callable[[s
         "kind": "Job",
         "metadata": {"name": job_name(job_id), "namespace": s.namespace, "labels": labels, "annotations": annotations},
         "spec": job_spec,
+    }
+
+
+def worker_secret(job_id: str, token: str, settings: KubernetesSettings) -> dict[str, Any]:
+    """The ``v1`` Secret holding one attempt's worker credential; named as the job's Job, replaced per attempt."""
+    labels = {APP_LABEL[0]: APP_LABEL[1], "app.kubernetes.io/component": "worker-credential"}
+    labels[JOB_ID_KEY] = job_label(job_id)
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": job_name(job_id),
+            "namespace": settings.namespace,
+            "labels": labels,
+            "annotations": {JOB_ID_KEY: job_id},
+        },
+        "stringData": {"token": token},
     }
 
 
