@@ -129,7 +129,9 @@ def _worker_job(tmp_path, store_class=JobStore):
 
 def test_a_worker_that_cannot_write_exits_with_the_disk_full_code(tmp_path):
     store, settings = _worker_job(tmp_path, FullStore)
-    assert worker.run_job(_channel(store, tmp_path), settings) == worker.EXIT_DISK_FULL  # the runner then writes FAILED/DISK_FULL
+    assert (
+        worker.run_job(_channel(store, tmp_path), settings) == worker.EXIT_DISK_FULL
+    )  # the runner then writes FAILED/DISK_FULL
     assert store.state("job-a") == JobState.RUNNING
     store.close()
 
