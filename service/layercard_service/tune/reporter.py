@@ -7,7 +7,8 @@
   sent again unchanged, with its number, so the service records it once (tune/reports.py);
 - while the service is unreachable (UNAVAILABLE, DEADLINE_EXCEEDED) training goes on and events wait in the
   buffer (bounded: a full buffer waits for the service); waits grow exponentially up to ``BACKOFF_MAX``;
-- the cancel poll answers the last state the service sent, refreshed every ``interval``;
+- the cancel poll asks the service before every step (a cheap read there), and answers the last state the
+  service sent while it is unreachable;
 - unreachable for longer than ``lost_after`` seconds: ``ServiceLost``, and the worker exits EXIT_SERVICE_LOST
   (its job is resumed by the service's restart recovery, from its last checkpoint);
 - a refused credential (a newer attempt holds the job): ``CredentialRefused``, the worker exits at once.
@@ -47,7 +48,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-CALL_TIMEOUT_SECONDS = 30.0
+CALL_TIMEOUT_SECONDS = 10.0
+DOWN_POLL_SECONDS = 1.0
 BACKOFF_START, BACKOFF_MAX = 0.1, 5.0
 MAX_BUFFERED_EVENTS = 100_000  # ~20 MB of step events: hours of training while the service is away
 
@@ -225,7 +227,7 @@ class Reporter:
         self._unacked: tuple[int, list[NewEvent], int | None] | None = None  # sent, no answer seen yet
         self._batches = 0
         self._state = JobState.RUNNING
-        self._last = clock()
+        self._last = self._polled = clock()
         self._down_since: float | None = None
 
     # --- calls with retries -------------------------------------------------------------------------------
@@ -305,13 +307,15 @@ class Reporter:
         return True
 
     def state(self) -> JobState:
-        """The job's state as the service last said, asked again every ``interval`` (the cancel poll)."""
-        if self._clock() - self._last >= self.interval:
-            if self._buffer or self._unacked is not None:
-                self.flush(wait=False)
-            else:
-                self._last = self._clock()
-                state = self._call("poll the state", lambda: self.channel.report(0, [], None, None), wait=False)
-                if state is not None:
-                    self._state = state
+        """The job's state, asked before every step (the cancel poll: a read on the service's side, no write).
+
+        While the service is unreachable: the last state it sent, asked again at most every ``DOWN_POLL_SECONDS``.
+        """
+        now = self._clock()
+        if self._down_since is not None and now - self._polled < DOWN_POLL_SECONDS:
+            return self._state
+        self._polled = now
+        state = self._call("poll the state", lambda: self.channel.report(0, [], None, None), wait=False)
+        if state is not None:
+            self._state = state
         return self._state

@@ -153,7 +153,10 @@ class WorkerReports:
             raise InvalidArgument.field("step", f"must be >= 0, got {step}")
         if worker_pid is not None and worker_pid < 0:
             raise InvalidArgument.field("worker_pid", f"must be >= 0, got {worker_pid}")
-        state, written = self.store.record_report(job_id, batch, events, step, worker_pid, _ACTIVE)
+        if not events and step is None and worker_pid is None:  # the cancel poll, before every step: a read
+            state, written = self.store.state(job_id), False
+        else:
+            state, written = self.store.record_report(job_id, batch, events, step, worker_pid, _ACTIVE)
         if state is None:
             raise NotFound(f"tuning job {job_id!r} not found", reason="TUNING_JOB_NOT_FOUND")
         return state, written
