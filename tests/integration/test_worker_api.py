@@ -27,9 +27,11 @@ from layercard.v1 import adapter_pb2, adapter_pb2_grpc, common_pb2, tuning_pb2, 
 from layercard_service.config import ServiceConfig
 from layercard_service.errors import AlreadyExists
 from layercard_service.sources import DatasetRequest
-from layercard_service.tune import k8s_runner
+from layercard_service.store import disk_full_error
+from layercard_service.tune import k8s_runner, worker
 from layercard_service.tune.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
 from layercard_service.tune.k8s_api import BatchApi
+from layercard_service.tune.reporter import GrpcChannel
 from layercard_service.tune.reports import issue_worker_token
 
 pytestmark = pytest.mark.slow
@@ -343,3 +345,25 @@ def test_bad_reports_get_invalid_argument_naming_the_field_and_the_server_keeps_
     assert store.state("job-a") == JobState.RUNNING  # nothing was written
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_full_disk_on_the_service_side_makes_the_worker_exit_with_the_disk_full_code(tmp_path, monkeypatch):
+    """The service does the writes now: its RESOURCE_EXHAUSTED/DISK_FULL answer is the worker's own full disk."""
+    config = ServiceConfig(port=0, log_format="text", data_dir=tmp_path / "data")
+    with ServerThread(config) as running:
+        store = running.server.core.tuning.store
+        store.create("job-a", None, SPEC, 5)
+        token = issue_worker_token(store, "job-a")
+        store.transition("job-a", [JobState.QUEUED], JobState.RUNNING)
+
+        def full(*args, **kwargs):
+            raise disk_full_error(store.path.parent)
+
+        monkeypatch.setattr(store, "_write", full)
+        settings = worker.parse_args(["--data-dir", str(tmp_path / "data"), "--job-id", "job-a"])
+        channel = GrpcChannel(running.address, token, "job-a")
+        try:
+            assert worker.run_job(channel, settings) == worker.EXIT_DISK_FULL  # the runner then records DISK_FULL
+        finally:
+            channel.close()
+        assert store.state("job-a") == JobState.RUNNING

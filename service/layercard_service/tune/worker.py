@@ -309,11 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     def terminate(signum: int, frame: object) -> None:
         raise Terminated
 
-    signal.signal(signal.SIGTERM, terminate)
     token = os.environ.get(TOKEN_ENV, "")
     if not settings.service_address or not token:
         log.error("the worker needs --service-address and its credential in %s", TOKEN_ENV)
         return 2
+    signal.signal(signal.SIGTERM, terminate)
     channel = GrpcChannel(
         settings.service_address, token, settings.job_id, settings.service_ca_file, settings.service_server_name
     )
