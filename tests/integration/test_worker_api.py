@@ -29,6 +29,7 @@ from layercard_service.errors import AlreadyExists
 from layercard_service.sources import DatasetRequest
 from layercard_service.store import disk_full_error
 from layercard_service.tune import k8s_runner, worker
+from layercard_service.tune.checkpoint import latest_step
 from layercard_service.tune.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
 from layercard_service.tune.k8s_api import BatchApi
 from layercard_service.tune.reporter import GrpcChannel
@@ -87,7 +88,7 @@ def test_a_local_job_succeeds_through_the_service_with_a_worker_that_cannot_open
         events = _events(stub, job.name)
         done = stub.GetTuningJob(tuning_pb2.GetTuningJobRequest(name=job.name))
         adapters = adapter_pb2_grpc.AdapterServiceStub(channel).ListAdapters(adapter_pb2.ListAdaptersRequest())
-    assert done.state == tuning_pb2.TUNING_JOB_STATE_SUCCEEDED, done.error
+    assert done.state == tuning_pb2.TUNING_JOB_STATE_SUCCEEDED, (done.error_code, done.error_message)
     assert done.result.adapter_version == "adapters/guarded-bot/versions/1"
     _assert_complete_history(events, 20)
     (adapter,) = [a for a in adapters.adapters if a.name == "adapters/guarded-bot"]
@@ -210,11 +211,16 @@ def test_a_kubernetes_worker_outlives_a_service_restart_and_its_buffered_events_
                 if event.WhichOneof("event") == "step" and event.step.step >= 2:
                     call.cancel()
                     break
-        job_name = f"layercard-{job.name.split('/')[1]}"
+        job_id = job.name.split("/")[1]
+        job_name = f"layercard-{job_id}"
+        checkpoints = tmp_path / "data" / "artifacts" / "checkpoints" / job_id
         first.stop()  # the Kubernetes runner leaves its Jobs running: the worker trains on, alone
         assert api.procs[job_name].poll() is None
-        # The worker could not deliver a batch of events: they wait in its buffer while it retries.
-        _wait(lambda: "the service is unreachable (report progress)" in api.log(job_name), "a failed report")
+        before = latest_step(checkpoints)
+        _wait(lambda: "the service is unreachable" in api.log(job_name), "the worker to notice")
+        # It trains on while the service is away (a new checkpoint shows it): those steps' events wait in its
+        # buffer, retried with backoff.
+        _wait(lambda: latest_step(checkpoints) > before, "a checkpoint written while the service was away")
         second = ServerThread(config).start()  # same data dir and port: the runner re-attaches to the Job
         try:
             with grpc.insecure_channel(second.address) as channel:
@@ -226,7 +232,7 @@ def test_a_kubernetes_worker_outlives_a_service_restart_and_its_buffered_events_
             second.stop()
     finally:
         api.close()
-    assert done.state == tuning_pb2.TUNING_JOB_STATE_SUCCEEDED, done.error
+    assert done.state == tuning_pb2.TUNING_JOB_STATE_SUCCEEDED, (done.error_code, done.error_message)
     assert api.procs.get(job_name) is None or api.procs[job_name].returncode == 0
     _assert_complete_history(events, steps)
     assert "the service answers again" in api.log(job_name)
