@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
-PROTO_SRC := $(wildcard proto/layercard/v1/*.proto)
+PROTO_SRC := $(wildcard proto/layercard/v1/*.proto proto/layercard/internal/v1/*.proto)
 GEN_DIR := client
 
 .PHONY: setup proto proto-check proto-lint proto-breaking obs-check k8s-check run demo test test-unit test-integration test-e2e bench lint format clean

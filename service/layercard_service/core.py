@@ -19,6 +19,7 @@ from layercard_service.serve.reconcile import Reconciler
 from layercard_service.store import Store
 from layercard_service.telemetry import SafeTelemetry, Telemetry
 from layercard_service.tune.job_store import AdapterVersions, JobStore
+from layercard_service.tune.reports import ServiceEndpoint, WorkerReports
 from layercard_service.tune.runner import LocalProcessRunner, worker_command
 from layercard_service.tune.service import TuningService
 
@@ -34,6 +35,7 @@ class Core:
     inference: InferenceProxy
     adapters: AdapterManager
     reconciler: Reconciler
+    worker_reports: WorkerReports  # the internal API's domain: what tuning workers report
     db: Database | None = None  # the one database every repository shares; closed last
 
     @classmethod
@@ -75,6 +77,7 @@ class Core:
             inference=proxy,
             adapters=adapters,
             reconciler=Reconciler(adapters, config.reconcile_interval_seconds),
+            worker_reports=WorkerReports(tuning.store, config.data_dir / "artifacts", config.max_lora_rank),
             db=db,
         )
 
@@ -91,6 +94,10 @@ class Core:
             return [(o.url, o.healthy, o.adapters) for o in list(self.adapters.fleet.last.values())]
 
         return StateCollector(self.tuning.store.count_by_state, deployments, replicas)
+
+    def set_worker_endpoint(self, endpoint: ServiceEndpoint) -> None:
+        """Where workers reach this service: known once the server has bound its port, before any worker starts."""
+        self.tuning.runner.set_service_endpoint(endpoint)
 
     def start(self) -> None:
         """Starts background work: the tuning runner recovers jobs left by the previous process."""

@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from layercard.internal.v1 import worker_pb2_grpc
 from layercard.v1 import (
     adapter_pb2,
     adapter_pb2_grpc,
@@ -40,12 +41,14 @@ from layercard_service.api.interceptors import AuthInterceptor, ErrorInterceptor
 from layercard_service.api.layer_card import LayerCardServicer
 from layercard_service.api.placement import PlacementServicer
 from layercard_service.api.tuning import TuningServicer
+from layercard_service.api.worker import WorkerServicer
 from layercard_service.config import ConfigError, ServiceConfig
 from layercard_service.core import Core
 from layercard_service.data_dir_lock import DataDirInUse, DataDirLock
 from layercard_service.logs import configure_logging
 from layercard_service.metrics import MetricsEndpoint, new_registry
 from layercard_service.prometheus_metrics import PrometheusTelemetry
+from layercard_service.tune.reports import ServiceEndpoint
 
 __all__ = [
     "EXIT_DATA_DIR_IN_USE",
@@ -86,13 +89,14 @@ def _version() -> str:
 
 @dataclass
 class Servicers:
-    """The five servicers; tests swap one for a fake at this seam, the rest are built on the real core."""
+    """The servicers; tests swap one for a fake at this seam, the rest are built on the real core."""
 
     layer_card: layer_card_pb2_grpc.LayerCardServiceServicer | None = None
     placement: placement_pb2_grpc.PlacementServiceServicer | None = None
     tuning: tuning_pb2_grpc.TuningServiceServicer | None = None
     adapter: adapter_pb2_grpc.AdapterServiceServicer | None = None
     inference: inference_pb2_grpc.InferenceServiceServicer | None = None
+    worker: worker_pb2_grpc.WorkerServiceServicer | None = None  # internal: the tuning workers' reports
 
     def complete(self, core: Core) -> Servicers:
         return Servicers(
@@ -101,6 +105,7 @@ class Servicers:
             tuning=self.tuning or TuningServicer(core.tuning),
             adapter=self.adapter or AdapterServicer(core.adapters),
             inference=self.inference or InferenceServicer(core.inference),
+            worker=self.worker or WorkerServicer(core.worker_reports),
         )
 
     def add_to(self, server: grpc.aio.Server) -> None:
@@ -109,6 +114,7 @@ class Servicers:
         tuning_pb2_grpc.add_TuningServiceServicer_to_server(self.tuning, server)
         adapter_pb2_grpc.add_AdapterServiceServicer_to_server(self.adapter, server)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(self.inference, server)
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(self.worker, server)
 
 
 class LayercardServer:
@@ -159,6 +165,7 @@ class LayercardServer:
         )
         try:
             self._bind()
+            self.core.set_worker_endpoint(self._worker_endpoint())  # workers report to the port just bound
             # Only now, with the ports ours, may recovery change job states (and start workers).
             await asyncio.to_thread(self.core.start)
             await self.core.start_serving()
@@ -192,6 +199,15 @@ class LayercardServer:
             except OSError as exc:
                 self._metrics = None
                 raise PortUnavailable(f"cannot bind the metrics port {cfg.host}:{cfg.metrics_port}: {exc}") from exc
+
+    def _worker_endpoint(self) -> ServiceEndpoint:
+        """How local workers reach this server: its bound port, on loopback when it listens on every address."""
+        cfg = self.config
+        host = cfg.host.strip("[]")
+        if host in ("", "0.0.0.0", "::"):
+            host = "127.0.0.1"
+        address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        return ServiceEndpoint(address, ca_file=cfg.tls_cert_file)  # a self-signed certificate is its own CA
 
     async def _abandon_start(self) -> None:
         """A start that failed: what was opened is closed, the lock released; the job states are untouched."""

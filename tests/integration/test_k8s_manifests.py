@@ -237,14 +237,15 @@ def test_the_service_has_native_grpc_probes_on_its_port(rendered: Rendered):
     assert str(metrics_port) == env["LAYERCARD_METRICS_PORT"] == "9464"
 
 
-def test_rbac_is_namespaced_and_limited_to_jobs_and_pod_reads(rendered: Rendered):
+def test_rbac_is_namespaced_and_limited_to_jobs_pod_reads_and_worker_secrets(rendered: Rendered):
     assert not rendered.all("ClusterRole") and not rendered.all("ClusterRoleBinding")
     (role,) = rendered.all("Role")
     granted = {(group, resource, verb) for r in role["rules"] for group in r["apiGroups"]
                for resource in r["resources"] for verb in r["verbs"]}  # fmt: skip
     allowed = {("batch", "jobs", v) for v in ("create", "get", "list", "watch", "delete")}
     allowed |= {("", "pods", v) for v in ("get", "list", "watch")} | {("", "pods/log", "get")}
-    assert granted <= allowed and ("batch", "jobs", "create") in granted
+    allowed |= {("", "secrets", v) for v in ("create", "update", "delete")}  # written, never read back or listed
+    assert granted <= allowed and ("batch", "jobs", "create") in granted and ("", "secrets", "create") in granted
     (binding,) = rendered.all("RoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [

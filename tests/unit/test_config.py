@@ -102,7 +102,7 @@ K8S_FLAGS = {  # every Kubernetes runner setting: flag -> (value, where it lands
                           ({"key": "spot", "operator": "Exists"},
                            {"key": "gpu", "operator": "Equal", "value": "yes", "effect": "NoSchedule"})),
     "--k8s-read-only-claims": ("models=/models", "read_only_claims", (("models", Path("/models")),)),
-    "--k8s-colocate-with": ("app=layercard", "colocate_with", {"app": "layercard"}),
+    "--k8s-service-address": ("layercard.ns.svc:50051", "service_address", "layercard.ns.svc:50051"),
     "--k8s-run-as-user": ("2000", "run_as_user", 2000),
     "--k8s-active-deadline-seconds": ("3600", "active_deadline_seconds", 3600),
     "--k8s-ttl-seconds-after-finished": ("60", "ttl_seconds_after_finished", 60),

@@ -15,6 +15,8 @@ from layercard_service.store import DISK_FULL, atomic_write, disk_full_error, is
 from layercard_service.tune import worker
 from layercard_service.tune.job_store import JobStore
 from layercard_service.tune.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
+from layercard_service.tune.reporter import InProcessChannel
+from layercard_service.tune.reports import WorkerReports, issue_worker_token
 from layercard_service.tune.worker_log import error_excerpt
 
 SPEC = JobSpec(
@@ -111,9 +113,15 @@ class FullStore(JobStore):
         raise disk_full_error(self.path.parent)
 
 
+def _channel(store: JobStore, tmp_path) -> InProcessChannel:
+    """The worker's reports reach the service's side, which writes to its (full) store."""
+    return InProcessChannel(WorkerReports(store, tmp_path / "artifacts", 16), "job-a")
+
+
 def _worker_job(tmp_path, store_class=JobStore):
     store = JobStore(tmp_path / "state.db")
     store.create("job-a", None, SPEC, 5)
+    issue_worker_token(store, "job-a")
     store.transition("job-a", [JobState.QUEUED], JobState.RUNNING)
     store.close()
     return store_class(tmp_path / "state.db"), worker.parse_args(["--data-dir", str(tmp_path), "--job-id", "job-a"])
@@ -121,7 +129,9 @@ def _worker_job(tmp_path, store_class=JobStore):
 
 def test_a_worker_that_cannot_write_exits_with_the_disk_full_code(tmp_path):
     store, settings = _worker_job(tmp_path, FullStore)
-    assert worker.run_job(store, settings) == worker.EXIT_DISK_FULL  # the runner then writes FAILED/DISK_FULL
+    assert (
+        worker.run_job(_channel(store, tmp_path), settings) == worker.EXIT_DISK_FULL
+    )  # the runner then writes FAILED/DISK_FULL
     assert store.state("job-a") == JobState.RUNNING
     store.close()
 
@@ -134,7 +144,7 @@ def test_a_write_failure_that_does_not_say_enospc_on_a_full_disk_fails_the_job_d
 
     monkeypatch.setattr(worker, "_train", train)
     monkeypatch.setattr(worker.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 4096})())
-    assert worker.run_job(store, settings) == 0
+    assert worker.run_job(_channel(store, tmp_path), settings) == 0
     job = store.get("job-a")
     assert job.state == JobState.FAILED and job.error_code == DISK_FULL and "file write failed" in job.error_message
     store.close()

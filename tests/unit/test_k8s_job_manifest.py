@@ -1,6 +1,7 @@
 """The trainer Job's manifest: valid against a current Kubernetes API (kubernetes-validate, strict: unknown
-fields fail too) for CPU and multi-GPU settings; the worker's command reused as the local runner builds it; the
-``k8s_*`` settings read, checked and turned into the manifest."""
+fields fail too) for CPU and multi-GPU settings; the worker's command reused as the local runner builds it, plus
+the service's address; its credential from a Secret of its own; no dependency on state.db (no colocation with
+the service pod); the ``k8s_*`` settings read, checked and turned into the manifest."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from layercard_service.tune.k8s_manifest import (
     job_manifest,
     job_name,
     parse_toleration,
+    worker_secret,
 )
 from layercard_service.tune.runner import worker_command
 
@@ -25,12 +27,14 @@ KUBERNETES_VERSION = "1.37.0"  # the newest schemas kubernetes-validate 1.37 shi
 
 COMMAND = worker_command(Path("/data"), (Path("/models"),), (Path("/data/datasets"),), 16, threads=4)
 DATA = Path("/data")  # the service's data_dir: the data volume's mount path in the trainer pods
+ADDRESS = "layercard.ml.svc:50051"
 CPU = KubernetesSettings(namespace="ml", trainer_image="registry.example/layercard-trainer:0.1.0",
-                         data_claim="layercard-data")  # fmt: skip
+                         data_claim="layercard-data", service_address=ADDRESS)  # fmt: skip
 GPU = KubernetesSettings(
     namespace="ml",
     trainer_image="registry.example/layercard-trainer:0.1.0-cuda",
     data_claim="layercard-data",
+    service_address=ADDRESS,
     service_account="layercard-trainer",
     gpus=2,
     cpu_request="8",
@@ -40,7 +44,6 @@ GPU = KubernetesSettings(
     node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "pool": "gpu"},
     tolerations=(parse_toleration("nvidia.com/gpu:NoSchedule"), parse_toleration("dedicated=ml:NoExecute")),
     read_only_claims=(("models", Path("/models")),),
-    colocate_with={"app.kubernetes.io/name": "layercard"},
     active_deadline_seconds=86_400,
     ttl_seconds_after_finished=3600,
 )
@@ -59,7 +62,8 @@ def test_the_cpu_job_is_valid_and_runs_the_worker_as_the_local_runner_would():
     _validate(manifest)
     argv = COMMAND("job-a")
     container = _container(manifest)
-    assert container["command"] == ["python", *argv[1:]]  # the same arguments, the image's interpreter
+    # The same arguments, the image's interpreter, and where to report: the service's in-cluster address.
+    assert container["command"] == ["python", *argv[1:], "--service-address", ADDRESS]
     assert container["command"][1:3] == ["-m", "layercard_service.tune.worker"]
     assert container["resources"] == {"requests": {"cpu": "1", "memory": "4Gi"}}
     labels = manifest["metadata"]["labels"]
@@ -73,6 +77,29 @@ def test_the_cpu_job_is_valid_and_runs_the_worker_as_the_local_runner_would():
     assert pod["volumes"] == [{"name": "data", "persistentVolumeClaim": {"claimName": "layercard-data"}}]
     assert container["volumeMounts"] == [{"name": "data", "mountPath": "/data"}]  # the service's data_dir
     assert not {"serviceAccountName", "nodeSelector", "tolerations", "affinity"} & set(pod)
+    env = {e["name"]: e for e in container["env"]}
+    token = env["LAYERCARD_WORKER_TOKEN"]
+    assert token == {"name": "LAYERCARD_WORKER_TOKEN",
+                     "valueFrom": {"secretKeyRef": {"name": job_name("job-a"), "key": "token"}}}  # fmt: skip
+    assert not any("token" in arg.lower() for arg in container["command"])  # never in argv
+
+
+def test_the_job_does_not_depend_on_the_database_or_the_service_pods_node():
+    """Workers report through the service: nothing in the Job pins it near state.db or names the database."""
+    for settings in (CPU, GPU):
+        manifest = job_manifest("job-a", settings, COMMAND)
+        pod = manifest["spec"]["template"]["spec"]
+        assert "affinity" not in pod  # no podAffinity to the service pod: any node will do
+        assert "state.db" not in str(manifest)
+        assert "--service-address" in _container(manifest)["command"]
+
+
+def test_the_worker_credential_secret_is_valid_and_named_as_the_job():
+    secret = worker_secret("job-a", "s3cret", CPU)
+    _validate(secret)
+    assert secret["metadata"]["name"] == job_name("job-a") and secret["metadata"]["namespace"] == "ml"
+    assert secret["stringData"] == {"token": "s3cret"} and secret["type"] == "Opaque"
+    assert secret["metadata"]["annotations"]["layercard.dev/job-id"] == "job-a"
 
 
 def test_the_multi_gpu_job_is_valid_and_launches_through_torchrun():
@@ -80,7 +107,7 @@ def test_the_multi_gpu_job_is_valid_and_launches_through_torchrun():
     _validate(manifest)
     container = _container(manifest)
     launch = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "layercard_service.tune.worker"]
-    assert container["command"] == [*launch, *COMMAND("job-a")[3:]]
+    assert container["command"] == [*launch, *COMMAND("job-a")[3:], "--service-address", ADDRESS]
     assert container["resources"] == {
         "requests": {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "2"},
         "limits": {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "2"},
@@ -94,8 +121,7 @@ def test_the_multi_gpu_job_is_valid_and_launches_through_torchrun():
     ]
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert mounts["/models"]["readOnly"] is True and "/dev/shm" in mounts  # NCCL needs more than 64 MiB
-    same_node = pod["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
-    assert same_node["topologyKey"] == "kubernetes.io/hostname"
+    assert "affinity" not in pod  # trainers need not share the service pod's node
     assert manifest["spec"]["activeDeadlineSeconds"] == 86_400
 
 
@@ -135,6 +161,7 @@ def test_settings_from_flags_and_environment(tmp_path):
         "LAYERCARD_DATA_DIR": "/data",
         "LAYERCARD_K8S_TRAINER_IMAGE": "trainer:1",
         "LAYERCARD_K8S_DATA_CLAIM": "layercard-data",
+        "LAYERCARD_K8S_SERVICE_ADDRESS": ADDRESS,
         "LAYERCARD_K8S_NODE_SELECTOR": "pool=gpu, zone=a",
         "LAYERCARD_K8S_TOLERATIONS": "nvidia.com/gpu:NoSchedule,spot",
     }
@@ -147,6 +174,7 @@ def test_settings_from_flags_and_environment(tmp_path):
         {"key": "spot", "operator": "Exists"},
     )
     assert settings.read_only_claims == (("models", Path("/models")),)
+    assert settings.service_address == ADDRESS
     assert config.kubernetes.resolved(tmp_path / "absent").namespace == "default"
     _validate(job_manifest("job-a", settings, COMMAND, data_dir=DATA))
 
@@ -174,10 +202,15 @@ def test_the_local_runner_stays_the_default():
         (["--k8s-read-only-claims", "models"], "claim=/mount/path"),
         (["--k8s-run-as-user", "0"], "non-root"),
         (["--k8s-poll-seconds", "0"], "k8s_poll_seconds"),
+        (["--k8s-service-address", ""], "k8s_service_address"),
+        (["--k8s-service-address", "layercard.ml.svc"], "k8s_service_address"),
+        (["--k8s-service-address", "layercard.ml.svc:http"], "k8s_service_address"),
+        (["--k8s-service-address", ":50051"], "k8s_service_address"),
     ],
 )
 def test_bad_kubernetes_settings_are_refused(argv, message):
     base = ["--job-runner", "kubernetes", "--data-dir", "/data", "--k8s-trainer-image", "trainer:1"]
+    base += ["--k8s-service-address", ADDRESS]
     with pytest.raises(ConfigError, match=message):
         ServiceConfig.load([*base, "--k8s-data-claim", "layercard-data", *argv], environ={})
 

@@ -22,10 +22,11 @@ from layercard_service.telemetry import Telemetry
 from layercard_service.tune.job_store import JobStore
 from layercard_service.tune.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
 from layercard_service.tune.k8s_api import BatchApi, KubernetesBatchApi, pod_failure_text
-from layercard_service.tune.k8s_manifest import KubernetesSettings, job_manifest, job_name
+from layercard_service.tune.k8s_manifest import KubernetesSettings, job_manifest, job_name, worker_secret
 from layercard_service.tune.k8s_runner import KubernetesJobRunner
 from layercard_service.tune.runner import worker_command
 
+ADDRESS = "layercard.ml.svc:50051"
 SPEC = JobSpec(
     "builtin:tiny",
     DatasetRequest(builtin="builtin:cipher"),
@@ -41,6 +42,7 @@ class FakeBatchApi(BatchApi):
 
     def __init__(self) -> None:
         self.jobs: dict[str, dict] = {}
+        self.secrets: dict[str, dict] = {}
         self.created: list[str] = []
         self.deleted: list[str] = []
         self.failures: dict[str, str] = {}  # Job name -> what pod_failure says
@@ -88,6 +90,16 @@ class FakeBatchApi(BatchApi):
                 if j["metadata"]["namespace"] == namespace and j["metadata"]["labels"].get(key) == value
             ]
 
+    def put_secret(self, namespace: str, body: dict) -> None:
+        with self.lock:
+            self._check()
+            self.secrets[body["metadata"]["name"]] = copy.deepcopy(body)
+
+    def delete_secret(self, namespace: str, name: str) -> None:
+        with self.lock:
+            self._check()
+            self.secrets.pop(name, None)
+
     def pod_failure(self, namespace: str, job_name: str) -> str:
         return self.failures.get(job_name, "")
 
@@ -114,7 +126,9 @@ def _wait(predicate, timeout: float = 10.0) -> None:
 def setup(tmp_path):
     store = JobStore(tmp_path / "state.db")
     api = FakeBatchApi()
-    settings = KubernetesSettings(namespace="ml", trainer_image="trainer:1", data_claim="layercard-data")
+    settings = KubernetesSettings(
+        namespace="ml", trainer_image="trainer:1", data_claim="layercard-data", service_address=ADDRESS
+    )
     command = worker_command(tmp_path, (), (), 16, threads=2)
     telemetry = RecordingTelemetry()
     runners: list[KubernetesJobRunner] = []
@@ -164,6 +178,45 @@ def test_create_submits_the_manifest_and_queues_beyond_the_limit(setup, tmp_path
     assert api.jobs["layercard-job-a"]["spec"] == job_manifest("job-a", settings, command, data_dir=tmp_path)["spec"]
     assert [store.state(j) for j in ("job-a", "job-b", "job-c")] == [JobState.RUNNING] * 2 + [JobState.QUEUED]
     assert runner.running == ["job-a", "job-b"] and runner.queued == ["job-c"]
+
+
+def test_each_attempt_gets_a_credential_secret_that_only_it_can_use_and_it_goes_with_the_job(setup, tmp_path):
+    from layercard_service.errors import PermissionDenied, Unauthenticated
+    from layercard_service.tune.reports import WorkerReports
+
+    store, api, make, create, _ = setup
+    reports = WorkerReports(store, tmp_path / "artifacts", 16)
+    runner = make(max_concurrent=2)
+    runner.start()
+    create("job-a", "job-b")
+    runner.submit("job-a")
+    runner.submit("job-b")
+    _wait(lambda: len(api.created) == 2)
+    secret = api.secrets["layercard-job-a"]
+    token = secret["stringData"]["token"]
+    env = {e["name"]: e for e in api.jobs["layercard-job-a"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["LAYERCARD_WORKER_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
+    assert token not in json.dumps(api.jobs["layercard-job-a"])  # only the Secret holds it
+    reports.authenticate("job-a", token)  # the token the pod gets is the one the service accepts
+    with pytest.raises(PermissionDenied):
+        reports.authenticate("job-b", token)
+    assert token not in store.path.read_bytes().decode(errors="replace")  # the store keeps its digest only
+    # The worker ends its job through the service; the Job completes; the credential goes with it.
+    store.transition("job-a", [JobState.RUNNING], JobState.SUCCEEDED, "training finished")
+    api.finish("layercard-job-a", succeeded=True)
+    _wait(lambda: "layercard-job-a" not in api.secrets)
+    assert "layercard-job-b" in api.secrets
+    # A new attempt of job-b (its Job vanished while the service was down) gets a new token: the old one is refused.
+    old = api.secrets["layercard-job-b"]["stringData"]["token"]
+    runner.close()
+    api.jobs.pop("layercard-job-b")
+    second = make(max_concurrent=2)
+    second.start()
+    _wait(lambda: api.created.count("layercard-job-b") == 2)
+    new = api.secrets["layercard-job-b"]["stringData"]["token"]
+    reports.authenticate("job-b", new)
+    with pytest.raises(Unauthenticated):
+        reports.authenticate("job-b", old)
 
 
 def test_watch_to_completion_then_the_next_queued_job_runs(setup):
@@ -391,7 +444,8 @@ def test_pod_failure_text_reads_the_newest_pod():
 
 
 class _ApiServer(BaseHTTPRequestHandler):
-    jobs: ClassVar[dict[str, dict]] = {}  # the fixture resets both
+    jobs: ClassVar[dict[str, dict]] = {}  # the fixture resets all three
+    secrets: ClassVar[dict[str, dict]] = {}
     requests: ClassVar[list[tuple[str, str, str]]] = []
 
     def log_message(self, *args) -> None:
@@ -411,9 +465,20 @@ class _ApiServer(BaseHTTPRequestHandler):
     def _body(self) -> str:
         return self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
 
+    def do_PUT(self) -> None:
+        body = self._body()
+        self.requests.append(("PUT", self.path, body))
+        self._send(200, json.loads(body))
+
     def do_POST(self) -> None:
         body = self._body()
         self.requests.append(("POST", self.path, body))
+        if self.path.startswith("/api/v1/namespaces/ml/secrets"):
+            secret = json.loads(body)
+            if secret["metadata"]["name"] in self.secrets:
+                return self._status(409, "AlreadyExists", "secrets exists")
+            self.secrets[secret["metadata"]["name"]] = secret
+            return self._send(201, secret)
         job = json.loads(body)
         name = job["metadata"]["name"]
         if name in self.jobs:
@@ -448,6 +513,9 @@ class _ApiServer(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self.requests.append(("DELETE", self.path, self._body()))
         name = urlparse(self.path).path.rsplit("/", 1)[1]
+        if "/secrets/" in self.path:
+            self.secrets.pop(name, None)
+            return self._send(200, {"kind": "Status", "status": "Success"})
         if self.jobs.pop(name, None) is None:
             return self._status(404, "NotFound", f'jobs.batch "{name}" not found')
         self._send(200, {"kind": "Status", "status": "Success"})
@@ -457,7 +525,7 @@ class _ApiServer(BaseHTTPRequestHandler):
 def real_api():
     from kubernetes import client
 
-    _ApiServer.jobs, _ApiServer.requests = {}, []
+    _ApiServer.jobs, _ApiServer.secrets, _ApiServer.requests = {}, {}, []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _ApiServer)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -468,7 +536,9 @@ def real_api():
 
 
 def test_the_real_batch_api_speaks_the_kubernetes_rest_api(real_api, tmp_path):
-    settings = KubernetesSettings(namespace="ml", trainer_image="trainer:1", data_claim="layercard-data")
+    settings = KubernetesSettings(
+        namespace="ml", trainer_image="trainer:1", data_claim="layercard-data", service_address=ADDRESS
+    )
     manifest = job_manifest("job-a", settings, worker_command(tmp_path, (), (), 16), data_dir=tmp_path)
     real_api.create_job("ml", manifest)
     method, path, body = _ApiServer.requests[-1]
@@ -496,6 +566,15 @@ def test_the_real_batch_api_speaks_the_kubernetes_rest_api(real_api, tmp_path):
     assert method == "DELETE" and "Background" in path + body  # pods go with it, in the background
     real_api.delete_job("ml", "layercard-job-a")  # gone already: no error
     assert real_api.list_jobs("ml", "app.kubernetes.io/name=layercard-trainer") == []
+
+    real_api.put_secret("ml", worker_secret("job-a", "first", settings))
+    real_api.put_secret("ml", worker_secret("job-a", "second", settings))  # exists: replaced
+    methods = [(m, p) for m, p, _ in _ApiServer.requests[-3:]]
+    assert methods == [("POST", "/api/v1/namespaces/ml/secrets"), ("POST", "/api/v1/namespaces/ml/secrets"),
+                       ("PUT", "/api/v1/namespaces/ml/secrets/layercard-job-a")]  # fmt: skip
+    assert json.loads(_ApiServer.requests[-1][2])["stringData"] == {"token": "second"}
+    real_api.delete_secret("ml", "layercard-job-a")
+    real_api.delete_secret("ml", "layercard-job-a")  # gone already: no error
 
 
 def test_the_real_batch_api_reports_an_unreachable_server_as_unavailable():
@@ -527,6 +606,7 @@ def test_the_service_chooses_the_kubernetes_runner_by_configuration(tmp_path, mo
     )
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     flags = ["--job-runner", "kubernetes", "--data-dir", str(tmp_path / "data"), "--k8s-namespace", "ml"]
+    flags += ["--k8s-service-address", ADDRESS]
     config = ServiceConfig.load([*flags, "--k8s-trainer-image", "t:1", "--k8s-data-claim", "d"], environ={})
     tuning = _tuning(config, Telemetry())
     try:

@@ -1,4 +1,5 @@
-"""The worker's exit paths, run in-process on a real job store: each ends the job with a stable code."""
+"""The worker's exit paths, run in-process on a real job store (through the service's domain side of the workers'
+API, without the network): each ends the job with a stable code."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from layercard_service.tune.datasets import DatasetArtifacts
 from layercard_service.tune.job_store import JobStore
 from layercard_service.tune.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
 from layercard_service.tune.loop import TrainingLoop
+from layercard_service.tune.reporter import InProcessChannel, Reporter
+from layercard_service.tune.reports import WorkerReports, issue_worker_token
 
 TRAIN = "".join(json.dumps({"prompt": f"say {i}", "completion": f" {i}"}) + "\n" for i in range(16)).encode()
 TRAIN_SHA256 = hashlib.sha256(TRAIN).hexdigest()
@@ -42,6 +45,12 @@ def _spec(**placement) -> JobSpec:
     )
 
 
+def _channel(store: JobStore, tmp_path, max_lora_rank: int = 16, job_id: str = "job-a") -> InProcessChannel:
+    """What a runner gives one attempt: a fresh credential, and the service on the other end."""
+    issue_worker_token(store, job_id)
+    return InProcessChannel(WorkerReports(store, tmp_path / "artifacts", max_lora_rank), job_id)
+
+
 @pytest.fixture
 def run(tmp_path):
     store = JobStore(tmp_path / "state.db")
@@ -54,7 +63,7 @@ def run(tmp_path):
             store.transition("job-a", [JobState.RUNNING], JobState.CANCELLING)
         settings = worker.parse_args(["--data-dir", str(tmp_path), "--job-id", "job-a"])
         settings.max_lora_rank = max_lora_rank
-        assert worker.run_job(store, settings) == 0
+        assert worker.run_job(_channel(store, tmp_path, max_lora_rank), settings) == 0
         return store.get("job-a")
 
     yield run_job
@@ -125,7 +134,8 @@ def test_a_record_from_before_artifacts_trains_on_the_bytes_it_holds(tmp_path):
     with sqlite3.connect(store.path) as db:
         db.execute("UPDATE tuning_jobs SET spec = ? WHERE job_id = 'job-a'", (json.dumps(legacy),))
     store.transition("job-a", [JobState.QUEUED], JobState.RUNNING)
-    assert worker.run_job(store, worker.parse_args(["--data-dir", str(tmp_path), "--job-id", "job-a"])) == 0
+    settings = worker.parse_args(["--data-dir", str(tmp_path), "--job-id", "job-a"])
+    assert worker.run_job(_channel(store, tmp_path), settings) == 0
     assert store.get("job-a").state == JobState.SUCCEEDED
     store.close()
 
@@ -142,7 +152,7 @@ def test_a_resumed_job_reports_each_step_once(tmp_path, monkeypatch):
     store.create("job-a", None, spec, 4)
     store.transition("job-a", [JobState.QUEUED], JobState.RUNNING)
     settings = worker.parse_args(["--data-dir", str(tmp_path), "--job-id", "job-a"])
-    add = worker.EventWriter.add
+    add = Reporter.add
 
     def add_then_die_after_step_3(self, event, step=None, urgent=False):
         add(self, event, step, urgent)
@@ -150,9 +160,9 @@ def test_a_resumed_job_reports_each_step_once(tmp_path, monkeypatch):
             raise worker.Terminated  # as SIGTERM (or a crash) between checkpoints
 
     with monkeypatch.context() as patched:
-        patched.setattr(worker.EventWriter, "add", add_then_die_after_step_3)
-        assert worker.run_job(store, settings) == worker.EXIT_TERMINATED
-    assert worker.run_job(store, settings) == 0
+        patched.setattr(Reporter, "add", add_then_die_after_step_3)
+        assert worker.run_job(_channel(store, tmp_path), settings) == worker.EXIT_TERMINATED
+    assert worker.run_job(_channel(store, tmp_path), settings) == 0
     history = store.events_after("job-a", 0)
     store.close()
     assert [e.payload["step"] for e in history if e.kind == "step"] == [1, 2, 3, 4]

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "layercard.dev"
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+# The workers' internal API authenticates each call with its job's credential (api/worker.py), not this token.
+INTERNAL_PREFIX = "/layercard.internal.v1."
 
 
 # Errors echo what the caller sent (a name, a path); clipped so that the status always fits the trailers a
@@ -150,7 +152,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Requires ``authorization: Bearer <token>`` on every RPC except health checks (probes carry no secrets)."""
+    """Requires ``authorization: Bearer <token>`` on every RPC except health checks (probes carry no secrets).
+
+    The workers' internal services are left to their own per-job credential: this token neither opens them
+    nor is needed for them.
+    """
 
     def __init__(self, token: str) -> None:
         if not token:
@@ -166,7 +172,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return hmac.compare_digest(presented, self._expected)  # constant time: no timing oracle on the token
 
     async def intercept_service(self, continuation, handler_call_details):
-        if handler_call_details.method.startswith(HEALTH_PREFIX):
+        if handler_call_details.method.startswith((HEALTH_PREFIX, INTERNAL_PREFIX)):
             return await continuation(handler_call_details)
         if self._authorized(handler_call_details.invocation_metadata):
             return await continuation(handler_call_details)

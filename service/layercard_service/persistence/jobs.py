@@ -171,6 +171,55 @@ class JobStore:
             if worker_pid is not None:
                 tx.execute("UPDATE tuning_jobs SET worker_pid = ? WHERE job_id = ?", (worker_pid, job_id))
 
+    # --- worker credentials and reports (tune/reports.py) ---------------------------------------------------
+    def set_worker_credential(self, job_id: str, token_sha256: str) -> None:
+        """The credential of the job's next worker attempt; the previous attempt's stops working."""
+        with self._write() as tx:
+            tx.execute(
+                "INSERT OR REPLACE INTO tuning_job_workers (job_id, token_sha256, batch) VALUES (?, ?, 0)",
+                (job_id, token_sha256),
+            )
+
+    def job_of_credential(self, token_sha256: str) -> str | None:
+        """The job whose current worker credential this is; None: no job's."""
+        row = self.db.execute("SELECT job_id FROM tuning_job_workers WHERE token_sha256 = ?", (token_sha256,))
+        row = row.fetchone()
+        return row[0] if row else None
+
+    def record_report(
+        self,
+        job_id: str,
+        batch: int,
+        events: Sequence[NewEvent],
+        step: int | None,
+        worker_pid: int | None,
+        writable: Iterable[JobState],
+    ) -> tuple[JobState | None, bool]:
+        """A worker's report in one transaction: (the job's state, whether anything was written).
+
+        Nothing is written when the job is not in a ``writable`` state, or when ``batch`` (> 0) is not above
+        the highest batch recorded for the current credential: a retry of a batch already recorded.
+        """
+        allowed = {s.value for s in writable}
+        with self._write() as tx:
+            row = tx.execute("SELECT state FROM tuning_jobs WHERE job_id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None, False
+            state = JobState(row[0])
+            if state.value not in allowed:
+                return state, False
+            if batch > 0:
+                seen = tx.execute("SELECT batch FROM tuning_job_workers WHERE job_id = ?", (job_id,)).fetchone()
+                if seen is not None and batch <= seen[0]:
+                    return state, False
+                tx.execute("UPDATE tuning_job_workers SET batch = ? WHERE job_id = ?", (batch, job_id))
+            if worker_pid is not None:
+                tx.execute("UPDATE tuning_jobs SET worker_pid = ? WHERE job_id = ?", (worker_pid, job_id))
+            if step is not None:
+                tx.execute("UPDATE tuning_jobs SET step = ? WHERE job_id = ?", (step, job_id))
+            _append(tx, job_id, events, time.time())
+        return state, True
+
     def worker_pid(self, job_id: str) -> int | None:
         row = self.db.execute("SELECT worker_pid FROM tuning_jobs WHERE job_id = ?", (job_id,)).fetchone()
         return row[0] if row else None
@@ -197,6 +246,7 @@ class JobStore:
             if not state.ended:
                 return state
             tx.execute("DELETE FROM tuning_job_events WHERE job_id = ?", (job_id,))
+            tx.execute("DELETE FROM tuning_job_workers WHERE job_id = ?", (job_id,))
             tx.execute("DELETE FROM tuning_jobs WHERE job_id = ?", (job_id,))
             _release(tx, _dataset_hashes(json.loads(row[1])), remove_dataset)
         return state

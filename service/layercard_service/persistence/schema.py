@@ -115,9 +115,22 @@ def _v2_deployment_budget(db: Database, tx: Session) -> None:
         tx.execute("ALTER TABLE deployments ADD COLUMN budget REAL")
 
 
+def _v3_worker_credentials(db: Database, tx: Session) -> None:
+    tx.execute(
+        """CREATE TABLE IF NOT EXISTS tuning_job_workers (
+            job_id       TEXT PRIMARY KEY,
+            token_sha256 TEXT NOT NULL UNIQUE,
+            batch        INTEGER NOT NULL DEFAULT 0
+        )"""
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "cards, file hashes, tuning jobs and events, adapter versions, deployments, measurements", _v1_tables),
     Migration(2, "deployments.budget: the max_overhead_fraction an adapter was deployed under", _v2_deployment_budget),
+    Migration(
+        3, "tuning_job_workers: each job's worker credential (its hash) and last recorded batch", _v3_worker_credentials
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

@@ -51,6 +51,14 @@ class BatchApi(ABC):
     def list_jobs(self, namespace: str, label_selector: str) -> list[dict[str, Any]]: ...
 
     @abstractmethod
+    def put_secret(self, namespace: str, body: dict[str, Any]) -> None:
+        """Creates the Secret, or replaces the one of that name (a job's worker credential, new per attempt)."""
+
+    @abstractmethod
+    def delete_secret(self, namespace: str, name: str) -> None:
+        """Deletes the Secret; one already gone is no error."""
+
+    @abstractmethod
     def pod_failure(self, namespace: str, job_name: str) -> str:
         """Why the Job's pod ended, from its status (reason, exit code, termination message); "" if unknown."""
 
@@ -85,7 +93,7 @@ class KubernetesBatchApi(BatchApi):
         self._batch = client.BatchV1Api(api_client)
         self._core = client.CoreV1Api(api_client)
         self._errors = (ApiException, urllib3.exceptions.HTTPError, OSError)
-        self._job_type = client.V1Job
+        self._job_type, self._secret_type = client.V1Job, client.V1Secret
         self._timeout = request_timeout
 
     def create_job(self, namespace: str, body: dict[str, Any]) -> None:
@@ -108,6 +116,24 @@ class KubernetesBatchApi(BatchApi):
             lambda: self._batch.list_namespaced_job(namespace, label_selector=label_selector, **self._raw()),
         )
         return list((listed or {}).get("items") or [])
+
+    def put_secret(self, namespace: str, body: dict[str, Any]) -> None:
+        secret = self._secret_type(**{k: v for k, v in body.items() if k != "metadata"}, metadata=body["metadata"])
+        name = body["metadata"]["name"]
+        try:
+            self._call("create a Secret", lambda: self._core.create_namespaced_secret(namespace, secret, **self._raw()))
+        except AlreadyExists:
+            self._call(
+                "replace a Secret",
+                lambda: self._core.replace_namespaced_secret(name, namespace, secret, **self._raw()),
+            )
+
+    def delete_secret(self, namespace: str, name: str) -> None:
+        self._call(
+            "delete a Secret",
+            lambda: self._core.delete_namespaced_secret(name, namespace, **self._raw()),
+            missing_ok=True,
+        )
 
     def pod_failure(self, namespace: str, job_name: str) -> str:
         return pod_failure_text(self._pods(namespace, job_name))

@@ -6,15 +6,14 @@ tests validate it offline against the API's schemas (kubernetes-validate) and a 
 What the Job looks like, and why:
 - the container runs the worker exactly as the local runner does (``worker_command``'s arguments), with
   ``python`` from the trainer image in place of the service's interpreter;
-- the service's ``data_dir`` is a ReadWriteMany PersistentVolumeClaim mounted at the same path in the service
-  pod and in every trainer pod: the worker writes its state and events straight into ``state.db`` (SQLite in
-  WAL mode) and its checkpoints and adapter beside it. That is this runner's main limitation. SQLite over a
-  network filesystem needs a filesystem with working POSIX locks (NFSv4 with locking, CephFS, a cloud
-  filestore; never one that fakes them), and WAL mode needs every process that opens the database on ONE host
-  (its ``-shm`` index is shared memory): ``colocate_with`` (the service pod's labels) keeps trainer pods on the
-  service pod's node, which meets both. Without it, trainers on other nodes write a WAL database over the
-  network, which SQLite does not support: fine for a trial, not for production. Lifting it needs a store the
-  worker reaches over the network (a database server, or progress reported through the service);
+- the worker reports through the service's internal gRPC API (``service_address``: the service's in-cluster
+  address, e.g. its Service ``layercard.<namespace>.svc:50051``), never into ``state.db``: only the service
+  pod opens the database. Its credential, fresh per attempt, is a Secret of its own (``worker_secret``, named
+  as the Job) that the container reads as ``LAYERCARD_WORKER_TOKEN``: not in the Job's spec, which anyone who
+  may read Jobs sees. Trainer pods may run on any node;
+- the service's ``data_dir`` (a ReadWriteMany PersistentVolumeClaim) is mounted at the same path in trainer
+  pods for the files a worker reads and writes: inline datasets, checkpoints and the staged adapter, which the
+  service then publishes (a rename on the same volume);
 - ``backoffLimit: 0``: Kubernetes never runs a failed worker again by itself; the service decides. A failed
   Job fails the job (WORKER_DIED); a RUNNING job whose Job vanished while the service was down is created
   again at the next start and resumes from its last checkpoint. One exception, in the pod failure policy: a
@@ -49,6 +48,7 @@ __all__ = [
     "KubernetesSettings",
     "job_manifest",
     "job_name",
+    "worker_secret",
     "parse_node_selector",
     "parse_toleration",
 ]
@@ -57,6 +57,7 @@ APP_LABEL = ("app.kubernetes.io/name", "layercard-trainer")
 JOB_ID_KEY = "layercard.dev/job-id"  # a label (for selection) and an annotation (the exact id)
 SELECTOR = f"{APP_LABEL[0]}={APP_LABEL[1]}"
 WORKER_MODULE = "layercard_service.tune.worker"
+TOKEN_ENV = "LAYERCARD_WORKER_TOKEN"  # tune/reports.py's; repeated so this module stays free of the store
 NAME_PREFIX = "layercard-"
 
 
@@ -106,11 +107,12 @@ def job_manifest(
         {"name": "PYTHONUNBUFFERED", "value": "1"},  # the log tail on failure is the last thing it printed
         {"name": "HF_HUB_OFFLINE", "value": "1"},  # models load from mounted directories, never from a hub
         {"name": "LAYERCARD_JOB_ID", "value": job_id},
+        {"name": TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": job_name(job_id), "key": "token"}}},
     ]
     container: dict[str, Any] = {
         "name": "trainer",
         "image": s.trainer_image,
-        "command": _container_command(list(command(job_id)), s.gpus),
+        "command": _container_command([*command(job_id), "--service-address", s.service_address], s.gpus),
         "env": env,
         "resources": {"requests": requests, **({"limits": limits} if limits else {})},
         "volumeMounts": mounts,
@@ -119,13 +121,13 @@ def job_manifest(
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "automountServiceAccountToken": False,  # the worker talks to the database, never to the API server
+        "automountServiceAccountToken": False,  # the worker talks to the service, never to the API server
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": s.run_as_user,
             "runAsGroup": s.run_as_user,
             "fsGroup": s.run_as_user,
-            "fsGroupChangePolicy": "OnRootMismatch",  # not a recursive chown of the live state.db per trainer
+            "fsGroupChangePolicy": "OnRootMismatch",  # not a recursive chown of the whole volume per trainer
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
@@ -137,9 +139,6 @@ def job_manifest(
         pod_spec["nodeSelector"] = dict(s.node_selector)
     if s.tolerations:
         pod_spec["tolerations"] = [dict(t) for t in s.tolerations]
-    if s.colocate_with:  # SQLite in WAL mode: every process that opens state.db on one host
-        same_node = {"labelSelector": {"matchLabels": dict(s.colocate_with)}, "topologyKey": "kubernetes.io/hostname"}
-        pod_spec["affinity"] = {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [same_node]}}
     job_spec: dict[str, Any] = {
         "backoffLimit": 0,  # retries are the service's decision: a resumed job continues from its checkpoint
         "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]},
@@ -153,6 +152,24 @@ def job_manifest(
         "kind": "Job",
         "metadata": {"name": job_name(job_id), "namespace": s.namespace, "labels": labels, "annotations": annotations},
         "spec": job_spec,
+    }
+
+
+def worker_secret(job_id: str, token: str, settings: KubernetesSettings) -> dict[str, Any]:
+    """The ``v1`` Secret holding one attempt's worker credential; named as the job's Job, replaced per attempt."""
+    labels = {APP_LABEL[0]: APP_LABEL[1], "app.kubernetes.io/component": "worker-credential"}
+    labels[JOB_ID_KEY] = job_label(job_id)
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": job_name(job_id),
+            "namespace": settings.namespace,
+            "labels": labels,
+            "annotations": {JOB_ID_KEY: job_id},
+        },
+        "stringData": {"token": token},
     }
 
 

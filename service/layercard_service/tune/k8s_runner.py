@@ -1,10 +1,11 @@
 """The Kubernetes job runner: each tuning job is a ``batch/v1`` Job running the trainer image.
 
 It keeps the local runner's contract (runner.py): at most ``max_concurrent`` Jobs exist at once and the rest
-wait in a FIFO queue; the runner moves a job QUEUED -> RUNNING and creates its Job, and the worker in the pod
-writes its own progress, events and final state (SUCCEEDED, FAILED, CANCELLED) into the service's job store,
-``state.db`` on the shared data volume (see k8s_manifest.py for what that asks of the volume, and why SQLite
-on a network filesystem is this runner's main limitation).
+wait in a FIFO queue; the runner moves a job QUEUED -> RUNNING, puts the attempt's worker credential in a
+Secret of its own and creates its Job, and the worker in the pod reports its progress, events and final state
+(SUCCEEDED, FAILED, CANCELLED) through the service's internal API at ``service_address`` (tune/reports.py);
+it never opens ``state.db``, so trainer pods run on any node. The credential's digest is in the job store, so
+a worker keeps reporting across a service restart (the runner re-attaches to its Job).
 
 One background thread lists the Jobs with the runner's label selector every ``poll_seconds`` (or at once after
 a submit or cancel) and acts on what changed: a Job that ended, or vanished, while its job is still RUNNING
@@ -27,7 +28,8 @@ thread and leaves the Jobs running: the next start re-attaches to them. Kubernet
 service's callers: the thread logs them and tries again at the next poll.
 
 The service's ServiceAccount needs, in the runner's namespace: ``jobs`` (group ``batch``) create, get, list,
-delete; ``pods`` list (for the reason a pod ended or cannot start). One service per namespace: Jobs are named
+delete; ``pods`` list (for the reason a pod ended or cannot start); ``secrets`` create, update, delete (the
+workers' credentials). One service per namespace: Jobs are named
 after job ids, which callers may choose.
 """
 
@@ -53,7 +55,9 @@ from layercard_service.tune.k8s_manifest import (
     KubernetesSettings,
     job_manifest,
     job_name,
+    worker_secret,
 )
+from layercard_service.tune.reports import issue_worker_token
 from layercard_service.tune.runner import JobRunner, report_job_end, worker_command
 
 if TYPE_CHECKING:
@@ -250,6 +254,7 @@ class KubernetesJobRunner(JobRunner):
             job_id, active, JobState.FAILED, message, error_code="WORKER_START_FAILED", error_message=message
         )
         self.api.delete_job(self.namespace, name)
+        self._delete_secret(name)
         with self._cond:
             self._running.pop(job_id, None)
             self._since.pop(job_id, None)
@@ -278,7 +283,15 @@ class KubernetesJobRunner(JobRunner):
                 self.api.delete_job(self.namespace, name)  # a cancelled job leaves no Job behind
             except (Unavailable, FailedPrecondition) as exc:
                 log.warning("cannot delete the Job %s of a cancelled job (its TTL will): %s", name, exc.message)
+        self._delete_secret(name)
         report_job_end(self.store, self.telemetry, job_id)
+
+    def _delete_secret(self, name: str) -> None:
+        """The ended attempt's credential: useless now (the store no longer accepts it for writes), so removed."""
+        try:
+            self.api.delete_secret(self.namespace, name)
+        except (Unavailable, FailedPrecondition) as exc:
+            log.warning("cannot delete the worker credential Secret %s: %s", name, exc.message)
 
     def _dispatch(self) -> None:
         while True:
@@ -323,6 +336,8 @@ class KubernetesJobRunner(JobRunner):
 
     def _create_or_attach(self, job_id: str, name: str) -> bool:
         """True once the job has a running Job; False after deleting a finished one that held its name."""
+        token = issue_worker_token(self.store, job_id)  # this attempt's; a worker of an earlier one is refused
+        self.api.put_secret(self.namespace, worker_secret(job_id, token, self.settings))
         try:
             self.api.create_job(
                 self.namespace, job_manifest(job_id, self.settings, self.command, data_dir=self.data_dir)
@@ -330,6 +345,7 @@ class KubernetesJobRunner(JobRunner):
             log.info("created the Kubernetes Job %s", name, extra={"job_id": job_id})
             return True
         except AlreadyExists:  # created by an attempt whose answer was lost, or left over from an earlier run
+            # (a pod of it that started before the Secret was replaced holds the old token: refused, it exits)
             existing = self.api.read_job(self.namespace, name)
         if existing is not None and job_finished(existing) is None:
             log.info("the Kubernetes Job %s already runs: attached", name, extra={"job_id": job_id})

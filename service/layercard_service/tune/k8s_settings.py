@@ -97,8 +97,13 @@ class KubernetesSettings:
     data_claim: str = setting(
         "",
         "the ReadWriteMany PersistentVolumeClaim holding data_dir, mounted at the same path (data_dir, absolute) "
-        "in this pod and the trainer pods; the trainers write state.db (SQLite) there, so the volume needs working "
-        "file locks (needed by job_runner kubernetes)",
+        "in this pod and the trainer pods; the trainers write datasets, checkpoints and adapters there, never "
+        "state.db (needed by job_runner kubernetes)",
+    )
+    service_address: str = setting(
+        "",
+        "host:port where trainer pods reach this service's gRPC port to report through (its Service, e.g. "
+        "layercard.<namespace>.svc:50051)",
     )
     service_account: str = setting("", "the trainer pods' ServiceAccount; empty: the namespace's default")
     gpus: int = setting(0, "GPUs per trainer pod; more than one starts the worker through torchrun")
@@ -120,13 +125,8 @@ class KubernetesSettings:
         "dataset_roots must exist at the same paths there)",
         parse=parse_claims,
     )
-    colocate_with: Mapping[str, str] = setting(
-        help="this pod's labels, k=v,k2=v2: the trainer pods run on its node, as SQLite's WAL mode requires",
-        factory=dict,
-        parse=lambda text: parse_node_selector(text, "k8s_colocate_with"),
-    )
     run_as_user: int = setting(
-        10001, "UID, GID and fsGroup of the trainer pods: the service pod's (deploy/), so both write state.db"
+        10001, "UID, GID and fsGroup of the trainer pods: the service pod's (deploy/), so both write the artifacts"
     )
     active_deadline_seconds: int = setting(0, "a trainer Job's deadline in seconds; 0: none")
     ttl_seconds_after_finished: int = setting(86_400, "how long a finished trainer Job is kept, in seconds")
@@ -147,6 +147,14 @@ class KubernetesSettings:
         if any(c.isspace() for c in self.trainer_image):
             raise ConfigError(f"k8s_trainer_image must be an image reference, got {self.trainer_image!r}")
         _check(DNS_SUBDOMAIN, self.data_claim, "k8s_data_claim")
+        host, _, port = self.service_address.rpartition(":")
+        if not (host.strip("[]") and port.isdigit() and 0 < int(port) < 65536) or any(
+            c.isspace() for c in self.service_address
+        ):
+            raise ConfigError(
+                "k8s_service_address must be the host:port where trainer pods reach the service's gRPC port "
+                f"(e.g. layercard.<namespace>.svc:50051), got {self.service_address!r}"
+            )
         if not data_dir.is_absolute():
             raise ConfigError(
                 f"data_dir must be an absolute path with the Kubernetes runner (the trainer pods mount the data "

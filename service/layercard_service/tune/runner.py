@@ -3,7 +3,9 @@
 ``LocalProcessRunner`` (the default) runs each job in its own worker process
 (``python -m layercard_service.tune.worker``): a crash or OOM kills the worker, not the service, and it is the
 shape a Kubernetes runner mirrors (one pod per job). At most ``max_concurrent`` workers run; the rest wait in
-a FIFO queue. The runner only dispatches and supervises; workers write their own progress to the database.
+a FIFO queue. The runner only dispatches and supervises; workers report their progress through the service's
+internal API (tune/reports.py): each gets the server's address (``--service-address``) and a fresh credential
+for the attempt in its environment (``LAYERCARD_WORKER_TOKEN``), and never opens the database.
 
 Restart semantics (``start``): QUEUED jobs are queued again; a RUNNING job (its worker gone with the old
 service) goes back to QUEUED with an event saying from which checkpoint step it resumes; a CANCELLING one
@@ -34,7 +36,7 @@ from layercard_service.telemetry import JobOutcome, Telemetry
 from layercard_service.tune.checkpoint import latest_step
 from layercard_service.tune.job_store import JobStore
 from layercard_service.tune.jobs import JobState
-from layercard_service.tune.worker import EXIT_DISK_FULL
+from layercard_service.tune.reports import EXIT_DISK_FULL, TOKEN_ENV, ServiceEndpoint, issue_worker_token
 from layercard_service.tune.worker_log import error_excerpt
 
 __all__ = ["JobRunner", "LocalProcessRunner", "report_job_end", "worker_command"]
@@ -49,6 +51,11 @@ class JobRunner(ABC):
     """Executes queued jobs. Jobs' states live in the job store; the runner moves QUEUED to RUNNING."""
 
     telemetry: Telemetry = Telemetry()  # told once of every job that ends (report_job_end)
+    endpoint: ServiceEndpoint | None = None  # where workers reach the service; set once the server has bound
+
+    def set_service_endpoint(self, endpoint: ServiceEndpoint) -> None:
+        """Where this server's workers report; runners whose workers run elsewhere keep their own address."""
+        self.endpoint = endpoint
 
     @abstractmethod
     def start(self) -> None:
@@ -243,12 +250,13 @@ class LocalProcessRunner(JobRunner):
 
     def _start(self, job_id: str) -> None:
         """Under the lock: QUEUED -> RUNNING, then the worker and its supervisor."""
-        # QUEUED -> RUNNING before the worker starts: a cancel from now on is CANCELLING, which the worker
-        # honours at its first poll.
+        # The attempt's credential first: a refused write leaves the job QUEUED. Then QUEUED -> RUNNING before
+        # the worker starts: a cancel from now on is CANCELLING, which the worker honours at its first poll.
+        token = issue_worker_token(self.store, job_id)
         if not self.store.transition(job_id, [JobState.QUEUED], JobState.RUNNING, "worker starting"):
             return
         try:
-            proc = self._spawn(job_id)
+            proc = self._spawn(job_id, token)
         except OSError as exc:
             # RUNNING with no worker: recorded as FAILED by a thread of its own, retried until the store takes it.
             self._settling.add(job_id)
@@ -268,12 +276,14 @@ class LocalProcessRunner(JobRunner):
     def forget(self, job_id: str) -> None:
         (self.log_dir / f"{job_id}.log").unlink(missing_ok=True)
 
-    def _spawn(self, job_id: str) -> subprocess.Popen:
+    def _spawn(self, job_id: str, token: str) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        argv = list(self.command(job_id)) + (self.endpoint.worker_args() if self.endpoint else [])
         with open(self.log_dir / f"{job_id}.log", "ab") as log_file:
             # A session of its own: a Ctrl-C at the service's terminal reaches the service, which ends workers.
             return subprocess.Popen(
-                self.command(job_id),
+                argv,
+                env={**os.environ, TOKEN_ENV: token},  # not in argv: anyone on the machine can read /proc/*/cmdline
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,

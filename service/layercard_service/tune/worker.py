@@ -1,19 +1,27 @@
-"""The tuning worker: one process per job, ``python -m layercard_service.tune.worker --data-dir D --job-id J``.
+"""The tuning worker: one process per job, ``python -m layercard_service.tune.worker --data-dir D --job-id J
+--service-address HOST:PORT`` with the attempt's credential in ``LAYERCARD_WORKER_TOKEN``.
 
-It reads the job's spec from the service's database, trains, and writes progress, events and the final state
-back to the same database through its own connection. The runner marks the job RUNNING before starting it.
+It never opens the service's database: it reads its job's spec through the service's internal API, trains, and
+reports progress, events and its end back the same way (tune/reporter.py: buffered, retried with backoff while
+the service is away). It reads and writes only files under the data dir's ``artifacts/`` (datasets,
+checkpoints, the staged adapter). The runner marks the job RUNNING before starting it.
 It trains on one device: it is not data-parallel, so under ``torchrun`` (the Kubernetes runner's multi-GPU
 launch) only rank 0 works and the other ranks exit at once.
 
 Exit paths, and what the job's state becomes:
-- finished: the adapter is published as a new version and the job SUCCEEDED (one transaction);
+- finished: the adapter is staged, and the service publishes it as a new version and marks the job SUCCEEDED
+  (one transaction, on the service's side);
 - the service asked to cancel (state CANCELLING, polled before every step): CANCELLED;
 - a known problem (bad dataset, bad layers, unloadable model or checkpoint): FAILED with the error's reason;
 - anything else: FAILED with INTERNAL, the exception's type and message;
-- SIGTERM (the service is shutting down): buffered events are flushed, the state stays RUNNING, and the next
-  service start resumes the job from its last checkpoint;
+- SIGTERM (the service is shutting down): buffered events are flushed (for a few seconds at most), the state
+  stays RUNNING, and the next service start resumes the job from its last checkpoint;
+- the service stays unreachable past ``--service-lost-seconds``: exit EXIT_SERVICE_LOST, the state stays RUNNING
+  and the service's restart recovery resumes the job; a refused credential (a newer attempt holds the job):
+  exit EXIT_CREDENTIAL_REFUSED;
 - the data dir's disk is full: FAILED with DISK_FULL if that write still goes through, else the worker exits
-  with EXIT_DISK_FULL and the runner records FAILED with DISK_FULL once the disk takes it.
+  with EXIT_DISK_FULL and the runner records FAILED with DISK_FULL once the disk takes it (the service answers
+  a write it cannot make with RESOURCE_EXHAUSTED, reason DISK_FULL, which the worker treats as its own).
 """
 
 from __future__ import annotations
@@ -27,18 +35,35 @@ import sys
 import time
 from pathlib import Path
 
-from layercard_service.errors import LayercardError
+from layercard_service.errors import LayercardError, NotFound
 from layercard_service.store import DISK_FULL, is_disk_full
-from layercard_service.tune.job_store import JobStore, NewEvent
-from layercard_service.tune.jobs import EvalSummary, JobRecord, JobResult, JobState
+from layercard_service.tune.job_store import NewEvent
+from layercard_service.tune.jobs import EvalSummary, JobState
+from layercard_service.tune.reporter import CredentialRefused, GrpcChannel, JobChannel, Reporter, ServiceLost
+from layercard_service.tune.reports import (
+    EXIT_CREDENTIAL_REFUSED,
+    EXIT_DISK_FULL,
+    EXIT_SERVICE_LOST,
+    TOKEN_ENV,
+    Finish,
+    WorkerJob,
+)
 
-__all__ = ["EventWriter", "WorkerSettings", "main", "run_job"]
+__all__ = [
+    "EXIT_CREDENTIAL_REFUSED",
+    "EXIT_DISK_FULL",
+    "EXIT_SERVICE_LOST",
+    "EXIT_TERMINATED",
+    "WorkerSettings",
+    "main",
+    "run_job",
+]
 
 log = logging.getLogger("layercard_service.tune.worker")
 
-FLUSH_INTERVAL_SECONDS = 0.2  # step events are buffered: at most ~5 database writes a second
+FLUSH_INTERVAL_SECONDS = 0.2  # step events are buffered: at most ~5 reports a second
+TERMINATE_FLUSH_SECONDS = 5.0  # on SIGTERM, how long buffered events may wait for the service
 EXIT_TERMINATED = 143
-EXIT_DISK_FULL = 28  # ENOSPC's number: the job's end could not be written, the runner writes it
 LOW_SPACE_BYTES = 1 << 20  # an unexpected error with less free than this on the data dir's disk is a full disk
 
 
@@ -53,28 +78,10 @@ class WorkerSettings(argparse.Namespace):
     dataset_roots: tuple[Path, ...]
     max_lora_rank: int
     threads: int
-
-
-class EventWriter:
-    """Buffers step events and writes them with the job's progress in one transaction per flush."""
-
-    def __init__(self, store: JobStore, job_id: str, interval: float = FLUSH_INTERVAL_SECONDS) -> None:
-        self.store, self.job_id, self.interval = store, job_id, interval
-        self._buffer: list[NewEvent] = []
-        self._step: int | None = None
-        self._last = 0.0
-
-    def add(self, event: NewEvent, step: int | None = None, urgent: bool = False) -> None:
-        self._buffer.append(event)
-        if step is not None:
-            self._step = step
-        if urgent or time.monotonic() - self._last >= self.interval:
-            self.flush()
-
-    def flush(self) -> None:
-        if self._buffer or self._step is not None:
-            self.store.append_events(self.job_id, self._buffer, self._step)
-        self._buffer, self._step, self._last = [], None, time.monotonic()
+    service_address: str
+    service_ca_file: Path | None
+    service_server_name: str
+    service_lost_seconds: float
 
 
 def _eval_event(summary: EvalSummary, message: str) -> NewEvent:
@@ -82,9 +89,18 @@ def _eval_event(summary: EvalSummary, message: str) -> NewEvent:
     return NewEvent("eval", {**payload, "examples": summary.examples}, message)
 
 
-def run_job(store: JobStore, settings: WorkerSettings) -> int:
+def run_job(channel: JobChannel, settings: WorkerSettings) -> int:
+    reporter = Reporter(channel, interval=FLUSH_INTERVAL_SECONDS, lost_after=settings.service_lost_seconds)
     try:
-        return _run_job(store, settings)
+        return _run_job(reporter, settings)
+    except ServiceLost as exc:
+        log.error("job %s: %s; it stays RUNNING and resumes when the service recovers it", settings.job_id, exc)
+        return EXIT_SERVICE_LOST
+    except CredentialRefused as exc:
+        log.error(
+            "job %s: the service refused this worker's credential (%s): another attempt runs it", settings.job_id, exc
+        )
+        return EXIT_CREDENTIAL_REFUSED
     except Exception as exc:
         if not is_disk_full(exc):
             raise
@@ -92,38 +108,37 @@ def run_job(store: JobStore, settings: WorkerSettings) -> int:
         return EXIT_DISK_FULL
 
 
-def _run_job(store: JobStore, settings: WorkerSettings) -> int:
+def _run_job(reporter: Reporter, settings: WorkerSettings) -> int:
     job_id = settings.job_id
-    job = store.get(job_id)
-    if job is None:
+    try:
+        job = reporter.get_job()
+    except NotFound:
         log.error("no such job %s", job_id)
         return 2
     if job.state == JobState.CANCELLING:
-        store.transition(job_id, [JobState.CANCELLING], JobState.CANCELLED, "cancelled before training started")
+        reporter.finish(Finish(JobState.CANCELLED, "cancelled before training started"))
         return 0
     if job.state != JobState.RUNNING:
         log.warning("job %s is %s, not RUNNING: nothing to do", job_id, job.state.value)
         return 0
-    store.set_progress(job_id, worker_pid=os.getpid())
-    events = EventWriter(store, job_id)
+    reporter.report_pid(os.getpid())
     try:
-        _train(store, job, settings, events)
+        _train(reporter, job_id, job, settings)
     except Terminated:
-        events.flush()
+        if not reporter.flush(within=TERMINATE_FLUSH_SECONDS):
+            log.warning("terminated with %d events the service did not take", reporter.pending)
         log.info("terminated; job %s stays RUNNING and resumes from its last checkpoint", job_id)
         return EXIT_TERMINATED
     except LayercardError as exc:
         log.error("job %s failed: %s", job_id, exc.message)
-        events.flush()
-        _fail(store, job_id, exc.reason, exc.message)
+        _fail(reporter, exc.reason, exc.message)
     except Exception as exc:  # a bug or an environment problem: reported, never silent
         log.exception("job %s failed", job_id)
         if _disk_full(exc, settings.data_dir):  # torch and safetensors say "write failed", not ENOSPC
             message = f"the data dir's disk is full: {type(exc).__name__}: {exc}"[:2000]
-            _fail(store, job_id, DISK_FULL, message)
+            _fail(reporter, DISK_FULL, message)
             return 0
-        events.flush()
-        _fail(store, job_id, "INTERNAL", f"{type(exc).__name__}: {exc}"[:2000])
+        _fail(reporter, "INTERNAL", f"{type(exc).__name__}: {exc}"[:2000])
     return 0
 
 
@@ -136,16 +151,15 @@ def _disk_full(exc: BaseException, data_dir: Path) -> bool:
         return False
 
 
-def _fail(store: JobStore, job_id: str, code: str, message: str) -> None:
-    active = [JobState.RUNNING, JobState.CANCELLING]
-    store.transition(job_id, active, JobState.FAILED, message, error_code=code, error_message=message)
+def _fail(reporter: Reporter, code: str, message: str) -> None:
+    reporter.finish(Finish(JobState.FAILED, message, error_code=code, error_message=message))
 
 
-def _cancelled(store: JobStore, job_id: str, step: int) -> None:
-    store.transition(job_id, [JobState.CANCELLING], JobState.CANCELLED, f"cancelled at step {step}")
+def _cancelled(reporter: Reporter, step: int) -> None:
+    reporter.finish(Finish(JobState.CANCELLED, f"cancelled at step {step}"))
 
 
-def _train(store: JobStore, job: JobRecord, settings: WorkerSettings, events: EventWriter) -> None:
+def _train(events: Reporter, job_id: str, job: WorkerJob, settings: WorkerSettings) -> None:
     # Heavy imports here, after the cheap checks: a worker that has nothing to do exits fast.
     import torch
 
@@ -159,7 +173,7 @@ def _train(store: JobStore, job: JobRecord, settings: WorkerSettings, events: Ev
 
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
-    spec, job_id, placement = job.spec, job.job_id, job.spec.placement
+    spec, placement = job.spec, job.spec.placement
     artifacts = settings.data_dir / "artifacts"
     datasets = DatasetArtifacts(artifacts)  # inline data is read back from its artifact, its hash checked
     data = resolve_dataset(datasets.load(spec.training_data, "training_data"), settings.dataset_roots, "training_data")
@@ -176,7 +190,7 @@ def _train(store: JobStore, job: JobRecord, settings: WorkerSettings, events: Ev
         peft_model, tokenizer, data.examples, validation, spec.hyperparameters, artifacts / "checkpoints" / job_id
     )
     resumed = loop.resume()
-    recorded = _recorded_steps(store, job_id)
+    recorded = job.recorded_steps
 
     def fresh(kind: str, step: int) -> bool:
         # Steps between the checkpoint and a crash were reported by the run that crashed; resuming repeats
@@ -211,18 +225,16 @@ def _train(store: JobStore, job: JobRecord, settings: WorkerSettings, events: Ev
             events.add(NewEvent("checkpoint", {"step": step, "path": str(path)}), urgent=True)
 
     hooks = LoopHooks(
-        should_stop=lambda: store.state(job_id) != JobState.RUNNING,
+        should_stop=lambda: events.state() != JobState.RUNNING,
         on_step=on_step,
         on_eval=on_eval,
         on_checkpoint=on_checkpoint,
     )
     outcome = loop.run(job.total_steps, hooks)
     if outcome.reason == "stopped":
-        events.flush()
-        _cancelled(store, job_id, loop.state.step)
+        _cancelled(events, loop.state.step)
         return
     final = loop.final_eval(hooks)
-    events.flush()
     seconds = loop.state.train_seconds
     result_base = {
         "final_eval": final,
@@ -236,39 +248,31 @@ def _train(store: JobStore, job: JobRecord, settings: WorkerSettings, events: Ev
     }
     staged = stage_adapter(peft_model, artifacts, spec.adapter_id, job_id, settings.max_lora_rank)
 
-    def publish(db) -> JobResult:
-        metadata = {
-            "model": spec.model,
-            "placement": {**spec.to_dict()["placement"], "target_modules": list(modules)},
-            "hyperparameters": spec.to_dict()["hyperparameters"],
-            "steps": loop.state.step,
-            "stopped_early": outcome.reason == "early_stopped",
-            "cost": {k: v for k, v in result_base.items() if not k.endswith("_eval")},
-            "final_eval": final.__dict__ if final else None,
-            "base_eval": base.__dict__ if base else None,
-        }
-        version = staged.publish(db, metadata)
-        return JobResult(adapter_version=f"adapters/{spec.adapter_id}/versions/{version.version}", **result_base)
-
+    metadata = {
+        "model": spec.model,
+        "placement": {**spec.to_dict()["placement"], "target_modules": list(modules)},
+        "hyperparameters": spec.to_dict()["hyperparameters"],
+        "steps": loop.state.step,
+        "stopped_early": outcome.reason == "early_stopped",
+        "cost": {k: v for k, v in result_base.items() if not k.endswith("_eval")},
+        "final_eval": final.__dict__ if final else None,
+        "base_eval": base.__dict__ if base else None,
+    }
+    result = {k: (v.__dict__ if isinstance(v, EvalSummary) else v) for k, v in result_base.items()}
     message = "early stopping: no improvement" if outcome.reason == "early_stopped" else "training finished"
-    if not store.transition(job_id, [JobState.RUNNING], JobState.SUCCEEDED, message, result=publish):
+    finish = Finish(
+        JobState.SUCCEEDED,
+        message,
+        staged_adapter_path=str(staged.tmp.resolve()),
+        adapter_metadata=metadata,
+        result=result,
+    )
+    applied, state, _ = events.finish(finish)  # the service publishes the version and ends the job at once
+    if not applied and state != JobState.SUCCEEDED:
         staged.discard()  # cancelled during the final evaluation: honour the cancel, publish nothing
-        _cancelled(store, job_id, loop.state.step)
+        _cancelled(events, loop.state.step)
         return
     shutil.rmtree(loop.checkpoint_root, ignore_errors=True)  # the published adapter supersedes them
-
-
-def _recorded_steps(store: JobStore, job_id: str) -> dict[str, int]:
-    """The highest step of each kind of event (step, eval, checkpoint) already in the job's history."""
-    highest: dict[str, int] = {}
-    after = 0
-    while batch := store.events_after(job_id, after):
-        for event in batch:
-            step = event.payload.get("step")
-            if event.kind in ("step", "eval", "checkpoint") and isinstance(step, int):
-                highest[event.kind] = max(highest.get(event.kind, -1), step)
-        after = batch[-1].sequence
-    return highest
 
 
 def _paths(raw: str) -> tuple[Path, ...]:
@@ -283,6 +287,12 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     parser.add_argument("--dataset-roots", type=_paths, default=())
     parser.add_argument("--max-lora-rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
+    parser.add_argument("--service-address", default="", help="the service's gRPC host:port (its internal API)")
+    parser.add_argument("--service-ca-file", type=Path, default=None, help="the CA that signs the service's TLS")
+    parser.add_argument("--service-server-name", default="", help="the name the service's certificate holds")
+    parser.add_argument(
+        "--service-lost-seconds", type=float, default=300.0, help="unreachable this long: exit, the job resumes"
+    )
     return parser.parse_args(argv, namespace=WorkerSettings())
 
 
@@ -299,18 +309,18 @@ def main(argv: list[str] | None = None) -> int:
     def terminate(signum: int, frame: object) -> None:
         raise Terminated
 
+    token = os.environ.get(TOKEN_ENV, "")
+    if not settings.service_address or not token:
+        log.error("the worker needs --service-address and its credential in %s", TOKEN_ENV)
+        return 2
     signal.signal(signal.SIGTERM, terminate)
+    channel = GrpcChannel(
+        settings.service_address, token, settings.job_id, settings.service_ca_file, settings.service_server_name
+    )
     try:
-        store = JobStore(settings.data_dir / "state.db")
-    except Exception as exc:
-        if not is_disk_full(exc):
-            raise
-        log.error("cannot open the job store: %s", exc)
-        return EXIT_DISK_FULL
-    try:
-        return run_job(store, settings)
+        return run_job(channel, settings)
     finally:
-        store.close()
+        channel.close()
 
 
 if __name__ == "__main__":
