@@ -32,6 +32,7 @@ from layercard_service.tune import k8s_runner, worker
 from layercard_service.tune.checkpoint import latest_step
 from layercard_service.tune.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
 from layercard_service.tune.k8s_api import BatchApi
+from layercard_service.tune.k8s_settings import KubernetesSettings
 from layercard_service.tune.reporter import GrpcChannel
 from layercard_service.tune.reports import issue_worker_token
 
@@ -194,11 +195,13 @@ def test_a_kubernetes_worker_outlives_a_service_restart_and_its_buffered_events_
         log_format="text",
         data_dir=tmp_path / "data",
         job_runner="kubernetes",
-        k8s_namespace="ml",
-        k8s_trainer_image="trainer:test",
-        k8s_data_claim="layercard-data",
-        k8s_service_address=f"127.0.0.1:{port}",
-        k8s_poll_seconds=0.2,
+        kubernetes=KubernetesSettings(
+            namespace="ml",
+            trainer_image="trainer:test",
+            data_claim="layercard-data",
+            service_address=f"127.0.0.1:{port}",
+            poll_seconds=0.2,
+        ),
     )
     steps = 40
     try:

@@ -166,13 +166,14 @@ def test_every_kubernetes_environment_variable_lands_in_the_nested_settings():
 
 
 def test_the_kubernetes_runner_is_checked_with_the_nested_settings():
-    base = ["--job-runner", "kubernetes", "--data-dir", "/data", "--k8s-trainer-image", "trainer:1"]
+    base = ["--job-runner", "kubernetes", "--data-dir", "/data", "--k8s-trainer-image", "trainer:1",
+            "--k8s-service-address", "layercard.ml.svc:50051"]  # fmt: skip
     config = ServiceConfig.load([*base, "--k8s-data-claim", "layercard-data"], environ={})
     assert config.kubernetes.trainer_image == "trainer:1" and config.kubernetes.namespace == ""
     with pytest.raises(ConfigError, match="job_runner 'kubernetes' needs k8s_data_claim"):
         ServiceConfig.load(base, environ={})
     with pytest.raises(ConfigError, match="k8s_namespace must be a valid Kubernetes name, got 'Team_ML'"):
-        bad = KubernetesSettings(namespace="Team_ML", trainer_image="t:1", data_claim="c")
+        bad = KubernetesSettings(namespace="Team_ML", trainer_image="t:1", data_claim="c", service_address="s:1")
         ServiceConfig(job_runner="kubernetes", data_dir=Path("/data"), kubernetes=bad)
 
 

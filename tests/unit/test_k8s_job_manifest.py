@@ -87,7 +87,7 @@ def test_the_cpu_job_is_valid_and_runs_the_worker_as_the_local_runner_would():
 def test_the_job_does_not_depend_on_the_database_or_the_service_pods_node():
     """Workers report through the service: nothing in the Job pins it near state.db or names the database."""
     for settings in (CPU, GPU):
-        manifest = job_manifest("job-a", settings, COMMAND)
+        manifest = job_manifest("job-a", settings, COMMAND, data_dir=DATA)
         pod = manifest["spec"]["template"]["spec"]
         assert "affinity" not in pod  # no podAffinity to the service pod: any node will do
         assert "state.db" not in str(manifest)
