@@ -29,7 +29,7 @@ from layercard_service.errors import AlreadyExists
 from layercard_service.sources import DatasetRequest
 from layercard_service.store import disk_full_error
 from layercard_service.tune import k8s_runner, worker
-from layercard_service.tune.checkpoint import latest_step
+from layercard_service.tune.checkpoint_dirs import latest_step
 from layercard_service.tune.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
 from layercard_service.tune.k8s_api import BatchApi
 from layercard_service.tune.k8s_settings import KubernetesSettings

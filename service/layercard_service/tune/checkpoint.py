@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from layercard_service.errors import FailedPrecondition
+from layercard_service.tune.checkpoint_dirs import checkpoint_steps, latest_step
 
 __all__ = ["KEEP", "LoadedCheckpoint", "latest_step", "load_latest", "restore_rng", "save_checkpoint"]
 
@@ -34,24 +35,6 @@ class LoadedCheckpoint:
     optimizer: dict[str, Any]
     rng: dict[str, Any]
     state: dict[str, Any]
-
-
-def _steps(root: Path) -> list[tuple[int, Path]]:
-    found = []
-    if root.is_dir():
-        for child in root.iterdir():
-            if child.name.startswith("step-") and (child / "state.json").is_file():
-                try:
-                    found.append((int(child.name[len("step-") :]), child))
-                except ValueError:
-                    continue
-    return sorted(found, reverse=True)
-
-
-def latest_step(root: Path) -> int:
-    """Step of the newest complete checkpoint under ``root``; 0 when there is none."""
-    steps = _steps(root)
-    return steps[0][0] if steps else 0
 
 
 def save_checkpoint(
@@ -79,14 +62,14 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for _, old in _steps(root)[KEEP:]:
+    for _, old in checkpoint_steps(root)[KEEP:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def load_latest(root: Path) -> LoadedCheckpoint | None:
     """The newest checkpoint that loads; None when there is none. Unreadable ones: FAILED_PRECONDITION."""
-    steps = _steps(root)
+    steps = checkpoint_steps(root)
     if not steps:
         return None
     errors = []

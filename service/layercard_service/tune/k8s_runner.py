@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from layercard_service.errors import AlreadyExists, FailedPrecondition, Unavailable
 from layercard_service.telemetry import Telemetry
-from layercard_service.tune.checkpoint import latest_step
+from layercard_service.tune.checkpoint_dirs import latest_step
 from layercard_service.tune.job_store import JobStore
 from layercard_service.tune.jobs import JobState
 from layercard_service.tune.k8s_api import DETAIL_CHARS, BatchApi, KubernetesBatchApi

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from layercard_service.store import DISK_FULL, is_disk_full
 from layercard_service.telemetry import JobOutcome, Telemetry
-from layercard_service.tune.checkpoint import latest_step
+from layercard_service.tune.checkpoint_dirs import latest_step
 from layercard_service.tune.job_store import JobStore
 from layercard_service.tune.jobs import JobState
 from layercard_service.tune.reports import EXIT_DISK_FULL, TOKEN_ENV, ServiceEndpoint, issue_worker_token
