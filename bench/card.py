@@ -66,7 +66,7 @@ def _examples(n: int):
 
 
 def _settings(probe: int, coupling: bool = False):
-    from layercard_service.card.types import CardSettings
+    from layercard_service.domain.cards import CardSettings
 
     return CardSettings(probe_size=probe, compute_coupling=coupling)
 
@@ -75,8 +75,8 @@ def floor_seconds(model, tokenizer, probe: int) -> float:
     """One plain peft LoRA forward+backward over the same probe batches the card uses: no hooks, no extras."""
     from peft import LoraConfig, get_peft_model
 
-    from layercard_service.card.arch import detect_layout
-    from layercard_service.card.engine import make_probe_batches
+    from layercard_service.card_engine.arch import detect_layout
+    from layercard_service.card_engine.engine import make_probe_batches
 
     settings = _settings(probe)
     batches = make_probe_batches(tokenizer, _examples(probe), settings, torch.device("cpu"))
@@ -101,7 +101,7 @@ def floor_seconds(model, tokenizer, probe: int) -> float:
 
 def card_seconds(model, tokenizer, probe: int, coupling: bool) -> tuple[float, dict]:
     """Wall time of a whole card, and how it splits over the engine's phases (from its progress callbacks)."""
-    from layercard_service.card.engine import compute_card
+    from layercard_service.card_engine.engine import compute_card
 
     marks: list[tuple[str, float]] = []
 
@@ -160,8 +160,8 @@ def _peak_child(kind: str, probe: int) -> None:
     else:
         from peft import LoraConfig, get_peft_model
 
-        from layercard_service.card.arch import detect_layout
-        from layercard_service.card.engine import make_probe_batches
+        from layercard_service.card_engine.arch import detect_layout
+        from layercard_service.card_engine.engine import make_probe_batches
 
         batch = make_probe_batches(tokenizer, _examples(probe), _settings(probe), torch.device("cpu"))[0]
         with _PeakRss() as rss:

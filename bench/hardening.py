@@ -33,7 +33,7 @@ from support.grpc_fuzz import BAD, EXAMPLES_DEFAULT, EXAMPLES_PER_RPC, Tally, ru
 
 from bench.common import machine, version, write_results
 from layercard.v1 import common_pb2, tuning_pb2, tuning_pb2_grpc
-from layercard_service.store import MAX_LIST_RESPONSE_BYTES
+from layercard_service.persistence.store import MAX_LIST_RESPONSE_BYTES
 
 INLINE_JOBS, INLINE_BYTES = 20, 256 * 1024  # jobs whose inline dataset a List must not carry back in full
 

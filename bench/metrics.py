@@ -30,7 +30,7 @@ from grpc_health.v1._async import HealthServicer
 from bench.common import machine, version, write_results
 from layercard_service.api.grpc_metrics import GrpcMetricsInterceptor
 from layercard_service.api.interceptors import ErrorInterceptor
-from layercard_service.metrics import new_registry
+from layercard_service.observability.endpoint import new_registry
 
 CHECK = "/grpc.health.v1.Health/Check"
 SIDES = ("without", "with")

@@ -36,20 +36,20 @@ from pathlib import Path
 import torch
 
 from bench.common import write_results
-from layercard_service.card.engine import compute_card
-from layercard_service.card.types import CardSettings, LayerCardData
+from layercard_service.card_engine.engine import compute_card
+from layercard_service.control.planning.costs import Shape, shape_costs
+from layercard_service.control.planning.gains import SCORES, layer_scores
+from layercard_service.control.planning.planner import plan_placement
 from layercard_service.data.tasks import get_task
+from layercard_service.domain.cards import CardSettings, LayerCardData
+from layercard_service.domain.plans import BudgetSpec, PlanRequest
 from layercard_service.models.builtin import builtin_model_path
 from layercard_service.models.loading import load_model
-from layercard_service.plan.costs import Shape, shape_costs
-from layercard_service.plan.gains import SCORES, layer_scores
-from layercard_service.plan.planner import plan_placement
-from layercard_service.plan.types import BudgetSpec, PlanRequest
-from layercard_service.tune.evaluate import evaluate
-from layercard_service.tune.trainer import ALL_LINEAR_MODULES, LoraSettings, TrainConfig, attach_lora, train_lora
+from layercard_service.trainer.evaluate import evaluate
+from layercard_service.trainer.lora import ALL_LINEAR_MODULES, LoraSettings, TrainConfig, attach_lora, train_lora
 
 PLANNED_SCORES = ("resnorm", "stream_normalized")  # split_half ranks like resnorm here (reported in Spearman)
-HEADLINE_SCORE = "resnorm"  # the planner's default score (plan/gains.py DEFAULT_SCORE)
+HEADLINE_SCORE = "resnorm"  # the planner's default score (control/planning/gains.py DEFAULT_SCORE)
 BASELINES = ("full_equal_time", "depth_prior", "random_k", "first_k", "last_k", "uniform_k")
 
 

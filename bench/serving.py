@@ -45,13 +45,13 @@ from layercard_service.config import ServiceConfig
 from layercard_service.data.jsonl import Example
 from layercard_service.models.builtin import builtin_model_path
 from layercard_service.models.loading import load_model
-from layercard_service.serve.probes import measure_effect, measure_latency
-from layercard_service.serve.vllm_api import HttpVllmApi
-from layercard_service.serve.vllm_process import VllmProcess, VllmServerSettings
+from layercard_service.persistence.jobs import JobStore
 from layercard_service.server import LayercardServer
-from layercard_service.tune.artifact import stage_adapter
-from layercard_service.tune.job_store import JobStore
-from layercard_service.tune.trainer import LoraSettings, TrainConfig, attach_lora, train_lora
+from layercard_service.serving.probes import measure_effect, measure_latency
+from layercard_service.serving.vllm_api import HttpVllmApi
+from layercard_service.serving.vllm_process import VllmProcess, VllmServerSettings
+from layercard_service.trainer.artifact import stage_adapter
+from layercard_service.trainer.lora import LoraSettings, TrainConfig, attach_lora, train_lora
 
 SERVED_BASE = "builtin-tiny"
 MAX_LORA_RANK = 8
@@ -431,7 +431,7 @@ def report(result: dict) -> str:
         "",
         f"Service deploy / raw load to first token: **{h['deploy_over_raw_load']:.1f}x**.",
         "",
-        "What a deploy does that the raw load does not (serve/adapters.py): checks the artifact against the fleet "
+        "What a deploy does that the raw load does not (control/deployments.py): checks the artifact against the fleet "
         "(rank, peft type, base model); asks every replica what it serves; loads the version under a new name "
         "beside the one serving; the effect probe (3 prompts x base and adapter, 8 greedy tokens with "
         "log-probabilities: does the adapter change the output at all?); the latency probe (one warm-up each, "

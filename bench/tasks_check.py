@@ -37,8 +37,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from layercard_service.data.tasks import get_task, list_tasks
 from layercard_service.models.builtin import builtin_model_path
-from layercard_service.tune.evaluate import evaluate
-from layercard_service.tune.trainer import ALL_LINEAR_MODULES, LoraSettings, TrainConfig, attach_lora, train_lora
+from layercard_service.trainer.evaluate import evaluate
+from layercard_service.trainer.lora import ALL_LINEAR_MODULES, LoraSettings, TrainConfig, attach_lora, train_lora
 
 BASE_EM_MAX = 0.05
 LORA_EM_MIN = 0.5

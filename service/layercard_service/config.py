@@ -13,9 +13,9 @@ from dataclasses import Field, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from layercard_service.runners.kubernetes.settings import FLAG_PREFIX as K8S_PREFIX
+from layercard_service.runners.kubernetes.settings import KubernetesSettings
 from layercard_service.settings import ConfigError, setting, setting_help, setting_parser
-from layercard_service.tune.k8s_settings import FLAG_PREFIX as K8S_PREFIX
-from layercard_service.tune.k8s_settings import KubernetesSettings
 
 __all__ = ["ConfigError", "KubernetesSettings", "ServiceConfig"]
 
@@ -77,7 +77,8 @@ class ServiceConfig:
         "where tuning jobs run: local (a worker process each, on this machine) or kubernetes (a batch/v1 Job "
         "each, with the --k8s-* settings)",
     )
-    # Flags and variables --k8s-<name> / LAYERCARD_K8S_<NAME>: the runner's own settings (tune/k8s_settings.py).
+    # Flags and variables --k8s-<name> / LAYERCARD_K8S_<NAME>: the runner's own settings
+    # (runners/kubernetes/settings.py).
     kubernetes: KubernetesSettings = setting(help="the Kubernetes runner's settings", factory=KubernetesSettings)
     log_level: str = setting("INFO", "log level: DEBUG, INFO, WARNING, ERROR")
     log_format: str = setting("json", "json for machines, text for people")

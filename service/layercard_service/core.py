@@ -6,22 +6,23 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from layercard_service.card.service import CardService
 from layercard_service.config import ServiceConfig
+from layercard_service.control.cards import CardService
+from layercard_service.control.deployments import AdapterManager, DeploySettings
+from layercard_service.control.planning.planner import PlacementPlanner
+from layercard_service.control.reconcile import Reconciler
+from layercard_service.control.tuning import TuningService
+from layercard_service.observability.prometheus import StateCollector
 from layercard_service.persistence import Database, open_database
-from layercard_service.plan.planner import PlacementPlanner
-from layercard_service.prometheus_metrics import StateCollector
-from layercard_service.serve.adapters import AdapterManager, DeploySettings
-from layercard_service.serve.deploy_store import DeploymentStore
-from layercard_service.serve.fleet import Discovery, DnsDiscovery, Fleet, FleetSettings, StaticDiscovery, Union
-from layercard_service.serve.inference import InferenceProxy, Routes
-from layercard_service.serve.reconcile import Reconciler
-from layercard_service.store import Store
+from layercard_service.persistence.adapter_versions import AdapterVersions
+from layercard_service.persistence.deployments import DeploymentStore
+from layercard_service.persistence.jobs import JobStore
+from layercard_service.persistence.store import Store
+from layercard_service.runners.local import LocalProcessRunner, worker_command
+from layercard_service.runners.worker_reports import ServiceEndpoint, WorkerReports
+from layercard_service.serving.fleet import Discovery, DnsDiscovery, Fleet, FleetSettings, StaticDiscovery, Union
+from layercard_service.serving.inference import InferenceProxy, Routes
 from layercard_service.telemetry import SafeTelemetry, Telemetry
-from layercard_service.tune.job_store import AdapterVersions, JobStore
-from layercard_service.tune.reports import ServiceEndpoint, WorkerReports
-from layercard_service.tune.runner import LocalProcessRunner, worker_command
-from layercard_service.tune.service import TuningService
 
 __all__ = ["Core"]
 
@@ -121,7 +122,7 @@ class Core:
 
 def _card_engine(*args: Any) -> Any:
     """The card engine, imported on the first card: torch stays out of a server that computes none."""
-    from layercard_service.card.run import compute_with_engine
+    from layercard_service.card_engine.run import compute_with_engine
 
     return compute_with_engine(*args)
 
@@ -140,7 +141,7 @@ def _tuning(
     if jobs is None:  # on its own (tests): a database of its own
         jobs = JobStore(config.data_dir / "state.db")
     if config.job_runner == "kubernetes":  # a batch/v1 Job per tuning job; the client is imported only then
-        from layercard_service.tune.k8s_runner import kubernetes_runner
+        from layercard_service.runners.kubernetes.runner import kubernetes_runner
 
         runner = kubernetes_runner(config, jobs, telemetry)
     else:

@@ -20,8 +20,8 @@ from pathlib import Path
 from layercard_service.config import ServiceConfig
 from layercard_service.logs import configure_logging
 from layercard_service.models.builtin import builtin_model_path
-from layercard_service.serve.vllm_process import VllmProcess, VllmServerSettings
 from layercard_service.server import LayercardServer
+from layercard_service.serving.vllm_process import VllmProcess, VllmServerSettings
 
 __all__ = ["main"]
 

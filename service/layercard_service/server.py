@@ -44,11 +44,11 @@ from layercard_service.api.tuning import TuningServicer
 from layercard_service.api.worker import WorkerServicer
 from layercard_service.config import ConfigError, ServiceConfig
 from layercard_service.core import Core
-from layercard_service.data_dir_lock import DataDirInUse, DataDirLock
 from layercard_service.logs import configure_logging
-from layercard_service.metrics import MetricsEndpoint, new_registry
-from layercard_service.prometheus_metrics import PrometheusTelemetry
-from layercard_service.tune.reports import ServiceEndpoint
+from layercard_service.observability.endpoint import MetricsEndpoint, new_registry
+from layercard_service.observability.prometheus import PrometheusTelemetry
+from layercard_service.persistence.lock import DataDirInUse, DataDirLock
+from layercard_service.runners.worker_reports import ServiceEndpoint
 
 __all__ = [
     "EXIT_DATA_DIR_IN_USE",

@@ -1,7 +1,7 @@
 """What every settings dataclass is made of: ``ConfigError`` and ``setting``, a field with its help text.
 
 A neutral module, so config.py (the service's settings) and the settings a part of the service owns (the
-Kubernetes runner's, tune/k8s_settings.py) both build on it without importing each other. The help text lives
+Kubernetes runner's, runners/kubernetes/settings.py) both build on it without importing each other. The help text lives
 on the field, the one place ``layercard-server --help`` and the docs read it from.
 """
 

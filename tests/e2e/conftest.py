@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from layercard_service.models.builtin import builtin_model_path
-from layercard_service.serve.vllm_process import VllmProcess, VllmServerSettings
+from layercard_service.serving.vllm_process import VllmProcess, VllmServerSettings
 
 E2E_DIR = Path(__file__).parent
 VLLM_FIXTURES = ("vllm_pair", "vllm_server")  # tests/conftest.py refuses them to a test not marked e2e

@@ -12,8 +12,8 @@ from layercard.v1 import inference_pb2, inference_pb2_grpc
 from layercard_service.config import ServiceConfig
 from layercard_service.models.builtin import builtin_model_path
 from layercard_service.models.loading import load_model
-from layercard_service.serve.vllm_api import HttpVllmApi
-from layercard_service.tune.trainer import LoraSettings, TrainConfig, attach_lora, train_lora
+from layercard_service.serving.vllm_api import HttpVllmApi
+from layercard_service.trainer.lora import LoraSettings, TrainConfig, attach_lora, train_lora
 
 ADAPTER = "e2e-echo"
 

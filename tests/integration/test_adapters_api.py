@@ -15,7 +15,7 @@ from support.server_thread import ServerThread
 
 from layercard.v1 import adapter_pb2, adapter_pb2_grpc
 from layercard_service.config import ServiceConfig
-from layercard_service.serve.vllm_process import free_port
+from layercard_service.serving.vllm_process import free_port
 
 ADAPTER_CONFIG = {"r": 8, "peft_type": "LORA", "target_modules": ["o_proj"], "bias": "none"}
 ADAPTERS = ("echo", "elsewhere")  # echo: compatible, versions 1 and 2; elsewhere: trained on another model

@@ -23,7 +23,7 @@ from support.server_thread import ServerThread
 
 from layercard.v1 import common_pb2, layer_card_pb2, layer_card_pb2_grpc, tuning_pb2, tuning_pb2_grpc
 from layercard_service.config import ServiceConfig
-from layercard_service.tune.jobs import JobState
+from layercard_service.domain.jobs import JobState
 
 pytestmark = pytest.mark.slow
 

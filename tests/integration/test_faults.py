@@ -11,7 +11,7 @@ import sqlite3
 import pytest
 from support.faults import SCENARIOS, lost_data
 
-from layercard_service.tune.job_store import JobStore
+from layercard_service.persistence.jobs import JobStore
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ from support.server_thread import ServerThread
 
 from layercard.v1 import inference_pb2, inference_pb2_grpc
 from layercard_service.config import ServiceConfig
-from layercard_service.serve.vllm_process import free_port
+from layercard_service.serving.vllm_process import free_port
 
 
 def _call(config: ServiceConfig, stream: bool = False) -> grpc.RpcError:

@@ -19,11 +19,11 @@ from support.server_thread import ServerThread
 
 from layercard.v1 import common_pb2, tuning_pb2, tuning_pb2_grpc
 from layercard_service.config import ServiceConfig
-from layercard_service.data_dir_lock import DataDirInUse
+from layercard_service.data.sources import DatasetRequest
+from layercard_service.domain.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
+from layercard_service.persistence.jobs import JobStore
+from layercard_service.persistence.lock import DataDirInUse
 from layercard_service.server import EXIT_DATA_DIR_IN_USE, EXIT_PORT_UNAVAILABLE, PortUnavailable
-from layercard_service.sources import DatasetRequest
-from layercard_service.tune.job_store import JobStore
-from layercard_service.tune.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
 
 SERVER = [sys.executable, "-m", "layercard_service.server"]
 

@@ -18,8 +18,8 @@ from support.server_thread import ServerThread
 from layercard.v1 import common_pb2, tuning_pb2, tuning_pb2_grpc
 from layercard_service.config import ServiceConfig
 from layercard_service.data.tasks import get_task
-from layercard_service.tune.job_store import JobStore
-from layercard_service.tune.jobs import JobState
+from layercard_service.domain.jobs import JobState
+from layercard_service.persistence.jobs import JobStore
 
 pytestmark = pytest.mark.slow
 
@@ -132,7 +132,7 @@ def test_job_runs_to_success_with_streamed_events_and_an_adapter_that_beats_the_
 
     from layercard_service.models.builtin import builtin_model_path
     from layercard_service.models.loading import load_model
-    from layercard_service.tune.evaluate import mean_completion_loss
+    from layercard_service.trainer.evaluate import mean_completion_loss
 
     path = tuning_server.config.data_dir / "artifacts" / "adapters" / "cipher-bot" / "1"
     card = json.loads((path / "layercard.json").read_text())

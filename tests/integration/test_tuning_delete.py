@@ -24,11 +24,11 @@ from layercard_client import errors
 from layercard_client.aio import AsyncLayercardClient
 from layercard_client.cli import main as cli_main
 from layercard_client.client import LayercardClient
-from layercard_service import store as store_module
 from layercard_service.api.tuning import TuningServicer
+from layercard_service.control.tuning import TuningService
+from layercard_service.persistence import store as store_module
+from layercard_service.persistence.jobs import JobStore
 from layercard_service.server import Servicers
-from layercard_service.tune.job_store import JobStore
-from layercard_service.tune.service import TuningService
 
 S = tuning_pb2
 DEFAULT_CLIENT_LIMIT = 4 * 1024 * 1024  # what a gRPC client accepts unless told otherwise

@@ -25,16 +25,17 @@ from support.server_thread import ServerThread
 from layercard.internal.v1 import worker_pb2, worker_pb2_grpc
 from layercard.v1 import adapter_pb2, adapter_pb2_grpc, common_pb2, tuning_pb2, tuning_pb2_grpc
 from layercard_service.config import ServiceConfig
+from layercard_service.data.sources import DatasetRequest
+from layercard_service.domain.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
 from layercard_service.errors import AlreadyExists
-from layercard_service.sources import DatasetRequest
-from layercard_service.store import disk_full_error
-from layercard_service.tune import k8s_runner, worker
-from layercard_service.tune.checkpoint_dirs import latest_step
-from layercard_service.tune.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
-from layercard_service.tune.k8s_api import BatchApi
-from layercard_service.tune.k8s_settings import KubernetesSettings
-from layercard_service.tune.reporter import GrpcChannel
-from layercard_service.tune.reports import issue_worker_token
+from layercard_service.persistence.store import disk_full_error
+from layercard_service.runners.kubernetes import runner as k8s_runner
+from layercard_service.runners.kubernetes import worker
+from layercard_service.runners.kubernetes.api import BatchApi
+from layercard_service.runners.kubernetes.settings import KubernetesSettings
+from layercard_service.runners.worker_reports import issue_worker_token
+from layercard_service.trainer.checkpoint_dirs import latest_step
+from layercard_service.trainer.reporter import GrpcChannel
 
 pytestmark = pytest.mark.slow
 

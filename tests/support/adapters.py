@@ -16,8 +16,9 @@ import torch
 from layercard_service.data.jsonl import Example
 from layercard_service.models.builtin import builtin_model_path
 from layercard_service.models.loading import load_model
-from layercard_service.tune.job_store import AdapterVersion, JobStore, insert_version
-from layercard_service.tune.trainer import LoraSettings, TrainConfig, attach_lora, train_lora
+from layercard_service.persistence.adapter_versions import AdapterVersion, insert_version
+from layercard_service.persistence.jobs import JobStore
+from layercard_service.trainer.lora import LoraSettings, TrainConfig, attach_lora, train_lora
 
 LAYERS = (6, 7)
 MODULES = ("o_proj",)

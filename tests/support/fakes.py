@@ -15,10 +15,10 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 
 from layercard_service.errors import AlreadyExists, LayercardError, NotFound, Unavailable
-from layercard_service.serve.fleet import Discovery
-from layercard_service.serve.vllm_api import Completion, CompletionChunk, Sampling, ServedModel, VllmApi
+from layercard_service.runners.local import JobRunner
+from layercard_service.serving.fleet import Discovery
+from layercard_service.serving.vllm_api import Completion, CompletionChunk, Sampling, ServedModel, VllmApi
 from layercard_service.telemetry import JobOutcome, RequestRecord, Telemetry
-from layercard_service.tune.runner import JobRunner
 
 __all__ = ["BASE", "BASE_LATENCY", "FakeVllm", "ListDiscovery", "RecordingRunner", "RecordingTelemetry"]
 

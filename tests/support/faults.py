@@ -71,7 +71,7 @@ def serving(channel: grpc.Channel) -> bool:
 
 def _alive_worker(pid: int | None) -> bool:
     try:
-        return bool(pid) and b"layercard_service.tune.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return bool(pid) and b"layercard_service.trainer.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from layercard_service.serve.adapters import AdapterManager, DeploySettings
-from layercard_service.serve.deploy_store import DeploymentStore
-from layercard_service.serve.fleet import Fleet, FleetSettings
-from layercard_service.serve.inference import InferenceProxy, Routes
-from layercard_service.serve.reconcile import Reconciler
-from layercard_service.serve.vllm_api import Sampling
-from layercard_service.tune.job_store import JobStore
+from layercard_service.control.deployments import AdapterManager, DeploySettings
+from layercard_service.control.reconcile import Reconciler
+from layercard_service.persistence.deployments import DeploymentStore
+from layercard_service.persistence.jobs import JobStore
+from layercard_service.serving.fleet import Fleet, FleetSettings
+from layercard_service.serving.inference import InferenceProxy, Routes
+from layercard_service.serving.vllm_api import Sampling
 from support.adapters import publish_version
 from support.fakes import FakeVllm, ListDiscovery
 

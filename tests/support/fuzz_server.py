@@ -29,7 +29,7 @@ from layercard.v1 import (
     tuning_pb2_grpc,
 )
 from layercard_service.config import ServiceConfig
-from layercard_service.serve.vllm_process import free_port
+from layercard_service.serving.vllm_process import free_port
 from support.server_thread import ServerThread
 
 __all__ = [

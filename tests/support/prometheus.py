@@ -11,7 +11,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from layercard_service.serve.vllm_process import free_port
+from layercard_service.serving.vllm_process import free_port
 
 INSTALL_HINT = "install Prometheus: apt-get install -y prometheus (scripts/setup.sh does it)"
 

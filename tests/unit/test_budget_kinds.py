@@ -1,4 +1,4 @@
-"""One table of budget kinds (plan/budgets.py): the contract, the domain, the API and the CLI agree with it."""
+"""One table of budget kinds (domain/budgets.py): the contract, the domain, the API and the CLI agree with it."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from layercard.v1 import placement_pb2
 from layercard_client import builders
 from layercard_client.cli.parser import BUDGET_FLAGS, budget_from_args, build_parser
 from layercard_service.api.placement import budget_from_proto
+from layercard_service.domain.budgets import BUDGET_KINDS
+from layercard_service.domain.plans import BudgetSpec
 from layercard_service.errors import InvalidArgument
-from layercard_service.plan.budgets import BUDGET_KINDS
-from layercard_service.plan.types import BudgetSpec
 
 NOT_A_LIMIT = {"serving_engine"}  # the engine the serving limits are for
 LIMIT_FIELDS = {f.name for f in placement_pb2.Budget.DESCRIPTOR.fields} - NOT_A_LIMIT

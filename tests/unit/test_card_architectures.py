@@ -7,10 +7,10 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, Phi3Config, Phi3ForCausalLM
 
-from layercard_service.card.arch import detect_layout
-from layercard_service.card.engine import compute_card
-from layercard_service.card.types import CardSettings
+from layercard_service.card_engine.arch import detect_layout
+from layercard_service.card_engine.engine import compute_card
 from layercard_service.data.tasks import get_task
+from layercard_service.domain.cards import CardSettings
 from layercard_service.errors import FailedPrecondition, InvalidArgument
 from layercard_service.models.builtin import builtin_model_path
 

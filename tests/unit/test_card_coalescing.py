@@ -1,4 +1,4 @@
-"""Identical concurrent ComputeLayerCard requests share one computation (card/service.py).
+"""Identical concurrent ComputeLayerCard requests share one computation (control/cards.py).
 
 The card engine (``card.engine.compute_card``, called through card.run) is replaced by a gated
 fake, so each test decides when the computation ends; the card it returns is a real one of the built-in model,
@@ -12,16 +12,16 @@ import threading
 
 import pytest
 
-from layercard_service.card import engine as card_engine
-from layercard_service.card.run import compute_with_engine
-from layercard_service.card.service import CardProgress, CardService, StoredCard
-from layercard_service.card.types import CardSettings
+from layercard_service.card_engine import engine as card_engine
+from layercard_service.card_engine.run import compute_with_engine
+from layercard_service.control.cards import CardProgress, CardService, StoredCard
+from layercard_service.data.sources import DatasetRequest
 from layercard_service.data.tasks import get_task
+from layercard_service.domain.cards import CardSettings
 from layercard_service.errors import Cancelled, ResourceExhausted
 from layercard_service.models.builtin import builtin_model_path
 from layercard_service.models.loading import load_model
-from layercard_service.sources import DatasetRequest
-from layercard_service.store import Store
+from layercard_service.persistence.store import Store
 
 SETTINGS = CardSettings(probe_size=8, max_seq_len=32)
 DATASET = DatasetRequest(builtin="builtin:cipher")

@@ -7,14 +7,14 @@ import random
 import pytest
 import torch
 
-from layercard_service.card.arch import detect_layout
-from layercard_service.card.coupling import cosine_matrix, directional_jvp, finite_difference
-from layercard_service.card.engine import compute_card, make_probe_batches
-from layercard_service.card.probe import attach_lora, lora_modules, module_type, run_probe
-from layercard_service.card.resnorm import module_figures
-from layercard_service.card.types import CardSettings
+from layercard_service.card_engine.arch import detect_layout
+from layercard_service.card_engine.coupling import cosine_matrix, directional_jvp, finite_difference
+from layercard_service.card_engine.engine import compute_card, make_probe_batches
+from layercard_service.card_engine.probe import attach_lora, lora_modules, module_type, run_probe
+from layercard_service.card_engine.resnorm import module_figures
 from layercard_service.data.encode import IGNORE_INDEX, EncodedExample, collate
 from layercard_service.data.tasks import get_task
+from layercard_service.domain.cards import CardSettings
 from layercard_service.models.builtin import builtin_model_path
 from layercard_service.models.loading import load_model
 
@@ -252,8 +252,8 @@ def test_card_end_to_end_on_builtin_model(tiny, examples):
 
 def test_stored_cost_figures_rebuild_the_cost_model(tiny, examples):
     """The card keeps every per-block figure the planner needs to predict time(S) without the model."""
-    from layercard_service.card.codec import card_from_dict, card_to_dict
-    from layercard_service.card.cost import CostModel
+    from layercard_service.card_engine.cost import CostModel
+    from layercard_service.domain.card_codec import card_from_dict, card_to_dict
 
     model, tokenizer = tiny
     card = compute_card(model, tokenizer, examples, SETTINGS, "builtin:tiny")

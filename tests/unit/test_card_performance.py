@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layercard_service.card.arch import detect_layout
-from layercard_service.card.engine import compute_card, make_probe_batches
-from layercard_service.card.performance import layer_gains, split_batches
-from layercard_service.card.probe import ADAPTER, attach_lora, lora_modules
-from layercard_service.card.types import CardSettings
+from layercard_service.card_engine.arch import detect_layout
+from layercard_service.card_engine.engine import compute_card, make_probe_batches
+from layercard_service.card_engine.performance import layer_gains, split_batches
+from layercard_service.card_engine.probe import ADAPTER, attach_lora, lora_modules
 from layercard_service.data.tasks import get_task
+from layercard_service.domain.cards import CardSettings
 from layercard_service.models.builtin import builtin_model_path
 from layercard_service.models.loading import load_model
 

@@ -9,7 +9,7 @@ import pytest
 
 from layercard_service import config as config_module
 from layercard_service.config import ConfigError, ServiceConfig
-from layercard_service.tune.k8s_settings import KubernetesSettings
+from layercard_service.runners.kubernetes.settings import KubernetesSettings
 
 
 def test_defaults():
@@ -180,10 +180,11 @@ def test_the_kubernetes_runner_is_checked_with_the_nested_settings():
 def test_the_kubernetes_settings_do_not_import_the_service_config():
     """No cycle: the runner's settings stand alone, and config.py reads them without the runner's modules."""
     code = (
-        "import sys; import layercard_service.tune.k8s_settings;"
+        "import sys; import layercard_service.runners.kubernetes.settings;"
         "assert 'layercard_service.config' not in sys.modules, 'k8s_settings imports config';"
         "import layercard_service.config;"
-        "loaded = [m for m in ('layercard_service.tune.k8s_manifest', 'layercard_service.tune.k8s_runner') "
+        "loaded = [m for m in ('layercard_service.runners.kubernetes.manifest', "
+        "'layercard_service.runners.kubernetes.runner') "
         "if m in sys.modules]; assert not loaded, loaded"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env=os.environ.copy())

@@ -16,6 +16,9 @@ from support.fleet import ADAPTER_CONFIG, MODEL, URLS, make_env, reason, run_asy
 
 from layercard.v1 import adapter_pb2
 from layercard_service.api.adapter import deployment_to_proto
+from layercard_service.control.deployments import AdapterManager
+from layercard_service.control.planning.planner import PlacementPlanner, calibrated
+from layercard_service.domain.plans import BudgetSpec, PlanRequest
 from layercard_service.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -23,12 +26,9 @@ from layercard_service.errors import (
     PermissionDenied,
     Unavailable,
 )
-from layercard_service.plan.planner import PlacementPlanner, calibrated
-from layercard_service.plan.types import BudgetSpec, PlanRequest
-from layercard_service.serve.adapters import AdapterManager
-from layercard_service.serve.deploy_store import DeploymentStore, LatencyMeasurement
-from layercard_service.serve.fleet import Fleet, FleetSettings, StaticDiscovery
-from layercard_service.serve.inference import InferenceProxy
+from layercard_service.persistence.deployments import DeploymentStore, LatencyMeasurement
+from layercard_service.serving.fleet import Fleet, FleetSettings, StaticDiscovery
+from layercard_service.serving.inference import InferenceProxy
 
 
 @run_async

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 from support.fleet import MODEL, run_async
 
-from layercard_service import store as paging
 from layercard_service.api import adapter as adapter_api
 from layercard_service.api.paging import ProtoPage
 from layercard_service.errors import InvalidArgument
+from layercard_service.persistence import store as paging
 
 
 @run_async

@@ -9,15 +9,15 @@ import sqlite3
 
 import pytest
 
+from layercard_service.data.sources import DatasetRequest
+from layercard_service.domain.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
 from layercard_service.errors import ResourceExhausted
-from layercard_service.sources import DatasetRequest
-from layercard_service.store import DISK_FULL, atomic_write, disk_full_error, is_disk_full, storage_errors
-from layercard_service.tune import worker
-from layercard_service.tune.job_store import JobStore
-from layercard_service.tune.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
-from layercard_service.tune.reporter import InProcessChannel
-from layercard_service.tune.reports import WorkerReports, issue_worker_token
-from layercard_service.tune.worker_log import error_excerpt
+from layercard_service.persistence.jobs import JobStore
+from layercard_service.persistence.store import DISK_FULL, atomic_write, disk_full_error, is_disk_full, storage_errors
+from layercard_service.runners.worker_log import error_excerpt
+from layercard_service.runners.worker_reports import WorkerReports, issue_worker_token
+from layercard_service.trainer import worker
+from layercard_service.trainer.reporter import InProcessChannel
 
 SPEC = JobSpec(
     "builtin:tiny",

@@ -10,7 +10,7 @@ import pytest
 from support.fleet import URLS, run_async
 
 from layercard_service.config import ConfigError, ServiceConfig
-from layercard_service.serve.fleet import DnsDiscovery
+from layercard_service.serving.fleet import DnsDiscovery
 
 
 @run_async

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from layercard_service.control.deployments import adapter_id_from_name
+from layercard_service.domain.jobs import check_id, job_id_from_name
 from layercard_service.errors import InvalidArgument
-from layercard_service.serve.adapters import adapter_id_from_name
-from layercard_service.serve.inference import resolve_served_name, served_id
-from layercard_service.serve.vllm_api import ServedModel
-from layercard_service.tune.jobs import check_id, job_id_from_name
-from layercard_service.tune.k8s_manifest import job_label, job_name
+from layercard_service.runners.kubernetes.manifest import job_label, job_name
+from layercard_service.serving.inference import resolve_served_name, served_id
+from layercard_service.serving.vllm_api import ServedModel
 
 TAILS = ["\n", " ", "\t", "\r\n", "\x00", "\v"]
 

@@ -12,8 +12,7 @@ import kubernetes_validate
 import pytest
 
 from layercard_service.config import ConfigError, ServiceConfig
-from layercard_service.tune import worker
-from layercard_service.tune.k8s_manifest import (
+from layercard_service.runners.kubernetes.manifest import (
     KubernetesSettings,
     job_label,
     job_manifest,
@@ -21,7 +20,8 @@ from layercard_service.tune.k8s_manifest import (
     parse_toleration,
     worker_secret,
 )
-from layercard_service.tune.runner import worker_command
+from layercard_service.runners.local import worker_command
+from layercard_service.trainer import worker
 
 KUBERNETES_VERSION = "1.37.0"  # the newest schemas kubernetes-validate 1.37 ships
 
@@ -64,7 +64,7 @@ def test_the_cpu_job_is_valid_and_runs_the_worker_as_the_local_runner_would():
     container = _container(manifest)
     # The same arguments, the image's interpreter, and where to report: the service's in-cluster address.
     assert container["command"] == ["python", *argv[1:], "--service-address", ADDRESS]
-    assert container["command"][1:3] == ["-m", "layercard_service.tune.worker"]
+    assert container["command"][1:3] == ["-m", "layercard_service.trainer.worker"]
     assert container["resources"] == {"requests": {"cpu": "1", "memory": "4Gi"}}
     labels = manifest["metadata"]["labels"]
     assert labels["app.kubernetes.io/name"] == "layercard-trainer" and labels["layercard.dev/job-id"] == "job-a"
@@ -106,7 +106,7 @@ def test_the_multi_gpu_job_is_valid_and_launches_through_torchrun():
     manifest = job_manifest("job-a", GPU, COMMAND, data_dir=DATA)
     _validate(manifest)
     container = _container(manifest)
-    launch = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "layercard_service.tune.worker"]
+    launch = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "layercard_service.trainer.worker"]
     assert container["command"] == [*launch, *COMMAND("job-a")[3:], "--service-address", ADDRESS]
     assert container["resources"] == {
         "requests": {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "2"},
@@ -128,7 +128,7 @@ def test_the_multi_gpu_job_is_valid_and_launches_through_torchrun():
 def test_one_gpu_needs_no_launcher():
     manifest = job_manifest("job-a", replace(GPU, gpus=1), COMMAND, data_dir=DATA)
     _validate(manifest)
-    assert _container(manifest)["command"][:3] == ["python", "-m", "layercard_service.tune.worker"]
+    assert _container(manifest)["command"][:3] == ["python", "-m", "layercard_service.trainer.worker"]
     assert _container(manifest)["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
 

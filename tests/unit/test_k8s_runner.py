@@ -16,15 +16,15 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 from support.fakes import RecordingTelemetry
 
+from layercard_service.data.sources import DatasetRequest
+from layercard_service.domain.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
 from layercard_service.errors import AlreadyExists, FailedPrecondition, Unavailable
-from layercard_service.sources import DatasetRequest
+from layercard_service.persistence.jobs import JobStore
+from layercard_service.runners.kubernetes.api import BatchApi, KubernetesBatchApi, pod_failure_text
+from layercard_service.runners.kubernetes.manifest import KubernetesSettings, job_manifest, job_name, worker_secret
+from layercard_service.runners.kubernetes.runner import KubernetesJobRunner
+from layercard_service.runners.local import worker_command
 from layercard_service.telemetry import Telemetry
-from layercard_service.tune.job_store import JobStore
-from layercard_service.tune.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
-from layercard_service.tune.k8s_api import BatchApi, KubernetesBatchApi, pod_failure_text
-from layercard_service.tune.k8s_manifest import KubernetesSettings, job_manifest, job_name, worker_secret
-from layercard_service.tune.k8s_runner import KubernetesJobRunner
-from layercard_service.tune.runner import worker_command
 
 ADDRESS = "layercard.ml.svc:50051"
 SPEC = JobSpec(
@@ -182,7 +182,7 @@ def test_create_submits_the_manifest_and_queues_beyond_the_limit(setup, tmp_path
 
 def test_each_attempt_gets_a_credential_secret_that_only_it_can_use_and_it_goes_with_the_job(setup, tmp_path):
     from layercard_service.errors import PermissionDenied, Unauthenticated
-    from layercard_service.tune.reports import WorkerReports
+    from layercard_service.runners.worker_reports import WorkerReports
 
     store, api, make, create, _ = setup
     reports = WorkerReports(store, tmp_path / "artifacts", 16)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from layercard_service.launch import _supervise
-from layercard_service.serve.vllm_process import VllmProcess, VllmServerSettings, VllmStartupError
+from layercard_service.serving.vllm_process import VllmProcess, VllmServerSettings, VllmStartupError
 
 
 class FakeVllm:

@@ -36,7 +36,7 @@ def test_the_incident_of_an_internal_error_is_in_the_text_log(text_log):
 
 
 def test_extra_values_are_quoted_when_they_would_be_ambiguous(text_log):
-    logging.getLogger("layercard_service.tune.runner").info(
+    logging.getLogger("layercard_service.runners.local").info(
         "job ended", extra={"job_id": "job-a", "error": "disk full: no space", "seconds": 1.5, "note": ""}
     )
     assert text_log().rstrip().endswith('job ended job_id=job-a error="disk full: no space" seconds=1.5 note=""')

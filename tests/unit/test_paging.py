@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from layercard_service import store
 from layercard_service.errors import InvalidArgument
-from layercard_service.store import paginate
+from layercard_service.persistence import store
+from layercard_service.persistence.store import paginate
 
 RECORDS = [(f"r{i:03d}", size) for i, size in enumerate([300, 10, 10, 900, 10, 10, 10, 2000, 10, 450] * 20)]
 

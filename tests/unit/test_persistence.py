@@ -13,10 +13,10 @@ import pytest
 
 from layercard_service.errors import FailedPrecondition, ResourceExhausted
 from layercard_service.persistence import DISK_FULL, SCHEMA_TOO_NEW, SCHEMA_VERSION, open_database
+from layercard_service.persistence.deployments import DeploymentRecord, DeploymentStore
+from layercard_service.persistence.jobs import JobStore
 from layercard_service.persistence.schema import schema_version
-from layercard_service.serve.deploy_store import DeploymentRecord, DeploymentStore
-from layercard_service.store import Store
-from layercard_service.tune.job_store import JobStore
+from layercard_service.persistence.store import Store
 
 # The schema as the code before versioning created it (store.py, tune/job_store.py, serve/deploy_store.py).
 OLD_SCHEMA = """
@@ -207,9 +207,9 @@ def test_only_the_persistence_layer_imports_sqlite3():
 
 
 def test_a_publication_that_fails_inside_the_transition_leaves_neither_version_nor_state(tmp_path):
-    from layercard_service.sources import DatasetRequest
-    from layercard_service.tune.job_store import AdapterVersion, insert_version, next_version
-    from layercard_service.tune.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
+    from layercard_service.data.sources import DatasetRequest
+    from layercard_service.domain.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
+    from layercard_service.persistence.adapter_versions import AdapterVersion, insert_version, next_version
 
     spec = JobSpec("builtin:tiny", DatasetRequest(builtin="builtin:cipher"), None, PlacementSpec(layers=(1,)),
                    Hyperparameters(steps=5), "bot")  # fmt: skip

@@ -6,7 +6,9 @@ import dataclasses
 
 import pytest
 
-from layercard_service.card.types import (
+from layercard_service.control.planning.costs import Shape, shape_costs
+from layercard_service.control.planning.planner import plan_placement
+from layercard_service.domain.cards import (
     CardSettings,
     LayerCardData,
     LayerCardRow,
@@ -14,10 +16,8 @@ from layercard_service.card.types import (
     ServingCostCard,
     TrainingCostCard,
 )
+from layercard_service.domain.plans import BudgetSpec, PlanRequest
 from layercard_service.errors import FailedPrecondition, InvalidArgument
-from layercard_service.plan.costs import Shape, shape_costs
-from layercard_service.plan.planner import plan_placement
-from layercard_service.plan.types import BudgetSpec, PlanRequest
 
 MODULES = ("q_proj", "o_proj")
 PARAMS = {"q_proj": 100, "o_proj": 300}  # adapter parameters per layer at the card's rank 8

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry
 
-from layercard_service.prometheus_metrics import PrometheusTelemetry, StateCollector
+from layercard_service.observability.prometheus import PrometheusTelemetry, StateCollector
 from layercard_service.telemetry import JobOutcome, RequestRecord
 
 

@@ -10,7 +10,7 @@ import asyncio
 
 from support.fleet import URLS, run_async, until
 
-from layercard_service.serve.deploy_store import DeploymentRecord
+from layercard_service.persistence.deployments import DeploymentRecord
 
 
 @run_async

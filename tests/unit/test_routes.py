@@ -11,10 +11,10 @@ import pytest
 from support.fakes import BASE, RecordingTelemetry
 from support.fleet import reason, run_async
 
+from layercard_service.control.deployments import AdapterManager
 from layercard_service.errors import NotFound
-from layercard_service.serve.adapters import AdapterManager
-from layercard_service.serve.inference import InferenceProxy, Routes
-from layercard_service.serve.vllm_api import Sampling
+from layercard_service.serving.inference import InferenceProxy, Routes
+from layercard_service.serving.vllm_api import Sampling
 
 
 @run_async

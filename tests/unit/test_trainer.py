@@ -14,8 +14,8 @@ from layercard_service.data.encode import EncodeConfig, collate, encode_examples
 from layercard_service.data.jsonl import Example
 from layercard_service.data.task_families import CipherTask
 from layercard_service.errors import InvalidArgument
-from layercard_service.tune.evaluate import evaluate, exact_match_rate, mean_completion_loss
-from layercard_service.tune.trainer import LoraSettings, TrainConfig, attach_lora, train_lora
+from layercard_service.trainer.evaluate import evaluate, exact_match_rate, mean_completion_loss
+from layercard_service.trainer.lora import LoraSettings, TrainConfig, attach_lora, train_lora
 
 TASK = CipherTask(alphabet_size=4, length=2, n_train=64, n_validation=8)
 

@@ -16,11 +16,11 @@ from support.fakes import RecordingRunner
 
 from layercard.v1 import common_pb2, placement_pb2, tuning_pb2
 from layercard_service.api.tuning import TuningServicer, event_to_proto, job_to_proto
+from layercard_service.control.tuning import CreateJob, PlannedPlacement, TuningService
+from layercard_service.domain.jobs import EvalSummary, JobEvent, JobResult, JobSpec, JobState
+from layercard_service.domain.plans import Estimate, Plan
 from layercard_service.errors import FailedPrecondition
-from layercard_service.plan.types import Estimate, Plan
-from layercard_service.tune.job_store import JobStore
-from layercard_service.tune.jobs import EvalSummary, JobEvent, JobResult, JobSpec, JobState
-from layercard_service.tune.service import CreateJob, PlannedPlacement, TuningService
+from layercard_service.persistence.jobs import JobStore
 
 
 class FakePlanner:

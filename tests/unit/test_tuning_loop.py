@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from layercard_service.data.tasks import get_task
+from layercard_service.domain.jobs import EvalSummary, Hyperparameters
 from layercard_service.errors import FailedPrecondition, InvalidArgument
 from layercard_service.models.builtin import builtin_model_path
 from layercard_service.models.loading import load_model
-from layercard_service.tune.artifact import stage_adapter, vllm_problems
-from layercard_service.tune.checkpoint import latest_step, load_latest
-from layercard_service.tune.jobs import EvalSummary, Hyperparameters
-from layercard_service.tune.loop import LoopHooks, TrainingLoop
-from layercard_service.tune.schedule import lr_factor
-from layercard_service.tune.trainer import LoraSettings, attach_lora
+from layercard_service.trainer.artifact import stage_adapter, vllm_problems
+from layercard_service.trainer.checkpoint import latest_step, load_latest
+from layercard_service.trainer.loop import LoopHooks, TrainingLoop
+from layercard_service.trainer.lora import LoraSettings, attach_lora
+from layercard_service.trainer.schedule import lr_factor
 
 TASK = get_task("builtin:cipher")
 TRAIN, VALIDATION = TASK.train[:256], TASK.validation[:16]

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from layercard_service.data.sources import DatasetRequest
+from layercard_service.domain.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
 from layercard_service.errors import ResourceExhausted
-from layercard_service.sources import DatasetRequest
-from layercard_service.store import DISK_FULL
-from layercard_service.tune.job_store import JobStore
-from layercard_service.tune.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
-from layercard_service.tune.runner import LocalProcessRunner
+from layercard_service.persistence.jobs import JobStore
+from layercard_service.persistence.store import DISK_FULL
+from layercard_service.runners.local import LocalProcessRunner
 
 SPEC = JobSpec(
     "builtin:tiny",
@@ -32,14 +32,14 @@ SPEC = JobSpec(
 FAKE_WORKER = """
 import json, sys, time
 from pathlib import Path
-from layercard_service.tune.job_store import JobStore
-from layercard_service.tune.jobs import JobState
+from layercard_service.persistence.jobs import JobStore
+from layercard_service.domain.jobs import JobState
 db, job_id, log = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 start = time.time()
 if job_id.startswith("full"):
     sys.exit(28)  # the real worker's EXIT_DISK_FULL
 if job_id.startswith("crash"):
-    print("2026-01-01 00:00:00,000 ERROR layercard_service.tune.worker: job failed", flush=True)
+    print("2026-01-01 00:00:00,000 ERROR layercard_service.trainer.worker: job failed", flush=True)
     print('Traceback (most recent call last):\\n  File "x.py", line 1, in <module>\\nValueError: the real problem')
     for i in range(100):  # a progress bar that goes on after the error (another thread's tqdm)
         print(f"\\r{i:3d}%|#         | {i}/100 [00:01<00:09, 10.00it/s]", end="", flush=True)

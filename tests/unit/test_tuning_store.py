@@ -11,11 +11,8 @@ import threading
 
 import pytest
 
-from layercard_service.errors import AlreadyExists, InvalidArgument
-from layercard_service.plan.types import Estimate
-from layercard_service.sources import DatasetRequest
-from layercard_service.tune.job_store import AdapterVersion, JobStore, NewEvent, insert_version
-from layercard_service.tune.jobs import (
+from layercard_service.data.sources import DatasetRequest
+from layercard_service.domain.jobs import (
     EvalSummary,
     Hyperparameters,
     JobResult,
@@ -25,6 +22,10 @@ from layercard_service.tune.jobs import (
     PlacementSpec,
     job_id_from_name,
 )
+from layercard_service.domain.plans import Estimate
+from layercard_service.errors import AlreadyExists, InvalidArgument
+from layercard_service.persistence.adapter_versions import AdapterVersion, insert_version
+from layercard_service.persistence.jobs import JobStore, NewEvent
 
 SHA_A, SHA_B = "a" * 64, "b" * 64
 SPEC = JobSpec(
@@ -142,7 +143,7 @@ def test_malformed_names(name):
 def test_a_record_never_holds_inline_bytes(store):
     raw = dataclasses.replace(SPEC, training_data=DatasetRequest(inline_jsonl=b'{"text": "x"}\n'))
     with pytest.raises(ValueError, match="artifacts"):
-        store.create("job-a", None, raw, 30)  # the service stores the bytes first (tune/datasets.py)
+        store.create("job-a", None, raw, 30)  # the service stores the bytes first (persistence/datasets.py)
     store.create("job-b", None, SPEC, 30)
     row = sqlite3.connect(store.path).execute("SELECT spec FROM tuning_jobs WHERE job_id = 'job-b'").fetchone()
     assert json.loads(row[0])["training_data"] == {

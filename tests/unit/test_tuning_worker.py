@@ -12,14 +12,14 @@ import sqlite3
 import pytest
 import torch
 
-from layercard_service.sources import DatasetRequest
-from layercard_service.tune import worker
-from layercard_service.tune.datasets import DatasetArtifacts
-from layercard_service.tune.job_store import JobStore
-from layercard_service.tune.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
-from layercard_service.tune.loop import TrainingLoop
-from layercard_service.tune.reporter import InProcessChannel, Reporter
-from layercard_service.tune.reports import WorkerReports, issue_worker_token
+from layercard_service.data.sources import DatasetRequest
+from layercard_service.domain.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
+from layercard_service.persistence.datasets import DatasetArtifacts
+from layercard_service.persistence.jobs import JobStore
+from layercard_service.runners.worker_reports import WorkerReports, issue_worker_token
+from layercard_service.trainer import worker
+from layercard_service.trainer.loop import TrainingLoop
+from layercard_service.trainer.reporter import InProcessChannel, Reporter
 
 TRAIN = "".join(json.dumps({"prompt": f"say {i}", "completion": f" {i}"}) + "\n" for i in range(16)).encode()
 TRAIN_SHA256 = hashlib.sha256(TRAIN).hexdigest()

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from layercard_service.tune import worker
-from layercard_service.tune.job_store import NewEvent
-from layercard_service.tune.jobs import JobState
-from layercard_service.tune.reporter import CredentialRefused, Reporter, ServiceLost, Unreachable
+from layercard_service.domain.jobs import JobState
+from layercard_service.persistence.jobs import NewEvent
+from layercard_service.trainer import worker
+from layercard_service.trainer.reporter import CredentialRefused, Reporter, ServiceLost, Unreachable
 
 
 class FakeClock:
@@ -26,7 +26,7 @@ class FakeClock:
 
 
 class FakeChannel:
-    """The service's side as tune/reports.py keeps it: batches recorded once by number."""
+    """The service's side as runners/worker_reports.py keeps it: batches recorded once by number."""
 
     def __init__(self, clock: FakeClock) -> None:
         self.clock = clock

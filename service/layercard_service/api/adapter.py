@@ -8,9 +8,9 @@ from google.protobuf import timestamp_pb2
 
 from layercard.v1 import adapter_pb2, adapter_pb2_grpc, common_pb2
 from layercard_service.api.paging import ProtoPage
-from layercard_service.serve.adapters import AdapterManager, AdapterView, DeploymentView, ReplicaView
-from layercard_service.serve.deploy_store import LatencyMeasurement
-from layercard_service.tune.job_store import AdapterVersion
+from layercard_service.control.deployments import AdapterManager, AdapterView, DeploymentView, ReplicaView
+from layercard_service.persistence.adapter_versions import AdapterVersion
+from layercard_service.persistence.deployments import LatencyMeasurement
 
 __all__ = ["AdapterServicer", "deployment_to_proto"]
 

@@ -6,8 +6,8 @@ import asyncio
 
 from layercard.v1 import inference_pb2, inference_pb2_grpc
 from layercard_service.errors import DeadlineExceeded
-from layercard_service.serve.inference import InferenceProxy
-from layercard_service.serve.vllm_api import Sampling
+from layercard_service.serving.inference import InferenceProxy
+from layercard_service.serving.vllm_api import Sampling
 
 __all__ = ["InferenceServicer", "sampling_from_proto"]
 

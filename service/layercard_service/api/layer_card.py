@@ -8,10 +8,10 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from layercard.v1 import common_pb2, layer_card_pb2, layer_card_pb2_grpc
 from layercard_service.api.paging import ProtoPage
-from layercard_service.card.service import CardProgress, CardService, StoredCard
-from layercard_service.card.types import CardSettings, LayerCardData
+from layercard_service.control.cards import CardProgress, CardService, StoredCard
+from layercard_service.data.sources import DatasetRequest
+from layercard_service.domain.cards import CardSettings, LayerCardData
 from layercard_service.errors import InvalidArgument
-from layercard_service.sources import DatasetRequest
 
 __all__ = ["LayerCardServicer", "card_to_proto", "dataset_request", "settings_from_proto"]
 

@@ -7,9 +7,9 @@ import asyncio
 from google.protobuf import duration_pb2
 
 from layercard.v1 import common_pb2, placement_pb2, placement_pb2_grpc, tuning_pb2
-from layercard_service.plan.budgets import BUDGET_KINDS
-from layercard_service.plan.planner import PlacementPlanner
-from layercard_service.plan.types import DEFAULT_STEPS, BudgetSpec, Estimate, Plan, PlanRequest
+from layercard_service.control.planning.planner import PlacementPlanner
+from layercard_service.domain.budgets import BUDGET_KINDS
+from layercard_service.domain.plans import DEFAULT_STEPS, BudgetSpec, Estimate, Plan, PlanRequest
 
 __all__ = [
     "PlacementServicer",

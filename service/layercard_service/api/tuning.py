@@ -17,10 +17,15 @@ from layercard_service.api.placement import (
     plan_request_from_card_budget,
     prediction_from_estimate,
 )
-from layercard_service.errors import InvalidArgument
-from layercard_service.plan.types import Estimate
-from layercard_service.sources import DatasetRequest
-from layercard_service.tune.jobs import (
+from layercard_service.control.tuning import (
+    CreateJob,
+    HyperparameterRequest,
+    LoraRequest,
+    PlannedPlacement,
+    TuningService,
+)
+from layercard_service.data.sources import DatasetRequest
+from layercard_service.domain.jobs import (
     EvalSummary,
     Hyperparameters,
     JobEvent,
@@ -29,13 +34,8 @@ from layercard_service.tune.jobs import (
     PlacementPredictions,
     PlacementSpec,
 )
-from layercard_service.tune.service import (
-    CreateJob,
-    HyperparameterRequest,
-    LoraRequest,
-    PlannedPlacement,
-    TuningService,
-)
+from layercard_service.domain.plans import Estimate
+from layercard_service.errors import InvalidArgument
 
 __all__ = ["TuningServicer", "event_to_proto", "job_to_proto"]
 

@@ -14,10 +14,10 @@ import grpc
 
 from layercard.internal.v1 import worker_pb2, worker_pb2_grpc
 from layercard.v1 import tuning_pb2
+from layercard_service.domain.jobs import JobState
 from layercard_service.errors import InvalidArgument
-from layercard_service.tune.job_store import NewEvent
-from layercard_service.tune.jobs import JobState
-from layercard_service.tune.reports import Finish, WorkerReports, parse_json_object
+from layercard_service.persistence.jobs import NewEvent
+from layercard_service.runners.worker_reports import Finish, WorkerReports, parse_json_object
 
 __all__ = ["WORKER_SERVICE_NAME", "WorkerServicer"]
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from layercard_service.domain.jobs import JobEvent, JobRecord, JobResult, JobSpec, JobState
 from layercard_service.errors import AlreadyExists
 from layercard_service.persistence import as_database
 from layercard_service.persistence.adapter_versions import AdapterVersion, AdapterVersions
 from layercard_service.persistence.database import Database, Session
-from layercard_service.tune.jobs import JobEvent, JobRecord, JobResult, JobSpec, JobState
 
 __all__ = ["JobStore", "NewEvent", "state_event"]
 
@@ -171,7 +171,7 @@ class JobStore:
             if worker_pid is not None:
                 tx.execute("UPDATE tuning_jobs SET worker_pid = ? WHERE job_id = ?", (worker_pid, job_id))
 
-    # --- worker credentials and reports (tune/reports.py) ---------------------------------------------------
+    # --- worker credentials and reports (runners/worker_reports.py) ---------------------------------------------------
     def set_worker_credential(self, job_id: str, token_sha256: str) -> None:
         """The credential of the job's next worker attempt; the previous attempt's stops working."""
         with self._write() as tx:

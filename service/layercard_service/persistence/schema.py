@@ -31,7 +31,7 @@ class Migration:
 
 
 _V1_TABLES = (
-    # layer cards and the file hash cache (store.py)
+    # layer cards and the file hash cache (persistence/store.py)
     """CREATE TABLE IF NOT EXISTS layer_cards (
         card_id     TEXT PRIMARY KEY,
         fingerprint TEXT NOT NULL UNIQUE,
@@ -46,7 +46,7 @@ _V1_TABLES = (
         mtime  REAL NOT NULL,
         sha256 TEXT NOT NULL
     )""",
-    # tuning jobs, their events, adapter versions (tune/job_store.py)
+    # tuning jobs, their events, adapter versions (persistence/jobs.py, persistence/adapter_versions.py)
     """CREATE TABLE IF NOT EXISTS tuning_jobs (
         job_id        TEXT PRIMARY KEY,
         request_id    TEXT UNIQUE,
@@ -81,7 +81,7 @@ _V1_TABLES = (
         metadata    TEXT NOT NULL,
         PRIMARY KEY (adapter_id, version)
     )""",
-    # desired deployments and latency probes (serve/deploy_store.py), as first released: no budget column
+    # desired deployments and latency probes (persistence/deployments.py), as first released: no budget column
     """CREATE TABLE IF NOT EXISTS deployments (
         adapter_id  TEXT PRIMARY KEY,
         version     INTEGER NOT NULL,

@@ -1,0 +1,392 @@
+"""Deploying adapters into every replica of the fleet: check, load a new version, verify, route, drain, unload.
+
+A deploy never reloads a name in place: version N is loaded as ``{id}@vN`` beside the version serving now, so
+traffic keeps flowing while the new one is checked. Only after it changes the model's output on every replica
+and fits its latency budget does ``{id}`` route to it; the old version then finishes its requests in flight
+and is unloaded. Anything that fails before the route moves unloads what this deploy loaded, so the version
+that served before keeps serving. One lock per adapter id orders its deploys; different adapters deploy in
+parallel. The desired state is written to SQLite; ``reconcile`` makes every replica match it (new or
+restarted replicas get their adapters back, stray versions of managed adapters are unloaded; ``reconcile.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from layercard_service.control.compat import adapter_config, adapter_problems, replica_problems
+from layercard_service.domain.jobs import check_id
+from layercard_service.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    LayercardError,
+    NotFound,
+    Unavailable,
+)
+from layercard_service.persistence.adapter_versions import AdapterVersion, AdapterVersions
+from layercard_service.persistence.deployments import DeploymentRecord, DeploymentStore, LatencyMeasurement, served_name
+from layercard_service.persistence.jobs import JobStore
+from layercard_service.persistence.store import paginate
+from layercard_service.serving.fleet import Fleet, Observation
+from layercard_service.serving.inference import InferenceProxy, served_id
+from layercard_service.serving.probes import measure_effect, measure_latency
+from layercard_service.serving.vllm_api import VllmApi
+from layercard_service.telemetry import Telemetry
+
+__all__ = ["AdapterManager", "AdapterView", "DeploySettings", "DeploymentView", "ReplicaView", "adapter_id_from_name"]
+
+log = logging.getLogger(__name__)
+
+ADAPTER_PREFIX = "adapters/"
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    drain_timeout_seconds: float = 30.0  # how long a swap waits for the old version's requests in flight
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    replica: str
+    healthy: bool
+    observed_adapters: tuple[str, ...]
+    desired_loaded: bool
+    max_lora_rank: int
+    target_modules: tuple[str, ...]
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class DeploymentView(DeploymentRecord):
+    """The desired deployment with what each replica holds; state "" when validate_only changed nothing."""
+
+    replicas: tuple[ReplicaView, ...] = ()
+
+
+@dataclass(frozen=True)
+class AdapterView:
+    adapter_id: str
+    base_model: str
+    versions: tuple[AdapterVersion, ...]
+    deployment: DeploymentView | None
+
+
+def adapter_id_from_name(name: str) -> str:
+    if not name.startswith(ADAPTER_PREFIX):
+        raise InvalidArgument.field("adapter", f"must look like 'adapters/{{adapter_id}}', got {name!r}")
+    return check_id(name[len(ADAPTER_PREFIX) :], "adapter")
+
+
+class AdapterManager:
+    def __init__(
+        self,
+        fleet: Fleet,
+        proxy: InferenceProxy,
+        versions: AdapterVersions | JobStore,
+        store: DeploymentStore,
+        settings: DeploySettings = DeploySettings(),
+        telemetry: Telemetry | None = None,
+    ) -> None:
+        self.fleet, self.proxy, self.versions, self.store = fleet, proxy, versions, store
+        self.settings = settings
+        self.telemetry = telemetry or Telemetry()
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        proxy.routes.managed = versions.has_adapter
+        for record in store.all():  # routes survive a restart: the replicas still hold the versions
+            proxy.routes.served[record.adapter_id] = record.served_name
+
+    def busy(self, adapter_id: str) -> bool:
+        """Whether a deploy or undeploy of ``adapter_id`` is under way (without creating a lock for it)."""
+        lock = self._locks.get(adapter_id)
+        return lock is not None and lock.locked()
+
+    async def close(self) -> None:
+        await self.fleet.close()
+
+    # --- deploy --------------------------------------------------------------------------------------------
+    async def deploy(
+        self,
+        adapter_name: str,
+        version: int = 0,
+        max_overhead_fraction: float | None = None,
+        force: bool = False,
+        validate_only: bool = False,
+    ) -> DeploymentView:
+        began = time.monotonic()
+        try:
+            view = await self._deploy(adapter_name, version, max_overhead_fraction, force, validate_only)
+        except BaseException as exc:
+            if not validate_only:
+                self.telemetry.deploy_finished(_outcome(exc), time.monotonic() - began)
+            raise
+        if not validate_only:
+            self.telemetry.deploy_finished("ok", time.monotonic() - began)
+        return view
+
+    async def _deploy(
+        self, adapter_name: str, version: int, max_overhead_fraction: float | None, force: bool, validate_only: bool
+    ) -> DeploymentView:
+        adapter_id = adapter_id_from_name(adapter_name)
+        if version < 0:
+            raise InvalidArgument.field("version", f"must be >= 1, or 0 for the newest, got {version}")
+        if max_overhead_fraction is not None and not (
+            math.isfinite(max_overhead_fraction) and max_overhead_fraction >= 0
+        ):  # NaN fails every comparison, so it would never bind; Infinity is no budget: leave the field unset
+            raise InvalidArgument.field(
+                "max_overhead_fraction", f"must be a finite number >= 0, got {max_overhead_fraction}"
+            )
+        chosen = self._version(adapter_id, version)
+        config = adapter_config(chosen)
+        problems = adapter_problems(config, chosen.metadata.get("model", ""), self.fleet.settings)
+        if problems:
+            raise FailedPrecondition(
+                f"the fleet cannot serve {adapter_name} version {chosen.version}: " + "; ".join(problems),
+                reason="ADAPTER_INCOMPATIBLE",
+                metadata={"adapter": adapter_name, "version": str(chosen.version)},
+            )
+        async with self._locks[adapter_id]:
+            observed = await self._healthy_replicas()
+            if validate_only:
+                return self._view(adapter_id, chosen.version, "", observed, None)
+            return await self._deploy_locked(chosen, observed, max_overhead_fraction, force)
+
+    async def _deploy_locked(
+        self, chosen: AdapterVersion, observed: dict[str, Observation], budget: float | None, force: bool
+    ) -> DeploymentView:
+        adapter_id, served = chosen.adapter_id, served_name(chosen.adapter_id, chosen.version)
+        current = self.store.get(adapter_id)
+        healthy = {url: o for url, o in observed.items() if o.healthy}
+        if current and current.version == chosen.version and all(served in o.adapters for o in healthy.values()):
+            if current.latency is not None and not force:  # already live: hold it to the budget asked for now
+                _check_budget(served, current.latency, budget, "is live with")
+            state = "READY" if len(healthy) == len(observed) else "DEGRADED"
+            return self._view(adapter_id, chosen.version, state, observed, current.latency, current.update_time)
+
+        replicas = {r.url: r for r in self.fleet.members() if r.url in healthy}
+        path = str(Path(chosen.path).resolve())
+        loaded_now: list[VllmApi] = []
+        try:
+            await self._load_everywhere(replicas, healthy, served, path, loaded_now)
+            holding = list(replicas.values())  # the healthy replicas that took the load
+            if not holding:
+                raise Unavailable("no vLLM server could take the adapter", reason="VLLM_UNAVAILABLE", retry_after=2.0)
+            for replica in holding:
+                base = healthy[replica.url].base_model
+                effect = await measure_effect(replica, base, served)
+                if not effect.changed:
+                    raise FailedPrecondition(
+                        f"{served} does not change the model's output on {replica.url} (greedy text and every "
+                        f"token log-probability equal within {effect.max_logprob_delta:.1e} on {effect.prompts} "
+                        "probe prompts): vLLM would be serving the base model under its name",
+                        reason="ADAPTER_HAS_NO_EFFECT",
+                        metadata={"replica": replica.url, "served_name": served},
+                    )
+            probe_replica = holding[0]
+            latency = await measure_latency(probe_replica, healthy[probe_replica.url].base_model, served)
+            settings = self.fleet.settings
+            self.store.add_measurement(
+                settings.model, adapter_id, chosen.version, settings.max_lora_rank, settings.target_modules, latency
+            )
+            if not force:
+                _check_budget(served, latency, budget, "adds")
+        except BaseException:
+            await self.unload(loaded_now, served)  # the version serving before keeps serving
+            raise
+
+        state = "READY" if len(holding) == len(observed) else "DEGRADED"
+        record = DeploymentRecord(adapter_id, chosen.version, state, latency, time.time(), budget)
+        self.store.put(record)
+        self.proxy.routes.served[adapter_id] = served  # from here on, new requests go to the new version
+        log.info("adapter routed", extra={"adapter": adapter_id, "served_name": served, "state": state})
+        if current and current.version != chosen.version:
+            await self._retire(current.served_name)
+        await self._unload_strays(adapter_id, served)
+        return self._view(adapter_id, chosen.version, state, await self.fleet.observe(), latency, record.update_time)
+
+    async def _load_everywhere(
+        self,
+        replicas: dict[str, VllmApi],
+        healthy: dict[str, Observation],
+        served: str,
+        path: str,
+        loaded_now: list[VllmApi],
+    ) -> None:
+        """Loads on every healthy replica at once. A replica that stops answering leaves the deploy degraded;
+        any other refusal fails the deploy."""
+
+        async def load(replica: VllmApi) -> None:
+            if served in healthy[replica.url].adapters:
+                return
+            try:
+                await replica.load_adapter(served, path)
+                loaded_now.append(replica)
+            except AlreadyExists:
+                pass
+            finally:
+                self.proxy.forget(replica.url)
+
+        results = await asyncio.gather(*(load(r) for r in replicas.values()), return_exceptions=True)
+        for replica, result in zip(list(replicas.values()), results):
+            if isinstance(result, Unavailable) and result.reason == "VLLM_UNAVAILABLE":  # no answer at all
+                log.warning("replica unavailable during deploy", extra={"replica": replica.url})
+                del replicas[replica.url]
+            elif isinstance(result, FailedPrecondition):
+                raise result  # runtime loading disabled: the message names the setting
+            elif isinstance(result, BaseException):
+                message = str(result) if isinstance(result, LayercardError) else repr(result)
+                raise FailedPrecondition(
+                    f"vLLM server {replica.url} refused to load {served}: {message}",
+                    reason="ADAPTER_LOAD_FAILED",
+                    metadata={"replica": replica.url, "served_name": served},
+                ) from result
+
+    async def _retire(self, old: str) -> None:
+        """Lets requests in flight on ``old`` finish, then unloads it everywhere."""
+        if not await self.proxy.drain(old, self.settings.drain_timeout_seconds):
+            log.warning("drain timed out; unloading anyway", extra={"served_name": old})
+        await self.unload(self.fleet.members(), old)
+
+    async def unload(self, replicas: Sequence[VllmApi], served: str) -> None:
+        """Best effort: a replica that is gone or refuses is left to the reconcile loop."""
+        for replica in replicas:
+            try:
+                await replica.unload_adapter(served)
+            except NotFound:
+                pass
+            except LayercardError as exc:
+                log.warning("unload failed", extra={"replica": replica.url, "served_name": served, "error": str(exc)})
+            self.proxy.forget(replica.url)
+
+    async def _unload_strays(self, adapter_id: str, keep: str | None) -> None:
+        """Unloads every version of ``adapter_id`` but ``keep`` from every replica."""
+        for url, observation in (await self.fleet.observe()).items():
+            strays = [n for n in observation.adapters if served_id(n) == adapter_id and n != keep]
+            replica = self.replica(url)
+            for name in strays:
+                if replica is not None:
+                    await self.unload([replica], name)
+
+    # --- undeploy ------------------------------------------------------------------------------------------
+    async def undeploy(self, adapter_name: str) -> list[ReplicaView]:
+        adapter_id = adapter_id_from_name(adapter_name)
+        async with self._locks[adapter_id]:
+            current = self.store.get(adapter_id)
+            if current is None and not self.versions.has_adapter(adapter_id):
+                raise NotFound(f"adapter {adapter_name!r} does not exist", reason="ADAPTER_NOT_FOUND")
+            self.store.delete(adapter_id)
+            self.proxy.routes.served.pop(adapter_id, None)  # a known, undeployed adapter is not served
+            if current is not None:
+                await self.proxy.drain(current.served_name, self.settings.drain_timeout_seconds)
+            await self._unload_strays(adapter_id, keep=None)
+            observed = await self.fleet.observe()
+        return [self._replica_view(o, None) for o in observed.values()]
+
+    # --- list ----------------------------------------------------------------------------------------------
+    async def list(
+        self, page_size: int, page_token: str, size_of: Callable[[AdapterView], int] | None = None
+    ) -> tuple[list[AdapterView], str]:
+        """One page of adapters; ``size_of`` (an adapter's size in the response) bounds the page in bytes too."""
+        paginate(lambda offset, limit: [], page_size, page_token)  # a bad page_size or token fails before the fleet
+        observed = await self.fleet.observe()
+
+        def fetch(offset: int, limit: int) -> list[AdapterView]:
+            return [self._adapter_view(i, observed) for i in self.versions.adapter_ids(offset, limit)]
+
+        return paginate(fetch, page_size, page_token, size_of=size_of)
+
+    def _adapter_view(self, adapter_id: str, observed: dict[str, Observation]) -> AdapterView:
+        versions = tuple(self.versions.versions(adapter_id))
+        record = self.store.get(adapter_id)
+        deployment = None
+        if record is not None:
+            deployment = self._view(
+                adapter_id, record.version, record.state, observed, record.latency, record.update_time
+            )
+        model = versions[-1].metadata.get("model", "") if versions else ""
+        return AdapterView(adapter_id, model, versions, deployment)
+
+    # --- helpers -------------------------------------------------------------------------------------------
+    def _version(self, adapter_id: str, version: int) -> AdapterVersion:
+        versions = self.versions.versions(adapter_id)
+        if not versions:
+            raise NotFound(f"adapter 'adapters/{adapter_id}' does not exist", reason="ADAPTER_NOT_FOUND")
+        if version == 0:
+            return versions[-1]
+        for v in versions:
+            if v.version == version:
+                return v
+        have = ", ".join(str(v.version) for v in versions)
+        raise NotFound(
+            f"adapter 'adapters/{adapter_id}' has no version {version} (it has {have})", reason="VERSION_NOT_FOUND"
+        )
+
+    async def _healthy_replicas(self) -> dict[str, Observation]:
+        if not self.fleet.members():
+            await self.fleet.refresh()
+        if not self.fleet.members():
+            raise FailedPrecondition(
+                "no vLLM servers are configured (set --vllm-urls or --vllm-dns)", reason="NO_VLLM_SERVERS"
+            )
+        observed = await self.fleet.observe()
+        healthy = [o for o in observed.values() if o.healthy]
+        if not healthy:
+            raise Unavailable(
+                "no vLLM server can be reached: " + "; ".join(o.error for o in observed.values()),
+                reason="VLLM_UNAVAILABLE",
+                retry_after=2.0,
+            )
+        problems = [p for o in healthy for p in replica_problems(o)]
+        if problems:
+            raise FailedPrecondition("; ".join(problems), reason="REPLICA_NOT_READY")
+        return observed
+
+    def replica(self, url: str) -> VllmApi | None:
+        return next((r for r in self.fleet.members() if r.url == url), None)
+
+    def _replica_view(self, o: Observation, served: str | None) -> ReplicaView:
+        s = self.fleet.settings
+        loaded = served is not None and served in o.adapters
+        return ReplicaView(o.url, o.healthy, o.adapters, loaded, s.max_lora_rank, s.target_modules, o.error)
+
+    def _view(
+        self,
+        adapter_id: str,
+        version: int,
+        state: str,
+        observed: dict[str, Observation],
+        latency: LatencyMeasurement | None,
+        update_time: float = 0.0,
+    ) -> DeploymentView:
+        served = served_name(adapter_id, version)
+        replicas = tuple(self._replica_view(o, served) for o in observed.values())
+        return DeploymentView(adapter_id, version, state, latency, update_time or time.time(), replicas=replicas)
+
+
+def _outcome(exc: BaseException) -> str:
+    if isinstance(exc, LayercardError):
+        return exc.reason
+    return "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "INTERNAL"
+
+
+def _check_budget(served: str, latency: LatencyMeasurement, budget: float | None, verb: str) -> None:
+    if budget is None or latency.overhead_fraction <= budget:
+        return
+    raise FailedPrecondition(
+        f"{served} {verb} {latency.overhead_fraction:.0%} latency overhead over the base model on {latency.replica}, "
+        f"over its budget of {budget:.0%}; deploy with force to accept it",
+        reason="SERVING_BUDGET_EXCEEDED",
+        metadata={
+            "overhead_fraction": f"{latency.overhead_fraction:.4f}",
+            "max_overhead_fraction": f"{budget:.4f}",
+            "base_latency_ms": f"{latency.base_latency_ms:.2f}",
+            "adapter_latency_ms": f"{latency.adapter_latency_ms:.2f}",
+            "replica": latency.replica,
+        },
+    )

@@ -1,0 +1,1 @@
+"""Placement under a budget: the card's gains and costs of layer sets, and the coupling-aware solver."""

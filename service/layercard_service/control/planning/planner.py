@@ -1,0 +1,137 @@
+"""The placement planner: a card and a request in, a plan with every prediction and its basis out."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Protocol
+
+from layercard_service.control.cards import CARD_PREFIX, CardService
+from layercard_service.control.planning.solver import Solution, gain_basis, solve
+from layercard_service.domain.cards import LayerCardData
+from layercard_service.domain.plans import Estimate, Plan, PlanRequest
+from layercard_service.errors import InvalidArgument
+
+__all__ = ["PlacementPlanner", "plan_placement"]
+
+
+def _layers(layers: tuple[int, ...]) -> str:
+    return ", ".join(str(i) for i in layers)
+
+
+def plan_placement(card: LayerCardData, request: PlanRequest, card_name: str = "") -> Plan:
+    solution = solve(card, request)
+    chosen, full, costs = solution.chosen, solution.full, solution.costs
+    tc = card.training_cost
+    low = min(chosen.layers)
+    calibration = (
+        f"per-block calibration on the card (batch {tc.batch_size}, {tc.seq_len} tokens; "
+        f"validated to {tc.step_time_relative_error:.0%} on a measured step)"
+    )
+    step_basis = f"{calibration}: no-graph forward below block {low}, backward from block {low} up"
+    if chosen.shape.rank != card.settings.rank or set(chosen.shape.modules) != set(card.module_types):
+        step_basis += "; adapter share of adapted blocks scaled by adapter parameters"
+    engine = request.budget.serving_engine
+    serving_ms = serving_fraction = None
+    if chosen.serving_ms is not None:
+        serving_basis = (
+            "unmerged peft decoding, per-layer overhead measured on the card's machine"
+            if engine == "peft"
+            else f"vLLM wraps every layer of its module types, so the overhead does not depend on the layers; "
+            f"{costs.vllm_basis}"
+        )
+        serving_ms = Estimate(chosen.serving_ms, "ms/token", serving_basis)
+        serving_fraction = Estimate(chosen.serving_fraction or 0.0, "fraction", serving_basis)
+    steps = chosen.steps
+    share = chosen.value / full.gain if full.gain > 0 else 0.0
+    gain_source = gain_basis(solution, card)
+    if steps:
+        progress = min(1.0, steps / request.steps)
+        gain_source += f"; x {progress:.2f}: {steps} of {request.steps} reference steps fit the time"
+
+    fraction = chosen.step_seconds / full.step_seconds
+    return Plan(
+        layers=chosen.layers,
+        rank=chosen.shape.rank,
+        alpha=2.0 * chosen.shape.rank,
+        target_modules=chosen.shape.modules,
+        objective=request.objective,
+        predicted_gain=Estimate(chosen.value, "nats", gain_source),
+        predicted_gain_share=share,
+        step_seconds=Estimate(chosen.step_seconds, "s", step_basis),
+        step_fraction_of_full=Estimate(fraction, "fraction", f"both steps predicted the same way; {calibration}"),
+        peak_memory_bytes=Estimate(
+            chosen.peak_bytes,
+            "bytes",
+            f"weights + activations saved from block {low} up (calibrated per block) + 4x adapter parameters "
+            "(weights, gradient, AdamW moments)",
+        ),
+        adapter_parameters=Estimate(chosen.parameters, "params", "exact: rank x (d_in + d_out) per adapted module"),
+        adapter_bytes=Estimate(chosen.adapter_bytes, "bytes", "exact: adapter parameters x bytes per parameter"),
+        serving_overhead_ms_per_token=serving_ms,
+        serving_overhead_fraction=serving_fraction,
+        steps=steps,
+        binding_limits=solution.binding,
+        rationale=_rationale(solution, request, share, fraction, steps),
+        score=solution.score,
+        layer_card=card_name,
+    )
+
+
+def _rationale(solution: Solution, request: PlanRequest, share: float, fraction: float, steps: int) -> str:
+    chosen = solution.chosen
+    goal = {
+        "accuracy": "the highest predicted gain within the budget",
+        "efficiency": f"the cheapest step reaching {request.target_gain_fraction:.0%} of full-layer gain",
+        "balanced": "the best predicted gain per second of training step",
+        "fixed_k": f"the highest predicted gain with exactly {request.k} layers",
+    }[request.objective]
+    text = (
+        f"{goal}: layers {_layers(chosen.layers)} at rank {chosen.shape.rank} on {', '.join(chosen.shape.modules)} "
+        f"predict {share:.0%} of full-layer LoRA's gain ({solution.score}) at {fraction:.2f} of its step time"
+    )
+    if min(chosen.layers) > 0:
+        text += f"; backward stops at block {min(chosen.layers)}"
+    if solution.binding:
+        text += f"; binding: {', '.join(solution.binding)}"
+    if steps:
+        text += f"; {steps} steps fit the training-time budget (reference {request.steps})"
+    if not solution.exhaustive:
+        text += "; deep model: nested sets per lowest layer searched, not every subset"
+    return text
+
+
+class Calibration(Protocol):
+    overhead_fraction: float
+    basis: str
+
+
+def calibrated(card: LayerCardData, calibration: Calibration | None) -> LayerCardData:
+    """The card with vLLM's serving overhead taken from the fleet's measurements, when there are any."""
+    if calibration is None:
+        return card
+    serving = dataclasses.replace(
+        card.serving_cost, vllm_overhead_fraction=calibration.overhead_fraction, vllm_basis=calibration.basis
+    )
+    return dataclasses.replace(card, serving_cost=serving)
+
+
+class PlacementPlanner:
+    """Plans from stored cards; reading the card (and the fleet's serving measurements) is the only I/O."""
+
+    def __init__(
+        self, cards: CardService, serving_calibration: Callable[[str], Calibration | None] | None = None
+    ) -> None:
+        self.cards = cards
+        self.serving_calibration = serving_calibration
+
+    def plan(self, card_name: str, request: PlanRequest) -> Plan:
+        if not card_name.startswith(CARD_PREFIX) or card_name == CARD_PREFIX:
+            raise InvalidArgument.field(
+                "layer_card", f"must name a stored card as 'layerCards/{{card_id}}', got {card_name!r}"
+            )
+        stored = self.cards.get(card_name)
+        card = stored.card
+        if self.serving_calibration is not None:
+            card = calibrated(card, self.serving_calibration(card.model))
+        return plan_placement(card, request, stored.name)

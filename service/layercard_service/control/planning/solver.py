@@ -1,0 +1,235 @@
+"""Placement under a budget: pick layers, rank and module types from a Layer Card (METHOD.md).
+
+Candidates: for models of up to ``EXACT_MAX_LAYERS`` blocks every non-empty layer set is scored (2^L is small);
+deeper models get, for each lowest layer m (which fixes the backward cost), the nested sets that add the layers
+above m in descending score order. Each candidate is priced with the card's cost model, filtered by the budget,
+and the objective picks one. Ties go to the cheaper step, then the fewer parameters, then the deeper layers.
+A limit "binds" when dropping it alone would change the plan.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+
+from layercard_service.control.planning.costs import Shape, ShapeCosts, shape_costs
+from layercard_service.control.planning.gains import DEFAULT_SCORE, layer_scores, score_basis, set_gain
+from layercard_service.domain.budgets import BUDGET_KINDS
+from layercard_service.domain.cards import LayerCardData
+from layercard_service.domain.plans import BudgetSpec, PlanRequest
+from layercard_service.errors import FailedPrecondition, InvalidArgument
+
+__all__ = ["Candidate", "EXACT_MAX_LAYERS", "Solution", "solve"]
+
+MAX_PLANNED_STEPS = 1_000_000  # the most steps a tuning job accepts (control/tuning.py MAX_STEPS)
+EXACT_MAX_LAYERS = 12
+
+
+@dataclass(frozen=True)
+class Candidate:
+    layers: tuple[int, ...]
+    shape: Shape
+    gain: float
+    step_seconds: float
+    peak_bytes: int
+    parameters: int
+    adapter_bytes: int
+    serving_ms: float | None
+    serving_fraction: float | None
+    steps: int = 0  # with a training-time budget: the steps that fit
+    value: float = 0.0  # the gain the objective ranks by: gain x the share of the reference steps that fit
+
+    def tie_key(self) -> tuple:
+        return (self.step_seconds, self.parameters, tuple(-i for i in self.layers))
+
+
+@dataclass(frozen=True)
+class Solution:
+    chosen: Candidate
+    full: Candidate  # every layer at the card's shape: the reference of every fraction
+    costs: ShapeCosts
+    score: str
+    binding: tuple[str, ...]
+    exhaustive: bool
+
+
+def _shapes(card: LayerCardData, request: PlanRequest) -> list[Shape]:
+    ranks = request.candidate_ranks or (card.settings.rank,)
+    module_sets = request.candidate_module_sets or (tuple(card.module_types),)
+    return [Shape(r, tuple(m)) for r in ranks for m in module_sets]
+
+
+def _layer_sets(scores: Sequence[float], exhaustive: bool) -> Iterator[tuple[int, ...]]:
+    L = len(scores)
+    if exhaustive:
+        for size in range(1, L + 1):
+            yield from itertools.combinations(range(L), size)
+        return
+    for low in range(L):
+        above = sorted(range(low + 1, L), key=lambda i: (-scores[i], -i))
+        for size in range(len(above) + 1):
+            yield tuple(sorted((low, *above[:size])))
+
+
+def _candidate(
+    costs: ShapeCosts, scores: list[float], coupling, layers: tuple[int, ...], engine: str, request: PlanRequest
+) -> Candidate:
+    gain, step = set_gain(scores, layers, coupling), costs.step_seconds(layers)
+    steps, value = 0, gain
+    if request.budget.max_training_seconds is not None:
+        # A cheaper step buys more steps in the same time. The card predicts the gain of a converged run, not
+        # a learning curve, so assume the gain accrues in proportion to steps up to the reference count.
+        # No more than a job may run (tuning's MAX_STEPS): a huge budget must not plan an unrunnable count.
+        steps = min(math.floor(request.budget.max_training_seconds / step), MAX_PLANNED_STEPS)
+        value = gain * min(1.0, steps / request.steps)
+    return Candidate(
+        layers=layers,
+        shape=costs.shape,
+        gain=gain,
+        steps=steps,
+        value=value,
+        step_seconds=step,
+        peak_bytes=costs.peak_bytes(layers),
+        parameters=costs.adapter_parameters(layers),
+        adapter_bytes=costs.adapter_bytes(layers),
+        serving_ms=costs.serving_ms(layers, engine),
+        serving_fraction=costs.serving_fraction(layers, engine),
+    )
+
+
+def _violations(c: Candidate, budget: BudgetSpec, full: Candidate) -> dict[str, float]:
+    """Each set limit the candidate exceeds, as value / limit (> 1)."""
+    over = {}
+    for kind in BUDGET_KINDS:
+        limit = budget.limit(kind)
+        if limit is None:
+            continue
+        value = kind.measure(c, full)
+        # Only a serving fraction may be 0: then any overhead exceeds it.
+        ratio = (math.inf if value else 0.0) if limit == 0 else value / limit
+        if ratio > 1.0 + 1e-9:
+            over[kind.name] = ratio
+    return over
+
+
+def _pick(feasible: list[Candidate], request: PlanRequest, full: Candidate) -> Candidate | None:
+    if request.objective == "fixed_k":
+        feasible = [c for c in feasible if len(c.layers) == request.k]
+    if not feasible:
+        return None
+    if request.objective == "efficiency":
+        target = request.target_gain_fraction * full.gain
+        reaching = [c for c in feasible if c.value >= target * (1 - 1e-9)]
+        if not reaching:
+            best = max(feasible, key=lambda c: c.value)
+            raise FailedPrecondition(
+                f"no placement within the budget reaches {request.target_gain_fraction:.0%} of full-layer LoRA's "
+                f"predicted gain; the best reaches {best.value / full.gain:.1%} with layers {list(best.layers)}",
+                reason="TARGET_GAIN_UNREACHABLE",
+                metadata={"best_gain_share": f"{best.value / full.gain:.4f}", "best_layers": _ints(best.layers)},
+            )
+        return min(reaching, key=lambda c: (c.tie_key(), -c.value))
+    if request.objective == "balanced":
+        return max(feasible, key=lambda c: (c.value / c.step_seconds, _neg(c.tie_key())))
+    return max(feasible, key=lambda c: (round(c.value, 12), _neg(c.tie_key())))
+
+
+def _neg(key: tuple) -> tuple:
+    step, params, layers = key
+    return (-step, -params, tuple(-i for i in layers))
+
+
+def _ints(values: Sequence[int]) -> str:
+    return ",".join(str(v) for v in values)
+
+
+def _solve_once(
+    candidates: list[Candidate], request: PlanRequest, budget: BudgetSpec, full: Candidate
+) -> Candidate | None:
+    feasible = [c for c in candidates if not _violations(c, budget, full)]
+    return _pick(feasible, request, full)
+
+
+def _infeasible(candidates: list[Candidate], request: PlanRequest, full: Candidate) -> FailedPrecondition:
+    pool = [c for c in candidates if request.objective != "fixed_k" or len(c.layers) == request.k] or candidates
+    # The cheapest plan: the one that overshoots its worst limit the least.
+    cheapest = min(
+        pool,
+        key=lambda c: (max(_violations(c, request.budget, full).values(), default=0.0), c.tie_key()),
+    )
+    over = _violations(cheapest, request.budget, full)
+    metadata = {
+        "cheapest_layers": _ints(cheapest.layers),
+        "cheapest_rank": str(cheapest.shape.rank),
+        "cheapest_target_modules": ",".join(cheapest.shape.modules),
+    }
+    for kind in BUDGET_KINDS:
+        value = kind.measure(cheapest, full)
+        if kind.report and value is not None:
+            metadata[kind.report] = format(value, kind.report_format)
+    metadata["violated_limits"] = ",".join(sorted(over))
+    return FailedPrecondition(
+        f"no placement fits the budget; the cheapest (layers {list(cheapest.layers)}, rank {cheapest.shape.rank}) "
+        f"still exceeds {', '.join(sorted(over))}",
+        reason="BUDGET_INFEASIBLE",
+        metadata=metadata,
+    )
+
+
+def solve(card: LayerCardData, request: PlanRequest) -> Solution:
+    score = request.score or DEFAULT_SCORE
+    budget = request.budget
+    if request.objective == "fixed_k" and request.k > card.num_layers:
+        raise InvalidArgument.field("k", f"the model has {card.num_layers} layers, got k={request.k}")
+    exhaustive = card.num_layers <= EXACT_MAX_LAYERS
+    candidates: list[Candidate] = []
+    full = None
+    for shape in _shapes(card, request):
+        costs = shape_costs(card, shape)
+        if budget.limits_serving and costs.serving_ms(range(1), budget.serving_engine) is None:
+            raise FailedPrecondition(
+                "the serving budget needs vLLM's measured adapter overhead, which this card does not have yet: "
+                "deploy an adapter first (the service measures it), or budget for serving_engine peft",
+                reason="SERVING_COST_UNKNOWN",
+                metadata={"serving_engine": budget.serving_engine},
+            )
+        scores = layer_scores(card, score, shape.modules, shape.rank)
+        if full is None:  # the reference: the card's own shape on every layer
+            reference = shape_costs(card, Shape(card.settings.rank, tuple(card.module_types)))
+            ref_scores = layer_scores(card, score, reference.shape.modules, reference.shape.rank)
+            full = _candidate(
+                reference, ref_scores, card.coupling, tuple(range(card.num_layers)), budget.serving_engine, request
+            )
+            full = replace(full, value=full.gain)  # the reference: full-layer LoRA without a time limit
+        candidates += [
+            _candidate(costs, scores, card.coupling, layers, budget.serving_engine, request)
+            for layers in _layer_sets(scores, exhaustive)
+        ]
+    assert full is not None
+    chosen = _solve_once(candidates, request, budget, full)
+    if chosen is None:
+        raise _infeasible(candidates, request, full)
+    binding = []
+    for kind in BUDGET_KINDS:
+        if kind.chooses_steps:
+            if chosen.steps and chosen.steps < request.steps:
+                binding.append(kind.name)
+        elif budget.limit(kind) is not None:
+            relaxed = _solve_once(candidates, request, replace(budget, **{kind.name: None}), full)
+            if relaxed is not None and relaxed != chosen:
+                binding.append(kind.name)
+    return Solution(
+        chosen=chosen,
+        full=full,
+        costs=shape_costs(card, chosen.shape),
+        score=score,
+        binding=tuple(binding),
+        exhaustive=exhaustive,
+    )
+
+
+def gain_basis(solution: Solution, card: LayerCardData) -> str:
+    rank_scaled = solution.chosen.shape.rank != card.settings.rank
+    return score_basis(solution.score, card.coupling is not None, rank_scaled)

@@ -1,0 +1,1 @@
+"""The Kubernetes runner: one batch/v1 Job (and credential Secret) per tuning job attempt."""
