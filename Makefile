@@ -65,9 +65,12 @@ test-e2e: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH)
 
+# ruff, and the import contracts of pyproject.toml (layers, no torch in the edge and control plane, sqlite3 only
+# in persistence, api imported by the server alone).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff format .

@@ -30,10 +30,10 @@ from layercard_service.domain.jobs import Hyperparameters, JobSpec, JobState, Pl
 from layercard_service.errors import AlreadyExists
 from layercard_service.persistence.store import disk_full_error
 from layercard_service.runners.kubernetes import runner as k8s_runner
-from layercard_service.runners.kubernetes import worker
 from layercard_service.runners.kubernetes.api import BatchApi
 from layercard_service.runners.kubernetes.settings import KubernetesSettings
 from layercard_service.runners.worker_reports import issue_worker_token
+from layercard_service.trainer import worker
 from layercard_service.trainer.checkpoint_dirs import latest_step
 from layercard_service.trainer.reporter import GrpcChannel
 

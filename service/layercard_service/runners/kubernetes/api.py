@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
-from layercard_service.config import ConfigError
+from layercard_service.settings import ConfigError
 from layercard_service.errors import AlreadyExists, FailedPrecondition, Unavailable
 
 __all__ = ["BatchApi", "KubernetesBatchApi", "pod_failure_text", "pod_stuck_text"]
