@@ -12,14 +12,23 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from layercard_service.errors import InvalidArgument
 
-if TYPE_CHECKING:
-    from layercard_service.control.planning.solver import Candidate
-
 __all__ = ["BUDGET_KINDS", "BudgetKind", "kind_named"]
+
+
+class Candidate(Protocol):
+    """What a budget measures of a candidate placement (the planner's ``solver.Candidate`` is one)."""
+
+    layers: tuple[int, ...]
+    step_seconds: float
+    peak_bytes: int
+    parameters: int
+    adapter_bytes: int
+    serving_ms: float | None
+    serving_fraction: float | None
 
 
 @dataclass(frozen=True)

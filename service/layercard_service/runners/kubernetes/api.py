@@ -15,8 +15,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
-from layercard_service.settings import ConfigError
 from layercard_service.errors import AlreadyExists, FailedPrecondition, Unavailable
+from layercard_service.settings import ConfigError
 
 __all__ = ["BatchApi", "KubernetesBatchApi", "pod_failure_text", "pod_stuck_text"]
 
