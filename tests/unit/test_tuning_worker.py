@@ -19,7 +19,7 @@ from layercard_service.persistence.jobs import JobStore
 from layercard_service.runners.worker_reports import WorkerReports, issue_worker_token
 from layercard_service.trainer import worker
 from layercard_service.trainer.loop import TrainingLoop
-from layercard_service.trainer.reporter import InProcessChannel, Reporter
+from layercard_service.trainer.reporter import InProcessChannel, Reporter, Unreachable
 
 TRAIN = "".join(json.dumps({"prompt": f"say {i}", "completion": f" {i}"}) + "\n" for i in range(16)).encode()
 TRAIN_SHA256 = hashlib.sha256(TRAIN).hexdigest()
@@ -169,3 +169,47 @@ def test_a_resumed_job_reports_each_step_once(tmp_path, monkeypatch):
     assert [e.payload["step"] for e in history if e.kind == "checkpoint"] == [2]
     assert any(e.kind == "note" and "resumed from the checkpoint at step 2" in e.message for e in history)
     assert history[-1].kind == "state" and history[-1].payload["state"] == "SUCCEEDED"
+
+
+class _LosesTheServiceAfterStep2(InProcessChannel):
+    """The service stops answering reports once step 2 is recorded (the cancel poll still gets an answer)."""
+
+    def report(self, batch, events, step, worker_pid):
+        if events and any(e.kind == "step" and e.payload["step"] > 2 for e in events):
+            raise Unreachable("the service is gone")
+        return super().report(batch, events, step, worker_pid)
+
+
+def test_events_a_killed_worker_never_delivered_are_reported_by_the_run_that_resumes(tmp_path, monkeypatch):
+    """Its service gone after step 2, a worker trains on to step 5 (checkpoint at 4) and is killed: steps 3-4 were
+    only in its buffer. The run resuming from step 4 reports them from the checkpoint: no gap in the history."""
+    store = JobStore(tmp_path / "state.db")
+    spec = _spec()
+    spec = dataclasses.replace(
+        spec,
+        training_data=DatasetRequest(builtin="builtin:cipher"),
+        hyperparameters=dataclasses.replace(spec.hyperparameters, steps=6, checkpoint_interval=4),
+    )
+    store.create("job-a", None, spec, 6)
+    store.transition("job-a", [JobState.QUEUED], JobState.RUNNING)
+    settings = worker.parse_args(["--data-dir", str(tmp_path), "--job-id", "job-a"])
+    add = Reporter.add
+
+    def add_then_die_after_step_5(self, event, step=None, urgent=False):
+        add(self, event, step, urgent)
+        if event.kind == "step" and event.payload["step"] == 5:
+            raise worker.Terminated  # killed, its buffer with it (Terminated skips nothing: the flush fails too)
+
+    issue_worker_token(store, "job-a")
+    lossy = _LosesTheServiceAfterStep2(WorkerReports(store, tmp_path / "artifacts", 16), "job-a")
+    with monkeypatch.context() as patched:
+        patched.setattr(Reporter, "add", add_then_die_after_step_5)
+        patched.setattr(worker, "TERMINATE_FLUSH_SECONDS", 0.0)
+        worker.run_job(lossy, settings)
+    before = [e.payload["step"] for e in store.events_after("job-a", 0) if e.kind == "step"]
+    assert before == list(range(1, len(before) + 1)) and len(before) <= 2  # 3 and later never reached it
+    assert worker.run_job(_channel(store, tmp_path), settings) == 0
+    history = store.events_after("job-a", 0)
+    store.close()
+    assert [e.payload["step"] for e in history if e.kind == "step"] == [1, 2, 3, 4, 5, 6]
+    assert [e.payload["step"] for e in history if e.kind == "checkpoint"] == [4]

@@ -279,6 +279,10 @@ class Reporter:
         elif urgent or self._clock() - self._last >= self.interval:
             self.flush(wait=False)
 
+    def unreported(self) -> list[NewEvent]:
+        """The events the service has not acknowledged yet, oldest first (kept with each checkpoint)."""
+        return [*(self._unacked[1] if self._unacked else []), *self._buffer]
+
     @property
     def pending(self) -> int:
         """Events not yet recorded by the service."""

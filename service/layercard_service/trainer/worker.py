@@ -27,6 +27,7 @@ Exit paths, and what the job's state becomes:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -82,6 +83,26 @@ class WorkerSettings(argparse.Namespace):
     service_ca_file: Path | None
     service_server_name: str
     service_lost_seconds: float
+
+
+UNREPORTED_FILE = "unreported_events.json"  # beside a checkpoint: its run's events the service had not recorded
+
+
+def _keep_unreported(checkpoint: Path, events: list[NewEvent]) -> None:
+    """A worker that loses the service and is then killed would lose its buffered events: they are kept with the
+    checkpoint, and the run that resumes from it reports those the service still lacks."""
+    rows = [{"kind": e.kind, "payload": e.payload, "message": e.message, "time": e.time} for e in events]
+    tmp = checkpoint / f".{UNREPORTED_FILE}.tmp"
+    tmp.write_text(json.dumps(rows))
+    os.replace(tmp, checkpoint / UNREPORTED_FILE)
+
+
+def _unreported_at(checkpoint: Path) -> list[NewEvent]:
+    try:
+        rows = json.loads((checkpoint / UNREPORTED_FILE).read_text())
+    except (OSError, ValueError):
+        return []  # none kept (every event was recorded), or unreadable: nothing to add
+    return [NewEvent(r["kind"], r["payload"], r.get("message", ""), r.get("time")) for r in rows]
 
 
 def _eval_event(summary: EvalSummary, message: str) -> NewEvent:
@@ -198,6 +219,11 @@ def _train(events: Reporter, job_id: str, job: WorkerJob, settings: WorkerSettin
         return step > recorded.get(kind, -1)
 
     if resumed:
+        assert loop.checkpoint_root is not None
+        for kept in _unreported_at(loop.checkpoint_root / f"step-{resumed}"):
+            step = kept.payload.get("step")
+            if kept.kind in ("step", "eval", "checkpoint") and isinstance(step, int) and fresh(kept.kind, step):
+                events.add(kept, step=step if kept.kind == "step" else None)
         events.add(NewEvent("note", {}, f"resumed from the checkpoint at step {resumed}"), step=resumed, urgent=True)
     base = loop.base_eval()
     if base is not None and not resumed and fresh("eval", base.step):
@@ -223,6 +249,7 @@ def _train(events: Reporter, job_id: str, job: WorkerJob, settings: WorkerSettin
     def on_checkpoint(step: int, path: Path) -> None:
         if fresh("checkpoint", step):
             events.add(NewEvent("checkpoint", {"step": step, "path": str(path)}), urgent=True)
+        _keep_unreported(path, events.unreported())
 
     hooks = LoopHooks(
         should_stop=lambda: events.state() != JobState.RUNNING,
