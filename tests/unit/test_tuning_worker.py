@@ -213,3 +213,48 @@ def test_events_a_killed_worker_never_delivered_are_reported_by_the_run_that_res
     store.close()
     assert [e.payload["step"] for e in history if e.kind == "step"] == [1, 2, 3, 4, 5, 6]
     assert [e.payload["step"] for e in history if e.kind == "checkpoint"] == [4]
+
+
+def test_a_sigterm_between_a_checkpoint_and_its_kept_events_loses_nothing(tmp_path, monkeypatch):
+    """SIGTERM lands right after the checkpoint at step 4, before its events are kept beside it, while the service
+    is unreachable: the worker keeps them on its way out, and the resumed run reports them."""
+    store = JobStore(tmp_path / "state.db")
+    spec = _spec()
+    spec = dataclasses.replace(
+        spec,
+        training_data=DatasetRequest(builtin="builtin:cipher"),
+        hyperparameters=dataclasses.replace(spec.hyperparameters, steps=6, checkpoint_interval=4),
+    )
+    store.create("job-a", None, spec, 6)
+    store.transition("job-a", [JobState.QUEUED], JobState.RUNNING)
+    settings = worker.parse_args(["--data-dir", str(tmp_path), "--job-id", "job-a"])
+    keep = worker._keep_unreported
+
+    def terminated_before_keeping(checkpoint, events):
+        raise worker.Terminated
+
+    issue_worker_token(store, "job-a")
+    lossy = _LosesTheServiceAfterStep2(WorkerReports(store, tmp_path / "artifacts", 16), "job-a")
+    with monkeypatch.context() as patched:
+        patched.setattr(worker, "_keep_unreported", terminated_before_keeping)
+        patched.setattr(worker, "TERMINATE_FLUSH_SECONDS", 0.0)
+        patched.setattr(worker, "_keep_unreported_at_latest", _keeping_with(keep, worker._keep_unreported_at_latest))
+        assert worker.run_job(lossy, settings) == worker.EXIT_TERMINATED
+    assert worker.run_job(_channel(store, tmp_path), settings) == 0
+    history = store.events_after("job-a", 0)
+    store.close()
+    assert [e.payload["step"] for e in history if e.kind == "step"] == [1, 2, 3, 4, 5, 6]
+
+
+def _keeping_with(keep, keep_at_latest):
+    """``_keep_unreported_at_latest`` with the real ``_keep_unreported`` (the test replaced the module's)."""
+
+    def run(root, events):
+        original = worker._keep_unreported
+        worker._keep_unreported = keep
+        try:
+            keep_at_latest(root, events)
+        finally:
+            worker._keep_unreported = original
+
+    return run

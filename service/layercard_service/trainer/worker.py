@@ -48,6 +48,7 @@ from layercard_service.runners.worker_reports import (
     Finish,
     WorkerJob,
 )
+from layercard_service.trainer.checkpoint_dirs import latest_step
 from layercard_service.trainer.reporter import CredentialRefused, GrpcChannel, JobChannel, Reporter, ServiceLost
 
 __all__ = [
@@ -95,6 +96,22 @@ def _keep_unreported(checkpoint: Path, events: list[NewEvent]) -> None:
     tmp = checkpoint / f".{UNREPORTED_FILE}.tmp"
     tmp.write_text(json.dumps(rows))
     os.replace(tmp, checkpoint / UNREPORTED_FILE)
+
+
+def _keep_unreported_at_latest(root: Path, events: list[NewEvent]) -> None:
+    """On a termination the service did not hear of: the undelivered events join the newest checkpoint's (a
+    SIGTERM can land between a checkpoint and its own ``_keep_unreported``)."""
+    step = latest_step(root)
+    if not step or not events:
+        return
+    checkpoint = root / f"step-{step}"
+    kept, seen = [], set()
+    for event in [*_unreported_at(checkpoint), *events]:
+        key = (event.kind, event.payload.get("step"), event.message)
+        if key not in seen:
+            seen.add(key)
+            kept.append(event)
+    _keep_unreported(checkpoint, kept)
 
 
 def _unreported_at(checkpoint: Path) -> list[NewEvent]:
@@ -148,6 +165,7 @@ def _run_job(reporter: Reporter, settings: WorkerSettings) -> int:
     except Terminated:
         if not reporter.flush(within=TERMINATE_FLUSH_SECONDS):
             log.warning("terminated with %d events the service did not take", reporter.pending)
+            _keep_unreported_at_latest(settings.data_dir / "artifacts" / "checkpoints" / job_id, reporter.unreported())
         log.info("terminated; job %s stays RUNNING and resumes from its last checkpoint", job_id)
         return EXIT_TERMINATED
     except LayercardError as exc:
@@ -222,7 +240,9 @@ def _train(events: Reporter, job_id: str, job: WorkerJob, settings: WorkerSettin
         assert loop.checkpoint_root is not None
         for kept in _unreported_at(loop.checkpoint_root / f"step-{resumed}"):
             step = kept.payload.get("step")
-            if kept.kind in ("step", "eval", "checkpoint") and isinstance(step, int) and fresh(kept.kind, step):
+            # Only up to the checkpoint: the steps after it run again now and are reported as they run.
+            usable = isinstance(step, int) and step <= resumed and kept.kind in ("step", "eval", "checkpoint")
+            if usable and fresh(kept.kind, step):
                 events.add(kept, step=step if kept.kind == "step" else None)
         events.add(NewEvent("note", {}, f"resumed from the checkpoint at step {resumed}"), step=resumed, urgent=True)
     base = loop.base_eval()
