@@ -11,7 +11,7 @@ GEN_DIR := client
 
 setup: $(STAMP)
 
-$(STAMP): requirements-dev.txt constraints.txt client/pyproject.toml service/pyproject.toml scripts/setup.sh
+$(STAMP): requirements-dev.txt requirements-models.txt constraints.txt client/pyproject.toml service/pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh $(PY) $(VENV)
 	touch $(STAMP)
 

@@ -26,3 +26,11 @@ def server():
     """A real layercard server on a free port, no auth, stopped after the test."""
     with ServerThread() as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """The real pretrained model's directory (make setup materializes it); a missing import fails the test."""
+    from layercard_service.models.builtin import builtin_model_path
+
+    return builtin_model_path("builtin:smollm2-135m")
