@@ -18,12 +18,14 @@ from pathlib import Path
 __all__ = ["FALLBACK_CHAT_TEMPLATE", "model_chat_template"]
 
 FALLBACK_CHAT_TEMPLATE = (
+    # Every newline is a string literal: the template engine trims a newline that follows a block tag.
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{{ '\\n' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
 
 
