@@ -71,15 +71,17 @@ def _settings(probe: int, coupling: bool = False):
     return CardSettings(probe_size=probe, compute_coupling=coupling)
 
 
-def floor_seconds(model, tokenizer, probe: int) -> float:
-    """One plain peft LoRA forward+backward over the same probe batches the card uses: no hooks, no extras."""
+def floor_seconds(model, tokenizer, probe: int, examples=None) -> float:
+    """One plain peft LoRA forward+backward over the same probe batches the card uses: no hooks, no extras.
+
+    ``examples``: the probe's examples (default: the first ``probe`` of builtin:cipher)."""
     from peft import LoraConfig, get_peft_model
 
     from layercard_service.card_engine.arch import detect_layout
     from layercard_service.card_engine.engine import make_probe_batches
 
     settings = _settings(probe)
-    batches = make_probe_batches(tokenizer, _examples(probe), settings, torch.device("cpu"))
+    batches = make_probe_batches(tokenizer, examples or _examples(probe), settings, torch.device("cpu"))
     layout = detect_layout(model)
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=list(layout.module_types)))
     try:
