@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from layercard.v1 import layer_card_pb2
-from layercard_client.cardview import coupling_rows, module_types
+from layercard_client.cardview import coupling_rows, dataset_line, module_types
 from layercard_client.errors import ClientConfigError
 
 __all__ = ["FIGURE_SUFFIXES", "require_matplotlib", "step_seconds_from", "write_figure"]
@@ -72,7 +72,7 @@ def write_figure(card: layer_card_pb2.LayerCard, path_without_suffix: str | Path
         _cost_panel(cost, card)
         _coupling_panel(figure, coupling, card)
         title = f"{card.model} · {card.architecture} · {card.num_layers} layers"
-        figure.suptitle(f"Layer Card {card.name}\n{title}", fontsize=11)
+        figure.suptitle(f"Layer Card {card.name}\n{title}\ndataset {dataset_line(card)}", fontsize=11)
         figure.savefig(paths[0], dpi=110, metadata={"Software": None})
         figure.savefig(paths[1], metadata={"Date": None, "Creator": None})
     return paths
