@@ -65,7 +65,8 @@ def write_figure(card: layer_card_pb2.LayerCard, path_without_suffix: str | Path
         figure = Figure(figsize=(12, 8.5))
         FigureCanvasAgg(figure)
         # Fixed margins rather than constrained layout: that one measures every label and was half of the time.
-        grid = {"left": 0.06, "right": 0.95, "bottom": 0.07, "top": 0.9, "wspace": 0.28, "hspace": 0.3}
+        # The top leaves room for the three title lines (card, model, dataset).
+        grid = {"left": 0.06, "right": 0.95, "bottom": 0.07, "top": 0.87, "wspace": 0.28, "hspace": 0.3}
         (share, energy), (cost, coupling) = figure.subplots(2, 2, gridspec_kw=grid)
         _share_panel(share, card)
         _energy_panel(energy, card)
