@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from layercard.v1 import layer_card_pb2
-from layercard_client.cardview import coupling_rows, module_types
+from layercard_client.cardview import coupling_rows, dataset_line, module_types
 from layercard_client.errors import ClientConfigError
 
 __all__ = ["FIGURE_SUFFIXES", "require_matplotlib", "step_seconds_from", "write_figure"]
@@ -65,14 +65,15 @@ def write_figure(card: layer_card_pb2.LayerCard, path_without_suffix: str | Path
         figure = Figure(figsize=(12, 8.5))
         FigureCanvasAgg(figure)
         # Fixed margins rather than constrained layout: that one measures every label and was half of the time.
-        grid = {"left": 0.06, "right": 0.95, "bottom": 0.07, "top": 0.9, "wspace": 0.28, "hspace": 0.3}
+        # The top leaves room for the three title lines (card, model, dataset).
+        grid = {"left": 0.06, "right": 0.95, "bottom": 0.07, "top": 0.87, "wspace": 0.28, "hspace": 0.3}
         (share, energy), (cost, coupling) = figure.subplots(2, 2, gridspec_kw=grid)
         _share_panel(share, card)
         _energy_panel(energy, card)
         _cost_panel(cost, card)
         _coupling_panel(figure, coupling, card)
         title = f"{card.model} · {card.architecture} · {card.num_layers} layers"
-        figure.suptitle(f"Layer Card {card.name}\n{title}", fontsize=11)
+        figure.suptitle(f"Layer Card {card.name}\n{title}\ndataset {dataset_line(card)}", fontsize=11)
         figure.savefig(paths[0], dpi=110, metadata={"Software": None})
         figure.savefig(paths[1], metadata={"Date": None, "Creator": None})
     return paths

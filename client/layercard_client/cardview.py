@@ -20,6 +20,7 @@ __all__ = [
     "card_summary",
     "card_markdown",
     "card_json",
+    "dataset_line",
     "module_types",
     "coupling_rows",
     "share_bar",
@@ -88,6 +89,17 @@ def _probe_line(card: layer_card_pb2.LayerCard) -> str:
     return f"probe loss {card.probe_loss:.4f} nats on {card.probe_examples} examples, {card.probe_tokens:,} tokens"
 
 
+def dataset_line(card: layer_card_pb2.LayerCard, fingerprint_chars: int = 12) -> str:
+    """Which data the card was computed on, how much of it the probe used, and its fingerprint (shortened to
+    ``fingerprint_chars``, 0 for all of it); "unknown" for cards stored before the dataset was recorded."""
+    if not card.HasField("dataset"):
+        return "unknown (a card stored before cards recorded their dataset)"
+    d = card.dataset
+    source = f"{d.source} ({d.split})" if d.split else d.source
+    fingerprint = d.fingerprint[:fingerprint_chars] if fingerprint_chars else d.fingerprint
+    return f"{source}: {d.examples_used:,} of {d.examples_total:,} examples, fingerprint {fingerprint}"
+
+
 def _seconds(card: layer_card_pb2.LayerCard) -> float:
     return card.compute_duration.ToTimedelta().total_seconds() if card.HasField("compute_duration") else 0.0
 
@@ -135,7 +147,7 @@ def card_table(card: layer_card_pb2.LayerCard) -> Table:
 
 
 def _caption(card: layer_card_pb2.LayerCard) -> str:
-    lines = [_model_line(card), _probe_line(card)]
+    lines = [_model_line(card), f"dataset {dataset_line(card)}", _probe_line(card)]
     if card.HasField("training_cost"):
         tc = card.training_cost
         lines.append(
@@ -208,7 +220,8 @@ def _md_table(headers: list[str], rows: Iterable[list[object]], align: list[str]
     return lines
 
 
-def _dataset_text(source: common_pb2.DatasetSource) -> str:
+def _dataset_text(card: layer_card_pb2.LayerCard) -> str:
+    source = card.settings.dataset
     kind = source.WhichOneof("source")
     if kind == "builtin":
         text = source.builtin
@@ -218,9 +231,15 @@ def _dataset_text(source: common_pb2.DatasetSource) -> str:
         text = (
             f"inline JSONL, {source.inline_jsonl_size_bytes or len(source.inline_jsonl):,} bytes"  # responses: by hash
         )
+        if source.inline_jsonl_sha256:
+            text += f", sha256 `{source.inline_jsonl_sha256}`"
     else:
-        return "-"
-    return f"{text} ({source.split})" if source.split else text
+        return "unknown (a card stored before cards recorded their dataset)"
+    text = f"{text} ({source.split})" if source.split else text
+    if card.HasField("dataset"):
+        d = card.dataset
+        text += f"; {d.examples_used:,} of {d.examples_total:,} examples used; fingerprint `{d.fingerprint}`"
+    return text
 
 
 def _settings_rows(card: layer_card_pb2.LayerCard) -> list[list[object]]:
@@ -233,7 +252,7 @@ def _settings_rows(card: layer_card_pb2.LayerCard) -> list[list[object]]:
         ["card", f"`{card.name}`" if card.name else "-"],
         ["model", _model_line(card)],
         ["fingerprint", f"`{card.fingerprint}`" if card.fingerprint else "-"],
-        ["dataset", _dataset_text(s.dataset)],
+        ["dataset", _dataset_text(card)],
         ["probe", _probe_line(card)],
         ["adapter", f"rank {s.lora.rank}{alpha}, modules {', '.join(module_types(card)) or 'all'}"],
         ["device", f"{device}, {precision}, seed {s.seed}, max seq len {s.max_seq_len}"],

@@ -72,7 +72,7 @@ class ListLayerCardsResponse(_message.Message):
     def __init__(self, layer_cards: _Optional[_Iterable[_Union[LayerCard, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class LayerCard(_message.Message):
-    __slots__ = ("name", "model", "architecture", "num_layers", "num_parameters", "fingerprint", "settings", "create_time", "compute_duration", "from_store", "layers", "coupling", "training_cost", "serving_cost", "probe_loss", "probe_examples", "probe_tokens")
+    __slots__ = ("name", "model", "architecture", "num_layers", "num_parameters", "fingerprint", "settings", "create_time", "compute_duration", "from_store", "layers", "coupling", "training_cost", "serving_cost", "probe_loss", "probe_examples", "probe_tokens", "dataset")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,7 @@ class LayerCard(_message.Message):
     PROBE_LOSS_FIELD_NUMBER: _ClassVar[int]
     PROBE_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     PROBE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: str
     architecture: str
@@ -107,7 +108,22 @@ class LayerCard(_message.Message):
     probe_loss: float
     probe_examples: int
     probe_tokens: int
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_parameters: _Optional[int] = ..., fingerprint: _Optional[str] = ..., settings: _Optional[_Union[ComputeLayerCardRequest, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., compute_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., from_store: _Optional[bool] = ..., layers: _Optional[_Iterable[_Union[LayerStats, _Mapping]]] = ..., coupling: _Optional[_Union[CouplingMatrix, _Mapping]] = ..., training_cost: _Optional[_Union[TrainingCost, _Mapping]] = ..., serving_cost: _Optional[_Union[ServingCost, _Mapping]] = ..., probe_loss: _Optional[float] = ..., probe_examples: _Optional[int] = ..., probe_tokens: _Optional[int] = ...) -> None: ...
+    dataset: CardDataset
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_parameters: _Optional[int] = ..., fingerprint: _Optional[str] = ..., settings: _Optional[_Union[ComputeLayerCardRequest, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., compute_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., from_store: _Optional[bool] = ..., layers: _Optional[_Iterable[_Union[LayerStats, _Mapping]]] = ..., coupling: _Optional[_Union[CouplingMatrix, _Mapping]] = ..., training_cost: _Optional[_Union[TrainingCost, _Mapping]] = ..., serving_cost: _Optional[_Union[ServingCost, _Mapping]] = ..., probe_loss: _Optional[float] = ..., probe_examples: _Optional[int] = ..., probe_tokens: _Optional[int] = ..., dataset: _Optional[_Union[CardDataset, _Mapping]] = ...) -> None: ...
+
+class CardDataset(_message.Message):
+    __slots__ = ("source", "split", "fingerprint", "examples_used", "examples_total")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_USED_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    split: str
+    fingerprint: str
+    examples_used: int
+    examples_total: int
+    def __init__(self, source: _Optional[str] = ..., split: _Optional[str] = ..., fingerprint: _Optional[str] = ..., examples_used: _Optional[int] = ..., examples_total: _Optional[int] = ...) -> None: ...
 
 class ModuleStats(_message.Message):
     __slots__ = ("module_type", "resnorm_sq", "resnorm_sq_split_half", "activation_energy", "effective_rank", "condition_number", "adapter_parameters")

@@ -107,7 +107,7 @@ def run_card(client: LayercardClient, args: argparse.Namespace, out: render.Outp
             cards.extend(page.layer_cards)
             next_token = page.next_page_token
         if not out.as_json:
-            out.out.print(render.cards_list_table(cards))
+            render.print_wide(out.out, render.cards_list_table(cards))  # not a terminal: whole ids, never cut
             if next_token and not args.all:
                 out.err.print(f"more: --page-token {next_token} (or --all)", markup=False)
         return EXIT_OK

@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from layercard.v1 import adapter_pb2, inference_pb2, layer_card_pb2, placement_pb2, tuning_pb2
-from layercard_client.cardview import share_bar
+from layercard_client.cardview import dataset_line, share_bar
 from layercard_client.cli.render import fmt_bytes, state_name
 
 __all__ = [
@@ -49,6 +49,7 @@ def card_figures(card: layer_card_pb2.LayerCard, wall_seconds: float) -> list[Re
     head = _kv()
     head.add_row("card", card.name)
     head.add_row("model", f"{card.model} ({card.architecture}, {card.num_layers} layers)")
+    head.add_row("dataset", dataset_line(card))
     head.add_row("probe", f"{card.probe_examples} examples, {card.probe_tokens:,} tokens, loss {card.probe_loss:.4f}")
     head.add_row("time", f"{wall_seconds:.1f} s for the call; {origin}")
     table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True)

@@ -151,13 +151,27 @@ def print_wide(console: Console, renderable: Any) -> None:
         console.width = width
 
 
+def _card_dataset_cells(card: layer_card_pb2.LayerCard) -> tuple[str, str, str]:
+    if not card.HasField("dataset"):
+        return "unknown", "-", "-"
+    d = card.dataset
+    source = f"{d.source} ({d.split})" if d.split else d.source
+    return source, f"{d.examples_used:,}/{d.examples_total:,}", d.fingerprint[:12]
+
+
 def cards_list_table(cards: list[layer_card_pb2.LayerCard]) -> Table:
+    """One row per card. The name never wraps: print it with :func:`print_wide` so a pipe gets whole ids."""
     table = Table()
-    for name in ("name", "model", "layers", "probe loss", "created"):
-        table.add_column(name)
+    for name in ("name", "model", "dataset", "examples", "data fingerprint", "layers", "probe loss", "created"):
+        table.add_column(name, no_wrap=name in ("name", "data fingerprint", "created"))
     for card in cards:
         table.add_row(
-            card.name, card.model, str(card.num_layers), f"{card.probe_loss:.4f}", fmt_time(card, "create_time")
+            card.name,
+            card.model,
+            *_card_dataset_cells(card),
+            str(card.num_layers),
+            f"{card.probe_loss:.4f}",
+            fmt_time(card, "create_time"),
         )
     return table
 

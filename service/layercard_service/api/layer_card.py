@@ -10,7 +10,7 @@ from layercard.v1 import common_pb2, layer_card_pb2, layer_card_pb2_grpc
 from layercard_service.api.paging import ProtoPage
 from layercard_service.control.cards import CardProgress, CardService, StoredCard
 from layercard_service.data.sources import DatasetRequest
-from layercard_service.domain.cards import CardSettings, LayerCardData
+from layercard_service.domain.cards import CardDataset, CardSettings, LayerCardData
 from layercard_service.errors import InvalidArgument
 
 __all__ = ["LayerCardServicer", "card_to_proto", "dataset_request", "settings_from_proto"]
@@ -74,6 +74,29 @@ def _settings_to_proto(model: str, settings: CardSettings) -> layer_card_pb2.Com
     )
 
 
+def _dataset_to_proto(dataset: CardDataset) -> tuple[common_pb2.DatasetSource, layer_card_pb2.CardDataset]:
+    """The request's DatasetSource as responses show it (inline bytes by hash), and the card's dataset record."""
+    if dataset.kind == "builtin":
+        request = common_pb2.DatasetSource(builtin=dataset.source, split=dataset.split)
+        source = dataset.source
+    elif dataset.kind == "inline":
+        request = common_pb2.DatasetSource(
+            inline_jsonl=b"", inline_jsonl_sha256=dataset.source, inline_jsonl_size_bytes=dataset.inline_size_bytes
+        )
+        source = f"inline:sha256:{dataset.source}"
+    else:
+        request = common_pb2.DatasetSource(path=dataset.source)
+        source = dataset.source
+    record = layer_card_pb2.CardDataset(
+        source=source,
+        split=dataset.split,
+        fingerprint=dataset.fingerprint,
+        examples_used=dataset.examples_used,
+        examples_total=dataset.examples_total,
+    )
+    return request, record
+
+
 def card_to_proto(stored: StoredCard) -> layer_card_pb2.LayerCard:
     card: LayerCardData = stored.card
     created = timestamp_pb2.Timestamp()
@@ -96,6 +119,10 @@ def card_to_proto(stored: StoredCard) -> layer_card_pb2.LayerCard:
         probe_tokens=card.probe_tokens,
     )
     message.settings.lora.target_modules[:] = card.module_types
+    if card.dataset is not None:
+        request, record = _dataset_to_proto(card.dataset)
+        message.settings.dataset.CopyFrom(request)
+        message.dataset.CopyFrom(record)
     for row in card.layers:
         layer = message.layers.add(
             index=row.index,

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Protocol
 
 from layercard_service.data.jsonl import Example
-from layercard_service.data.sources import DatasetRequest, resolve_dataset, resolve_model_path
+from layercard_service.data.sources import DatasetRequest, ResolvedDataset, resolve_dataset, resolve_model_path
 from layercard_service.domain.card_codec import card_from_dict, card_to_dict
-from layercard_service.domain.cards import CardSettings, LayerCardData
+from layercard_service.domain.cards import CardDataset, CardSettings, LayerCardData
 from layercard_service.errors import InvalidArgument, NotFound, ResourceExhausted
 from layercard_service.persistence.store import CardRecord, Store, paginate
 from layercard_service.telemetry import Telemetry
@@ -154,7 +154,7 @@ class CardService:
                 return
         flight = self._flights.get(fingerprint)
         if flight is None or flight.cancel.is_set():  # a cancelled one is winding down: do not join it
-            flight = self._start(fingerprint, model, model_path, data.examples, settings)
+            flight = self._start(fingerprint, model, model_path, data, settings)
         events: asyncio.Queue = asyncio.Queue()
         if flight.last is not None:
             events.put_nowait(flight.last)
@@ -183,7 +183,7 @@ class CardService:
                 flight.cancel.set()  # the last caller went away: stop at the next batch
 
     def _start(
-        self, fingerprint: str, model: str, model_path: Path, examples: Sequence[Example], settings: CardSettings
+        self, fingerprint: str, model: str, model_path: Path, data: ResolvedDataset, settings: CardSettings
     ) -> _Flight:
         """Admits one computation (or refuses it when the queue is full) and starts it in a worker thread."""
         queued = self._admit()
@@ -199,7 +199,8 @@ class CardService:
         def work() -> StoredCard:
             try:
                 with self._slots:  # waits here while other cards run: the queue
-                    card = self.engine(model_path, model, examples, settings, report, flight.cancel)
+                    card = self.engine(model_path, model, data.examples, settings, report, flight.cancel)
+                    card = dataclasses.replace(card, dataset=_card_dataset(data, card.probe_examples))
                     record = CardRecord(fingerprint[:24], fingerprint, model, time.time(), card_to_dict(card))
                     self.store.put_card(record)
                     return _stored(record, from_store=False)
@@ -258,6 +259,18 @@ def _sha256(path: Path) -> str:
 def _fingerprint(weights: str, data: str, settings: CardSettings) -> str:
     canonical = json.dumps(dataclasses.asdict(settings), sort_keys=True)
     return hashlib.sha256(f"{weights}\n{data}\n{canonical}".encode()).hexdigest()
+
+
+def _card_dataset(data: ResolvedDataset, examples_used: int) -> CardDataset:
+    return CardDataset(
+        kind=data.kind,
+        source=data.source,
+        split=data.split,
+        fingerprint=data.fingerprint,
+        examples_used=examples_used,
+        examples_total=len(data.examples),
+        inline_size_bytes=data.size_bytes,
+    )
 
 
 def _stored(record: CardRecord, from_store: bool) -> StoredCard:

@@ -184,6 +184,12 @@ class ResolvedDataset:
     validation: tuple[Example, ...]
     fingerprint: str  # sha256 of the content, so a card changes when the data does
     description: str
+    # Which source the request named and how, for records such as a card's dataset: kind is "builtin", "inline"
+    # or "path"; source the task's name, the path as given, or the SHA-256 of the inline bytes.
+    kind: str = ""
+    source: str = ""
+    split: str = ""  # of a built-in task: "train" or "validation"
+    size_bytes: int = 0  # of inline bytes
 
 
 def _content_hash(examples: Sequence[Example]) -> str:
@@ -203,11 +209,16 @@ def resolve_dataset(request: DatasetRequest, roots: Sequence[Path], field: str =
         name = request.builtin if request.builtin.startswith("builtin:") else f"builtin:{request.builtin}"
         task = get_task(name)
         train, validation = task.train, task.validation
-        examples = validation if request.split == "validation" else train
-        return ResolvedDataset(examples, validation, _content_hash(examples), name)
+        split = request.split or "train"
+        examples = validation if split == "validation" else train
+        return ResolvedDataset(examples, validation, _content_hash(examples), name, "builtin", name, split)
     if request.inline_jsonl is not None:
         examples = tuple(parse_jsonl(request.inline_jsonl))
-        return ResolvedDataset(examples, (), _content_hash(examples), "inline JSONL")
+        # A stored job's request carries the hash already; a card's request has only the bytes (in memory, small).
+        sha256 = request.inline_sha256 or hashlib.sha256(request.inline_jsonl).hexdigest()
+        return ResolvedDataset(
+            examples, (), _content_hash(examples), "inline JSONL", "inline", sha256, "", len(request.inline_jsonl)
+        )
     if request.path:
         path = under_roots(request.path, roots, "dataset", f"{field}.path")
         try:
@@ -221,5 +232,5 @@ def resolve_dataset(request: DatasetRequest, roots: Sequence[Path], field: str =
                 metadata={"path": request.path},
             )
         examples = load_dataset(str(path)).train
-        return ResolvedDataset(examples, (), _content_hash(examples), str(path))
+        return ResolvedDataset(examples, (), _content_hash(examples), str(path), "path", request.path)
     raise InvalidArgument.field(field, "is required: set builtin, inline_jsonl or path")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from layercard_service.domain.cards import (
+    CardDataset,
     CardSettings,
     LayerCardData,
     LayerCardRow,
@@ -29,7 +30,9 @@ def card_from_dict(raw: dict) -> LayerCardData:
         row = dict(row)
         row["modules"] = [ModuleCard(**m) for m in row["modules"]]
         rows.append(LayerCardRow(**row))
+    dataset = fields.pop("dataset", None)  # absent on cards stored before it was recorded
     return LayerCardData(
+        dataset=CardDataset(**dataset) if dataset is not None else None,
         settings=CardSettings(**settings),
         layers=rows,
         training_cost=TrainingCostCard(**fields.pop("training_cost")),

@@ -7,7 +7,15 @@ from dataclasses import dataclass, field
 
 from layercard_service.errors import InvalidArgument
 
-__all__ = ["CardSettings", "ModuleCard", "LayerCardRow", "TrainingCostCard", "ServingCostCard", "LayerCardData"]
+__all__ = [
+    "CardDataset",
+    "CardSettings",
+    "ModuleCard",
+    "LayerCardRow",
+    "TrainingCostCard",
+    "ServingCostCard",
+    "LayerCardData",
+]
 
 MAX_PROBE_SIZE = 4096
 MAX_SEQ_LEN = 4096
@@ -123,6 +131,24 @@ class ServingCostCard:
     vllm_basis: str = "not measured yet: the service measures it on the serving vLLM after a deployment"
 
 
+@dataclass(frozen=True)
+class CardDataset:
+    """The data a card was computed on, as the contract's ``CardDataset`` shows it.
+
+    ``kind`` is the request's source ("builtin", "path" or "inline"); ``source`` its name: the built-in task,
+    the path as given, or the SHA-256 of the inline bytes (which are not kept with the card). ``fingerprint``
+    is the hash of the parsed examples the probe sampled from (``ResolvedDataset.fingerprint``).
+    """
+
+    kind: str
+    source: str
+    split: str
+    fingerprint: str
+    examples_used: int
+    examples_total: int
+    inline_size_bytes: int = 0
+
+
 @dataclass
 class LayerCardData:
     model: str
@@ -139,3 +165,4 @@ class LayerCardData:
     probe_tokens: int
     compute_seconds: float
     coupling: list[list[float]] | None = None
+    dataset: CardDataset | None = None  # None on cards stored before the dataset was recorded
