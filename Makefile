@@ -40,13 +40,16 @@ obs-check: $(STAMP)
 k8s-check: $(STAMP)
 	bash scripts/check_k8s.sh $(BIN)
 
-# ARGS passes flags through, e.g. `make run ARGS=--no-demo`.
+# MODEL picks what vLLM serves and the demo tunes: a built-in (builtin:tiny, the default; builtin:smollm2-135m) or
+# a local Hugging Face model directory. ARGS passes flags through, e.g. `make run MODEL=builtin:smollm2-135m
+# ARGS=--no-demo`.
 run: $(STAMP)
-	$(BIN)/python -m layercard_service.launch $(ARGS)
+	$(BIN)/python -m layercard_service.launch $(if $(MODEL),--model '$(MODEL)') $(ARGS)
 
-# The whole pipeline once more against a running `make run` (card, plan, tuning job, deploy, generate).
+# The whole pipeline once more against a running `make run` (card, plan, tuning job, deploy, generate); give the
+# same MODEL (and DATASET, to choose the task).
 demo: $(STAMP)
-	$(BIN)/layercard --address 127.0.0.1:50051 demo $(ARGS)
+	$(BIN)/layercard --address 127.0.0.1:50051 demo $(if $(MODEL),--model '$(MODEL)') $(if $(DATASET),--dataset '$(DATASET)') $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

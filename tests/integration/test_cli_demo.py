@@ -25,6 +25,7 @@ from layercard_client.cli import main
 from layercard_client.cli.demo import DEMO_PROMPTS
 from layercard_service.config import ServiceConfig
 from layercard_service.data.tasks import get_task
+from layercard_service.errors import NotFound
 from layercard_service.server import Servicers
 
 STATE = tuning_pb2.TuningJobState
@@ -55,6 +56,29 @@ def real_server():
 def test_demo_prompts_are_validation_examples_of_the_task():
     validation = {(e.prompt, e.completion) for e in get_task("builtin:cipher").validation}
     assert set(DEMO_PROMPTS["builtin:cipher"]) <= validation
+
+
+def _texts(value: object) -> set[str]:
+    """Every string inside an example, whatever its shape (prompt and completion, or chat messages)."""
+    if isinstance(value, str):
+        return {value.strip()}
+    if isinstance(value, dict):
+        value = list(value.values())
+    elif hasattr(value, "__dataclass_fields__"):
+        value = [getattr(value, name) for name in value.__dataclass_fields__]
+    return set().union(*map(_texts, value)) if isinstance(value, list | tuple) else set()
+
+
+@pytest.mark.parametrize("dataset", sorted(DEMO_PROMPTS))
+def test_every_demo_task_asks_questions_of_its_validation_split(dataset):
+    try:
+        task = get_task(dataset)
+    except NotFound:
+        pytest.skip(f"{dataset} is not a task of this build")
+    questions = DEMO_PROMPTS[dataset]
+    assert questions, f"the demo asks nothing of {dataset}: copy a question and its answer from its validation split"
+    for question, answer in questions:
+        assert any({question.strip(), answer.strip()} <= _texts(e) for e in task.validation), (question, answer)
 
 
 @pytest.mark.slow
@@ -225,3 +249,41 @@ def test_demo_exits_21_when_the_job_fails(capsys):
     assert code == 21
     assert "the demo stopped at step 3 (tuning): the job ended failed" in err
     assert "4/5 deploy" not in out
+
+
+class RecordingCards(FakeCards):
+    def __init__(self) -> None:
+        self.requests: list[layer_card_pb2.ComputeLayerCardRequest] = []
+
+    async def ComputeLayerCard(self, request, context):
+        self.requests.append(request)
+        async for response in super().ComputeLayerCard(request, context):
+            yield response
+
+
+class RecordingJobs(FakeJobs):
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[tuning_pb2.CreateTuningJobRequest] = []
+
+    async def CreateTuningJob(self, request, context):
+        self.requests.append(request)
+        return tuning_pb2.TuningJob(name="tuningJobs/fake", adapter_id=request.adapter_id, total_steps=4)
+
+
+def test_demo_on_an_instruct_model_runs_the_chat_task_with_its_probe_and_steps(capsys):
+    cards, jobs = RecordingCards(), RecordingJobs()
+    servicers = Servicers(layer_card=cards, placement=FakePlacement(), tuning=jobs)
+    with ServerThread(servicers=servicers) as server:
+        argv = ("--address", server.address, "demo", "--model", "builtin:smollm2-135m", "--skip-deploy")
+        code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    (card,) = cards.requests
+    assert (card.model, card.dataset.builtin, card.probe_size) == ("builtin:smollm2-135m", "builtin:facts", 16)
+    (job,) = jobs.requests
+    assert (job.model, job.training_data.builtin, job.adapter_id) == (
+        "builtin:smollm2-135m",
+        "builtin:facts",
+        "demo-facts",
+    )
+    assert job.hyperparameters.steps == 40

@@ -6,6 +6,10 @@
     4 deploy    DeployAdapter: hot-load the new version into every vLLM replica (skipped with --skip-deploy)
     5 generate  a few prompts of the task, with and without the adapter
 
+The dataset suits the model: the cipher for a base model such as builtin:tiny, the chat task builtin:facts for an
+instruct model (``make run`` passes the one it chose; alone, the demo knows the built-in instruct models by name).
+Each known task brings its own probe size, steps and questions (``DEMO_TASKS``); flags override them.
+
 Every step is an ordinary RPC through ``LayercardClient``; nothing here knows the service's internals. A step
 that fails stops the demo with the exit code of its status (``exit_codes``), after saying which step it was.
 """
@@ -16,6 +20,8 @@ import argparse
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf.message import Message
 from rich.console import RenderableType
@@ -35,7 +41,25 @@ from layercard_client.cli.exit_codes import (
 from layercard_client.client import LayercardClient
 from layercard_client.errors import FailedPrecondition, LayercardClientError, Unimplemented
 
-__all__ = ["DEMO_PROMPTS", "run_demo"]
+__all__ = [
+    "CHAT_BUILTIN_MODELS",
+    "CHAT_DATASET",
+    "DEFAULT_DATASET",
+    "DEMO_PROMPTS",
+    "DEMO_TASKS",
+    "DemoSettings",
+    "DemoTask",
+    "default_dataset",
+    "demo_settings",
+    "generate_call",
+    "run_demo",
+]
+
+DEFAULT_DATASET = "builtin:cipher"
+CHAT_DATASET = "builtin:facts"
+# The built-in instruct models (the service's BuiltinModel.chat; a test keeps the two lists equal). A model
+# directory's kind is known to the server only: `make run` passes --dataset for it.
+CHAT_BUILTIN_MODELS = frozenset({"builtin:smollm2-135m"})
 
 # Validation examples of the built-in tasks, written exactly as the task formats them (prompt, completion).
 # The client never imports the service, so they are copied here; a test checks them against the task generator.
@@ -45,9 +69,79 @@ DEMO_PROMPTS: dict[str, tuple[tuple[str, str], ...]] = {
         ("cipher: d e l a =", " n s t d"),
         ("cipher: c o l l =", " a r t t"),
     ),
+    # A chat task's entries are (the user's question, the assistant's answer) of its validation split.
+    CHAT_DATASET: (),
 }
-# Greedy and short: a cipher answer is four letter tokens and EOS.
-_SAMPLING = {"max_tokens": 8, "temperature": 0.0}
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    """What the demo does on one dataset when the flags do not say: the probe, the job, the questions."""
+
+    probe_size: int
+    steps: int
+    adapter_id: str
+    max_tokens: int  # greedy generation stops at EOS long before, on a right answer
+    chat: bool = False  # questions of a chat task are a user's turn, answered in the model's chat template
+    learning_rate: float | None = None  # None: the server's default
+
+
+# The defaults learn the built-in cipher (3/3 exact on the shown prompts, about 2 minutes on 2 cores); under
+# tighter step budgets no placement learns it in the same steps (docs/METHOD.md, the placement benchmark). An
+# instruct model of 135M parameters takes seconds per step on 2 cores: a small probe, a short job (a made-up fact
+# table was learned 0% -> 100% in 40 steps).
+DEMO_TASKS: dict[str, DemoTask] = {
+    DEFAULT_DATASET: DemoTask(probe_size=64, steps=600, adapter_id="demo-cipher", max_tokens=8),
+    CHAT_DATASET: DemoTask(probe_size=16, steps=40, adapter_id="demo-facts", max_tokens=32, chat=True),
+}
+_OTHER_TASK = DemoTask(probe_size=64, steps=600, adapter_id="demo", max_tokens=32)  # a JSONL file, another task
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """The demo's flags with every default filled in for the model and the dataset."""
+
+    model: str
+    dataset: str
+    task: DemoTask
+    probe_size: int
+    steps: int
+    adapter_id: str
+    learning_rate: float | None
+    questions: tuple[tuple[str, str], ...]
+
+
+def default_dataset(model: str) -> str:
+    """The dataset the demo tunes ``model`` on when --dataset is not given: a chat task for an instruct model."""
+    return CHAT_DATASET if model in CHAT_BUILTIN_MODELS else DEFAULT_DATASET
+
+
+def demo_settings(args: argparse.Namespace) -> DemoSettings:
+    dataset = args.dataset or default_dataset(args.model)
+    task = DEMO_TASKS.get(dataset, _OTHER_TASK)
+    return DemoSettings(
+        model=args.model,
+        dataset=dataset,
+        task=task,
+        probe_size=_given(args.probe_size, task.probe_size),
+        steps=_given(args.steps, task.steps),
+        adapter_id=_given(args.adapter_id, task.adapter_id),
+        learning_rate=_given(args.learning_rate, task.learning_rate),
+        questions=DEMO_PROMPTS.get(dataset, ()),
+    )
+
+
+def _given(flag: Any, default: Any) -> Any:
+    return default if flag is None else flag
+
+
+def generate_call(task: DemoTask, question: str, adapter: str | None) -> dict[str, Any]:
+    """The keyword arguments of ``LayercardClient.generate`` for one of the demo's questions, with the base model
+    (``adapter`` None) or the adapter: the one place the demo builds a Generate call. Every question goes as its
+    raw prompt text; a chat task's (``task.chat``) is the user's turn of a chat."""
+    return {"prompt": question, "adapter": adapter, "sampling": {"max_tokens": task.max_tokens, "temperature": 0.0}}
+
+
 # Loading into every replica and measuring latency takes longer than an ordinary call's 30 s on CPU vLLM.
 _DEPLOY_TIMEOUT = 300.0
 _STEPS = ("card", "plan", "tuning", "deploy", "generate")
@@ -65,6 +159,7 @@ class _Stop(Exception):
 class _Demo:
     def __init__(self, client: LayercardClient, args: argparse.Namespace, out: render.Output) -> None:
         self.client, self.args, self.out = client, args, out
+        self.settings = demo_settings(args)
         self.timings: dict[str, float] = {}
         self.steps = _STEPS[:3] if args.skip_deploy else _STEPS
 
@@ -107,10 +202,11 @@ class _Demo:
     # the steps
 
     def card(self) -> layer_card_pb2.LayerCard:
-        args = self.args
+        s = self.settings
         start = time.monotonic()
+        self.note(f"{s.model} on {s.dataset}, a probe of {s.probe_size} examples")
         stream = self.client.compute_layer_card(
-            model=args.model, dataset=dataset_source(args.dataset), probe_size=args.probe_size
+            model=s.model, dataset=dataset_source(s.dataset), probe_size=s.probe_size
         )
         card = None
         with stream, render.progress_bar(self.out, eta=True) as progress:
@@ -135,14 +231,14 @@ class _Demo:
         return plan
 
     def tuning(self, plan: placement_pb2.Placement) -> tuning_pb2.TuningJob:
-        args = self.args
-        hyper = {"steps": args.steps}
-        if args.learning_rate is not None:
-            hyper["learning_rate"] = args.learning_rate
+        s = self.settings
+        hyper: dict[str, Any] = {"steps": s.steps}
+        if s.learning_rate is not None:
+            hyper["learning_rate"] = s.learning_rate
         job = self.client.create_tuning_job(
-            model=args.model,
-            training_data=dataset_source(args.dataset),
-            adapter_id=args.adapter_id,
+            model=s.model,
+            training_data=dataset_source(s.dataset),
+            adapter_id=s.adapter_id,
             placement=plan,  # the plan itself: its layers, rank and modules, and its predictions to compare with
             hyperparameters=hyper,
         )
@@ -164,7 +260,7 @@ class _Demo:
 
     def _watch(self, job: tuning_pb2.TuningJob) -> None:
         """A bar while the job runs, and a line per fifth of the steps and per evaluation, which stay on screen."""
-        total = job.total_steps or self.args.steps
+        total = job.total_steps or self.settings.steps
         every = max(total // 5, 1)
         with render.progress_bar(self.out) as progress, self.client.watch_tuning_job(job.name) as stream:
             task = progress.add_task("queued", total=total, note="")
@@ -202,14 +298,15 @@ class _Demo:
         return deployment
 
     def generate(self, adapter_id: str) -> None:
-        examples = DEMO_PROMPTS.get(self.args.dataset)
-        if not examples:
-            self.note(f"no fixed prompts for {self.args.dataset} (the demo has some for builtin:cipher); skipped")
+        s = self.settings
+        if not s.questions:
+            known = ", ".join(name for name, questions in DEMO_PROMPTS.items() if questions)
+            self.note(f"no fixed questions for {s.dataset} (the demo has some for {known}); skipped")
             return
         rows = []
-        for prompt, expected in examples:
-            base = self.client.generate(prompt, sampling=_SAMPLING)
-            adapted = self.client.generate(prompt, adapter=adapter_id, sampling=_SAMPLING)
+        for prompt, expected in s.questions:
+            base = self.client.generate(**generate_call(s.task, prompt, None))
+            adapted = self.client.generate(**generate_call(s.task, prompt, adapter_id))
             if self.out.as_json:
                 self.out.json(base)
                 self.out.json(adapted)

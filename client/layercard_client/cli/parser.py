@@ -237,22 +237,23 @@ def _demo(sub: argparse._SubParsersAction) -> None:
         ),
     )
     demo.add_argument(
-        "--model", default="builtin:tiny", help="builtin:tiny (default) or a model directory on the server"
+        "--model", default="builtin:tiny", help="builtin:tiny (default), builtin:smollm2-135m or a model directory"
     )
     demo.add_argument(
-        "--dataset", default="builtin:cipher", metavar="SOURCE", help="builtin:NAME (default builtin:cipher) or a path"
+        "--dataset",
+        metavar="SOURCE",
+        help="builtin:NAME or a path (default: builtin:facts for a built-in instruct model, else builtin:cipher)",
     )
-    demo.add_argument("--probe-size", type=int, default=64, help="probe examples of the card (default 64)")
-    # The defaults learn the built-in cipher (3/3 exact on the shown prompts, about 2 minutes on 2 cores); under
-    # tighter step budgets no placement learns it in the same steps (docs/METHOD.md, the placement benchmark).
+    # Per dataset, defaults that learn it in a few minutes on 2 cores (DEMO_TASKS in cli/demo.py).
+    demo.add_argument("--probe-size", type=int, help="probe examples of the card (cipher 64, facts 16)")
     demo.add_argument(
         "--max-step-fraction",
         type=float,
         default=1.0,
         help="plan's budget: of full-layer LoRA's step time (default 1.0; try 0.6 to see what a budget costs)",
     )
-    demo.add_argument("--adapter-id", default="demo-cipher", help="adapter the job produces (default demo-cipher)")
-    demo.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
+    demo.add_argument("--adapter-id", help="adapter the job produces (default demo-cipher, demo-facts, ...)")
+    demo.add_argument("--steps", type=int, help="training steps (cipher 600, facts 40)")
     demo.add_argument("--learning-rate", type=float, help="server default 1e-3")
     demo.add_argument("--max-overhead", type=float, metavar="FRACTION", help="deploy's serving-latency budget")
     demo.add_argument("--force", action="store_true", help="deploy even when over the latency budget")
