@@ -22,7 +22,7 @@ def test_unknown_name_is_not_found_and_lists_the_known_ones():
 
 def test_an_empty_cache_names_the_command(tmp_path, monkeypatch):
     monkeypatch.setenv("LAYERCARD_MODEL_CACHE", str(tmp_path))
-    with pytest.raises(FailedPrecondition, match="models.materialize smollm2-135m") as caught:
+    with pytest.raises(FailedPrecondition, match=r"models\.materialize smollm2-135m") as caught:
         builtin_model_path("builtin:smollm2-135m")
     assert caught.value.reason == "BUILTIN_MODEL_NOT_MATERIALIZED"
 
