@@ -10,6 +10,7 @@ import json
 
 import httpx
 import pytest
+from support.fakes import RecordingTelemetry
 from support.fleet import reason, run_async
 
 from layercard_service.data.chat import FALLBACK_CHAT_TEMPLATE
@@ -216,6 +217,7 @@ async def test_a_chat_is_routed_like_a_prompt_and_carries_the_base_model_s_templ
     env.publish("echo")
     await env.manager.deploy("adapters/echo")
     env.proxy.chat_template = lambda: "FALLBACK"
+    env.proxy.telemetry = recorder = RecordingTelemetry()
     conversation = chat(("system", "be brief"), ("user", "capital of France?"))
     done = await env.proxy.generate(conversation, "echo", Sampling())
     assert done.served_model == "echo@v1" and done.completion.text == "[echo@v1] capital of France?"
@@ -224,6 +226,9 @@ async def test_a_chat_is_routed_like_a_prompt_and_carries_the_base_model_s_templ
     sent = [p for fake in env.replicas for p in fake.prompts if isinstance(p, Chat)]
     assert len(sent) == 2 and all(p.template == "FALLBACK" and p.messages == conversation.messages for p in sent)
     assert not env.proxy.in_flight
+    unary, stream = recorder.requests  # the same per-request metrics as a prompt's
+    assert (unary.adapter, unary.served_model, unary.ok, unary.completion_tokens) == ("echo", "echo@v1", True, 64)
+    assert (stream.adapter, stream.ok) == ("", True) and 0 < stream.first_token_seconds <= stream.latency_seconds
 
 
 @run_async
@@ -232,3 +237,12 @@ async def test_a_bad_chat_reaches_no_vllm(env):
         await env.proxy.generate(chat(("user", "q"), ("assistant", "a")), "", Sampling())
     assert reason(err) == "INVALID_ARGUMENT"
     assert not [p for fake in env.replicas for p in fake.prompts]
+
+
+def test_the_service_s_own_vllm_trusts_the_template_a_chat_carries(tmp_path):
+    from layercard_service.serving.vllm_process import VllmServerSettings
+
+    settings = VllmServerSettings(model=tmp_path, served_model_name="m")
+    assert "--trust-request-chat-template" in settings.command(8000)
+    off = VllmServerSettings(model=tmp_path, served_model_name="m", trust_request_chat_template=False)
+    assert "--trust-request-chat-template" not in off.command(8000)
