@@ -13,7 +13,7 @@ Create it inside a running event loop (gRPC binds the channel to it). Requests a
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -350,26 +350,28 @@ class AsyncLayercardClient:
 
     async def generate(
         self,
-        prompt: str | inference_pb2.GenerateRequest,
+        prompt: str | inference_pb2.GenerateRequest | None = None,
         *,
+        messages: Iterable[builders.MessageLike] | None = None,
         adapter: str | None = None,
         sampling: inference_pb2.SamplingParams | Mapping[str, Any] | None = None,
         timeout: Timeout = DEFAULT,
         metadata: Metadata | None = None,
     ) -> inference_pb2.GenerateResponse:
-        built = builders.generate(prompt, adapter=adapter, sampling=sampling)
+        built = builders.generate(prompt, messages=messages, adapter=adapter, sampling=sampling)
         return await self._unary("InferenceService/Generate", built, timeout, metadata)
 
     def generate_stream(
         self,
-        prompt: str | inference_pb2.GenerateStreamRequest,
+        prompt: str | inference_pb2.GenerateStreamRequest | None = None,
         *,
+        messages: Iterable[builders.MessageLike] | None = None,
         adapter: str | None = None,
         sampling: inference_pb2.SamplingParams | Mapping[str, Any] | None = None,
         timeout: Timeout = DEFAULT,
         metadata: Metadata | None = None,
     ) -> AsyncResponseStream[inference_pb2.GenerateStreamResponse]:
-        built = builders.generate_stream(prompt, adapter=adapter, sampling=sampling)
+        built = builders.generate_stream(prompt, messages=messages, adapter=adapter, sampling=sampling)
         return self._stream("InferenceService/GenerateStream", built, timeout, metadata)
 
     # lifecycle

@@ -3,7 +3,8 @@
 Every client method accepts either the request message itself or keyword arguments; the rules for turning
 the latter into a message live here once, so the two clients cannot drift apart. Conveniences:
 bare ids become resource names ("abc" -> "layerCards/abc"), dataset strings become ``DatasetSource``s,
-enum values may be given by short name ("accuracy", "running"), and sub-messages may be dicts.
+enum values may be given by short name ("accuracy", "running"), sub-messages may be dicts, and a chat's messages
+may be ``("user", "hi")`` pairs or ``{"role": ..., "content": ...}`` dicts.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from layercard.v1 import (
 
 __all__ = [
     "DatasetLike",
+    "MessageLike",
     "build",
+    "chat_messages",
     "cancel_tuning_job",
     "delete_tuning_job",
     "compute_layer_card",
@@ -51,6 +54,8 @@ __all__ = [
 M = TypeVar("M", bound=pb_message.Message)
 # "builtin:NAME" or a path on the server (str / Path), inline JSONL (bytes), a DatasetSource, or its dict form.
 DatasetLike = str | Path | bytes | common_pb2.DatasetSource | Mapping[str, Any]
+# One turn of a chat: a ChatMessage, ("user", "hi"), or {"role": "user", "content": "hi"}.
+MessageLike = inference_pb2.ChatMessage | tuple[str, str] | Mapping[str, str]
 
 
 def build(cls: type[M], request: M | None, fields: Mapping[str, Any]) -> M:
@@ -293,25 +298,50 @@ def list_adapters(
 # InferenceService
 
 
-def _generate(cls: type[M], prompt: str | M, adapter: str | None, sampling: Any) -> M:
+def chat_messages(messages: Iterable[MessageLike]) -> list[inference_pb2.ChatMessage]:
+    """A chat's turns as ChatMessages; the server checks roles and order (INVALID_ARGUMENT names the message)."""
+    built = []
+    for message in messages:
+        if isinstance(message, inference_pb2.ChatMessage):
+            built.append(message)
+        elif isinstance(message, Mapping):
+            built.append(inference_pb2.ChatMessage(**message))
+        elif isinstance(message, tuple) and len(message) == 2:
+            built.append(inference_pb2.ChatMessage(role=message[0], content=message[1]))
+        else:
+            raise TypeError(f"a chat message is a ChatMessage, a (role, content) pair or a dict, got {message!r}")
+    return built
+
+
+def _generate(
+    cls: type[M], prompt: str | M | None, messages: Iterable[MessageLike] | None, adapter: str | None, sampling: Any
+) -> M:
+    chat = chat_messages(messages) if messages is not None else None
     if isinstance(prompt, cls):
-        return build(cls, prompt, {"adapter": adapter, "sampling": sampling})
-    return cls(prompt=prompt, adapter=adapter or "", sampling=_message(inference_pb2.SamplingParams, sampling))
+        return build(cls, prompt, {"adapter": adapter, "sampling": sampling, "messages": chat})
+    return cls(
+        prompt=prompt or "",
+        messages=chat,
+        adapter=adapter or "",
+        sampling=_message(inference_pb2.SamplingParams, sampling),
+    )
 
 
 def generate(
-    prompt: str | inference_pb2.GenerateRequest,
+    prompt: str | inference_pb2.GenerateRequest | None,
     *,
+    messages: Iterable[MessageLike] | None,
     adapter: str | None,
     sampling: inference_pb2.SamplingParams | Mapping[str, Any] | None,
 ) -> inference_pb2.GenerateRequest:
-    return _generate(inference_pb2.GenerateRequest, prompt, adapter, sampling)
+    return _generate(inference_pb2.GenerateRequest, prompt, messages, adapter, sampling)
 
 
 def generate_stream(
-    prompt: str | inference_pb2.GenerateStreamRequest,
+    prompt: str | inference_pb2.GenerateStreamRequest | None,
     *,
+    messages: Iterable[MessageLike] | None,
     adapter: str | None,
     sampling: inference_pb2.SamplingParams | Mapping[str, Any] | None,
 ) -> inference_pb2.GenerateStreamRequest:
-    return _generate(inference_pb2.GenerateStreamRequest, prompt, adapter, sampling)
+    return _generate(inference_pb2.GenerateStreamRequest, prompt, messages, adapter, sampling)

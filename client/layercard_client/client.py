@@ -8,6 +8,7 @@
             ...                                       # progress events, then the card
         for job in client.iter_tuning_jobs(states=["running"]):
             print(job.name, job.step, job.total_steps)
+        answer = client.generate(messages=[("user", "What is 2+2?")], adapter="support-bot")  # in the chat template
 
 Each method takes the request message or keyword arguments (see ``builders``), plus ``timeout`` (seconds;
 None for no deadline; default from the settings) and extra ``metadata``. Failures raise a subclass of
@@ -16,7 +17,7 @@ None for no deadline; default from the settings) and extra ``metadata``. Failure
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -375,26 +376,28 @@ class LayercardClient:
 
     def generate(
         self,
-        prompt: str | inference_pb2.GenerateRequest,
+        prompt: str | inference_pb2.GenerateRequest | None = None,
         *,
+        messages: Iterable[builders.MessageLike] | None = None,
         adapter: str | None = None,
         sampling: inference_pb2.SamplingParams | Mapping[str, Any] | None = None,
         timeout: Timeout = DEFAULT,
         metadata: Metadata | None = None,
     ) -> inference_pb2.GenerateResponse:
-        built = builders.generate(prompt, adapter=adapter, sampling=sampling)
+        built = builders.generate(prompt, messages=messages, adapter=adapter, sampling=sampling)
         return self._unary("InferenceService/Generate", built, timeout, metadata)
 
     def generate_stream(
         self,
-        prompt: str | inference_pb2.GenerateStreamRequest,
+        prompt: str | inference_pb2.GenerateStreamRequest | None = None,
         *,
+        messages: Iterable[builders.MessageLike] | None = None,
         adapter: str | None = None,
         sampling: inference_pb2.SamplingParams | Mapping[str, Any] | None = None,
         timeout: Timeout = DEFAULT,
         metadata: Metadata | None = None,
     ) -> ResponseStream[inference_pb2.GenerateStreamResponse]:
-        built = builders.generate_stream(prompt, adapter=adapter, sampling=sampling)
+        built = builders.generate_stream(prompt, messages=messages, adapter=adapter, sampling=sampling)
         return self._stream("InferenceService/GenerateStream", built, timeout, metadata)
 
     # lifecycle

@@ -20,6 +20,7 @@ from layercard_service.persistence.jobs import JobStore
 from layercard_service.persistence.store import Store
 from layercard_service.runners.local import LocalProcessRunner, worker_command
 from layercard_service.runners.worker_reports import ServiceEndpoint, WorkerReports
+from layercard_service.serving.chat import BaseModelChatTemplate
 from layercard_service.serving.fleet import Discovery, DnsDiscovery, Fleet, FleetSettings, StaticDiscovery, Union
 from layercard_service.serving.inference import InferenceProxy, Routes
 from layercard_service.telemetry import SafeTelemetry, Telemetry
@@ -61,7 +62,7 @@ class Core:
             FleetSettings(config.vllm_model, config.max_lora_rank, config.vllm_lora_target_modules),
             initial=config.vllm_urls,
         )
-        proxy = InferenceProxy(fleet.members, Routes(), telemetry)
+        proxy = InferenceProxy(fleet.members, Routes(), telemetry, BaseModelChatTemplate(config.vllm_model))
         adapters = AdapterManager(
             fleet,
             proxy,

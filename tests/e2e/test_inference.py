@@ -1,4 +1,5 @@
-"""InferenceService through the layercard server to the real vLLM server: base model, an adapter, streaming."""
+"""InferenceService through the layercard server to the real vLLM server: base model, an adapter, streaming, and
+chats in the fallback chat template (builtin:tiny has none of its own)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from support.server_thread import ServerThread
 
 from layercard.v1 import inference_pb2, inference_pb2_grpc
 from layercard_service.config import ServiceConfig
+from layercard_service.data.chat import FALLBACK_CHAT_TEMPLATE
 from layercard_service.models.builtin import builtin_model_path
 from layercard_service.models.loading import load_model
 from layercard_service.serving.vllm_api import HttpVllmApi
@@ -113,6 +115,44 @@ def test_bad_requests(inference, fields, code):
     assert generate(inference).usage.completion_tokens >= 1  # still serving
 
 
+CHAT = [("system", "Be brief."), ("user", "The module")]
+
+
+def _rendered_tokens() -> list[int]:
+    """The conversation's tokens as training renders it: the fallback template, whose BOS is the only one."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(builtin_model_path("tiny"))
+    messages = [{"role": role, "content": content} for role, content in CHAT]
+    text = tokenizer.apply_chat_template(
+        messages, chat_template=FALLBACK_CHAT_TEMPLATE, add_generation_prompt=True, tokenize=False
+    )
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and ids[1] != tokenizer.bos_token_id
+    return ids
+
+
+@pytest.mark.parametrize("adapter", ["", ADAPTER])
+def test_chat_unary_and_streamed_in_the_fallback_template(inference, adapter):
+    expected_tokens = len(_rendered_tokens())
+    messages = [inference_pb2.ChatMessage(role=role, content=content) for role, content in CHAT]
+    sampling = inference_pb2.SamplingParams(max_tokens=8)
+    unary = inference.stub.Generate(
+        inference_pb2.GenerateRequest(messages=messages, adapter=adapter, sampling=sampling), timeout=120
+    )
+    served = f"{ADAPTER}@v1" if adapter else inference.served_name
+    assert unary.served_model == served and unary.replica == inference.vllm_url
+    assert unary.finish_reason in ("stop", "length") and 1 <= unary.usage.completion_tokens <= 8
+    # vLLM rendered the same template (the request carried it) and added no BOS of its own on top.
+    assert unary.usage.prompt_tokens == expected_tokens
+    assert 0 < unary.time_to_first_token_ms <= unary.latency_ms
+    request = inference_pb2.GenerateStreamRequest(messages=messages, adapter=adapter, sampling=sampling)
+    chunks = list(inference.stub.GenerateStream(request, timeout=120))
+    assert all(c.served_model == served for c in chunks)
+    assert chunks[-1].finish_reason in ("stop", "length") and chunks[-1].usage.prompt_tokens == expected_tokens
+    assert "".join(c.text for c in chunks) == unary.text  # greedy: the stream says what the unary call said
+
+
 def test_cli_generate_plain_and_streamed(inference, capsys):
     from layercard_client.cli import main
 
@@ -120,3 +160,5 @@ def test_cli_generate_plain_and_streamed(inference, capsys):
     assert capsys.readouterr().out.startswith(" zeb")
     assert main(["--address", inference.address, "generate", "The module", "--stream", "--max-tokens", "6"]) == 0
     assert capsys.readouterr().out.strip()
+    assert main(["--address", inference.address, "generate", "--chat", "The module", "--max-tokens", "4"]) == 0
+    assert "finish" in capsys.readouterr().err

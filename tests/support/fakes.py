@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 
 from layercard_service.errors import AlreadyExists, LayercardError, NotFound, Unavailable
 from layercard_service.runners.local import JobRunner
+from layercard_service.serving.chat import Chat
 from layercard_service.serving.fleet import Discovery
 from layercard_service.serving.vllm_api import Completion, CompletionChunk, Sampling, ServedModel, VllmApi
 from layercard_service.telemetry import JobOutcome, RequestRecord, Telemetry
@@ -42,6 +43,7 @@ class FakeVllm(VllmApi):
         self.adapter_latency_factor = 1.0  # adapter completions report this times the base latency
         self.gates: dict[str, asyncio.Event] = {}  # completions on a served name wait for its event
         self.load_gates: dict[str, asyncio.Event] = {}  # loads of a served name wait for its event
+        self.prompts: list[str | Chat] = []  # every completion's prompt or conversation, as it arrived
 
     def _call(self, call: str, name: str = "") -> None:
         if self.down:
@@ -56,8 +58,9 @@ class FakeVllm(VllmApi):
             raise self.models_error
         return [ServedModel(BASE, None), *(ServedModel(n, BASE, p) for n, p in self.loaded.items())]
 
-    async def complete(self, model: str, prompt: str, sampling: Sampling) -> Completion:
+    async def complete(self, model: str, prompt: str | Chat, sampling: Sampling) -> Completion:
         self._call("complete", model)
+        self.prompts.append(prompt)
         if model != BASE and model not in self.loaded:
             raise NotFound(f"{self.url} does not serve {model!r}", reason="MODEL_NOT_SERVED")
         if model in self.gates:
@@ -67,10 +70,11 @@ class FakeVllm(VllmApi):
         tokens = sampling.max_tokens
         logprobs = tuple(-0.5 if adapted else -1.0 for _ in range(tokens)) if sampling.logprobs else ()
         latency = BASE_LATENCY * (self.adapter_latency_factor if model != BASE else 1.0)
-        text = f"[{model}] {prompt}" if adapted else f"[base] {prompt}"
-        return Completion(text, "length", len(prompt), tokens, latency / 4, latency, logprobs)
+        said = prompt if isinstance(prompt, str) else prompt.messages[-1].content  # a chat: echo its question
+        text = f"[{model}] {said}" if adapted else f"[base] {said}"
+        return Completion(text, "length", len(said), tokens, latency / 4, latency, logprobs)
 
-    async def stream(self, model: str, prompt: str, sampling: Sampling) -> AsyncIterator[CompletionChunk]:
+    async def stream(self, model: str, prompt: str | Chat, sampling: Sampling) -> AsyncIterator[CompletionChunk]:
         done = await self.complete(model, prompt, sampling)
         yield CompletionChunk(done.text, token_logprobs=done.token_logprobs)
         yield CompletionChunk("", done.finish_reason, done.prompt_tokens, done.completion_tokens)

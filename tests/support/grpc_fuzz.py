@@ -160,10 +160,20 @@ def _valid(target: Target, env: FuzzEnv) -> list[Message]:
         "DeployAdapter": lambda: [r(adapter="adapters/echo", version=1, max_overhead_fraction=0.5)],
         "UndeployAdapter": lambda: [r(adapter="adapters/spare")],
         "ListAdapters": lambda: [r(page_size=10)],
-        "Generate": lambda: [r(prompt="word 1:", sampling=inference_pb2.SamplingParams(max_tokens=4, stop=["\n"]))],
-        "GenerateStream": lambda: [r(prompt="word 1:", adapter="echo", sampling=inference_pb2.SamplingParams(top_k=4))],
+        "Generate": lambda: [
+            r(prompt="word 1:", sampling=inference_pb2.SamplingParams(max_tokens=4, stop=["\n"])),
+            r(messages=[inference_pb2.ChatMessage(role="system", content="s"), _user("word 1:")]),
+        ],
+        "GenerateStream": lambda: [
+            r(prompt="word 1:", adapter="echo", sampling=inference_pb2.SamplingParams(top_k=4)),
+            r(messages=[_user("word 1:")], adapter="echo"),
+        ],
     }
     return bases[target.method]() if target.method in bases else [r()]
+
+
+def _user(content: str) -> inference_pb2.ChatMessage:
+    return inference_pb2.ChatMessage(role="user", content=content)
 
 
 def request_strategy(target: Target, env: FuzzEnv) -> st.SearchStrategy[Message]:

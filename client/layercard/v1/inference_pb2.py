@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clayercard/v1/inference.proto\x12\x0clayercard.v1\"\x81\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x07\n\x05_seed\"b\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.layercard.v1.SamplingParams\"h\n\x15GenerateStreamRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.layercard.v1.SamplingParams\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xb6\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.layercard.v1.Usage\x12\x0f\n\x07replica\x18\x04 \x01(\t\x12\x14\n\x0cserved_model\x18\x05 \x01(\t\x12\x1e\n\x16time_to_first_token_ms\x18\x06 \x01(\x01\x12\x12\n\nlatency_ms\x18\x07 \x01(\x01\"\x88\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.layercard.v1.Usage\x12\x0f\n\x07replica\x18\x04 \x01(\t\x12\x14\n\x0cserved_model\x18\x05 \x01(\t2\xbc\x01\n\x10InferenceService\x12I\n\x08Generate\x12\x1d.layercard.v1.GenerateRequest\x1a\x1e.layercard.v1.GenerateResponse\x12]\n\x0eGenerateStream\x12#.layercard.v1.GenerateStreamRequest\x1a$.layercard.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clayercard/v1/inference.proto\x12\x0clayercard.v1\"\x81\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x8f\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.layercard.v1.SamplingParams\x12+\n\x08messages\x18\x04 \x03(\x0b\x32\x19.layercard.v1.ChatMessage\"\x95\x01\n\x15GenerateStreamRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.layercard.v1.SamplingParams\x12+\n\x08messages\x18\x04 \x03(\x0b\x32\x19.layercard.v1.ChatMessage\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xb6\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.layercard.v1.Usage\x12\x0f\n\x07replica\x18\x04 \x01(\t\x12\x14\n\x0cserved_model\x18\x05 \x01(\t\x12\x1e\n\x16time_to_first_token_ms\x18\x06 \x01(\x01\x12\x12\n\nlatency_ms\x18\x07 \x01(\x01\"\x88\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.layercard.v1.Usage\x12\x0f\n\x07replica\x18\x04 \x01(\t\x12\x14\n\x0cserved_model\x18\x05 \x01(\t2\xbc\x01\n\x10InferenceService\x12I\n\x08Generate\x12\x1d.layercard.v1.GenerateRequest\x1a\x1e.layercard.v1.GenerateResponse\x12]\n\x0eGenerateStream\x12#.layercard.v1.GenerateStreamRequest\x1a$.layercard.v1.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,16 +33,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS']._serialized_start=47
   _globals['_SAMPLINGPARAMS']._serialized_end=176
-  _globals['_GENERATEREQUEST']._serialized_start=178
-  _globals['_GENERATEREQUEST']._serialized_end=276
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=278
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=382
-  _globals['_USAGE']._serialized_start=384
-  _globals['_USAGE']._serialized_end=441
-  _globals['_GENERATERESPONSE']._serialized_start=444
-  _globals['_GENERATERESPONSE']._serialized_end=626
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=629
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=765
-  _globals['_INFERENCESERVICE']._serialized_start=768
-  _globals['_INFERENCESERVICE']._serialized_end=956
+  _globals['_CHATMESSAGE']._serialized_start=178
+  _globals['_CHATMESSAGE']._serialized_end=222
+  _globals['_GENERATEREQUEST']._serialized_start=225
+  _globals['_GENERATEREQUEST']._serialized_end=368
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=371
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=520
+  _globals['_USAGE']._serialized_start=522
+  _globals['_USAGE']._serialized_end=579
+  _globals['_GENERATERESPONSE']._serialized_start=582
+  _globals['_GENERATERESPONSE']._serialized_end=764
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=767
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=903
+  _globals['_INFERENCESERVICE']._serialized_start=906
+  _globals['_INFERENCESERVICE']._serialized_end=1094
 # @@protoc_insertion_point(module_scope)

@@ -52,7 +52,8 @@ class InferenceServiceServicer:
     """
 
     def Generate(self, request, context):
-        """Generates a completion. The caller's deadline and cancellation reach the vLLM server.
+        """Generates a completion of a prompt, or the assistant's answer to a conversation (`messages`). The caller's
+        deadline and cancellation reach the vLLM server.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

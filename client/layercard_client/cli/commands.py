@@ -353,8 +353,19 @@ def run_adapters(client: LayercardClient, args: argparse.Namespace, out: render.
 # generate
 
 
+def _generate_input(args: argparse.Namespace) -> tuple[str | None, list[tuple[str, str]] | None]:
+    """The prompt, or the chat's messages: --system first, then each --message, then the prompt as the user's."""
+    if not (args.chat or args.system is not None or args.message):
+        return (sys.stdin.read() if args.prompt in (None, "-") else args.prompt), None
+    messages = [("system", args.system)] if args.system is not None else []
+    messages += args.message or []
+    if args.prompt is not None or not args.message:
+        messages.append(("user", sys.stdin.read() if args.prompt in (None, "-") else args.prompt))
+    return None, messages
+
+
 def run_generate(client: LayercardClient, args: argparse.Namespace, out: render.Output) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt, messages = _generate_input(args)
     sampling = _given(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -364,7 +375,7 @@ def run_generate(client: LayercardClient, args: argparse.Namespace, out: render.
         stop=args.stop,
     )
     if not args.stream:
-        response = client.generate(prompt, adapter=args.adapter, sampling=sampling or None)
+        response = client.generate(prompt, messages=messages, adapter=args.adapter, sampling=sampling or None)
         if out.as_json:
             out.json(response)
         else:
@@ -376,7 +387,7 @@ def run_generate(client: LayercardClient, args: argparse.Namespace, out: render.
                 markup=False,
             )
         return EXIT_OK
-    with client.generate_stream(prompt, adapter=args.adapter, sampling=sampling or None) as stream:
+    with client.generate_stream(prompt, messages=messages, adapter=args.adapter, sampling=sampling or None) as stream:
         last = None
         for chunk in stream:
             last = chunk

@@ -213,9 +213,37 @@ def _adapters(sub: argparse._SubParsersAction) -> None:
     _add_paging(listing)
 
 
+def _chat_message(value: str) -> tuple[str, str]:
+    role, colon, content = value.partition(":")
+    if not colon or not role.strip():
+        raise argparse.ArgumentTypeError(f"expected ROLE:CONTENT (user:..., assistant:..., system:...), got {value!r}")
+    return role.strip(), content
+
+
 def _generate(sub: argparse._SubParsersAction) -> None:
-    generate = sub.add_parser("generate", help="generate a completion, with the base model or an adapter")
-    generate.add_argument("prompt", nargs="?", default="-", help="the prompt; '-' or nothing reads stdin")
+    generate = sub.add_parser(
+        "generate",
+        help="generate a completion or a chat answer, with the base model or an adapter",
+        description=(
+            "Completes a raw prompt, or with --chat (or --system/--message) answers a conversation in the base "
+            "model's own chat template: the prompt is the user's last message."
+        ),
+    )
+    generate.add_argument(
+        "prompt",
+        nargs="?",
+        help="the prompt (with --chat: the user's message); '-' or nothing reads stdin (in a chat given with "
+        "--message: nothing adds no message)",
+    )
+    generate.add_argument("--chat", action="store_true", help="send the prompt as a chat's user message")
+    generate.add_argument("--system", metavar="TEXT", help="a chat's system message, first (implies --chat)")
+    generate.add_argument(
+        "--message",
+        action="append",
+        type=_chat_message,
+        metavar="ROLE:CONTENT",
+        help="an earlier turn of the chat, in order (repeatable; implies --chat)",
+    )
     generate.add_argument("--adapter", help="a deployed adapter id; default: the base model")
     generate.add_argument("--stream", action="store_true", help="print text as it is produced")
     generate.add_argument("--max-tokens", type=int)

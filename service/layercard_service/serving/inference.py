@@ -8,6 +8,9 @@ version being loaded and verified gets no traffic until it passes; an adapter th
 deployed is not served. An adapter loaded into vLLM by someone else resolves to its newest loaded version,
 ``id@vN``, or to the id itself when it was loaded unversioned. Requests in flight are counted per served name,
 so that a version swap can wait for the old version's requests to finish before unloading it.
+
+A request is a prompt (``str``) or a conversation (``Chat``): both take the same routes, retries and metrics. A
+conversation leaves here with the chat template the base model needs sent along (``BaseModelChatTemplate``).
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from layercard_service.errors import FailedPrecondition, InvalidArgument, LayercardError, NotFound, Unavailable
+from layercard_service.serving.chat import Chat, check_chat
 from layercard_service.serving.vllm_api import Completion, CompletionChunk, Sampling, ServedModel, VllmApi
 from layercard_service.telemetry import RequestRecord, Telemetry
 
@@ -89,8 +93,10 @@ class InferenceProxy:
         members: Callable[[], list[VllmApi]],
         routes: Routes | None = None,
         telemetry: Telemetry | None = None,
+        chat_template: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._members = members
+        self.chat_template = chat_template  # what a conversation's request carries as its chat_template
         self.routes = routes or Routes()
         self.telemetry = telemetry or Telemetry()
         self._turn = itertools.count()
@@ -160,12 +166,16 @@ class InferenceProxy:
             metadata={"adapter": adapter},
         )
 
-    @staticmethod
-    def _check(prompt: str) -> None:
+    def _check(self, prompt: str | Chat) -> str | Chat:
+        """The request as it goes to vLLM, after INVALID_ARGUMENT for a bad one."""
+        if isinstance(prompt, Chat):
+            check_chat(prompt.messages)
+            return prompt if prompt.template is not None else replace(prompt, template=self.chat_template())
         if not prompt:
             raise InvalidArgument.field("prompt", "must not be empty")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise InvalidArgument.field("prompt", f"must be at most {MAX_PROMPT_CHARS} characters")
+        return prompt
 
     def _release(self, name: str, url: str, error: str = "") -> None:
         """One attempt on one replica is over."""
@@ -183,8 +193,8 @@ class InferenceProxy:
             adapter = "unknown"  # a name nobody serves: keep the metrics' label values bounded
         self.telemetry.request_finished(RequestRecord(adapter, name, url, not error, first, total, tokens, error))
 
-    async def generate(self, prompt: str, adapter: str, sampling: Sampling) -> Generated:
-        self._check(prompt)
+    async def generate(self, prompt: str | Chat, adapter: str, sampling: Sampling) -> Generated:
+        prompt = self._check(prompt)
         entered = time.perf_counter()
         try:
             generated, began = await self._generate(prompt, adapter, sampling)
@@ -204,7 +214,7 @@ class InferenceProxy:
         )
         return generated
 
-    async def _generate(self, prompt: str, adapter: str, sampling: Sampling) -> tuple[Generated, float]:
+    async def _generate(self, prompt: str | Chat, adapter: str, sampling: Sampling) -> tuple[Generated, float]:
         last: Unavailable | None = None
         async for replica, name in self._candidates(adapter):
             self.in_flight[name] += 1  # counted before any await: a swap that routes away sees this request
@@ -227,10 +237,10 @@ class InferenceProxy:
         raise last
 
     async def stream(
-        self, prompt: str, adapter: str, sampling: Sampling
+        self, prompt: str | Chat, adapter: str, sampling: Sampling
     ) -> AsyncIterator[tuple[CompletionChunk, str, str]]:
         """Chunks with (replica, served name). Only a replica failing before its first chunk is retried."""
-        self._check(prompt)
+        prompt = self._check(prompt)
         entered = time.perf_counter()
         first, tokens, name, url, error = 0.0, 0, "", "", "CANCELLED"  # closed early unless it ends below
         try:
@@ -249,7 +259,7 @@ class InferenceProxy:
             self._record(adapter, name, url, error, first or total, total, tokens)
 
     async def _stream(
-        self, prompt: str, adapter: str, sampling: Sampling
+        self, prompt: str | Chat, adapter: str, sampling: Sampling
     ) -> AsyncIterator[tuple[CompletionChunk, str, str]]:
         last: Unavailable | None = None
         async for replica, name in self._candidates(adapter):

