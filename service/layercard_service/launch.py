@@ -256,7 +256,8 @@ def _banner(
         f"  {cli} jobs create --model {spec} --dataset {dataset} --adapter-id {adapter} {where} --watch",
     ]
     if vllm:
-        lines.append(f"  {cli} generate {shlex.quote(prompt)} --stream")
+        chat = "--chat " if dataset != DEMO_DATASET else ""  # a chat task: the question in the chat template
+        lines.append(f"  {cli} generate {chat}{shlex.quote(prompt)} --stream")
     lines.append("")
     return "\n".join(lines)
 

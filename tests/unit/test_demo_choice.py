@@ -58,5 +58,7 @@ def test_flags_win_over_the_tasks_defaults():
 def test_one_function_builds_every_generate_call_greedy():
     task = demo.DEMO_TASKS["builtin:facts"]
     call = demo.generate_call(task, "Who?", "demo-facts")
-    assert call == {"prompt": "Who?", "adapter": "demo-facts", "sampling": {"max_tokens": 32, "temperature": 0.0}}
-    assert demo.generate_call(demo.DEMO_TASKS["builtin:cipher"], "x", None)["sampling"]["max_tokens"] == 8
+    greedy = {"max_tokens": 32, "temperature": 0.0}
+    assert call == {"messages": [("user", "Who?")], "adapter": "demo-facts", "sampling": greedy}  # a chat task: chat
+    raw = demo.generate_call(demo.DEMO_TASKS["builtin:cipher"], "x", None)
+    assert raw["prompt"] == "x" and "messages" not in raw and raw["sampling"]["max_tokens"] == 8

@@ -137,9 +137,13 @@ def _given(flag: Any, default: Any) -> Any:
 
 def generate_call(task: DemoTask, question: str, adapter: str | None) -> dict[str, Any]:
     """The keyword arguments of ``LayercardClient.generate`` for one of the demo's questions, with the base model
-    (``adapter`` None) or the adapter: the one place the demo builds a Generate call. Every question goes as its
-    raw prompt text; a chat task's (``task.chat``) is the user's turn of a chat."""
-    return {"prompt": question, "adapter": adapter, "sampling": {"max_tokens": task.max_tokens, "temperature": 0.0}}
+    (``adapter`` None) or the adapter: the one place the demo builds a Generate call. A chat task's question
+    (``task.chat``) is the user's turn of a chat, served in the model's chat template; any other goes as its raw
+    prompt text."""
+    sampling = {"max_tokens": task.max_tokens, "temperature": 0.0}
+    if task.chat:
+        return {"messages": [("user", question)], "adapter": adapter, "sampling": sampling}
+    return {"prompt": question, "adapter": adapter, "sampling": sampling}
 
 
 # Loading into every replica and measuring latency takes longer than an ordinary call's 30 s on CPU vLLM.
