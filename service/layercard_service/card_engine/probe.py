@@ -19,7 +19,9 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from layercard_service.card_engine.arch import ModelLayout
+from layercard_service.card_engine.tokens import block_input, real_token_rows
 from layercard_service.data.encode import IGNORE_INDEX
+from layercard_service.errors import FailedPrecondition
 
 __all__ = ["ModuleKey", "ModuleProbe", "ProbeResult", "attach_lora", "lora_modules", "module_type", "run_probe"]
 
@@ -120,14 +122,17 @@ def run_probe(
     mask_holder: dict[str, torch.Tensor] = {}
 
     def feature_hook(key: ModuleKey):
+        where = f"{layout.blocks_path}.{key[0]}.{key[1]}"
+
         def hook(module, args, output):
             mask = mask_holder["mask"]  # [B, T] bool, real tokens
-            x = args[0].detach()  # [B, T, d_in]
-            z = output.detach()[mask]  # [N, r]
+            # [N·k, d_in] and [N·k, r]: whatever layout the model feeds this module ([B, T, d], [B·T, d], ...)
+            x = real_token_rows(args[0].detach(), mask, where)
+            z = real_token_rows(output.detach(), mask, where)
             probe = probes[key]
             probe.feature_cov_sum += (z.T @ z).double()  # r x r in float32, summed in float64
-            probe.energy_sum += float(x.pow(2).sum(-1)[mask].sum())
-            probe.tokens += int(z.shape[0])
+            probe.energy_sum += float(x.float().pow(2).sum())
+            probe.tokens += int(mask.sum())  # per token: a token's k rows (k = 1 but for odd layouts) add up
 
         return hook
 
@@ -135,9 +140,18 @@ def run_probe(
     stream_sums = [0.0] * len(blocks)
 
     def stream_hook(index: int):
+        where = f"{layout.blocks_path}.{index}"
+
         def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]  # [B, T, H]
-            stream_sums[index] += float(hidden.detach().float().pow(2).mean(-1)[mask_holder["mask"]].sum())
+            hidden = block_input(args, kwargs)
+            if hidden is None:
+                raise FailedPrecondition(
+                    f"unsupported model: block {where} is called without a hidden-states tensor",
+                    reason="UNSUPPORTED_ARCHITECTURE",
+                    metadata={"module": where},
+                )
+            rows = real_token_rows(hidden.detach().float(), mask_holder["mask"], where)  # [N, H]
+            stream_sums[index] += float(rows.pow(2).mean(-1).sum())
 
         return hook
 
