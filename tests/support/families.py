@@ -5,18 +5,20 @@ it runs that family's real code paths: where the blocks live, which linear modul
 each module's input ([B, T, d] or OPT's flattened [B·T, d]), fused projections, MoE blocks. The weights are
 random: a card on them checks structure, not figures.
 
-    from support.families import FAMILIES, tiny_model
+    from support.families import FAMILIES, card_failures, tiny_model
     model = tiny_model("opt", vocab_size=len(tokenizer))
+    ok = len(FAMILIES) - len(card_failures(tokenizer, examples, settings))  # bench: card_architectures_ok
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-__all__ = ["EXPECTED_MODULE_TYPES", "FAMILIES", "tiny_config", "tiny_model"]
+__all__ = ["EXPECTED_MODULE_TYPES", "FAMILIES", "card_failures", "tiny_config", "tiny_model"]
 
 _HIDDEN, _LAYERS, _HEADS = 64, 2, 4
 _LLAMA_LIKE: dict[str, Any] = dict(
@@ -77,6 +79,7 @@ _CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
     "mixtral": ("mixtral", {**_LLAMA_LIKE, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "phimoe": ("phimoe", {**_LLAMA_LIKE, "num_local_experts": 4, "num_experts_per_tok": 2}),
     "olmo2": ("olmo2", _LLAMA_LIKE),
     "stablelm": ("stablelm", _LLAMA_LIKE),
     "bloom": ("bloom", dict(hidden_size=_HIDDEN, n_layer=_LAYERS, n_head=_HEADS)),
@@ -113,6 +116,7 @@ EXPECTED_MODULE_TYPES: dict[str, frozenset[str]] = {
     # Routed experts are 3-D parameters in transformers 5 (not linear modules): the shared expert and its gate are.
     "qwen2_moe": frozenset((*_ATTN, *_GATED_MLP, "shared_expert_gate")),
     "mixtral": frozenset(_ATTN),
+    "phimoe": frozenset(_ATTN),  # its router subclasses nn.Linear but returns (weights, indices): not adapted
     "olmo2": frozenset(_ATTN + _GATED_MLP),
     "stablelm": frozenset(_ATTN + _GATED_MLP),
     "bloom": frozenset({"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}),
@@ -143,3 +147,25 @@ def tiny_model(family: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
     for param in model.parameters():
         param.requires_grad_(False)
     return model
+
+
+def card_failures(
+    tokenizer: Any, examples: Sequence[Any], settings: Any, families: Iterable[str] = FAMILIES
+) -> dict[str, str]:
+    """Computes a card on each family's tiny model; returns the ones that failed, as "ErrorType: message".
+
+    A card counts only if it names the family's expected module types on every layer.
+    """
+    from layercard_service.card_engine.engine import compute_card
+
+    failures: dict[str, str] = {}
+    for family in families:
+        try:
+            card = compute_card(tiny_model(family, len(tokenizer)), tokenizer, examples, settings, family)
+        except Exception as exc:  # reported, not raised: the caller counts the families that work
+            failures[family] = f"{type(exc).__name__}: {exc}"
+            continue
+        found = [{m.module_type for m in row.modules} for row in card.layers]
+        if len(found) != _LAYERS or any(types != EXPECTED_MODULE_TYPES[family] for types in found):
+            failures[family] = f"unexpected module types {found}"
+    return failures

@@ -10,9 +10,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
-from support.families import EXPECTED_MODULE_TYPES, FAMILIES, tiny_model
+from support.families import EXPECTED_MODULE_TYPES, FAMILIES, card_failures, tiny_model
 from torch import nn
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, Phi3Config, Phi3ForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Phi3Config,
+    Phi3ForCausalLM,
+)
 
 from layercard_service.card_engine.arch import detect_layout
 from layercard_service.card_engine.engine import compute_card, make_probe_batches
@@ -22,7 +30,7 @@ from layercard_service.data.tasks import get_task
 from layercard_service.domain.cards import CardSettings
 from layercard_service.errors import FailedPrecondition, InvalidArgument
 from layercard_service.models.builtin import builtin_model_path
-from layercard_service.trainer.lora import LoraSettings, attach_lora
+from layercard_service.trainer.lora import LoraSettings, attach_lora, num_layers
 
 SETTINGS = CardSettings(probe_size=32, batch_size=8, max_seq_len=48, compute_coupling=True)
 SMALL = CardSettings(probe_size=16, batch_size=4, max_seq_len=32, compute_coupling=True)
@@ -95,9 +103,12 @@ def _finite_non_negative(*values: float) -> bool:
     return all(math.isfinite(v) and v >= 0 for v in values)
 
 
-def test_the_family_list_covers_the_issue():
+def test_the_family_list_covers_the_issue(tokenizer, examples):
     required = {"llama", "qwen2", "qwen3", "mistral", "gemma", "gpt2", "gpt_neox", "opt", "phi3", "falcon"}
     assert required <= set(FAMILIES)
+    # What bench/real_model counts: OPT works, and a failure is reported rather than raised.
+    assert card_failures(tokenizer, examples, SMALL, ["opt"]) == {}
+    assert "InvalidArgument" in card_failures(tokenizer, examples[:1], SMALL, ["llama"])["llama"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -130,12 +141,20 @@ def test_lora_wraps_the_modules_the_card_names(family, tokenizer):
     """Training places adapters where the card points: peft wraps every named type, on the chosen layer only."""
     model = tiny_model(family, len(tokenizer))
     layout = detect_layout(model)
+    assert num_layers(model) == layout.num_layers  # what the trainer checks ``lora.layers`` against
     peft_model = attach_lora(model, LoraSettings(rank=4, target_modules=layout.module_types, layers=(1,)))
     blocks = peft_model.base_model.model.get_submodule(layout.blocks_path)
     wrapped = [
         {name.rsplit(".", 1)[-1] for name, m in block.named_modules() if isinstance(m, LoraLayer)} for block in blocks
     ]
     assert wrapped == [set(), set(layout.module_types)]
+    per_block = sum(isinstance(m, LoraLayer) for m in blocks[1].modules())  # GPT-2 has two c_proj
+    # On every layer, the card's names reach nothing outside the blocks (an embedding or head of the same name).
+    model = tiny_model(family, len(tokenizer))
+    peft_model = attach_lora(model, LoraSettings(rank=4, target_modules=layout.module_types))
+    blocks = peft_model.base_model.model.get_submodule(layout.blocks_path)
+    in_blocks = sum(isinstance(m, LoraLayer) for m in blocks.modules())
+    assert in_blocks == sum(isinstance(m, LoraLayer) for m in peft_model.modules()) == 2 * per_block
 
 
 def test_flattened_token_inputs_keep_padding_out(tokenizer):
@@ -213,8 +232,21 @@ class _KeywordBlock(nn.Module):
         return x + self.proj(x)
 
 
+class _DeadBranchBlock(nn.Module):
+    """Computes a linear it then ignores: that module is off the loss's path and gets no gradient."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(width, width)
+        self.unused = nn.Linear(width, width)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.unused(hidden)
+        return hidden + self.proj(hidden)
+
+
 class _OddLM(nn.Module):
-    """A causal LM by its interface (input_ids -> .logits) with blocks no transformers model has."""
+    """A causal LM by its interface (input_ids -> .logits; no real KV cache) with blocks no transformers model has."""
 
     def __init__(self, vocab: int, blocks: nn.Module | None) -> None:
         super().__init__()
@@ -226,7 +258,42 @@ class _OddLM(nn.Module):
         hidden = self.embed(input_ids)
         for block in self.stack or ():
             hidden = block(x=hidden) if isinstance(block, _KeywordBlock) else block(hidden)
-        return SimpleNamespace(logits=self.head(hidden))
+        return SimpleNamespace(logits=self.head(hidden), past_key_values=None)
+
+
+def test_a_module_off_the_loss_path_gets_a_zero_figure(tokenizer, examples):
+    model = _OddLM(len(tokenizer), nn.ModuleList([_DeadBranchBlock(16), _DeadBranchBlock(16)]))
+    card = compute_card(model.eval().requires_grad_(False), tokenizer, examples, SMALL, "odd")
+    for row in card.layers:
+        by_type = {m.module_type: m for m in row.modules}
+        assert by_type["unused"].resnorm_sq == 0 and by_type["proj"].resnorm_sq > 0
+        assert by_type["unused"].activation_energy > 0  # it still saw the tokens
+
+
+@pytest.mark.parametrize(
+    "model_type, fields, message",
+    [
+        ("mamba", {}, "wrapping its linear modules with peft's LoRA failed (ValueError"),
+        (
+            "recurrent_gemma",
+            {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "lru_width": 64},
+            "batch-1 decoding with a KV cache (the serving cost) failed (AttributeError",
+        ),
+    ],
+    ids=["peft-refuses-its-modules", "no-kv-cache"],
+)
+def test_a_transformers_family_the_card_cannot_run_is_failed_precondition(
+    model_type, fields, message, tokenizer, examples
+):
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, **fields
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+    with pytest.raises(FailedPrecondition, match=re.escape(message)) as info:
+        compute_card(model, tokenizer, examples, SMALL, model_type)
+    assert info.value.reason == "UNSUPPORTED_ARCHITECTURE" and info.value.metadata["architecture"]
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,10 @@ def _conv1d_type() -> type | None:
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     """(d_in, d_out) of a linear-like module, or None when it is not one LoRA can adapt."""
+    if type(module).__name__.endswith("Router"):
+        # An MoE router that subclasses nn.Linear (PhiMoE, Llama 4) returns (weights, indices), which peft's
+        # LoRA wrapper cannot add to; and an adapter on expert choice is not one vLLM serves.
+        return None
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     conv1d = _conv1d_type()

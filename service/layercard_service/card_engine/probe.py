@@ -65,12 +65,26 @@ def attach_lora(
         bias="none",
         init_lora_weights=True,
     )
-    peft_model = get_peft_model(model, config)
+    try:
+        peft_model = get_peft_model(model, config)
+    except Exception:
+        _strip_lora(model)  # peft may fail after wrapping some modules: the caller's (cached) model stays clean
+        raise
     for name, param in peft_model.named_parameters():
         if "lora_A" in name:
             param.requires_grad_(False)  # A is the fixed random projection; only dL/dB is needed
     peft_model.eval()  # no dropout in the base model: the card describes it as it serves
     return peft_model
+
+
+def _strip_lora(model: nn.Module) -> None:
+    """Puts every LoRA-wrapped module of ``model`` back to its base layer and drops peft's bookkeeping."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer) and name:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
 
 
 def module_type(key: ModuleKey) -> str:
@@ -161,7 +175,7 @@ def run_probe(
     try:
         for i, (batch, half) in enumerate(zip(batches, halves)):
             mask_holder["mask"] = batch["attention_mask"].bool()
-            out = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            out = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             logits = out.logits[:, :-1].float()  # [B, T-1, V]: position t predicts token t+1
             targets = batch["labels"][:, 1:]  # [B, T-1]
             token_loss = nn.functional.cross_entropy(
@@ -171,8 +185,10 @@ def run_probe(
             (token_loss / max(half_tokens[half], 1)).backward()
             loss_sum += float(token_loss.detach())
             for key, layer in modules.items():
-                probes[key].grad_halves[half] += layer.lora_B[ADAPTER].weight.grad.double()
-                layer.lora_B[ADAPTER].weight.grad = None
+                weight = layer.lora_B[ADAPTER].weight
+                if weight.grad is not None:  # None: the module is off the loss's path (no gradient reaches it)
+                    probes[key].grad_halves[half] += weight.grad.double()
+                weight.grad = None
             tokens += int(batch["attention_mask"].sum())
             examples += int(batch["input_ids"].shape[0])
             seq_len = max(seq_len, int(batch["input_ids"].shape[1]))
