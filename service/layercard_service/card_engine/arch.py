@@ -29,6 +29,10 @@ def _conv1d_type() -> type | None:
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     """(d_in, d_out) of a linear-like module, or None when it is not one LoRA can adapt."""
+    if type(module).__name__.endswith("Router"):
+        # An MoE router that subclasses nn.Linear (PhiMoE, Llama 4) returns (weights, indices), which peft's
+        # LoRA wrapper cannot add to; and an adapter on expert choice is not one vLLM serves.
+        return None
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     conv1d = _conv1d_type()
@@ -86,9 +90,10 @@ def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             best = (name, module)
     if best is None:
         raise FailedPrecondition(
-            f"unsupported model {type(model).__name__}: no list of transformer blocks found",
+            f"unsupported model {type(model).__name__}: no list of transformer blocks found (looked for "
+            f"{', '.join(_BLOCK_PATHS)}, then for any nn.ModuleList of two or more blocks of one class)",
             reason="UNSUPPORTED_ARCHITECTURE",
-            metadata={"architecture": type(model).__name__},
+            metadata={"architecture": type(model).__name__, "missing": "blocks"},
         )
     return best
 
@@ -109,8 +114,9 @@ def detect_layout(model: nn.Module) -> ModelLayout:
     )
     if not common:
         raise FailedPrecondition(
-            f"unsupported model {type(model).__name__}: its blocks have no linear modules LoRA can adapt",
+            f"unsupported model {type(model).__name__}: its blocks ({path}) have no linear modules LoRA can adapt "
+            "(nn.Linear or transformers' Conv1D, under the same name in every block)",
             reason="UNSUPPORTED_ARCHITECTURE",
-            metadata={"architecture": type(model).__name__},
+            metadata={"architecture": type(model).__name__, "blocks_path": path, "missing": "linear_modules"},
         )
     return ModelLayout(path, len(blocks), tuple(common), per_block[0])

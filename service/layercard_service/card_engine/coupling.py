@@ -26,7 +26,7 @@ FD_LOSS_CHANGE = 3e-3
 
 def token_loglik(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Log-likelihood of each completion token of ``batch`` [n_completion_tokens], float64."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1]
     targets = batch["labels"][:, 1:]  # [B, T-1]
     keep = targets != IGNORE_INDEX
     logp = torch.log_softmax(logits.float(), dim=-1)  # [B, T-1, V]

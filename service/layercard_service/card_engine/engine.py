@@ -6,6 +6,7 @@ keep it cached. Long phases report progress and check for cancellation between b
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -30,9 +31,11 @@ from layercard_service.domain.cards import (
     ServingCostCard,
     TrainingCostCard,
 )
-from layercard_service.errors import Cancelled, InvalidArgument
+from layercard_service.errors import Cancelled, FailedPrecondition, InvalidArgument, LayercardError
 
 __all__ = ["ProgressFn", "compute_card", "make_probe_batches"]
+
+log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, float, str], None]  # (phase, fraction of the whole card, message)
 
@@ -89,12 +92,18 @@ def compute_card(
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     batches = make_probe_batches(tokenizer, examples, settings, device)
 
+    current = ["attach"]  # the phase running, for the error when the model's own code fails in it
+
     def check(phase: str, fraction: float, message: str) -> None:
         if cancel.is_set():
             raise Cancelled("the card computation was cancelled", reason="CANCELLED")
+        current[0] = phase
         progress(phase, fraction, message)
 
-    peft_model = attach_lora(model, layout, types, settings.rank, settings.lora_alpha, settings.seed)
+    try:
+        peft_model = attach_lora(model, layout, types, settings.rank, settings.lora_alpha, settings.seed)
+    except (ValueError, TypeError, NotImplementedError) as exc:  # peft refuses a module of this architecture
+        raise _unsupported(type(model).__name__, "attach", exc) from exc
     try:
         lora = lora_modules(peft_model, layout)
         blocks = peft_model.base_model.model.get_submodule(layout.blocks_path)
@@ -175,6 +184,10 @@ def compute_card(
                     "performance", coupling_end + (1.0 - coupling_end) * done / total, f"layer {done}/{total}"
                 ),
             )
+    except (LayercardError, MemoryError, torch.OutOfMemoryError):
+        raise  # ours already, or a resource limit rather than the architecture
+    except Exception as exc:
+        raise _unsupported(type(model).__name__, current[0], exc) from exc
     finally:
         peft_model.unload()  # the caller's model comes back without LoRA wrappers...
         if hasattr(model, "peft_config"):
@@ -231,6 +244,28 @@ def compute_card(
         probe_tokens=probe.tokens,
         compute_seconds=time.perf_counter() - started,
         coupling=rho,
+    )
+
+
+_PHASES = {
+    "attach": "wrapping its linear modules with peft's LoRA",
+    "probe": "the probe pass (forward and backward with LoRA)",
+    "calibrate": "the cost calibration (training steps)",
+    "serving": "batch-1 decoding with a KV cache (the serving cost)",
+    "coupling": "the coupling passes",
+    "performance": "the single-layer training runs",
+}
+
+
+def _unsupported(architecture: str, phase: str, exc: Exception) -> FailedPrecondition:
+    """An error raised in the model's own code (transformers, peft) while the card ran it: this architecture
+    lacks what that phase needs. The traceback stays in the server log; the caller gets the phase and the error."""
+    log.warning("card failed on %s in phase %s", architecture, phase, exc_info=exc)
+    detail = (str(exc).splitlines() or [""])[0][:200]
+    return FailedPrecondition(
+        f"unsupported model {architecture}: {_PHASES.get(phase, phase)} failed ({type(exc).__name__}: {detail})",
+        reason="UNSUPPORTED_ARCHITECTURE",
+        metadata={"architecture": architecture, "phase": phase, "error": type(exc).__name__},
     )
 
 

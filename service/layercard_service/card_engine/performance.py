@@ -31,7 +31,11 @@ def split_batches(batches: Sequence[dict[str, torch.Tensor]]) -> tuple[list[dict
 
 def _loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean completion-token cross-entropy of one batch, as the probe pass computes it."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    logits = (
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        .logits[:, :-1]
+        .float()
+    )
     targets = batch["labels"][:, 1:]  # position t predicts token t+1
     return nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX

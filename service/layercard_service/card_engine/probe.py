@@ -19,7 +19,9 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from layercard_service.card_engine.arch import ModelLayout
+from layercard_service.card_engine.tokens import block_input, real_token_rows
 from layercard_service.data.encode import IGNORE_INDEX
+from layercard_service.errors import FailedPrecondition
 
 __all__ = ["ModuleKey", "ModuleProbe", "ProbeResult", "attach_lora", "lora_modules", "module_type", "run_probe"]
 
@@ -63,12 +65,26 @@ def attach_lora(
         bias="none",
         init_lora_weights=True,
     )
-    peft_model = get_peft_model(model, config)
+    try:
+        peft_model = get_peft_model(model, config)
+    except Exception:
+        _strip_lora(model)  # peft may fail after wrapping some modules: the caller's (cached) model stays clean
+        raise
     for name, param in peft_model.named_parameters():
         if "lora_A" in name:
             param.requires_grad_(False)  # A is the fixed random projection; only dL/dB is needed
     peft_model.eval()  # no dropout in the base model: the card describes it as it serves
     return peft_model
+
+
+def _strip_lora(model: nn.Module) -> None:
+    """Puts every LoRA-wrapped module of ``model`` back to its base layer and drops peft's bookkeeping."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer) and name:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
 
 
 def module_type(key: ModuleKey) -> str:
@@ -120,14 +136,17 @@ def run_probe(
     mask_holder: dict[str, torch.Tensor] = {}
 
     def feature_hook(key: ModuleKey):
+        where = f"{layout.blocks_path}.{key[0]}.{key[1]}"
+
         def hook(module, args, output):
             mask = mask_holder["mask"]  # [B, T] bool, real tokens
-            x = args[0].detach()  # [B, T, d_in]
-            z = output.detach()[mask]  # [N, r]
+            # [N·k, d_in] and [N·k, r]: whatever layout the model feeds this module ([B, T, d], [B·T, d], ...)
+            x = real_token_rows(args[0].detach(), mask, where)
+            z = real_token_rows(output.detach(), mask, where)
             probe = probes[key]
             probe.feature_cov_sum += (z.T @ z).double()  # r x r in float32, summed in float64
-            probe.energy_sum += float(x.pow(2).sum(-1)[mask].sum())
-            probe.tokens += int(z.shape[0])
+            probe.energy_sum += float(x.float().pow(2).sum())
+            probe.tokens += int(mask.sum())  # per token: a token's k rows (k = 1 but for odd layouts) add up
 
         return hook
 
@@ -135,9 +154,18 @@ def run_probe(
     stream_sums = [0.0] * len(blocks)
 
     def stream_hook(index: int):
+        where = f"{layout.blocks_path}.{index}"
+
         def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]  # [B, T, H]
-            stream_sums[index] += float(hidden.detach().float().pow(2).mean(-1)[mask_holder["mask"]].sum())
+            hidden = block_input(args, kwargs)
+            if hidden is None:
+                raise FailedPrecondition(
+                    f"unsupported model: block {where} is called without a hidden-states tensor",
+                    reason="UNSUPPORTED_ARCHITECTURE",
+                    metadata={"module": where},
+                )
+            rows = real_token_rows(hidden.detach().float(), mask_holder["mask"], where)  # [N, H]
+            stream_sums[index] += float(rows.pow(2).mean(-1).sum())
 
         return hook
 
@@ -147,7 +175,7 @@ def run_probe(
     try:
         for i, (batch, half) in enumerate(zip(batches, halves)):
             mask_holder["mask"] = batch["attention_mask"].bool()
-            out = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            out = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             logits = out.logits[:, :-1].float()  # [B, T-1, V]: position t predicts token t+1
             targets = batch["labels"][:, 1:]  # [B, T-1]
             token_loss = nn.functional.cross_entropy(
@@ -157,8 +185,10 @@ def run_probe(
             (token_loss / max(half_tokens[half], 1)).backward()
             loss_sum += float(token_loss.detach())
             for key, layer in modules.items():
-                probes[key].grad_halves[half] += layer.lora_B[ADAPTER].weight.grad.double()
-                layer.lora_B[ADAPTER].weight.grad = None
+                weight = layer.lora_B[ADAPTER].weight
+                if weight.grad is not None:  # None: the module is off the loss's path (no gradient reaches it)
+                    probes[key].grad_halves[half] += weight.grad.double()
+                weight.grad = None
             tokens += int(batch["attention_mask"].sum())
             examples += int(batch["input_ids"].shape[0])
             seq_len = max(seq_len, int(batch["input_ids"].shape[1]))

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from layercard_service.card_engine.tokens import block_input
+
 __all__ = ["BlockProfile", "StepProfiler"]
 
 
@@ -82,7 +84,7 @@ class StepProfiler:
         def hook(module, args, kwargs):
             if not self._enabled:
                 return
-            hidden = args[0] if args else kwargs.get("hidden_states")
+            hidden = block_input(args, kwargs)
             if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
                 hidden.register_hook(lambda grad: self._mark(self._bwd_end, index))
             _sync(self.device)
