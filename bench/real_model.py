@@ -94,9 +94,20 @@ def overhead(url: str, base: str, adapter: str, pairs: int, tokens: int) -> dict
 
 
 def architectures() -> dict:
-    from layercard_service.card_engine.families import check_families
+    """Cards on tiny random configs of every family in tests/support/families.py (the test's own list)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tests/support as `support`
+    from support.families import FAMILIES, card_failures
+    from transformers import AutoTokenizer
 
-    return check_families()
+    from layercard_service.data.tasks import get_task
+    from layercard_service.domain.cards import CardSettings
+    from layercard_service.models.builtin import builtin_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(builtin_model_path("tiny"))
+    settings = CardSettings(probe_size=16, batch_size=8, max_seq_len=48, compute_coupling=False)
+    failures = card_failures(tokenizer, get_task("builtin:cipher").train[:16], settings)
+    families = [{"family": f, "ok": f not in failures, "error": failures.get(f, "")} for f in FAMILIES]
+    return {"checked": len(FAMILIES), "ok": len(FAMILIES) - len(failures), "families": families}
 
 
 def run(args: argparse.Namespace, work: Path) -> dict:
