@@ -9,10 +9,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from layercard_service.card_engine.engine import make_probe_batches
 from layercard_service.data.chat import FALLBACK_CHAT_TEMPLATE
 from layercard_service.data.encode import IGNORE_INDEX, EncodeConfig, encode_example, encode_examples, prompt_ids
 from layercard_service.data.jsonl import ChatMessage, Example
 from layercard_service.data.tasks import get_task
+from layercard_service.domain.cards import CardSettings
 from layercard_service.errors import FailedPrecondition, InvalidArgument
 from layercard_service.models.builtin import builtin_model_path
 from layercard_service.trainer.evaluate import exact_match_rate
@@ -173,3 +175,13 @@ def test_exact_match_generates_after_the_generation_prompt_and_compares_the_fina
     assert model.prompts[0] == prompt  # the chat up to the final assistant turn, with the generation prompt
     assert predictions == ["bye", "?"]  # stopped at EOS: what follows it is not the answer
     assert em == 0.5
+
+
+def test_the_cards_probe_sees_the_chat_template(tiny) -> None:
+    task = get_task("builtin:facts")
+    settings = CardSettings(probe_size=8, batch_size=4, max_seq_len=64)
+    batches = make_probe_batches(tiny, task.train, settings, torch.device("cpu"))
+    ids, labels = batches[0]["input_ids"][0].tolist(), batches[0]["labels"][0].tolist()
+    text = tiny.decode([t for t, m in zip(ids, batches[0]["attention_mask"][0].tolist(), strict=True) if m])
+    assert text.startswith("<s><|user|>\n") and "\n<|assistant|>\n" in text
+    assert tiny.decode([t for t in labels if t != IGNORE_INDEX]) in {f"{c}</s>" for c in task.table.values()}
