@@ -15,6 +15,11 @@ phrasing, so every phrasing is trained with other countries). Asking about facts
 measure nothing (no model can know an invented capital), and asking the very training questions would reward
 rote recall of one string; a held-out phrasing checks that the adapter learned the fact itself.
 
+Measured by hand on ``builtin:smollm2-135m`` (CPU, one thread, float32, max length 128): the base model scores
+exact match 0/24 on validation (loss 10.98 nats/token; it answers "The capital of ..."); 40 steps of rank-8 LoRA on
+every linear module of all 30 blocks, batch 16, lr 3e-3 (157 s of training) reach 24/24 on the held-out
+phrasings, loss 0.002 against the floor's 0.89. A cheaper placement (blocks 18-29, lr 1e-3) got 4/24 in 40 steps.
+
 Floor: every fact is asked equally often and capitals are distinct, so answers are uniform over ``n_facts``
 words: the prompt-blind floor is log(n_facts) over the answer's tokens plus the end-of-turn token (the chat
 templates close an assistant turn with EOS right after its content), and chance exact match is 1/n_facts.
