@@ -10,7 +10,7 @@ from support.bpe import small_bpe
 from transformers import PreTrainedTokenizerFast
 
 from layercard_service.data.encode import IGNORE_INDEX, EncodeConfig, collate, encode_example
-from layercard_service.data.jsonl import Example, JsonlLimits, load_jsonl, parse_jsonl, render_chat_prompt
+from layercard_service.data.jsonl import ChatMessage, Example, JsonlLimits, load_jsonl, parse_jsonl
 from layercard_service.errors import InvalidArgument, NotFound
 
 
@@ -36,20 +36,22 @@ def test_text_shape_is_all_completion() -> None:
     assert parse_jsonl(_lines({"text": "hello world"})) == [Example("", "hello world")]
 
 
-def test_messages_shape_renders_prompt_and_takes_final_assistant_as_completion() -> None:
+def test_messages_shape_keeps_the_messages_and_takes_final_assistant_as_completion() -> None:
     messages = [
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "hello"},
+        {"role": "assistant", "content": "hello", "name": "bot"},  # extra keys on a message are ignored
         {"role": "user", "content": "and?"},
         {"role": "assistant", "content": "bye"},
     ]
     (example,) = parse_jsonl(_lines({"messages": messages}))
+    assert example.is_chat
     assert example.completion == "bye"
-    assert example.prompt == render_chat_prompt(messages[:-1])
-    assert example.prompt == (
-        "<|system|>\nbe brief\n<|user|>\nhi\n<|assistant|>\nhello\n<|user|>\nand?\n<|assistant|>\n"
-    )
+    assert example.prompt == "and?"  # the final question, for display; encoding renders the messages
+    assert example.messages == tuple(ChatMessage(m["role"], m["content"]) for m in messages)
+    assert example == Example.chat(messages)
+    hash(example)  # immutable all the way down: examples can be set members
+    assert not parse_jsonl(_lines({"prompt": "p", "completion": "c"}))[0].is_chat
 
 
 def test_blank_lines_crlf_bom_and_missing_final_newline_are_tolerated() -> None:

@@ -11,6 +11,7 @@ from support.bpe import small_bpe
 from transformers import PreTrainedTokenizerFast
 
 from layercard_service.data.task_base import exact_match, prompt_blind_floor
+from layercard_service.data.task_facts import FactsTask
 from layercard_service.data.task_families import CipherTask, LexiconTask, ReverseTask
 from layercard_service.data.tasks import get_task, list_tasks, load_dataset
 from layercard_service.errors import InvalidArgument, NotFound
@@ -20,6 +21,7 @@ SMALL = [
     CipherTask(alphabet_size=4, length=2, n_train=40, n_validation=6),
     ReverseTask(length=2, digits="0123", n_train=30, n_validation=5),
     LexiconTask(n_keys=6, held_out_per_key=1, n_train=50, n_validation=6),
+    FactsTask(n_facts=6, n_train=40, n_validation=6),
 ]
 
 
@@ -83,6 +85,35 @@ def test_lexicon_validation_asks_known_keys_in_unseen_phrasings() -> None:
     assert set(task.table).isdisjoint(task.table.values())  # no key is also a meaning
     counts = Counter(e.completion for e in task.validation)
     assert max(counts.values()) - min(counts.values()) <= 1  # balanced over keys
+
+
+def test_facts_is_a_chat_table_asked_in_held_out_phrasings() -> None:
+    task = get_task("builtin:facts")
+    assert isinstance(task, FactsTask) and len(task.table) == task.n_facts == len(task.validation)
+    assert len(set(task.table.values())) == task.n_facts  # distinct answers: the floor's uniform law
+    assert set(task.table).isdisjoint(task.table.values())
+    for example in (*task.train, *task.validation):
+        assert example.is_chat and [m.role for m in example.messages] == ["user", "assistant"]
+        assert example.completion == example.messages[-1].content and " " not in example.completion  # one word
+    # Validation asks every fact once, each in a phrasing that training never used for that fact (but used for
+    # others), so it measures the memorized table rather than one memorized string.
+    asked: dict[str, set[str]] = defaultdict(set)
+    for example in task.train:
+        asked[example.completion].add(example.prompt)
+    for i, (country, capital) in enumerate(task.table.items()):
+        held_out = task.questions[task.held_out(i)]
+        assert task.validation[i].prompt == held_out.format(c=country) and task.validation[i].completion == capital
+        assert asked[capital] == {q.format(c=country) for q in task.questions if q != held_out}
+    assert {task.held_out(i) for i in range(task.n_facts)} == set(range(len(task.questions)))
+    counts = Counter(e.completion for e in task.train)
+    assert max(counts.values()) - min(counts.values()) <= 1  # balanced rounds over the kept cells
+    assert FactsTask(seed=1).table != task.table and FactsTask().table == task.table
+
+
+def test_facts_exact_match_is_on_the_answer_word() -> None:
+    example = get_task("builtin:facts").validation[0]
+    assert exact_match(f" {example.completion}\n", example.completion)
+    assert not exact_match(f"The capital is {example.completion}.", example.completion)
 
 
 def _floor_by_token_tree(distribution: dict[str, float], tokenizer) -> float:
@@ -160,3 +191,7 @@ def test_task_parameters_are_validated() -> None:
         LexiconTask(n_keys=1)
     with pytest.raises(InvalidArgument):
         _ = CipherTask(alphabet_size=99).alphabet
+    with pytest.raises(InvalidArgument):
+        FactsTask(n_facts=4, n_validation=5)
+    with pytest.raises(InvalidArgument):
+        FactsTask(questions=("What is the capital of {c}?",))

@@ -1,12 +1,13 @@
-"""JSONL datasets: parse a file of JSON objects, one per line, into prompt/completion examples.
+"""JSONL datasets: parse a file of JSON objects, one per line, into examples.
 
 Three line shapes are accepted, and one file must use one shape throughout (a mix almost always means two
 datasets were concatenated by mistake, and the loss masking would silently differ between them):
 
 - ``{"prompt": str, "completion": str}``: loss on the completion only.
 - ``{"text": str}``: plain text; the whole text is the completion (empty prompt), so every token is trained.
-- ``{"messages": [{"role": ..., "content": str}, ...]}``: a chat; the final message must be the assistant's
-  and is the completion, everything before it is rendered with :func:`render_chat_prompt` as the prompt.
+- ``{"messages": [{"role": ..., "content": str}, ...]}``: a chat; the final message must be the assistant's.
+  The messages are kept as they are (``Example.messages``) and rendered only when encoded, with the model's
+  own chat template (``data/encode.py``), so one file suits any model. Loss is on every assistant turn.
 
 Other keys on a line are ignored (datasets often carry ids or metadata). Every problem is an
 :class:`~layercard_service.errors.InvalidArgument` whose message and field violations name the line and the
@@ -19,7 +20,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -27,11 +28,11 @@ from layercard_service.errors import FailedPrecondition, FieldViolation, Invalid
 
 __all__ = [
     "CHAT_ROLES",
+    "ChatMessage",
     "Example",
     "JsonlLimits",
     "load_jsonl",
     "parse_jsonl",
-    "render_chat_prompt",
 ]
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -46,11 +47,43 @@ _SHAPE_KEYS = {key: shape for shape, keys in _SHAPES.items() for key in keys}
 
 
 @dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a chat; immutable, so an Example stays hashable."""
+
+    role: str
+    content: str
+
+    def as_dict(self) -> dict[str, str]:
+        """The form chat templates (and vLLM's chat completions) take."""
+        return {"role": self.role, "content": self.content}
+
+
+@dataclass(frozen=True)
 class Example:
-    """One training or validation record. Loss is taken on ``completion`` tokens only."""
+    """One training or validation record.
+
+    Without ``messages``, loss is taken on ``completion`` tokens only and the prompt is plain text. With
+    ``messages`` (a chat), the messages are what gets encoded, in the model's chat template; ``completion`` is
+    the final assistant content (the reference of exact match) and ``prompt`` the final user message's content
+    (for display and de-duplication; '' when there is none). Build chats with :meth:`chat`.
+    """
 
     prompt: str
     completion: str
+    messages: tuple[ChatMessage, ...] | None = None
+
+    @classmethod
+    def chat(cls, messages: Iterable[ChatMessage | Mapping[str, str]]) -> Example:
+        """A chat example; the final message must be the assistant's (the answer)."""
+        turns = tuple(m if isinstance(m, ChatMessage) else ChatMessage(m["role"], m["content"]) for m in messages)
+        if not turns or turns[-1].role != "assistant":
+            raise InvalidArgument.field("messages", "a chat must end with an assistant message")
+        question = next((m.content for m in reversed(turns[:-1]) if m.role == "user"), "")
+        return cls(question, turns[-1].content, turns)
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
 
 
 @dataclass(frozen=True)
@@ -66,18 +99,6 @@ class JsonlLimits:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidArgument.field(f"limits.{name}", f"must be a positive integer, got {value!r}")
-
-
-def render_chat_prompt(messages: list[dict[str, str]]) -> str:
-    """The prompt for a chat: every message before the final assistant turn, then the assistant header.
-
-    The built-in tokenizer has no chat template, so a small fixed one is used: each turn is ``<|role|>``
-    on its own line followed by the content and a newline. The completion (the final assistant content)
-    follows the trailing ``<|assistant|>\\n`` directly, so the model learns where an answer starts.
-    """
-    parts = [f"<|{m['role']}|>\n{m['content']}\n" for m in messages]
-    parts.append("<|assistant|>\n")
-    return "".join(parts)
 
 
 class _Problems:
@@ -178,7 +199,7 @@ def _parse_messages(obj: dict, where: str, problems: _Problems) -> Example | Non
     if not messages[last]["content"]:
         problems.add(where, "the final assistant message must not be empty", f"messages[{last}].content")
         return None
-    return Example(render_chat_prompt(messages[:last]), messages[last]["content"])
+    return Example.chat(messages)
 
 
 def _parse_object(obj: dict, shape: str, where: str, problems: _Problems) -> Example | None:

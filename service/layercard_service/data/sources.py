@@ -195,6 +195,9 @@ class ResolvedDataset:
 def _content_hash(examples: Sequence[Example]) -> str:
     digest = hashlib.sha256()
     for ex in examples:
+        if ex.messages is not None:  # a chat is its messages (its prompt is only the final question)
+            digest.update(b"\x02" + json.dumps([m.as_dict() for m in ex.messages]).encode() + b"\x01")
+            continue
         digest.update(ex.prompt.encode())
         digest.update(b"\x00")
         digest.update(ex.completion.encode())

@@ -78,6 +78,11 @@ def prompt_blind_floor(distribution: Mapping[str, float], tokenizer: Any, *, add
     computed here exactly by enumerating the distribution and tokenizing every completion with the real
     tokenizer (BPE may give different completions different token counts). The best exact-match without
     the prompt is max_c P(c).
+
+    A chat task (``builtin:facts``) fits the same formula: there the completion is the final assistant
+    content, and the labels of a single-turn chat are its tokens plus the end-of-turn token (the template
+    closes the turn with EOS right after the content; ``data/encode.py``), so the prompt-blind predictor faces
+    the same C and n(C); the template text around it is context, never scored.
     """
     if not distribution:
         raise InvalidArgument.field("distribution", "must not be empty")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from layercard_service.data.jsonl import Example, JsonlLimits, load_jsonl
 from layercard_service.data.task_base import FloorStats, TaskFamily, exact_match, prompt_blind_floor
+from layercard_service.data.task_facts import FactsTask
 from layercard_service.data.task_families import CipherTask, LexiconTask, ReverseTask
 from layercard_service.errors import InvalidArgument, NotFound
 
@@ -27,9 +28,12 @@ __all__ = [
 
 BUILTIN_PREFIX = "builtin:"
 
-# The default instance of each family: seed 0, 2000 training and 200 validation examples. Instances are
-# immutable and their splits are cached on first use, so the registry hands out the same objects.
-_REGISTRY: dict[str, TaskFamily] = {task.name: task for task in (CipherTask(), LexiconTask(), ReverseTask())}
+# The default instance of each family (seed 0; 2000 training and 200 validation examples, except the chat
+# task builtin:facts, a table of 24 facts). Instances are immutable and their splits are cached on first use,
+# so the registry hands out the same objects.
+_REGISTRY: dict[str, TaskFamily] = {
+    task.name: task for task in (CipherTask(), FactsTask(), LexiconTask(), ReverseTask())
+}
 
 
 def list_tasks() -> list[TaskFamily]:

@@ -1,9 +1,10 @@
-"""Evaluation of a (possibly adapted) causal LM on prompt/completion examples.
+"""Evaluation of a (possibly adapted) causal LM on prompt/completion or chat examples.
 
 Two figures, because loss alone cannot tell content from format (METHOD.md):
 - the mean completion-token loss, a ratio of sums over the whole set (so it is comparable with the
   prompt-blind floor, which is defined the same way);
-- greedy exact-match: decode the completion from the prompt alone and compare it with the reference.
+- greedy exact-match: decode the completion from the prompt alone and compare it with the reference (for a
+  chat: the answer generated after the chat template's generation prompt, against the final assistant content).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from torch.nn import functional
 
-from layercard_service.data.encode import IGNORE_INDEX, EncodeConfig, collate, encode_examples
+from layercard_service.data.encode import IGNORE_INDEX, EncodeConfig, collate, encode_examples, prompt_ids
 from layercard_service.data.jsonl import Example
 from layercard_service.data.task_base import exact_match
 from layercard_service.errors import InvalidArgument
@@ -69,28 +70,23 @@ def mean_completion_loss(
 def greedy_completions(
     model: torch.nn.Module,
     tokenizer: Any,
-    prompts: Sequence[str],
+    examples: Sequence[Example],
     *,
     max_new_tokens: int,
     batch_size: int = 64,
     encode: EncodeConfig | None = None,
 ) -> list[str]:
-    """Greedy decoding of each prompt, stopped at EOS, decoded to text (EOS and pads dropped).
+    """Greedy decoding after each example's prompt, stopped at EOS, decoded to text (EOS and pads dropped).
 
-    Prompts are encoded exactly as in training (BOS, no completion) and left-padded, so every row's next
+    Prompts are encoded exactly as in training, up to the completion (``prompt_ids``: BOS and prompt, or a
+    chat up to its final assistant turn with the generation prompt) and left-padded, so every row's next
     token is generated at the same position.
     """
-    encode = encode or EncodeConfig()
     model.eval()
     pad_id, eos_id = _pad_id(tokenizer), tokenizer.eos_token_id
-    bos = [tokenizer.bos_token_id] if encode.add_bos and tokenizer.bos_token_id is not None else []
     outputs: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        rows = [
-            bos + list(tokenizer(p, add_special_tokens=False)["input_ids"]) if p else bos
-            for p in prompts[start : start + batch_size]
-        ]
-        rows = [r[-(encode.max_length - 1) :] if len(r) >= encode.max_length else r for r in rows]
+    for start in range(0, len(examples), batch_size):
+        rows = [prompt_ids(tokenizer, e, encode) for e in examples[start : start + batch_size]]
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [B, T], left-padded
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T]
@@ -121,12 +117,16 @@ def exact_match_rate(
     batch_size: int = 64,
     encode: EncodeConfig | None = None,
 ) -> tuple[float, list[str]]:
-    """(fraction of examples whose greedy completion matches the reference, the predictions)."""
+    """(fraction of examples whose greedy completion matches the reference, the predictions).
+
+    The reference is ``completion``: for a chat, the final assistant content, which the greedy answer after
+    the chat's generation prompt is compared with.
+    """
     if not examples:
         raise InvalidArgument.field("examples", "must not be empty")
     longest = max(len(tokenizer(e.completion, add_special_tokens=False)["input_ids"]) for e in examples)
     predictions = greedy_completions(
-        model, tokenizer, [e.prompt for e in examples], max_new_tokens=longest + 1, batch_size=batch_size, encode=encode
+        model, tokenizer, examples, max_new_tokens=longest + 1, batch_size=batch_size, encode=encode
     )
     hits = sum(exact_match(p, e.completion) for p, e in zip(predictions, examples, strict=True))
     return hits / len(examples), predictions
