@@ -28,7 +28,7 @@ def tiny_tokenizer(tiny_dir):
 
 
 def test_names_resolve_to_the_committed_folder(tiny_dir):
-    assert builtin_model_path("builtin:tiny") == tiny_dir == BUILTIN_MODELS["tiny"]
+    assert builtin_model_path("builtin:tiny") == tiny_dir == BUILTIN_MODELS["tiny"].shipped
     assert is_builtin("builtin:tiny") and not is_builtin("/models/llama")
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
         assert (tiny_dir / name).is_file(), name

@@ -70,7 +70,11 @@ DEMO_PROMPTS: dict[str, tuple[tuple[str, str], ...]] = {
         ("cipher: c o l l =", " a r t t"),
     ),
     # A chat task's entries are (the user's question, the assistant's answer) of its validation split.
-    CHAT_DATASET: (),
+    CHAT_DATASET: (
+        ("What is the capital of Luzeland?", "Trera"),
+        ("Which city is the capital of Reria?", "Fukira"),
+        ("Name the capital of Gokestan.", "Vara"),
+    ),
 }
 
 
