@@ -38,7 +38,8 @@ MAX_LORA_RANK = 8
 def _args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.real_model", description=__doc__)
     parser.add_argument("--probe-size", type=int, default=32, help="examples in the card's probe")
-    parser.add_argument("--steps", type=int, default=60, help="tuning steps (early stopping may end sooner)")
+    parser.add_argument("--steps", type=int, default=40, help="tuning steps of each job")
+    parser.add_argument("--learning-rate", type=float, default=3e-3, help="of each job")
     parser.add_argument("--max-step-fraction", type=float, default=0.5, help="the plan's step-time budget")
     parser.add_argument("--latency-pairs", type=int, default=12, help="interleaved base/adapter requests")
     parser.add_argument("--latency-tokens", type=int, default=16, help="tokens per latency request")
@@ -110,9 +111,53 @@ def architectures() -> dict:
     return {"checked": len(FAMILIES), "ok": len(FAMILIES) - len(failures), "families": families}
 
 
+def train_and_deploy(client, args: argparse.Namespace, adapter_id: str, **placement) -> dict:
+    """A tuning job on ``builtin:facts`` watched to its end, then its adapter deployed; wall times of both."""
+    from layercard.v1 import adapter_pb2, tuning_pb2
+    from layercard_client.builders import dataset_source
+
+    print(f"[job] {adapter_id}: {placement}", flush=True)
+    start = time.perf_counter()
+    job = client.create_tuning_job(
+        model=MODEL,
+        training_data=dataset_source(TASK),
+        adapter_id=adapter_id,
+        hyperparameters={"steps": args.steps, "learning_rate": args.learning_rate, "batch_size": 16},
+        **placement,  # explicit_layers=[...] or placement=<a plan>
+    )
+    with client.watch_tuning_job(job.name, timeout=3600) as events:
+        for _ in events:
+            pass
+    job = client.get_tuning_job(job.name)
+    job_seconds = time.perf_counter() - start
+    if job.state != tuning_pb2.TUNING_JOB_STATE_SUCCEEDED:
+        raise RuntimeError(f"the job ended {tuning_pb2.TuningJobState.Name(job.state)}: {job.error}")
+    print(f"[job] {adapter_id}: {job.step} steps in {job_seconds:.0f} s; deploying", flush=True)
+    start = time.perf_counter()
+    deployment = client.deploy_adapter(adapter_id, force=True, timeout=600)
+    deploy_seconds = time.perf_counter() - start
+    if deployment.state != adapter_pb2.DEPLOYMENT_STATE_READY:
+        raise RuntimeError(f"the deployment ended {adapter_pb2.DeploymentState.Name(deployment.state)}")
+    return {
+        "job": {
+            "layers": list(job.placement.layers) if job.HasField("placement") else [],
+            "steps": job.step,
+            "seconds": job_seconds,
+            "final_eval_loss": job.result.final_eval.loss,
+            "final_eval_exact_match": job.result.final_eval.exact_match,
+            "base_eval_exact_match": job.result.base_eval.exact_match,
+            "measured_step_seconds": job.result.measured_step_seconds,
+            "predicted_step_seconds": job.result.predicted_step_seconds,
+            "training_seconds": job.result.training_duration.ToTimedelta().total_seconds(),
+        },
+        "deploy_seconds": deploy_seconds,
+        "deployment_overhead_fraction": deployment.latency.overhead_fraction,
+        "served_name": deployment.served_name,
+    }
+
+
 def run(args: argparse.Namespace, work: Path) -> dict:
     from bench.serving import ServiceThread
-    from layercard.v1 import adapter_pb2, tuning_pb2
     from layercard_client.builders import dataset_source
     from layercard_client.client import LayercardClient
     from layercard_service.config import ServiceConfig
@@ -159,49 +204,22 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 
             plan = client.plan_placement(card.name, budget={"max_step_fraction_of_full": args.max_step_fraction})
             out["plan"] = {"layers": list(plan.layers), "rank": plan.lora.rank, "modules": list(plan.lora.modules)}
-            print(f"[job] on the plan: layers {list(plan.layers)}", flush=True)
-            start = time.perf_counter()
-            job = client.create_tuning_job(
-                model=MODEL,
-                training_data=dataset_source(TASK),
-                adapter_id=ADAPTER_ID,
-                placement=plan,
-                hyperparameters={"steps": args.steps},
-            )
-            with client.watch_tuning_job(job.name, timeout=3600) as events:
-                for _ in events:
-                    pass
-            job = client.get_tuning_job(job.name)
-            out["job_seconds"] = time.perf_counter() - start
-            if job.state != tuning_pb2.TUNING_JOB_STATE_SUCCEEDED:
-                raise RuntimeError(f"the job ended {tuning_pb2.TuningJobState.Name(job.state)}: {job.error}")
-            out["job"] = {
-                "steps": job.step,
-                "total_steps": job.total_steps,
-                "final_eval_loss": job.result.final_eval.loss,
-                "final_eval_exact_match": job.result.final_eval.exact_match,
-                "base_eval_exact_match": job.result.base_eval.exact_match,
-                "measured_step_seconds": job.result.measured_step_seconds,
-                "predicted_step_seconds": job.result.predicted_step_seconds,
-                "training_seconds": job.result.training_duration.ToTimedelta().total_seconds(),
-            }
-            print(f"[job] {job.step} steps in {out['job_seconds']:.0f} s", flush=True)
-
-            start = time.perf_counter()
-            deployment = client.deploy_adapter(ADAPTER_ID, force=True, timeout=600)
-            out["deploy_seconds"] = time.perf_counter() - start
-            if deployment.state != adapter_pb2.DEPLOYMENT_STATE_ACTIVE:
-                raise RuntimeError(f"the deployment ended {adapter_pb2.DeploymentState.Name(deployment.state)}")
-            out["deployment_overhead_fraction"] = deployment.latency.overhead_fraction
+            layers = list(range(len(card.layers)))
+            full = train_and_deploy(client, args, "facts", explicit_layers=layers)
+            planned = train_and_deploy(client, args, "facts-plan", placement=plan)
+            out["job"], out["deploy_seconds"] = full["job"], full["deploy_seconds"]
+            out["deployment_overhead_fraction"] = full["deployment_overhead_fraction"]
+            out["plan_job"] = planned
 
             validation = get_task(TASK).validation
-            print(f"[chat] exact match on {len(validation)} validation questions, base and adapter", flush=True)
+            print(f"[chat] exact match on {len(validation)} validation questions", flush=True)
             out["base_chat_em"], base_rows = chat_exact_match(client, validation, "")
-            out["adapter_chat_em"], adapter_rows = chat_exact_match(client, validation, ADAPTER_ID)
+            out["adapter_chat_em"], adapter_rows = chat_exact_match(client, validation, "facts")
+            out["plan_adapter_chat_em"], _ = chat_exact_match(client, validation, "facts-plan")
             out["answers"] = [
                 {**b, "adapter_answer": a["answer"]} for b, a in zip(base_rows, adapter_rows, strict=True)
             ][:12]
-            out["overhead"] = overhead(vllm.url, MODEL, deployment.served_name, args.latency_pairs, args.latency_tokens)
+            out["overhead"] = overhead(vllm.url, MODEL, full["served_name"], args.latency_pairs, args.latency_tokens)
     finally:
         vllm.stop()
     return out
@@ -212,13 +230,25 @@ def headline(out: dict, arch: dict) -> dict:
         "card_seconds": out["card_seconds"],
         "card_over_floor": out["card_seconds"] / out["floor_seconds"],
         "job_steps": out["job"]["steps"],
-        "job_seconds": out["job_seconds"],
+        "job_seconds": out["job"]["seconds"],
         "base_chat_em": out["base_chat_em"],
         "adapter_chat_em": out["adapter_chat_em"],
         "deploy_seconds": out["deploy_seconds"],
         "vllm_overhead_fraction": out["overhead"]["overhead_fraction"],
         "card_architectures_ok": arch["ok"],
     }
+
+
+def _plan_sentence(result: dict) -> str:
+    settings, out = result["settings"], result["details"]
+    plan, job = out["plan"], out["plan_job"]["job"]
+    return (
+        f"The headline's job adapts every block (full-layer LoRA, rank 8, lr {settings['learning_rate']}, "
+        f"{settings['steps']} steps, batch 16). Beside it, a job on the card's plan under --max-step-fraction "
+        f"{settings['max_step_fraction']}: layers {plan['layers']}, rank {plan['rank']}, modules {plan['modules']}; "
+        f"{job['steps']} steps in {job['seconds']:.0f} s, measured / predicted step {job['measured_step_seconds']:.2f}"
+        f" s / {job['predicted_step_seconds']:.2f} s, chat exact match {out['plan_adapter_chat_em']:.1%}."
+    )
 
 
 def report(result: dict) -> str:
@@ -248,7 +278,7 @@ def report(result: dict) -> str:
         f"| vLLM start-up for the real model | {out['vllm_startup_seconds']:.0f} s |",
         f"| architectures that get a card | {arch['ok']} of {arch['checked']} |",
         "",
-        f"The plan: layers {out['plan']['layers']}, rank {out['plan']['rank']}, modules {out['plan']['modules']}.",
+        _plan_sentence(result),
         "",
         "Families: "
         + ", ".join(f"{f['family']} {'ok' if f['ok'] else 'FAILED: ' + f['error']}" for f in arch["families"]),

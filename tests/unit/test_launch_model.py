@@ -7,6 +7,7 @@ tests/e2e). Directories are tiny random configs written by transformers itself.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 from pathlib import Path
 
@@ -190,6 +191,9 @@ def test_a_directory_vllm_could_not_serve_is_a_clear_error(tmp_path, make, error
 
 def test_launch_refuses_a_bad_model_before_starting_anything(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(launch, "_run", pytest.fail)  # nothing may start
+    # main() points the root logger at this test's captured stderr, which closes after it: later tests would log
+    # into a closed file. The root logger's handlers are put back as they were.
+    monkeypatch.setattr(logging.getLogger(), "handlers", list(logging.getLogger().handlers))
     assert launch.main(["--model", str(tmp_path / "missing"), "--data-dir", str(tmp_path / "data")]) == 2
     assert "no such directory" in capsys.readouterr().err
 
