@@ -92,11 +92,14 @@ class DemoTask:
 
 # The defaults learn the built-in cipher (3/3 exact on the shown prompts, about 2 minutes on 2 cores); under
 # tighter step budgets no placement learns it in the same steps (docs/METHOD.md, the placement benchmark). An
-# instruct model of 135M parameters takes seconds per step on 2 cores: a small probe, a short job (a made-up fact
-# table was learned 0% -> 100% in 40 steps).
+# instruct model of 135M parameters takes seconds per step on 2 cores: a small probe, a short job at a higher
+# learning rate (bench/results/real_model.md: every block at 3e-3 learns builtin:facts 0% -> 100% in 40 steps;
+# the top three blocks alone reach 25%).
 DEMO_TASKS: dict[str, DemoTask] = {
     DEFAULT_DATASET: DemoTask(probe_size=64, steps=600, adapter_id="demo-cipher", max_tokens=8),
-    CHAT_DATASET: DemoTask(probe_size=16, steps=40, adapter_id="demo-facts", max_tokens=32, chat=True),
+    CHAT_DATASET: DemoTask(
+        probe_size=16, steps=40, adapter_id="demo-facts", max_tokens=32, chat=True, learning_rate=3e-3
+    ),
 }
 _OTHER_TASK = DemoTask(probe_size=64, steps=600, adapter_id="demo", max_tokens=32)  # a JSONL file, another task
 
