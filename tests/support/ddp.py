@@ -5,6 +5,8 @@ Each rank writes what it saw (its adapter, the losses it reported, checkpoints) 
 ``run_ranks`` returns those, in rank order. One process runs in the caller's process, N in fresh ones (spawn), one
 torch thread each. Scenarios:
 - ``train``: ``steps`` steps from scratch;
+- ``worker``: the tuning worker itself (``run_job`` on rank 0, ``follow_job`` on the others) on a job of a real job
+  store in ``workdir`` (``run_worker_ranks``), each rank reaching the store in-process; a rank may be made to fail;
 - ``resume``: the run straight through, then the same run stopped after ``stop_after`` (by rank 0 alone, as the
   cancel poll would), then a fresh loop that resumes from its checkpoint and finishes (all on the same ranks).
 """
@@ -17,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TinyRun", "ddp_max_param_diff", "max_abs_diff", "run_ranks"]
+__all__ = ["TinyRun", "ddp_max_param_diff", "max_abs_diff", "run_ranks", "run_worker_ranks"]
 
 
 @dataclass(frozen=True)
@@ -103,10 +105,45 @@ def _resume(run: TinyRun, dp: Any, workdir: Path) -> dict[str, Any]:
     }
 
 
-SCENARIOS = {"train": _train, "resume": _resume}
+@dataclass(frozen=True)
+class WorkerRun:
+    job_id: str
+    fail_rank: int = -1  # this rank's training step raises at step 2
+    max_lora_rank: int = 16
 
 
-def _rank(rank: int, world_size: int, port: int, scenario: str, run: TinyRun, workdir: str) -> None:
+def _worker(run: WorkerRun, dp: Any, workdir: Path) -> dict[str, Any]:
+    from layercard_service.persistence.jobs import JobStore
+    from layercard_service.runners.worker_reports import WorkerReports
+    from layercard_service.trainer import worker
+    from layercard_service.trainer.loop import TrainingLoop
+    from layercard_service.trainer.reporter import InProcessChannel
+
+    if dp.rank == run.fail_rank:
+        step = TrainingLoop._step
+
+        def failing(self: Any, *args: Any) -> Any:
+            if self.state.step == 1:
+                raise RuntimeError("this rank's device broke")
+            return step(self, *args)
+
+        TrainingLoop._step = failing  # type: ignore[method-assign]
+    store = JobStore(workdir / "state.db")
+    try:
+        channel = InProcessChannel(WorkerReports(store, workdir / "artifacts", run.max_lora_rank), run.job_id)
+        settings = worker.parse_args(
+            ["--data-dir", str(workdir), "--job-id", run.job_id, "--service-lost-seconds", "5"]
+        )
+        code = worker.run_job(channel, settings, dp) if dp.is_main else worker.follow_job(channel, settings, dp)
+    finally:
+        store.close()
+    return {"exit_code": code}
+
+
+SCENARIOS = {"train": _train, "resume": _resume, "worker": _worker}
+
+
+def _rank(rank: int, world_size: int, port: int, scenario: str, run: Any, workdir: str) -> None:
     """One spawned rank: torchrun's environment, then the scenario."""
     import torch
 
@@ -136,7 +173,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_ranks(scenario: str, world_size: int, workdir: Path, run: TinyRun | None = None) -> list[dict[str, Any]]:
+def run_ranks(scenario: str, world_size: int, workdir: Path, run: Any = None) -> list[dict[str, Any]]:
     """Runs ``scenario`` on ``world_size`` ranks; each rank's result, in rank order."""
     import torch
 
@@ -156,6 +193,12 @@ def run_ranks(scenario: str, world_size: int, workdir: Path, run: TinyRun | None
     args = (world_size, _free_port(), scenario, run, str(workdir))
     multiprocessing.start_processes(_rank, args=args, nprocs=world_size, join=True, start_method="spawn")
     return [torch.load(workdir / f"{scenario}-rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def run_worker_ranks(workdir: Path, job_id: str, world_size: int = 2, fail_rank: int = -1) -> list[int]:
+    """The worker on ``world_size`` ranks for a RUNNING job of ``<workdir>/state.db``; each rank's exit code."""
+    run = WorkerRun(job_id, fail_rank)
+    return [r["exit_code"] for r in run_ranks("worker", world_size, workdir, run)]  # type: ignore[arg-type]
 
 
 def max_abs_diff(a: dict[str, Any], b: dict[str, Any]) -> float:

@@ -4,17 +4,37 @@ reported with its rank; the collective decisions (stop, evaluation) are the same
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 import torch
-from support.ddp import TinyRun, max_abs_diff, run_ranks
+from safetensors.torch import load_file
+from support.ddp import TinyRun, max_abs_diff, run_ranks, run_worker_ranks
 
+from layercard_service.data.sources import DatasetRequest
+from layercard_service.domain.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
 from layercard_service.errors import InvalidArgument
+from layercard_service.persistence.datasets import DatasetArtifacts
+from layercard_service.persistence.jobs import JobStore
+from layercard_service.runners.worker_reports import WorkerReports, issue_worker_token
+from layercard_service.trainer import worker
 from layercard_service.trainer.checkpoint import load_latest
 from layercard_service.trainer.distributed import SINGLE, DataParallel
+from layercard_service.trainer.reporter import InProcessChannel
 
 # float32 sums in another order: ~1e-7 here. Averaging the shards' own means instead of the global token mean
 # (what plain DDP does) moves the weights by ~1e-2 on these shards of unequal completion lengths.
 TOLERANCE = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The one-process runs happen here: one torch thread, as each spawned rank has."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_two_processes_train_the_adapter_one_process_trains(tmp_path):
@@ -64,3 +84,66 @@ def test_torchrun_environment_is_read_and_checked():
     assert DataParallel.from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == DataParallel(1, 2, 1)
     with pytest.raises(InvalidArgument):
         DataParallel.from_env({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+# --- the worker: rank 0 reads the job and reports, the others follow --------------------------------------------
+TRAIN = "".join(json.dumps({"prompt": f"say {i}", "completion": f" {i * 7919}"}) + "\n" for i in range(24)).encode()
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = JobStore(tmp_path / "state.db")
+    DatasetArtifacts(tmp_path / "artifacts").put(TRAIN)  # as CreateTuningJob stores inline data
+    yield store
+    store.close()
+
+
+def _job(store: JobStore, job_id: str, adapter_id: str) -> None:
+    data = DatasetRequest(inline_sha256=hashlib.sha256(TRAIN).hexdigest(), inline_size_bytes=len(TRAIN))
+    spec = JobSpec(
+        model="builtin:tiny",
+        training_data=data,
+        validation_data=data,  # base and final evaluation, sharded over the ranks
+        placement=PlacementSpec(layers=(6, 7), rank=4, alpha=8.0, dropout=0.0),
+        hyperparameters=Hyperparameters(steps=3, batch_size=8, max_seq_len=32, checkpoint_interval=2),
+        adapter_id=adapter_id,
+    )
+    store.create(job_id, None, spec, spec.hyperparameters.steps)
+    store.transition(job_id, [JobState.QUEUED], JobState.RUNNING)
+    issue_worker_token(store, job_id)
+
+
+def _published(tmp_path, adapter_id: str) -> dict[str, torch.Tensor]:
+    return load_file(tmp_path / "artifacts" / "adapters" / adapter_id / "1" / "adapter_model.safetensors")
+
+
+def test_the_worker_on_two_ranks_publishes_the_adapter_one_process_publishes(store, tmp_path):
+    _job(store, "job-one", "one")
+    settings = worker.parse_args(["--data-dir", str(tmp_path), "--job-id", "job-one"])
+    with torch.random.fork_rng():
+        channel = InProcessChannel(WorkerReports(store, tmp_path / "artifacts", 16), "job-one")
+        assert worker.run_job(channel, settings) == 0
+    _job(store, "job-two", "two")
+    assert run_worker_ranks(tmp_path, "job-two") == [0, 0]
+    one, two = store.get("job-one"), store.get("job-two")
+    assert two.state == JobState.SUCCEEDED, two.error_message
+    assert max_abs_diff(_published(tmp_path, "one"), _published(tmp_path, "two")) < TOLERANCE
+    assert two.result.final_eval.examples == one.result.final_eval.examples == 24
+    assert two.result.final_eval.loss == pytest.approx(one.result.final_eval.loss, abs=1e-4)
+    kinds = [e.kind for e in store.events_after("job-two", 0)]
+    assert kinds.count("step") == 3 and kinds.count("checkpoint") == 1  # reported once: by rank 0 alone
+
+
+@pytest.mark.parametrize(("failing", "prefix"), [(1, "rank 1 of 2: "), (0, "")])
+def test_a_failure_on_any_rank_fails_the_job_naming_that_rank(store, tmp_path, failing, prefix):
+    _job(store, "job-two", "two")
+    codes = run_worker_ranks(tmp_path, "job-two", fail_rank=failing)
+    job = store.get("job-two")
+    assert job.state == JobState.FAILED and job.error_code == "INTERNAL"
+    assert job.error_message.startswith(f"{prefix}RuntimeError: this rank's device broke")
+    # The failing rank reported and left (nonzero, so torchrun stops the rest); the other, waiting in the step's
+    # collective, saw its peer go and reported nothing.
+    expected = [worker.EXIT_PEER_LOST, worker.EXIT_PEER_LOST]
+    expected[failing] = worker.EXIT_RANK_FAILED
+    assert codes == expected
+    assert not (tmp_path / "artifacts" / "adapters" / "two").exists()

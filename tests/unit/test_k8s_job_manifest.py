@@ -215,7 +215,9 @@ def test_bad_kubernetes_settings_are_refused(argv, message):
         ServiceConfig.load([*base, "--k8s-data-claim", "layercard-data", *argv], environ={})
 
 
-def test_worker_ranks_other_than_zero_leave_at_once(tmp_path, monkeypatch):
+def test_a_bad_torchrun_environment_is_refused_before_anything_opens(tmp_path, monkeypatch):
+    # Every rank trains now (trainer/distributed.py, tests/unit/test_ddp.py); a rank outside its world is a bug.
     monkeypatch.setenv("RANK", "1")
-    assert worker.main(["--data-dir", str(tmp_path / "data"), "--job-id", "job-a"]) == 0
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert worker.main(["--data-dir", str(tmp_path / "data"), "--job-id", "job-a"]) == 2
     assert not (tmp_path / "data").exists()  # it never opened the job store
