@@ -20,6 +20,7 @@ from layercard_service.runners.kubernetes.manifest import (
     parse_toleration,
     worker_secret,
 )
+from layercard_service.runners.kubernetes.runner import trainer_threads
 from layercard_service.runners.local import worker_command
 from layercard_service.trainer import worker
 
@@ -130,6 +131,13 @@ def test_one_gpu_needs_no_launcher():
     _validate(manifest)
     assert _container(manifest)["command"][:3] == ["python", "-m", "layercard_service.trainer.worker"]
     assert _container(manifest)["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_each_rank_gets_its_share_of_the_pods_cores():
+    # torchrun starts one worker per GPU in the pod: N ranks of all the cores each would oversubscribe them N times.
+    assert trainer_threads(GPU) == 8  # 16 cores (the limit), 2 ranks
+    assert trainer_threads(replace(GPU, gpus=1)) == 16 and trainer_threads(CPU) == 1
+    assert trainer_threads(replace(GPU, gpus=32)) == 1
 
 
 def test_the_validator_does_refuse_a_broken_job():
