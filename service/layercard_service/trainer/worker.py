@@ -292,6 +292,8 @@ def _train(events: Reporter | None, job_id: str, job: WorkerJob, settings: Worke
         loop.base_eval()
         if loop.run(job.total_steps).reason != "stopped":
             loop.final_eval()
+        step = loop.state.step
+        log.info("job %s: rank %d of %d trained its shards up to step %d", job_id, dp.rank, dp.world_size, step)
         return
     recorded = job.recorded_steps
 

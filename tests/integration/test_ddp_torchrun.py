@@ -1,0 +1,65 @@
+"""The Kubernetes runner's multi-GPU launch, run here: the trainer container's command for 2 GPUs (``torchrun
+--standalone --nproc_per_node 2 -m layercard_service.trainer.worker ...``) and its environment, started on this
+machine (2 CPU ranks, gloo) against a real server over its socket, train one job to SUCCEEDED: rank 0 reports
+each step once and publishes the adapter, rank 1 trains its shard of every batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from support.server_thread import ServerThread
+
+from layercard_service.config import ServiceConfig
+from layercard_service.data.sources import DatasetRequest
+from layercard_service.domain.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
+from layercard_service.runners.kubernetes.manifest import KubernetesSettings, job_manifest
+from layercard_service.runners.local import worker_command
+from layercard_service.runners.worker_reports import TOKEN_ENV, issue_worker_token
+
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+
+def test_the_two_gpu_launch_trains_the_job_on_two_ranks(tmp_path):
+    spec = JobSpec(
+        model="builtin:tiny",
+        training_data=DatasetRequest(builtin="builtin:lexicon"),
+        validation_data=None,  # the task's own validation split: base and final evaluation, sharded
+        placement=PlacementSpec(layers=(7,), rank=4, alpha=8.0, dropout=0.0),
+        hyperparameters=Hyperparameters(steps=3, batch_size=8, max_seq_len=32, checkpoint_interval=2),
+        adapter_id="bot",
+    )
+    config = ServiceConfig(port=0, log_format="text", data_dir=tmp_path)
+    with ServerThread(config) as server:
+        store = server.server.core.tuning.store
+        # As the Kubernetes runner does before it creates the Job: RUNNING, and the attempt's credential.
+        store.create("job-a", None, spec, spec.hyperparameters.steps)
+        store.transition("job-a", [JobState.QUEUED], JobState.RUNNING)
+        token = issue_worker_token(store, "job-a")
+        settings = KubernetesSettings(
+            namespace="ml", trainer_image="trainer:1", data_claim="data", service_address=server.address, gpus=2
+        )
+        command = worker_command(tmp_path, (), (), 16, threads=1)
+        container = job_manifest("job-a", settings, command, data_dir=tmp_path)["spec"]["template"]["spec"]
+        container = container["containers"][0]
+        argv = container["command"]
+        assert argv[:4] == ["torchrun", "--standalone", "--nproc_per_node", "2"]
+        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+        env[TOKEN_ENV] = token  # the Secret's key, as the pod reads it
+        done = subprocess.run(
+            [str(TORCHRUN), *argv[1:]],
+            env={**os.environ, **env, "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert done.returncode == 0, done.stderr[-4000:]
+        job = store.get("job-a")
+        assert job.state == JobState.SUCCEEDED, job.error_message
+        assert job.result.adapter_version == "adapters/bot/versions/1"
+        assert job.result.final_eval is not None and job.result.base_eval is not None
+        steps = [e.payload["step"] for e in store.events_after("job-a", 0) if e.kind == "step"]
+        assert steps == [1, 2, 3]  # rank 0 alone reports
+        assert "rank 1 of 2 trained its shards up to step 3" in done.stderr  # (before: "only rank 0 trains")
