@@ -5,6 +5,7 @@ each step once and publishes the adapter, rank 1 trains its shard of every batch
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -60,6 +61,9 @@ def test_the_two_gpu_launch_trains_the_job_on_two_ranks(tmp_path):
         assert job.state == JobState.SUCCEEDED, job.error_message
         assert job.result.adapter_version == "adapters/bot/versions/1"
         assert job.result.final_eval is not None and job.result.base_eval is not None
-        steps = [e.payload["step"] for e in store.events_after("job-a", 0) if e.kind == "step"]
-        assert steps == [1, 2, 3]  # rank 0 alone reports
+        events = store.events_after("job-a", 0)
+        assert [e.payload["step"] for e in events if e.kind == "step"] == [1, 2, 3]  # rank 0 alone reports
+        assert any(e.kind == "note" and e.message.startswith("data-parallel on 2 ranks") for e in events)
+        metadata = json.loads((tmp_path / "artifacts" / "adapters" / "bot" / "1" / "layercard.json").read_text())
+        assert metadata["data_parallel_ranks"] == 2
         assert "rank 1 of 2 trained its shards up to step 3" in done.stderr  # (before: "only rank 0 trains")

@@ -311,6 +311,10 @@ def _train(events: Reporter | None, job_id: str, job: WorkerJob, settings: Worke
             if usable and fresh(kept.kind, step):
                 events.add(kept, step=step if kept.kind == "step" else None)
         events.add(NewEvent("note", {}, f"resumed from the checkpoint at step {resumed}"), step=resumed, urgent=True)
+    if dp.enabled:
+        batch = spec.hyperparameters.batch_size
+        note = f"data-parallel on {dp.world_size} ranks: each trains its shard of every global batch of {batch}"
+        events.add(NewEvent("note", {"ranks": dp.world_size}, note + "; evaluation is sharded"), urgent=True)
     base = loop.base_eval()
     if base is not None and not resumed and fresh("eval", base.step):
         events.add(_eval_event(base, "base model, adapter off"), urgent=True)
@@ -366,6 +370,7 @@ def _train(events: Reporter | None, job_id: str, job: WorkerJob, settings: Worke
         "placement": {**spec.to_dict()["placement"], "target_modules": list(modules)},
         "hyperparameters": spec.to_dict()["hyperparameters"],
         "steps": loop.state.step,
+        "data_parallel_ranks": dp.world_size,  # measured cost is one rank's: its shard of every batch
         "stopped_early": outcome.reason == "early_stopped",
         "cost": {k: v for k, v in result_base.items() if not k.endswith("_eval")},
         "final_eval": final.__dict__ if final else None,
