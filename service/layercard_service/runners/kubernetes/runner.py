@@ -98,6 +98,7 @@ class KubernetesJobRunner(JobRunner):
         self.cancel_grace_seconds, self.start_timeout_seconds = cancel_grace_seconds, start_timeout_seconds
         self.telemetry = telemetry or Telemetry()
         self.namespace = settings.namespace
+        self.ranks_per_job = max(1, settings.gpus)  # torchrun's ranks, one per GPU (trainer/distributed.py)
         self._queue: deque[str] = deque()
         self._running: dict[str, str] = {}  # job id -> its Job's name: created or re-attached, not yet ended
         self._cancel_at: dict[str, float] = {}  # job id -> when its Job is deleted if it still runs

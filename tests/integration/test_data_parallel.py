@@ -1,7 +1,9 @@
-"""The Kubernetes runner's multi-GPU launch, run here: the trainer container's command for 2 GPUs (``torchrun
---standalone --nproc_per_node 2 -m layercard_service.trainer.worker ...``) and its environment, started on this
-machine (2 CPU ranks, gloo) against a real server over its socket, train one job to SUCCEEDED: rank 0 reports
-each step once and publishes the adapter, rank 1 trains its shard of every batch."""
+"""Data-parallel jobs through the service. A global batch smaller than the ranks a job trains on is refused at
+creation, naming the field. And the Kubernetes runner's multi-GPU launch, run here: the trainer container's
+command for 2 GPUs (``torchrun --standalone --nproc_per_node 2 -m layercard_service.trainer.worker ...``) and
+its environment, started on this machine (2 CPU ranks, gloo) against a real server over its socket, trains one
+job to SUCCEEDED: rank 0 reports each step once and publishes the adapter, rank 1 trains its shard of every
+batch."""
 
 from __future__ import annotations
 
@@ -11,16 +13,56 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from support.fakes import RecordingRunner
 from support.server_thread import ServerThread
 
+from layercard.v1 import common_pb2, tuning_pb2, tuning_pb2_grpc
+from layercard_service.api.tuning import TuningServicer
 from layercard_service.config import ServiceConfig
+from layercard_service.control.tuning import TuningService
 from layercard_service.data.sources import DatasetRequest
 from layercard_service.domain.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
+from layercard_service.persistence.jobs import JobStore
 from layercard_service.runners.kubernetes.manifest import KubernetesSettings, job_manifest
 from layercard_service.runners.local import worker_command
 from layercard_service.runners.worker_reports import TOKEN_ENV, issue_worker_token
+from layercard_service.server import Servicers
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+
+def test_a_batch_smaller_than_the_ranks_is_refused_at_creation(tmp_path):
+    store, runner = JobStore(tmp_path / "state.db"), RecordingRunner()
+    runner.ranks_per_job = 4  # as the Kubernetes runner with k8s_gpus = 4
+    servicers = Servicers(tuning=TuningServicer(TuningService(store, runner, (), (), data_dir=tmp_path)))
+    with ServerThread(servicers=servicers) as server, grpc.insecure_channel(server.address) as channel:
+        stub = tuning_pb2_grpc.TuningServiceStub(channel)
+
+        def request(batch_size: int) -> tuning_pb2.CreateTuningJobRequest:
+            return tuning_pb2.CreateTuningJobRequest(
+                model="builtin:tiny",
+                training_data=common_pb2.DatasetSource(builtin="builtin:cipher"),
+                explicit_layers=tuning_pb2.ExplicitLayers(layers=[7]),
+                hyperparameters=tuning_pb2.Hyperparameters(steps=2, batch_size=batch_size),
+                adapter_id="bot",
+            )
+
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.CreateTuningJob(request(2), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "4 data-parallel ranks" in caught.value.details()
+        status = rpc_status.from_call(caught.value)
+        bad = error_details_pb2.BadRequest()
+        assert any(d.Unpack(bad) for d in status.details)
+        assert [v.field for v in bad.field_violations] == ["hyperparameters.batch_size"]
+        assert runner.submitted == []
+        stub.CreateTuningJob(request(4), timeout=30)  # one example a rank: accepted
+        assert len(runner.submitted) == 1
+    store.close()
 
 
 def test_the_two_gpu_launch_trains_the_job_on_two_ranks(tmp_path):
