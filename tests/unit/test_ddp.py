@@ -134,6 +134,13 @@ def test_the_worker_on_two_ranks_publishes_the_adapter_one_process_publishes(sto
     assert kinds.count("step") == 3 and kinds.count("checkpoint") == 1  # reported once: by rank 0 alone
 
 
+def test_when_rank_0_has_nothing_to_train_the_others_leave_too(store, tmp_path):
+    _job(store, "job-two", "two")
+    store.transition("job-two", [JobState.RUNNING], JobState.CANCELLING)  # cancelled before its worker started
+    assert run_worker_ranks(tmp_path, "job-two") == [0, 0]  # rank 1 was told there is no job, and did not wait
+    assert store.get("job-two").state == JobState.CANCELLED
+
+
 @pytest.mark.parametrize(("failing", "prefix"), [(1, "rank 1 of 2: "), (0, "")])
 def test_a_failure_on_any_rank_fails_the_job_naming_that_rank(store, tmp_path, failing, prefix):
     _job(store, "job-two", "two")

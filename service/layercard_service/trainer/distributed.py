@@ -43,7 +43,6 @@ __all__ = ["SINGLE", "DataParallel", "PeerLost", "shard_loss"]
 T = TypeVar("T")
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # a rank waits this long for a peer that neither answers nor dies
 _RANK_SEED_STRIDE = 1_000_000_007
-_ENV = (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"))
 
 
 class PeerLost(BaseException):
@@ -85,10 +84,12 @@ class DataParallel:
     # --- the process group --------------------------------------------------------------------------------
     def start(self) -> None:
         """Joins the process group (torchrun's ``MASTER_ADDR``/``MASTER_PORT``); one GPU per rank when CUDA is here."""
+        if not self.enabled:
+            return
         import torch
         from torch import distributed
 
-        if not self.enabled or distributed.is_initialized():
+        if distributed.is_initialized():
             return
         backend = "gloo"
         if torch.cuda.is_available():
@@ -97,17 +98,19 @@ class DataParallel:
         distributed.init_process_group(backend, rank=self.rank, world_size=self.world_size, timeout=COLLECTIVE_TIMEOUT)
 
     def stop(self) -> None:
+        if not self.enabled:
+            return
         from torch import distributed
 
-        if self.enabled and distributed.is_initialized():
+        if distributed.is_initialized():
             distributed.destroy_process_group()
 
     def device(self) -> str:
         """The device this rank trains on: ``""`` (the loader's choice) when alone, else its own GPU or the CPU."""
-        import torch
-
         if not self.enabled:
             return ""
+        import torch
+
         return f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
 
     def seed(self, seed: int) -> int:
@@ -139,33 +142,33 @@ class DataParallel:
 
     def sum(self, values: Sequence[float], what: str = "sum") -> list[float]:
         """Element-wise sums over the ranks (float64, so token counts stay exact)."""
+        if not self.enabled:
+            return [float(v) for v in values]
         import torch
         from torch import distributed
 
-        if not self.enabled:
-            return [float(v) for v in values]
         tensor = torch.tensor(list(values), dtype=torch.float64)
         self._collective(what, lambda: distributed.all_reduce(tensor))
         return tensor.tolist()
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is True on any (one rank's cancel stops them all at the same step)."""
+        if not self.enabled:
+            return flag
         import torch
         from torch import distributed
 
-        if not self.enabled:
-            return flag
         tensor = torch.tensor([int(flag)], dtype=torch.int64)
         self._collective("stop flag", lambda: distributed.all_reduce(tensor, op=distributed.ReduceOp.MAX))
         return bool(tensor.item())
 
     def agree(self, value: int, what: str) -> None:
         """Every rank holds the same ``value`` (e.g. the step it resumed from), else FAILED_PRECONDITION."""
+        if not self.enabled:
+            return
         import torch
         from torch import distributed
 
-        if not self.enabled:
-            return
         tensor = torch.tensor([value, -value], dtype=torch.int64)
         self._collective(what, lambda: distributed.all_reduce(tensor, op=distributed.ReduceOp.MAX))
         if tensor[0].item() != -tensor[1].item():
@@ -177,11 +180,11 @@ class DataParallel:
 
     def reduce_grads(self, params: Sequence[torch.Tensor]) -> None:
         """Sums the gradients over the ranks in one flat all-reduce (a missing gradient counts as zeros)."""
+        if not self.enabled:
+            return
         import torch
         from torch import distributed
 
-        if not self.enabled:
-            return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])  # [sum of numel]
         self._collective("gradients", lambda: distributed.all_reduce(flat))
@@ -192,20 +195,20 @@ class DataParallel:
 
     def broadcast(self, value: T | None) -> T | None:
         """Rank 0's ``value`` on every rank (followers pass anything)."""
-        from torch import distributed
-
         if not self.enabled:
             return value
+        from torch import distributed
+
         box = [value]
         self._collective("broadcast", lambda: distributed.broadcast_object_list(box, src=0))
         return box[0]
 
     def gather(self, value: T) -> list[T] | None:
         """Every rank's ``value``, in rank order, on rank 0 (None on the others)."""
-        from torch import distributed
-
         if not self.enabled:
             return [value]
+        from torch import distributed
+
         box: list[Any] | None = [None] * self.world_size if self.is_main else None
         self._collective("gather", lambda: distributed.gather_object(value, box, dst=0))
         return box
@@ -213,10 +216,10 @@ class DataParallel:
     # --- evaluation ---------------------------------------------------------------------------------------
     def evaluate(self, run: Callable[[Sequence[T]], EvalResult], examples: Sequence[T]) -> EvalResult:
         """``run`` on this rank's share of ``examples`` (every N-th), its sums reduced over the ranks."""
-        from layercard_service.trainer.evaluate import EvalResult
-
         if not self.enabled:
             return run(examples)
+        from layercard_service.trainer.evaluate import EvalResult
+
         share = examples[self.rank :: self.world_size]
         local = run(share) if share else None
         sums = [0.0] * 5  # loss sum, completion tokens, examples, exact-match hits, examples matched
@@ -241,10 +244,10 @@ def shard_loss(
     ``loss`` is the model's mean over this shard's label tokens (``labels`` [B, T], position t predicting t+1).
     Scaled by this shard's share of the batch's label tokens, the ranks' summed gradients are the global mean's.
     None: the shard has no label token, it contributes zero gradients."""
-    from layercard_service.data.encode import IGNORE_INDEX
-
     if not dp.enabled:
         return loss, float(loss.detach()), tokens
+    from layercard_service.data.encode import IGNORE_INDEX
+
     local = int((labels[:, 1:] != IGNORE_INDEX).sum())
     loss_sum, count, total_tokens = dp.sum([float(loss.detach()) * local if local else 0.0, local, tokens], "loss")
     mean = loss_sum / count if count else math.nan
