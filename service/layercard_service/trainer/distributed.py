@@ -179,19 +179,23 @@ class DataParallel:
             )
 
     def reduce_grads(self, params: Sequence[torch.Tensor]) -> None:
-        """Sums the gradients over the ranks in one flat all-reduce (a missing gradient counts as zeros)."""
+        """Sums the gradients over the ranks, one flat all-reduce per dtype (a missing gradient counts as zeros)."""
         if not self.enabled:
             return
         import torch
         from torch import distributed
 
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])  # [sum of numel]
-        self._collective("gradients", lambda: distributed.all_reduce(flat))
-        offset = 0
-        for param, grad in zip(params, grads, strict=True):
-            param.grad = flat[offset : offset + grad.numel()].view_as(grad)
-            offset += grad.numel()
+        groups: dict[torch.dtype, list[int]] = {}
+        for i, grad in enumerate(grads):
+            groups.setdefault(grad.dtype, []).append(i)
+        for members in groups.values():
+            flat = torch.cat([grads[i].reshape(-1) for i in members])  # [sum of numel]
+            self._collective("gradients", lambda flat=flat: distributed.all_reduce(flat))
+            offset = 0
+            for i in members:
+                params[i].grad = flat[offset : offset + grads[i].numel()].view_as(grads[i])
+                offset += grads[i].numel()
 
     def broadcast(self, value: T | None) -> T | None:
         """Rank 0's ``value`` on every rank (followers pass anything)."""
