@@ -3,6 +3,9 @@
 Layout: ``<root>/step-N/`` holding ``adapter.pt``, ``optimizer.pt``, ``rng.pt`` and ``state.json``. A checkpoint
 is written into a hidden temporary folder and renamed into place, so ``step-N`` either exists complete or not
 at all; a crash mid-write leaves only a ``.tmp-*`` folder, which the next save sweeps away.
+
+Data-parallel runs: rank 0 writes the checkpoint and every rank loads it; ``rng.pt`` holds rank 0's RNG state at
+its top level and every rank's under ``ranks`` (each rank's dropout masks come from its own generator).
 """
 
 from __future__ import annotations
