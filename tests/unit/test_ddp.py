@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -154,3 +156,17 @@ def test_a_failure_on_any_rank_fails_the_job_naming_that_rank(store, tmp_path, f
     expected[failing] = worker.EXIT_RANK_FAILED
     assert codes == expected
     assert not (tmp_path / "artifacts" / "adapters" / "two").exists()
+
+
+def test_a_single_process_worker_imports_no_torch_before_it_has_a_job():
+    # The worker checks its job before the heavy imports (a worker with nothing to do exits fast); the
+    # data-parallel layer it now starts through must keep that true for the plain, single-process start.
+    code = (
+        "import sys\n"
+        "from layercard_service.trainer import worker\n"
+        "from layercard_service.trainer.distributed import DataParallel\n"
+        "dp = DataParallel.from_env({})\n"
+        "dp.start(); dp.device(); dp.stop()\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
