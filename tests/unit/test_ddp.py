@@ -21,7 +21,7 @@ from layercard_service.persistence.datasets import DatasetArtifacts
 from layercard_service.persistence.jobs import JobStore
 from layercard_service.runners.worker_reports import WorkerReports, issue_worker_token
 from layercard_service.trainer import worker
-from layercard_service.trainer.checkpoint import load_latest
+from layercard_service.trainer.checkpoint import load_latest, restore_rng, rng_state
 from layercard_service.trainer.distributed import SINGLE, DataParallel
 from layercard_service.trainer.reporter import InProcessChannel
 
@@ -170,3 +170,17 @@ def test_a_single_process_worker_imports_no_torch_before_it_has_a_job():
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_resuming_with_another_world_size_gives_each_rank_its_own_masks():
+    torch.manual_seed(7)
+    saved = rng_state()  # a one-process checkpoint's
+    expected = torch.rand(4)
+    draws = []
+    for rank in range(2):
+        restore_rng(saved, rank, world_size=2)
+        draws.append(torch.rand(4))
+    assert torch.equal(draws[0], expected)  # rank 0 continues the saved generator
+    assert not torch.equal(draws[1], draws[0])  # rank 1 does not repeat rank 0's dropout masks
+    restore_rng({**saved, "ranks": [saved, rng_state()]}, 0, world_size=1)  # and back to one process
+    assert torch.equal(torch.rand(4), expected)
