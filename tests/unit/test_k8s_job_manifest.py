@@ -20,6 +20,7 @@ from layercard_service.runners.kubernetes.manifest import (
     parse_toleration,
     worker_secret,
 )
+from layercard_service.runners.kubernetes.runner import trainer_threads
 from layercard_service.runners.local import worker_command
 from layercard_service.trainer import worker
 
@@ -132,6 +133,13 @@ def test_one_gpu_needs_no_launcher():
     assert _container(manifest)["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
 
+def test_each_rank_gets_its_share_of_the_pods_cores():
+    # torchrun starts one worker per GPU in the pod: N ranks of all the cores each would oversubscribe them N times.
+    assert trainer_threads(GPU) == 8  # 16 cores (the limit), 2 ranks
+    assert trainer_threads(replace(GPU, gpus=1)) == 16 and trainer_threads(CPU) == 1
+    assert trainer_threads(replace(GPU, gpus=32)) == 1
+
+
 def test_the_validator_does_refuse_a_broken_job():
     manifest = job_manifest("job-a", CPU, COMMAND, data_dir=DATA)
     manifest["spec"]["template"]["spec"]["restartPolicy"] = ["Never"]
@@ -215,7 +223,9 @@ def test_bad_kubernetes_settings_are_refused(argv, message):
         ServiceConfig.load([*base, "--k8s-data-claim", "layercard-data", *argv], environ={})
 
 
-def test_worker_ranks_other_than_zero_leave_at_once(tmp_path, monkeypatch):
+def test_a_bad_torchrun_environment_is_refused_before_anything_opens(tmp_path, monkeypatch):
+    # Every rank trains now (trainer/distributed.py, tests/unit/test_ddp.py); a rank outside its world is a bug.
     monkeypatch.setenv("RANK", "1")
-    assert worker.main(["--data-dir", str(tmp_path / "data"), "--job-id", "job-a"]) == 0
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert worker.main(["--data-dir", str(tmp_path / "data"), "--job-id", "job-a"]) == 2
     assert not (tmp_path / "data").exists()  # it never opened the job store

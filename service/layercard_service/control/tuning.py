@@ -221,6 +221,12 @@ class TuningService:
         placement = self._placement(request.placement, request.hyperparameters.lora, _num_layers(model_path))
         has_validation = validation is not None or bool(train.validation)
         hp, total = _hyperparameters(request.hyperparameters, len(train.examples), placement.steps, has_validation)
+        ranks = self.runner.ranks_per_job
+        if hp.batch_size < ranks:  # each data-parallel rank trains its shard of every batch: none may be empty
+            raise InvalidArgument.field(
+                "hyperparameters.batch_size",
+                f"must be at least the {ranks} data-parallel ranks a job trains on (k8s_gpus), got {hp.batch_size}",
+            )
         spec = JobSpec(request.model, request.training_data, request.validation_data, placement, hp, request.adapter_id)
         return spec, total
 

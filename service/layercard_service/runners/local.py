@@ -51,6 +51,7 @@ class JobRunner(ABC):
     """Executes queued jobs. Jobs' states live in the job store; the runner moves QUEUED to RUNNING."""
 
     telemetry: Telemetry = Telemetry()  # told once of every job that ends (report_job_end)
+    ranks_per_job: int = 1  # processes that train one job together (data-parallel ranks, each its shard of a batch)
     endpoint: ServiceEndpoint | None = None  # where workers reach the service; set once the server has bound
 
     def set_service_endpoint(self, endpoint: ServiceEndpoint) -> None:

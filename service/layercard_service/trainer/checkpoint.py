@@ -3,6 +3,9 @@
 Layout: ``<root>/step-N/`` holding ``adapter.pt``, ``optimizer.pt``, ``rng.pt`` and ``state.json``. A checkpoint
 is written into a hidden temporary folder and renamed into place, so ``step-N`` either exists complete or not
 at all; a crash mid-write leaves only a ``.tmp-*`` folder, which the next save sweeps away.
+
+Data-parallel runs: rank 0 writes the checkpoint and every rank loads it; ``rng.pt`` holds rank 0's RNG state at
+its top level and every rank's under ``ranks`` (each rank's dropout masks come from its own generator).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from layercard_service.errors import FailedPrecondition
 from layercard_service.trainer.checkpoint_dirs import checkpoint_steps, latest_step
 
-__all__ = ["KEEP", "LoadedCheckpoint", "latest_step", "load_latest", "restore_rng", "save_checkpoint"]
+__all__ = ["KEEP", "LoadedCheckpoint", "latest_step", "load_latest", "restore_rng", "rng_state", "save_checkpoint"]
 
 KEEP = 2  # checkpoints kept per job: the newest, and one before it in case the newest is unreadable
 _FILES = ("adapter.pt", "optimizer.pt", "rng.pt", "state.json")
@@ -37,16 +40,30 @@ class LoadedCheckpoint:
     state: dict[str, Any]
 
 
+def rng_state() -> dict[str, Any]:
+    """This process's RNG state (dropout masks draw from it)."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
 def save_checkpoint(
-    root: Path, step: int, adapter: dict[str, torch.Tensor], optimizer: dict[str, Any], state: dict[str, Any]
+    root: Path,
+    step: int,
+    adapter: dict[str, torch.Tensor],
+    optimizer: dict[str, Any],
+    state: dict[str, Any],
+    ranks_rng: list[dict[str, Any]] | None = None,
 ) -> Path:
+    """``ranks_rng``: every rank's ``rng_state()`` in a data-parallel run (rank 0, the writer, first)."""
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
+    rng = rng_state()
+    if ranks_rng and len(ranks_rng) > 1:
+        rng = {**ranks_rng[0], "ranks": ranks_rng}  # the top level stays rank 0's: one process resumes as rank 0
     try:
         torch.save(adapter, tmp / "adapter.pt")
         torch.save(optimizer, tmp / "optimizer.pt")
@@ -92,8 +109,16 @@ def load_latest(root: Path) -> LoadedCheckpoint | None:
     )
 
 
-def restore_rng(rng: dict[str, Any]) -> None:
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+def restore_rng(rng: dict[str, Any], rank: int = 0, world_size: int = 1) -> None:
+    """Restores this rank's RNG state. Resumed with another world size, rank 0 takes the saved rank 0's and the
+    others a seed drawn from it plus their rank: distinct masks, though not those of any uninterrupted run."""
+    ranks = rng.get("ranks") or [rng]
+    own = ranks[rank] if len(ranks) == world_size else rng
+    torch.set_rng_state(own["torch"])
+    random.setstate(own["python"])
+    if "cuda" in own and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(own["cuda"])
+    if len(ranks) != world_size and rank > 0:
+        seed = int(torch.randint(2**62, ())) + rank
+        torch.manual_seed(seed)
+        random.seed(seed)

@@ -10,6 +10,9 @@ prediction on any device: frozen weight bytes + the bytes autograd saves for bac
 saved-tensor hooks, largest step) + 4x the adapter's bytes (weights, gradients, Adam's two moments).
 Measured step time is the median wall time of a step (forward, backward, optimizer) after warm-up.
 
+Data-parallel (``dist``, trainer/distributed.py): every rank draws the same global batch and trains on its shard;
+the loss is the global batch's token mean and the gradients are summed over the ranks, so N processes step as one.
+
 Early stopping ends training with the current weights (those of the last evaluation), not the best ones. An
 evaluation counts as an improvement only when its loss falls below the best by more than
 max(early_stopping_min_delta, early_stopping_min_delta_rel * |best|) (defaults 1e-4 and 1e-3).
@@ -31,7 +34,8 @@ from layercard_service.data.encode import EncodeConfig, EncodedExample, collate,
 from layercard_service.data.jsonl import Example
 from layercard_service.domain.jobs import EvalSummary, Hyperparameters
 from layercard_service.errors import InvalidArgument
-from layercard_service.trainer.checkpoint import load_latest, restore_rng, save_checkpoint
+from layercard_service.trainer.checkpoint import load_latest, restore_rng, rng_state, save_checkpoint
+from layercard_service.trainer.distributed import SINGLE, DataParallel, shard_loss
 from layercard_service.trainer.evaluate import evaluate
 from layercard_service.trainer.schedule import lr_factor
 
@@ -127,13 +131,15 @@ class TrainingLoop:
         validation: Sequence[Example],
         hp: Hyperparameters,
         checkpoint_root: Path | None = None,
+        dist: DataParallel = SINGLE,
     ) -> None:
         if len(train) < hp.batch_size:
             raise InvalidArgument(
                 f"training_data: has {len(train)} examples, fewer than the batch size {hp.batch_size}",
                 reason="INVALID_DATASET",
             )
-        self.model, self.tokenizer, self.hp = model, tokenizer, hp
+        dist.check_batch(hp.batch_size)
+        self.model, self.tokenizer, self.hp, self.dist = model, tokenizer, hp, dist
         self.encode = EncodeConfig(max_length=hp.max_seq_len)
         self.train = encode_examples(tokenizer, train, self.encode)
         self.validation = tuple(validation)
@@ -159,7 +165,12 @@ class TrainingLoop:
 
     # --- resume -----------------------------------------------------------------------------------------
     def resume(self) -> int:
-        """Loads the newest checkpoint, if any; returns its step (0: starting fresh)."""
+        """Loads the newest checkpoint, if any; returns its step (0: starting fresh). Every rank loads it."""
+        step = self._load()
+        self.dist.agree(step, "checkpoint step to resume from")
+        return step
+
+    def _load(self) -> int:
         if self.checkpoint_root is None:
             return 0
         loaded = load_latest(self.checkpoint_root)
@@ -175,23 +186,29 @@ class TrainingLoop:
             for name, param in self.named.items():
                 param.copy_(loaded.adapter[name])
         self.optimizer.load_state_dict(loaded.optimizer)
-        restore_rng(loaded.rng)
+        restore_rng(loaded.rng, self.dist.rank, self.dist.world_size)
         known = {f for f in LoopState.__dataclass_fields__}
         self.state = LoopState(**{k: v for k, v in loaded.state.items() if k in known})
         return self.state.step
 
     def checkpoint(self) -> Path:
         assert self.checkpoint_root is not None
+        ranks_rng = self.dist.gather(rng_state())  # rank 0 writes the checkpoint, every rank's RNG in it
+        if not self.dist.is_main:
+            return self.checkpoint_root / f"step-{self.state.step}"
         adapter = {n: p.detach().cpu().clone() for n, p in self.named.items()}
         return save_checkpoint(
-            self.checkpoint_root, self.state.step, adapter, self.optimizer.state_dict(), asdict(self.state)
+            self.checkpoint_root, self.state.step, adapter, self.optimizer.state_dict(), asdict(self.state), ranks_rng
         )
 
     # --- evaluation -------------------------------------------------------------------------------------
     def evaluate(self) -> EvalSummary | None:
         if not self.validation:
             return None
-        result = evaluate(self.model, self.tokenizer, self.validation, encode=self.encode)
+        # Data-parallel: each rank scores its share, the sums are reduced (every rank gets the same figures).
+        result = self.dist.evaluate(
+            lambda share: evaluate(self.model, self.tokenizer, share, encode=self.encode), self.validation
+        )
         self.model.train()
         return EvalSummary(self.state.step, result.loss, result.exact_match or 0.0, result.examples)
 
@@ -227,12 +244,12 @@ class TrainingLoop:
     def run(self, total_steps: int, hooks: LoopHooks | None = None) -> Outcome:
         hooks = hooks or LoopHooks()
         if self.state.step == 0:
-            torch.manual_seed(self.hp.seed)  # dropout masks; a resumed run restored the RNG instead
+            torch.manual_seed(self.dist.seed(self.hp.seed))  # dropout masks; a resumed run restored the RNG instead
         counter = _SavedBytes(self.model)
         batches = self._batches()
         self.model.train()
         while self.state.step < total_steps:
-            if hooks.should_stop():
+            if self.dist.any(hooks.should_stop()):  # rank 0 polls the service; all ranks stop at the same step
                 return Outcome("stopped", self.state)
             report = self._step(next(batches), counter, total_steps)
             hooks.on_step(report)
@@ -269,6 +286,7 @@ class TrainingLoop:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         started = time.perf_counter()
+        examples = self.dist.shard(examples)  # this rank's part of the global batch
         device = self.params[0].device
         batch = {k: v.to(device) for k, v in collate(examples, self.pad_id).items()}  # each [B, T]
         counter.reset()
@@ -276,17 +294,19 @@ class TrainingLoop:
             out = self.model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
             )
+        tokens = int(batch["attention_mask"].sum())  # every real token the step processed, prompt included
+        loss, value, tokens = shard_loss(self.dist, out.loss, batch["labels"], tokens)  # the global batch's
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        if loss is not None:
+            loss.backward()
+        self.dist.reduce_grads(self.params)  # summed over ranks: the global batch's gradient
         torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
         self.optimizer.step()
         if self.params[0].device.type == "cuda":
             torch.cuda.synchronize(self.params[0].device)  # kernels run asynchronously: time them finished
         seconds = time.perf_counter() - started
-        loss = float(out.loss.detach())
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss} at step {state.step + 1}")
-        tokens = int(batch["attention_mask"].sum())  # every real token the step processed, prompt included
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training loss became {value} at step {state.step + 1}")
         state.step += 1
         state.batch_index += 1
         state.step_seconds.append(seconds)
@@ -296,5 +316,5 @@ class TrainingLoop:
         recent = state.step_seconds[-20:]
         eta = (total_steps - state.step) * (sum(recent) / len(recent))
         return StepReport(
-            state.step, total_steps, loss, lr, seconds, tokens, tokens / seconds if seconds > 0 else 0.0, eta
+            state.step, total_steps, value, lr, seconds, tokens, tokens / seconds if seconds > 0 else 0.0, eta
         )

@@ -5,8 +5,11 @@ It never opens the service's database: it reads its job's spec through the servi
 reports progress, events and its end back the same way (trainer/reporter.py: buffered, retried with backoff while
 the service is away). It reads and writes only files under the data dir's ``artifacts/`` (datasets,
 checkpoints, the staged adapter). The runner marks the job RUNNING before starting it.
-It trains on one device: it is not data-parallel, so under ``torchrun`` (the Kubernetes runner's multi-GPU
-launch) only rank 0 works and the other ranks exit at once.
+Under ``torchrun`` (the Kubernetes runner's multi-GPU launch) the ranks train the job data-parallel
+(trainer/distributed.py): rank 0 reads the job and hands it to the others, and only rank 0 reports (events,
+checkpoints, the adapter). A rank that fails reports its own error, prefixed with its rank, and exits
+EXIT_RANK_FAILED so that torchrun stops the others; a rank whose peer vanished exits EXIT_PEER_LOST without a
+report, and the runner settles the job (WORKER_DIED, or a resume after an eviction).
 
 Exit paths, and what the job's state becomes:
 - finished: the adapter is staged, and the service publishes it as a new version and marks the job SUCCEEDED
@@ -37,7 +40,7 @@ import time
 from pathlib import Path
 
 from layercard_service.domain.jobs import EvalSummary, JobState
-from layercard_service.errors import LayercardError, NotFound
+from layercard_service.errors import InvalidArgument, LayercardError, NotFound
 from layercard_service.persistence.jobs import NewEvent
 from layercard_service.persistence.store import DISK_FULL, is_disk_full
 from layercard_service.runners.worker_reports import (
@@ -49,14 +52,18 @@ from layercard_service.runners.worker_reports import (
     WorkerJob,
 )
 from layercard_service.trainer.checkpoint_dirs import latest_step
+from layercard_service.trainer.distributed import SINGLE, DataParallel, PeerLost
 from layercard_service.trainer.reporter import CredentialRefused, GrpcChannel, JobChannel, Reporter, ServiceLost
 
 __all__ = [
     "EXIT_CREDENTIAL_REFUSED",
     "EXIT_DISK_FULL",
+    "EXIT_PEER_LOST",
+    "EXIT_RANK_FAILED",
     "EXIT_SERVICE_LOST",
     "EXIT_TERMINATED",
     "WorkerSettings",
+    "follow_job",
     "main",
     "run_job",
 ]
@@ -66,6 +73,8 @@ log = logging.getLogger("layercard_service.trainer.worker")
 FLUSH_INTERVAL_SECONDS = 0.2  # step events are buffered: at most ~5 reports a second
 TERMINATE_FLUSH_SECONDS = 5.0  # on SIGTERM, how long buffered events may wait for the service
 EXIT_TERMINATED = 143
+EXIT_RANK_FAILED = 1  # data-parallel: this rank reported the job FAILED; torchrun then stops the other ranks
+EXIT_PEER_LOST = 70  # data-parallel: another rank vanished mid-collective; nothing reported, the runner settles it
 LOW_SPACE_BYTES = 1 << 20  # an unexpected error with less free than this on the data dir's disk is a full disk
 
 
@@ -127,10 +136,30 @@ def _eval_event(summary: EvalSummary, message: str) -> NewEvent:
     return NewEvent("eval", {**payload, "examples": summary.examples}, message)
 
 
-def run_job(channel: JobChannel, settings: WorkerSettings) -> int:
+class _Handoff:
+    """Rank 0 hands the job to the other ranks exactly once: the job to train, or None (nothing to train)."""
+
+    def __init__(self, dp: DataParallel) -> None:
+        self.dp, self.done = dp, not dp.enabled
+
+    def give(self, job: WorkerJob | None) -> None:
+        if not self.done:
+            self.done = True
+            self.dp.broadcast(job)
+
+
+def run_job(channel: JobChannel, settings: WorkerSettings, dp: DataParallel = SINGLE) -> int:
+    """Rank 0's (or the only process's) run of the job: it reads the job, trains, reports and ends it."""
     reporter = Reporter(channel, interval=FLUSH_INTERVAL_SECONDS, lost_after=settings.service_lost_seconds)
+    handoff = _Handoff(dp)
     try:
-        return _run_job(reporter, settings)
+        try:
+            return _run_job(reporter, settings, handoff)
+        finally:
+            handoff.give(None)  # followers still waiting learn there is nothing to train (no-op once handed)
+    except PeerLost as exc:
+        log.error("job %s: %s", settings.job_id, exc)
+        return EXIT_PEER_LOST
     except ServiceLost as exc:
         log.error("job %s: %s; it stays RUNNING and resumes when the service recovers it", settings.job_id, exc)
         return EXIT_SERVICE_LOST
@@ -146,7 +175,7 @@ def run_job(channel: JobChannel, settings: WorkerSettings) -> int:
         return EXIT_DISK_FULL
 
 
-def _run_job(reporter: Reporter, settings: WorkerSettings) -> int:
+def _run_job(reporter: Reporter, settings: WorkerSettings, handoff: _Handoff) -> int:
     job_id = settings.job_id
     try:
         job = reporter.get_job()
@@ -160,8 +189,10 @@ def _run_job(reporter: Reporter, settings: WorkerSettings) -> int:
         log.warning("job %s is %s, not RUNNING: nothing to do", job_id, job.state.value)
         return 0
     reporter.report_pid(os.getpid())
+    failed = EXIT_RANK_FAILED if handoff.dp.enabled else 0  # the other ranks must not wait on this one
     try:
-        _train(reporter, job_id, job, settings)
+        handoff.give(job)
+        _train(reporter, job_id, job, settings, handoff.dp)
     except Terminated:
         if not reporter.flush(within=TERMINATE_FLUSH_SECONDS):
             log.warning("terminated with %d events the service did not take", reporter.pending)
@@ -171,14 +202,42 @@ def _run_job(reporter: Reporter, settings: WorkerSettings) -> int:
     except LayercardError as exc:
         log.error("job %s failed: %s", job_id, exc.message)
         _fail(reporter, exc.reason, exc.message)
+        return failed
     except Exception as exc:  # a bug or an environment problem: reported, never silent
         log.exception("job %s failed", job_id)
         if _disk_full(exc, settings.data_dir):  # torch and safetensors say "write failed", not ENOSPC
             message = f"the data dir's disk is full: {type(exc).__name__}: {exc}"[:2000]
             _fail(reporter, DISK_FULL, message)
-            return 0
+            return failed
         _fail(reporter, "INTERNAL", f"{type(exc).__name__}: {exc}"[:2000])
+        return failed
     return 0
+
+
+def follow_job(channel: JobChannel, settings: WorkerSettings, dp: DataParallel) -> int:
+    """A rank other than 0: trains its shard of the job rank 0 hands it and reports nothing but its own failure."""
+    try:
+        job = dp.broadcast(None)
+        if job is None:
+            return 0
+        _train(None, settings.job_id, job, settings, dp)
+        return 0
+    except PeerLost as exc:
+        log.error("job %s: %s", settings.job_id, exc)
+        return EXIT_PEER_LOST
+    except LayercardError as exc:
+        code, message = exc.reason, exc.message
+    except Exception as exc:  # a bug or an environment problem (this rank's GPU out of memory): reported, named
+        log.exception("job %s failed on rank %d", settings.job_id, dp.rank)
+        code, message = "INTERNAL", f"{type(exc).__name__}: {exc}"
+    message = f"rank {dp.rank} of {dp.world_size}: {message}"[:2000]
+    log.error("job %s failed: %s", settings.job_id, message)
+    reporter = Reporter(channel, interval=FLUSH_INTERVAL_SECONDS, lost_after=settings.service_lost_seconds)
+    try:
+        _fail(reporter, code, message)
+    except (ServiceLost, CredentialRefused) as exc:  # the service or rank 0 settles the job instead
+        log.error("job %s: the failure could not be reported: %s", settings.job_id, exc)
+    return EXIT_RANK_FAILED
 
 
 def _disk_full(exc: BaseException, data_dir: Path) -> bool:
@@ -198,7 +257,8 @@ def _cancelled(reporter: Reporter, step: int) -> None:
     reporter.finish(Finish(JobState.CANCELLED, f"cancelled at step {step}"))
 
 
-def _train(events: Reporter, job_id: str, job: WorkerJob, settings: WorkerSettings) -> None:
+def _train(events: Reporter | None, job_id: str, job: WorkerJob, settings: WorkerSettings, dp: DataParallel) -> None:
+    """Trains the job on this rank; ``events`` is rank 0's reporter (None on the ranks that follow it)."""
     # Heavy imports here, after the cheap checks: a worker that has nothing to do exits fast.
     import torch
 
@@ -220,15 +280,21 @@ def _train(events: Reporter, job_id: str, job: WorkerJob, settings: WorkerSettin
     if spec.validation_data is not None:
         stored = datasets.load(spec.validation_data, "validation_data")
         validation = resolve_dataset(stored, settings.dataset_roots, "validation_data").examples
-    model, tokenizer = load_model(resolve_model_path(spec.model, settings.model_roots))
+    model, tokenizer = load_model(resolve_model_path(spec.model, settings.model_roots), dp.device())
     modules = placement.target_modules or detect_layout(model).module_types
     lora = LoraSettings(placement.rank, placement.alpha, placement.dropout, tuple(modules), placement.layers)
     torch.manual_seed(spec.hyperparameters.seed)  # the adapter's initialisation is part of what the seed fixes
     peft_model = attach_lora(model, lora)
-    loop = TrainingLoop(
-        peft_model, tokenizer, data.examples, validation, spec.hyperparameters, artifacts / "checkpoints" / job_id
-    )
+    checkpoints = artifacts / "checkpoints" / job_id
+    loop = TrainingLoop(peft_model, tokenizer, data.examples, validation, spec.hyperparameters, checkpoints, dp)
     resumed = loop.resume()
+    if events is None:  # a follower: the same training, collectives and all, with nothing reported
+        loop.base_eval()
+        if loop.run(job.total_steps).reason != "stopped":
+            loop.final_eval()
+        step = loop.state.step
+        log.info("job %s: rank %d of %d trained its shards up to step %d", job_id, dp.rank, dp.world_size, step)
+        return
     recorded = job.recorded_steps
 
     def fresh(kind: str, step: int) -> bool:
@@ -245,6 +311,10 @@ def _train(events: Reporter, job_id: str, job: WorkerJob, settings: WorkerSettin
             if usable and fresh(kept.kind, step):
                 events.add(kept, step=step if kept.kind == "step" else None)
         events.add(NewEvent("note", {}, f"resumed from the checkpoint at step {resumed}"), step=resumed, urgent=True)
+    if dp.enabled:
+        batch = spec.hyperparameters.batch_size
+        note = f"data-parallel on {dp.world_size} ranks: each trains its shard of every global batch of {batch}"
+        events.add(NewEvent("note", {"ranks": dp.world_size}, note + "; evaluation is sharded"), urgent=True)
     base = loop.base_eval()
     if base is not None and not resumed and fresh("eval", base.step):
         events.add(_eval_event(base, "base model, adapter off"), urgent=True)
@@ -300,6 +370,7 @@ def _train(events: Reporter, job_id: str, job: WorkerJob, settings: WorkerSettin
         "placement": {**spec.to_dict()["placement"], "target_modules": list(modules)},
         "hyperparameters": spec.to_dict()["hyperparameters"],
         "steps": loop.state.step,
+        "data_parallel_ranks": dp.world_size,  # measured cost is one rank's: its shard of every batch
         "stopped_early": outcome.reason == "early_stopped",
         "cost": {k: v for k, v in result_base.items() if not k.endswith("_eval")},
         "final_eval": final.__dict__ if final else None,
@@ -346,12 +417,11 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    rank = int(os.environ.get("RANK", "0"))  # set by torchrun (the Kubernetes runner's multi-GPU launch)
-    if rank != 0:
-        # Not data-parallel yet: rank 0 trains the job on one GPU; other ranks would train it again, racing
-        # on the same checkpoints and state, so they leave at once.
-        log.info("rank %d of a torchrun launch: only rank 0 trains (the worker is not data-parallel)", rank)
-        return 0
+    try:
+        dp = DataParallel.from_env()  # torchrun's ranks (the Kubernetes runner's multi-GPU launch); else alone
+    except InvalidArgument as exc:
+        log.error("%s", exc.message)
+        return 2
 
     def terminate(signum: int, frame: object) -> None:
         raise Terminated
@@ -360,14 +430,20 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.service_address or not token:
         log.error("the worker needs --service-address and its credential in %s", TOKEN_ENV)
         return 2
-    signal.signal(signal.SIGTERM, terminate)
+    if dp.is_main:  # a follower that torchrun terminates just dies: it reports nothing and writes no checkpoint
+        signal.signal(signal.SIGTERM, terminate)
     channel = GrpcChannel(
         settings.service_address, token, settings.job_id, settings.service_ca_file, settings.service_server_name
     )
     try:
-        return run_job(channel, settings)
+        dp.start()
+        return run_job(channel, settings, dp) if dp.is_main else follow_job(channel, settings, dp)
     finally:
         channel.close()
+        try:
+            dp.stop()
+        except Exception as exc:  # peers gone: nothing left to tear down cleanly, and the exit code stands
+            log.warning("leaving the process group: %s", exc)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ What the Job looks like, and why:
   again at the next start and resumes from its last checkpoint. One exception, in the pod failure policy: a
   pod evicted or preempted (the ``DisruptionTarget`` condition) does not count, so the Job starts a new pod,
   whose worker resumes from the checkpoint (``activeDeadlineSeconds`` bounds a job that is evicted forever);
-- more than one GPU: the worker starts through ``torchrun --standalone --nproc_per_node N``. The worker is
-  NOT data-parallel yet: rank 0 trains on one GPU and the other ranks exit at once (see ``worker.main``), so
-  multi-GPU is the launch path only, ready for a DDP-aware worker;
+- more than one GPU: the worker starts through ``torchrun --standalone --nproc_per_node N`` (one rank per GPU,
+  rendezvous inside the pod), and the ranks train the job data-parallel (trainer/distributed.py): the same
+  global batch, sharded; rank 0 reports. Each rank gets the pod's cores / N torch threads (``trainer_threads``).
+  One GPU, or none, runs the worker as the local runner does, without torchrun;
 - ``terminationMessagePolicy: FallbackToLogsOnError``: a worker that dies without a word leaves the tail of
   its log in the pod's status, which the runner copies into the job's error message.
 """

@@ -63,7 +63,7 @@ from layercard_service.trainer.checkpoint_dirs import latest_step
 if TYPE_CHECKING:
     from layercard_service.config import ServiceConfig
 
-__all__ = ["KubernetesJobRunner", "job_finished", "kubernetes_runner"]
+__all__ = ["KubernetesJobRunner", "job_finished", "kubernetes_runner", "trainer_threads"]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ class KubernetesJobRunner(JobRunner):
         self.cancel_grace_seconds, self.start_timeout_seconds = cancel_grace_seconds, start_timeout_seconds
         self.telemetry = telemetry or Telemetry()
         self.namespace = settings.namespace
+        self.ranks_per_job = max(1, settings.gpus)  # torchrun's ranks, one per GPU (trainer/distributed.py)
         self._queue: deque[str] = deque()
         self._running: dict[str, str] = {}  # job id -> its Job's name: created or re-attached, not yet ended
         self._cancel_at: dict[str, float] = {}  # job id -> when its Job is deleted if it still runs
@@ -368,7 +369,7 @@ def kubernetes_runner(config: ServiceConfig, store: JobStore, telemetry: Telemet
     """The runner ``job_runner = "kubernetes"`` selects, on the official client (in-cluster config or kubeconfig)."""
     settings = config.kubernetes.resolved()  # checked by ServiceConfig; the namespace: this pod's own if unset
     # The trainer pod's own CPU, not job_threads: that one sizes local workers to the service pod's cores.
-    threads = _cores(settings.cpu_limit or settings.cpu_request)
+    threads = trainer_threads(settings)
     command = worker_command(
         config.data_dir, config.model_roots, config.dataset_roots, config.max_lora_rank, threads=threads
     )
@@ -382,6 +383,12 @@ def kubernetes_runner(config: ServiceConfig, store: JobStore, telemetry: Telemet
         poll_seconds=settings.poll_seconds,
         telemetry=telemetry,
     )
+
+
+def trainer_threads(settings: KubernetesSettings) -> int:
+    """Each rank's torch threads: the pod's whole cores, shared by its ranks (one per GPU under torchrun)."""
+    cores = _cores(settings.cpu_limit or settings.cpu_request)
+    return max(1, cores // settings.gpus) if cores and settings.gpus > 1 else cores
 
 
 def _cores(quantity: str) -> int:

@@ -106,7 +106,7 @@ class KubernetesSettings:
         "layercard.<namespace>.svc:50051)",
     )
     service_account: str = setting("", "the trainer pods' ServiceAccount; empty: the namespace's default")
-    gpus: int = setting(0, "GPUs per trainer pod; more than one starts the worker through torchrun")
+    gpus: int = setting(0, "GPUs per trainer pod; more than one trains data-parallel, one rank per GPU (torchrun)")
     gpu_resource: str = setting("nvidia.com/gpu", "the extended resource a GPU is requested as")
     cpu_request: str = setting("1", "a trainer pod's CPU request")
     cpu_limit: str = setting("", "a trainer pod's CPU limit; empty: none")
