@@ -31,6 +31,7 @@ from layercard_service.data.encode import EncodeConfig, EncodedExample, collate,
 from layercard_service.data.jsonl import Example
 from layercard_service.domain.jobs import EvalSummary, Hyperparameters
 from layercard_service.errors import InvalidArgument
+from layercard_service.models.head import training_loss
 from layercard_service.trainer.checkpoint import load_latest, restore_rng, save_checkpoint
 from layercard_service.trainer.evaluate import evaluate
 from layercard_service.trainer.schedule import lr_factor
@@ -273,17 +274,15 @@ class TrainingLoop:
         batch = {k: v.to(device) for k, v in collate(examples, self.pad_id).items()}  # each [B, T]
         counter.reset()
         with counter.hooks():
-            out = self.model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
-            )
+            loss_tensor = training_loss(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss_tensor.backward()
         torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
         self.optimizer.step()
         if self.params[0].device.type == "cuda":
             torch.cuda.synchronize(self.params[0].device)  # kernels run asynchronously: time them finished
         seconds = time.perf_counter() - started
-        loss = float(out.loss.detach())
+        loss = float(loss_tensor.detach())
         if not math.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss} at step {state.step + 1}")
         tokens = int(batch["attention_mask"].sum())  # every real token the step processed, prompt included
