@@ -17,6 +17,8 @@ max(early_stopping_min_delta, early_stopping_min_delta_rel * |best|) (defaults 1
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import statistics
 import time
@@ -34,6 +36,12 @@ from layercard_service.errors import InvalidArgument
 from layercard_service.models.head import training_loss
 from layercard_service.trainer.checkpoint import load_latest, restore_rng, save_checkpoint
 from layercard_service.trainer.evaluate import evaluate
+from layercard_service.trainer.prefix_cache import (
+    PrefixCache,
+    PrefixCacheReport,
+    PrefixCacheSettings,
+    build_prefix_cache,
+)
 from layercard_service.trainer.schedule import lr_factor
 
 __all__ = ["LoopHooks", "LoopState", "Outcome", "StepReport", "TrainingLoop", "WARMUP_STEPS_IGNORED"]
@@ -91,6 +99,7 @@ class LoopHooks:
     on_eval: Callable[[EvalSummary], None] = lambda summary: None
     on_checkpoint: Callable[[int, Path], None] = lambda step, path: None
     on_resume: Callable[[int], None] = lambda step: None
+    on_prefix_cache: Callable[[PrefixCacheReport], None] = lambda report: None
 
 
 class _SavedBytes:
@@ -128,6 +137,7 @@ class TrainingLoop:
         validation: Sequence[Example],
         hp: Hyperparameters,
         checkpoint_root: Path | None = None,
+        prefix_cache: PrefixCacheSettings | None = None,
     ) -> None:
         if len(train) < hp.batch_size:
             raise InvalidArgument(
@@ -147,6 +157,10 @@ class TrainingLoop:
         self.optimizer = torch.optim.AdamW(self.params, lr=hp.learning_rate, weight_decay=0.0)
         self.state = LoopState()
         self.batches_per_epoch = len(self.train) // hp.batch_size  # the ragged tail is dropped
+        settings = prefix_cache or PrefixCacheSettings()
+        self.prefix_settings = dataclasses.replace(settings, enabled=settings.enabled and hp.prefix_cache)
+        self.prefix_cache: PrefixCache | None = None
+        self.prefix_report: PrefixCacheReport | None = None  # set by the first run()
 
     # --- cost basis -------------------------------------------------------------------------------------
     @property
@@ -156,7 +170,9 @@ class TrainingLoop:
     @property
     def measured_peak_memory_bytes(self) -> int:
         frozen = sum(p.numel() * p.element_size() for p in self.model.parameters() if not p.requires_grad)
-        return frozen + self.state.peak_saved_bytes + 4 * self.adapter_bytes
+        report = self.prefix_report
+        cached = report.bytes if report is not None and report.enabled and not report.on_disk else 0
+        return frozen + self.state.peak_saved_bytes + 4 * self.adapter_bytes + cached
 
     # --- resume -----------------------------------------------------------------------------------------
     def resume(self) -> int:
@@ -232,6 +248,11 @@ class TrainingLoop:
         counter = _SavedBytes(self.model)
         batches = self._batches()
         self.model.train()
+        if self.prefix_report is None:  # once per loop: the cache holds the frozen prefix's fixed output
+            self.prefix_cache, self.prefix_report = build_prefix_cache(
+                self.model, self.train, self.pad_id, self.hp.batch_size, self.prefix_settings
+            )
+            hooks.on_prefix_cache(self.prefix_report)
         while self.state.step < total_steps:
             if hooks.should_stop():
                 return Outcome("stopped", self.state)
@@ -273,7 +294,9 @@ class TrainingLoop:
         device = self.params[0].device
         batch = {k: v.to(device) for k, v in collate(examples, self.pad_id).items()}  # each [B, T]
         counter.reset()
-        with counter.hooks():
+        cache = self.prefix_cache
+        feed = cache.feeding(examples, batch["input_ids"].shape[1]) if cache else contextlib.nullcontext()
+        with counter.hooks(), feed:
             loss_tensor = training_loss(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         self.optimizer.zero_grad(set_to_none=True)
         loss_tensor.backward()
