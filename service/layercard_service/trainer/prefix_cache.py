@@ -26,8 +26,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import shutil
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -310,6 +312,7 @@ def _open_spill(
         offsets.append(offsets[-1] + len(e.input_ids) * width)
     folder = Path(tempfile.mkdtemp(prefix="prefix-cache-", dir=settings.spill_dir))
     mm = np.memmap(folder / "hidden.bin", dtype=np.uint8, mode="w+", shape=(max(1, offsets[-1]),))
+    weakref.finalize(mm, shutil.rmtree, folder, True)  # the file goes with the cache (or a failed attempt)
     return mm, offsets, int(hidden.shape[-1]), hidden.dtype
 
 

@@ -84,6 +84,7 @@ class WorkerSettings(argparse.Namespace):
     service_ca_file: Path | None
     service_server_name: str
     service_lost_seconds: float
+    prefix_cache_memory_bytes: int
 
 
 UNREPORTED_FILE = "unreported_events.json"  # beside a checkpoint: its run's events the service had not recorded
@@ -209,6 +210,7 @@ def _train(events: Reporter, job_id: str, job: WorkerJob, settings: WorkerSettin
     from layercard_service.trainer.artifact import stage_adapter
     from layercard_service.trainer.loop import LoopHooks, StepReport, TrainingLoop
     from layercard_service.trainer.lora import LoraSettings, attach_lora
+    from layercard_service.trainer.prefix_cache import PrefixCacheReport, PrefixCacheSettings
 
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
@@ -225,8 +227,15 @@ def _train(events: Reporter, job_id: str, job: WorkerJob, settings: WorkerSettin
     lora = LoraSettings(placement.rank, placement.alpha, placement.dropout, tuple(modules), placement.layers)
     torch.manual_seed(spec.hyperparameters.seed)  # the adapter's initialisation is part of what the seed fixes
     peft_model = attach_lora(model, lora)
+    cache = PrefixCacheSettings(max_memory_bytes=settings.prefix_cache_memory_bytes)
     loop = TrainingLoop(
-        peft_model, tokenizer, data.examples, validation, spec.hyperparameters, artifacts / "checkpoints" / job_id
+        peft_model,
+        tokenizer,
+        data.examples,
+        validation,
+        spec.hyperparameters,
+        artifacts / "checkpoints" / job_id,
+        prefix_cache=cache,
     )
     resumed = loop.resume()
     recorded = job.recorded_steps
@@ -271,11 +280,15 @@ def _train(events: Reporter, job_id: str, job: WorkerJob, settings: WorkerSettin
             events.add(NewEvent("checkpoint", {"step": step, "path": str(path)}), urgent=True)
         _keep_unreported(path, events.unreported())
 
+    def on_prefix_cache(report: PrefixCacheReport) -> None:  # once per run: a resumed run builds it again
+        events.add(NewEvent("note", {"prefix_cache": report.to_payload()}, report.message()), urgent=True)
+
     hooks = LoopHooks(
         should_stop=lambda: events.state() != JobState.RUNNING,
         on_step=on_step,
         on_eval=on_eval,
         on_checkpoint=on_checkpoint,
+        on_prefix_cache=on_prefix_cache,
     )
     outcome = loop.run(job.total_steps, hooks)
     if outcome.reason == "stopped":
@@ -339,6 +352,12 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     parser.add_argument("--service-server-name", default="", help="the name the service's certificate holds")
     parser.add_argument(
         "--service-lost-seconds", type=float, default=300.0, help="unreachable this long: exit, the job resumes"
+    )
+    parser.add_argument(
+        "--prefix-cache-memory-bytes",
+        type=int,
+        default=1 << 30,
+        help="the frozen-prefix cache's bound in memory; a larger cache goes to a temporary file",
     )
     return parser.parse_args(argv, namespace=WorkerSettings())
 
