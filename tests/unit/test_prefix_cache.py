@@ -19,6 +19,7 @@ from layercard_service.models.loading import load_model
 from layercard_service.trainer.loop import LoopHooks, TrainingLoop
 from layercard_service.trainer.lora import LoraSettings, attach_lora
 from layercard_service.trainer.prefix_cache import PrefixCacheSettings, build_prefix_cache
+from layercard_service.trainer.prefix_pricing import price_cached_step
 
 VOCAB, PAD = 300, 2
 LENGTHS = (12, 7, 10, 5, 9, 12, 8)
@@ -164,3 +165,14 @@ def test_a_training_loop_with_the_cache_matches_the_uncached_loop_step_for_step(
     for name, param in plain.named.items():
         torch.testing.assert_close(cached.named[name], param, rtol=1e-4, atol=1e-6, msg=name)
     assert cached.measured_peak_memory_bytes == plain.measured_peak_memory_bytes + report.bytes
+
+
+def test_the_pricing_takes_the_prefix_forward_off_each_step_and_charges_it_once_per_batch():
+    figures = dict(examples=10, batch_size=4, tokens=400, hidden_size=64, bytes_per_value=4)
+    cost = price_cached_step((2, 3), [1.0, 2.0, 3.0, 4.0], 20.0, 1000, **figures)
+    assert (cost.cached_blocks, cost.step_seconds, cost.build_seconds) == (2, 17.0, 9.0)  # 3 batches x (1 + 2) s
+    assert cost.cache_bytes == 400 * 64 * 4 and not cost.on_disk and cost.peak_bytes == 1000 + cost.cache_bytes
+    assert cost.total_seconds(5) == 9.0 + 5 * 17.0 and cost.break_even_steps(20.0) == 3.0
+    spilled = price_cached_step((2,), [1.0, 2.0, 3.0], 20.0, 1000, **figures, max_memory_bytes=1024)
+    assert spilled.on_disk and spilled.peak_bytes == 1000
+    assert price_cached_step((0, 3), [1.0] * 4, 20.0, 1000, **figures) is None  # nothing below block 0

@@ -42,10 +42,10 @@ from layercard_service.card_engine.arch import find_blocks
 from layercard_service.card_engine.tokens import block_input
 from layercard_service.data.encode import EncodedExample, collate
 from layercard_service.models.head import head_plan, labelled_logits, unwrap
+from layercard_service.trainer.prefix_pricing import DEFAULT_MAX_MEMORY_BYTES
 
 __all__ = ["PrefixCache", "PrefixCacheReport", "PrefixCacheSettings", "build_prefix_cache", "lowest_adapted_block"]
 
-DEFAULT_MAX_MEMORY_BYTES = 1 << 30
 # Config fields that only matter for heads the causal LM does not use.
 _UNUSED_DROPOUTS = ("classifier_dropout", "summary_first_dropout", "summary_dropout")
 _CHECK_RTOL = {torch.float32: 1e-3, torch.float64: 1e-6}  # other dtypes (bf16, fp16): 5e-2

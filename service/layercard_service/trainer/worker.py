@@ -49,6 +49,7 @@ from layercard_service.runners.worker_reports import (
     WorkerJob,
 )
 from layercard_service.trainer.checkpoint_dirs import latest_step
+from layercard_service.trainer.prefix_pricing import DEFAULT_MAX_MEMORY_BYTES
 from layercard_service.trainer.reporter import CredentialRefused, GrpcChannel, JobChannel, Reporter, ServiceLost
 
 __all__ = [
@@ -356,7 +357,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     parser.add_argument(
         "--prefix-cache-memory-bytes",
         type=int,
-        default=1 << 30,
+        default=DEFAULT_MAX_MEMORY_BYTES,
         help="the frozen-prefix cache's bound in memory; a larger cache goes to a temporary file",
     )
     return parser.parse_args(argv, namespace=WorkerSettings())
