@@ -131,6 +131,16 @@ def test_the_cache_is_off_with_the_reason_where_it_could_not_be_exact(family, kw
     assert torch.equal(torch.get_rng_state(), rng)  # the training's dropout masks do not depend on the attempt
 
 
+def test_a_run_that_sees_each_example_once_leaves_it_off_unless_asked():
+    model, examples = _model("llama"), _examples()  # 7 examples: 2 batches of 4 an epoch
+    cache, report = build_prefix_cache(model, examples, PAD, 4, PrefixCacheSettings(), total_steps=2)
+    assert cache is None and "at most once" in report.reason
+    cache, report = build_prefix_cache(model, examples, PAD, 4, PrefixCacheSettings(), total_steps=3)
+    assert cache is not None and report.enabled
+    forced = PrefixCacheSettings(only_when_it_pays=False)
+    assert build_prefix_cache(model, examples, PAD, 4, forced, total_steps=1)[1].enabled
+
+
 def test_a_trainable_parameter_below_the_lowest_adapted_block_turns_it_off():
     model = _model("llama")
     model.get_base_model().model.embed_tokens.weight.requires_grad_(True)
@@ -176,3 +186,5 @@ def test_the_pricing_takes_the_prefix_forward_off_each_step_and_charges_it_once_
     spilled = price_cached_step((2,), [1.0, 2.0, 3.0], 20.0, 1000, **figures, max_memory_bytes=1024)
     assert spilled.on_disk and spilled.peak_bytes == 1000
     assert price_cached_step((0, 3), [1.0] * 4, 20.0, 1000, **figures) is None  # nothing below block 0
+    assert price_cached_step((2,), [1.0] * 4, 20.0, 1000, **figures, steps=3) is None  # one epoch (3 batches)
+    assert price_cached_step((2,), [1.0] * 4, 20.0, 1000, **figures, steps=4) is not None

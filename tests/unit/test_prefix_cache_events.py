@@ -34,6 +34,7 @@ def one_thread():
 
 
 def _events(tmp_path, layers: tuple[int, ...], prefix_cache: bool = True) -> list:
+    """The job's events, as WatchTuningJob sends them: 3 steps over 2 batches a epoch, so the cache pays."""
     store = JobStore(tmp_path / "state.db")
     DatasetArtifacts(tmp_path / "artifacts").put(TRAIN)
     spec = JobSpec(
@@ -41,7 +42,7 @@ def _events(tmp_path, layers: tuple[int, ...], prefix_cache: bool = True) -> lis
         training_data=DatasetRequest(inline_sha256=hashlib.sha256(TRAIN).hexdigest(), inline_size_bytes=len(TRAIN)),
         validation_data=None,
         placement=PlacementSpec(layers=layers, rank=4, alpha=8.0),
-        hyperparameters=Hyperparameters(steps=2, batch_size=8, max_seq_len=32, prefix_cache=prefix_cache),
+        hyperparameters=Hyperparameters(steps=3, batch_size=8, max_seq_len=32, prefix_cache=prefix_cache),
         adapter_id="bot",
     )
     try:

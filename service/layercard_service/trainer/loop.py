@@ -250,7 +250,7 @@ class TrainingLoop:
         self.model.train()
         if self.prefix_report is None:  # once per loop: the cache holds the frozen prefix's fixed output
             self.prefix_cache, self.prefix_report = build_prefix_cache(
-                self.model, self.train, self.pad_id, self.hp.batch_size, self.prefix_settings
+                self.model, self.train, self.pad_id, self.hp.batch_size, self.prefix_settings, total_steps
             )
             hooks.on_prefix_cache(self.prefix_report)
         while self.state.step < total_steps:

@@ -56,6 +56,9 @@ class PrefixCacheSettings:
     enabled: bool = True  # a job option; on by default wherever the cache is exact
     max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES  # beyond this the cache goes to disk
     spill_dir: Path | None = None  # where the on-disk cache goes; None: a temporary folder
+    # A run that sees each example at most once would pay for the building pass what it saves: off there
+    # (False builds it anyway, e.g. to measure cached steps).
+    only_when_it_pays: bool = True
 
 
 @dataclass(frozen=True)
@@ -213,10 +216,21 @@ def build_prefix_cache(
     pad_id: int,
     batch_size: int,
     settings: PrefixCacheSettings,
+    total_steps: int | None = None,
 ) -> tuple[PrefixCache | None, PrefixCacheReport]:
-    """Builds the cache for ``encoded`` (the training set) when it can be exact; else (None, why not)."""
+    """Builds the cache for ``encoded`` (the training set) when it can be exact; else (None, why not).
+
+    ``total_steps``: the run's length, to leave the cache off where it cannot pay (None: build it regardless).
+    """
     if not settings.enabled:
         return None, PrefixCacheReport(False, "turned off in the job's hyperparameters (prefix_cache = false)")
+    batches = math.ceil(len(encoded) / batch_size)
+    if settings.only_when_it_pays and total_steps is not None and total_steps <= batches:
+        return None, PrefixCacheReport(
+            False,
+            f"the run's {total_steps} steps see each example at most once: building the cache ({batches} "
+            "batches of the frozen blocks' forward) would cost what it saves",
+        )
     blocks = _blocks(model)
     low = lowest_adapted_block(model)
     reason = _why_not(model, blocks, low)
@@ -289,7 +303,7 @@ def build_prefix_cache(
     mismatch = _check(model, cache, encoded[:batch_size], pad_id)
     if mismatch:
         return None, PrefixCacheReport(False, mismatch)
-    per_batch = build_seconds / max(1, math.ceil(len(encoded) / batch_size))
+    per_batch = build_seconds / max(1, batches)
     return cache, PrefixCacheReport(
         True,
         cached_blocks=low,

@@ -58,8 +58,11 @@ def price_cached_step(
     hidden_size: int,
     bytes_per_value: int,
     max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
+    steps: int | None = None,
 ) -> CachedCost | None:
-    """The cached cost of adapting ``layers``, from the uncached step's figures; None when nothing is cached.
+    """The cached cost of adapting ``layers``, from the uncached step's figures; None when the trainer would not
+    cache (no block below the lowest adapted one; or, given the run's ``steps``, a run of at most one epoch,
+    where the building pass would cost what it saves).
 
     ``forward_nograd_seconds[i]``: block i's forward without an adapter and without a graph, for one batch (the
     cost model's "below the lowest adapted block" regime). ``tokens``: the training set's real tokens.
@@ -67,7 +70,8 @@ def price_cached_step(
     if not layers:
         return None
     low = min(layers)
-    if low == 0:
+    batches = math.ceil(examples / batch_size)
+    if low == 0 or (steps is not None and steps <= batches):
         return None
     prefix = sum(forward_nograd_seconds[:low])
     size = cache_bytes(tokens, hidden_size, bytes_per_value)
@@ -75,7 +79,7 @@ def price_cached_step(
     return CachedCost(
         cached_blocks=low,
         step_seconds=max(0.0, uncached_step_seconds - prefix),
-        build_seconds=math.ceil(examples / batch_size) * prefix,
+        build_seconds=batches * prefix,
         cache_bytes=size,
         on_disk=on_disk,
         peak_bytes=uncached_peak_bytes + (0 if on_disk else size),
