@@ -12,10 +12,12 @@ from layercard_service.card_engine.arch import detect_layout
 from layercard_service.card_engine.probe import attach_lora as probe_attach_lora
 from layercard_service.card_engine.probe import run_probe
 from layercard_service.data.jsonl import Example
+from layercard_service.domain.jobs import Hyperparameters
 from layercard_service.models.builtin import builtin_model_path
 from layercard_service.models.head import TrainingObjective, completion_loss, head_plan, training_loss
 from layercard_service.models.loading import load_model
 from layercard_service.trainer.evaluate import mean_completion_loss
+from layercard_service.trainer.loop import TrainingLoop
 from layercard_service.trainer.lora import LoraSettings, TrainConfig, attach_lora, train_lora
 
 VOCAB, PAD = 300, 2
@@ -133,6 +135,11 @@ def test_training_evaluation_and_the_probe_apply_the_head_to_completion_position
         counter.rows.clear()
         train_lora(peft_model, tokenizer, EXAMPLES, TrainConfig(steps=1, batch_size=4, warmup_steps=0))
         assert counter.rows == [completion_tokens]  # the whole set is the one batch
+
+        counter.rows.clear()
+        hp = Hyperparameters(steps=1, batch_size=4, warmup_steps=0, checkpoint_interval=0)
+        TrainingLoop(peft_model, tokenizer, EXAMPLES, (), hp).run(1)  # a tuning job's loop
+        assert counter.rows == [completion_tokens]
     finally:
         counter.handle.remove()
         peft_model.unload()

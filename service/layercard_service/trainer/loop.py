@@ -10,6 +10,10 @@ prediction on any device: frozen weight bytes + the bytes autograd saves for bac
 saved-tensor hooks, largest step) + 4x the adapter's bytes (weights, gradients, Adam's two moments).
 Measured step time is the median wall time of a step (forward, backward, optimizer) after warm-up.
 
+Steps take the loss with the LM head at the labelled positions only (``models/head.py``) and, where that is
+exact, start from the frozen prefix's cached output (``prefix_cache.py``, built at the start of each run and
+counted in its training time); batches and padding are the same either way.
+
 Early stopping ends training with the current weights (those of the last evaluation), not the best ones. An
 evaluation counts as an improvement only when its loss falls below the best by more than
 max(early_stopping_min_delta, early_stopping_min_delta_rel * |best|) (defaults 1e-4 and 1e-3).
@@ -252,6 +256,7 @@ class TrainingLoop:
             self.prefix_cache, self.prefix_report = build_prefix_cache(
                 self.model, self.train, self.pad_id, self.hp.batch_size, self.prefix_settings, total_steps
             )
+            self.state.train_seconds += self.prefix_report.build_seconds  # a cost of this run's training
             hooks.on_prefix_cache(self.prefix_report)
         while self.state.step < total_steps:
             if hooks.should_stop():

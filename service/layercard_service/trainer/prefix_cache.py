@@ -122,9 +122,9 @@ def _why_not(model: nn.Module, blocks: nn.ModuleList, low: int | None) -> str:
         random_field = "drop" in key or "jitter" in key  # dropout, resid_pdrop, layerdrop, router jitter
         if random_field and key not in _UNUSED_DROPOUTS and isinstance(value, (int, float)) and value > 0:
             return f"the model's config sets {key}={value}: training draws random numbers in the frozen blocks"
-    lower = {id(m) for block in blocks[low:] for m in block.modules()}
+    adapted = {id(m) for block in blocks[low:] for m in block.modules()}
     for name, module in hf.named_modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0 and id(module) not in lower:
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0 and id(module) not in adapted:
             return f"{name} is a dropout (p={module.p}) outside the adapted blocks"
     return ""
 
@@ -290,6 +290,9 @@ def build_prefix_cache(
         for index in range(low):
             if isinstance(forms[index], str):
                 return None, PrefixCacheReport(False, forms[index] or f"block {index} was not called")
+    except Exception as exc:  # a model whose prefix cannot run alone: train uncached rather than fail the job
+        _set_rng_state(device, rng)
+        return None, PrefixCacheReport(False, f"the building pass failed: {type(exc).__name__}: {exc}")
     finally:
         for handle in handles:
             handle.remove()
