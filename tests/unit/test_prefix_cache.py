@@ -188,3 +188,26 @@ def test_the_pricing_takes_the_prefix_forward_off_each_step_and_charges_it_once_
     assert price_cached_step((0, 3), [1.0] * 4, 20.0, 1000, **figures) is None  # nothing below block 0
     assert price_cached_step((2,), [1.0] * 4, 20.0, 1000, **figures, steps=3) is None  # one epoch (3 batches)
     assert price_cached_step((2,), [1.0] * 4, 20.0, 1000, **figures, steps=4) is not None
+
+
+def test_on_the_real_model_the_cached_head_only_step_equals_the_models_own_loss(smollm2_path):
+    """SmolLM2: tied embeddings, GQA 9/3, a chat template; the cache and the head saving together, against the
+    model's own full forward with labels."""
+    from layercard_service.data.encode import encode_examples
+
+    model, tokenizer = load_model(smollm2_path, "cpu")
+    torch.manual_seed(0)
+    peft_model = attach_lora(model, LoraSettings(rank=2, target_modules=("q_proj", "v_proj"), layers=(29,))).train()
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.01)
+    examples = encode_examples(tokenizer, get_task("builtin:facts").train[:4])
+    cache, report = build_prefix_cache(peft_model, examples, tokenizer.pad_token_id, 4, PrefixCacheSettings())
+    assert cache is not None and report.cached_blocks == 29, report.reason
+    batch = collate(examples, tokenizer.pad_token_id)
+    peft_model.zero_grad(set_to_none=True)
+    own = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    own.loss.backward()
+    expected = own.loss.detach(), {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    _assert_same(_loss_and_grads(peft_model, batch, cache, examples), expected)
