@@ -131,6 +131,21 @@ def test_the_cache_is_off_with_the_reason_where_it_could_not_be_exact(family, kw
     assert torch.equal(torch.get_rng_state(), rng)  # the training's dropout masks do not depend on the attempt
 
 
+def test_a_building_pass_that_fails_leaves_it_off_and_the_job_trains_uncached():
+    model = _model("llama")
+    block = model.get_base_model().model.layers[0]
+    own = block.forward
+
+    def broken(*args, **kwargs):  # fails in the building pass only (no grad, train mode)
+        if block.training and not torch.is_grad_enabled():
+            raise RuntimeError("this block cannot run alone")
+        return own(*args, **kwargs)
+
+    block.forward = broken
+    cache, report = build_prefix_cache(model, _examples(), PAD, 4, PrefixCacheSettings())
+    assert cache is None and "building pass failed: RuntimeError: this block cannot run alone" in report.reason
+
+
 def test_a_run_that_sees_each_example_once_leaves_it_off_unless_asked():
     model, examples = _model("llama"), _examples()  # 7 examples: 2 batches of 4 an epoch
     cache, report = build_prefix_cache(model, examples, PAD, 4, PrefixCacheSettings(), total_steps=2)
