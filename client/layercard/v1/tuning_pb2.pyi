@@ -43,7 +43,7 @@ LEARNING_RATE_SCHEDULE_LINEAR: LearningRateSchedule
 LEARNING_RATE_SCHEDULE_COSINE: LearningRateSchedule
 
 class Hyperparameters(_message.Message):
-    __slots__ = ("steps", "epochs", "learning_rate", "schedule", "warmup_steps", "batch_size", "lora", "seed", "eval_interval", "early_stopping_patience", "checkpoint_interval", "max_seq_len", "early_stopping_min_delta", "early_stopping_min_delta_relative")
+    __slots__ = ("steps", "epochs", "learning_rate", "schedule", "warmup_steps", "batch_size", "lora", "seed", "eval_interval", "early_stopping_patience", "checkpoint_interval", "max_seq_len", "early_stopping_min_delta", "early_stopping_min_delta_relative", "prefix_cache")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class Hyperparameters(_message.Message):
     MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     EARLY_STOPPING_MIN_DELTA_FIELD_NUMBER: _ClassVar[int]
     EARLY_STOPPING_MIN_DELTA_RELATIVE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     steps: int
     epochs: float
     learning_rate: float
@@ -72,7 +73,8 @@ class Hyperparameters(_message.Message):
     max_seq_len: int
     early_stopping_min_delta: float
     early_stopping_min_delta_relative: float
-    def __init__(self, steps: _Optional[int] = ..., epochs: _Optional[float] = ..., learning_rate: _Optional[float] = ..., schedule: _Optional[_Union[LearningRateSchedule, str]] = ..., warmup_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lora: _Optional[_Union[_common_pb2.LoraShape, _Mapping]] = ..., seed: _Optional[int] = ..., eval_interval: _Optional[int] = ..., early_stopping_patience: _Optional[int] = ..., checkpoint_interval: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., early_stopping_min_delta: _Optional[float] = ..., early_stopping_min_delta_relative: _Optional[float] = ...) -> None: ...
+    prefix_cache: bool
+    def __init__(self, steps: _Optional[int] = ..., epochs: _Optional[float] = ..., learning_rate: _Optional[float] = ..., schedule: _Optional[_Union[LearningRateSchedule, str]] = ..., warmup_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lora: _Optional[_Union[_common_pb2.LoraShape, _Mapping]] = ..., seed: _Optional[int] = ..., eval_interval: _Optional[int] = ..., early_stopping_patience: _Optional[int] = ..., checkpoint_interval: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., early_stopping_min_delta: _Optional[float] = ..., early_stopping_min_delta_relative: _Optional[float] = ..., prefix_cache: _Optional[bool] = ...) -> None: ...
 
 class ExplicitLayers(_message.Message):
     __slots__ = ("layers", "lora")
@@ -256,14 +258,37 @@ class Checkpoint(_message.Message):
     path: str
     def __init__(self, step: _Optional[int] = ..., path: _Optional[str] = ...) -> None: ...
 
+class PrefixCacheReport(_message.Message):
+    __slots__ = ("enabled", "reason", "cached_blocks", "examples", "tokens", "build_duration", "size_bytes", "on_disk", "saved_per_step")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BUILD_DURATION_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ON_DISK_FIELD_NUMBER: _ClassVar[int]
+    SAVED_PER_STEP_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    reason: str
+    cached_blocks: int
+    examples: int
+    tokens: int
+    build_duration: _duration_pb2.Duration
+    size_bytes: int
+    on_disk: bool
+    saved_per_step: _duration_pb2.Duration
+    def __init__(self, enabled: _Optional[bool] = ..., reason: _Optional[str] = ..., cached_blocks: _Optional[int] = ..., examples: _Optional[int] = ..., tokens: _Optional[int] = ..., build_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., size_bytes: _Optional[int] = ..., on_disk: _Optional[bool] = ..., saved_per_step: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
 class TuningJobEvent(_message.Message):
-    __slots__ = ("sequence", "time", "state_change", "step", "eval", "checkpoint", "message")
+    __slots__ = ("sequence", "time", "state_change", "step", "eval", "checkpoint", "prefix_cache", "message")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     STATE_CHANGE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     EVAL_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     time: _timestamp_pb2.Timestamp
@@ -271,5 +296,6 @@ class TuningJobEvent(_message.Message):
     step: StepMetrics
     eval: EvalMetrics
     checkpoint: Checkpoint
+    prefix_cache: PrefixCacheReport
     message: str
-    def __init__(self, sequence: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state_change: _Optional[_Union[TuningJobState, str]] = ..., step: _Optional[_Union[StepMetrics, _Mapping]] = ..., eval: _Optional[_Union[EvalMetrics, _Mapping]] = ..., checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., message: _Optional[str] = ...) -> None: ...
+    def __init__(self, sequence: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state_change: _Optional[_Union[TuningJobState, str]] = ..., step: _Optional[_Union[StepMetrics, _Mapping]] = ..., eval: _Optional[_Union[EvalMetrics, _Mapping]] = ..., checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., prefix_cache: _Optional[_Union[PrefixCacheReport, _Mapping]] = ..., message: _Optional[str] = ...) -> None: ...

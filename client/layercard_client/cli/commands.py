@@ -259,6 +259,8 @@ def _create_job(client: LayercardClient, args: argparse.Namespace, out: render.O
         checkpoint_interval=args.checkpoint_interval,
         max_seq_len=args.max_seq_len,
     )
+    if getattr(args, "no_prefix_cache", False):
+        hyper["prefix_cache"] = False  # an explicit false (the default is on wherever it is exact)
     fields: dict[str, Any] = _given(
         validation_data=_dataset(args.validation_dataset), tuning_job_id=args.job_id, request_id=args.request_id
     )
@@ -316,6 +318,8 @@ def _watch_job(client: LayercardClient, name: str, after: int | None, out: rende
                     progress.console.print(line, markup=False)
                 elif kind == "checkpoint":
                     progress.console.print(f"checkpoint at step {event.checkpoint.step}", markup=False)
+                elif kind == "prefix_cache":  # whether the frozen prefix is cached, and why not
+                    progress.console.print(event.message, markup=False)
         final_job = client.get_tuning_job(name)
         out.out.print(render.job_table(final_job))
         final = final_job.state

@@ -178,6 +178,11 @@ def _jobs(sub: argparse._SubParsersAction) -> None:
     )
     create.add_argument("--checkpoint-interval", type=int)
     create.add_argument("--max-seq-len", type=int)
+    create.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="do not cache the frozen blocks' hidden states (on by default wherever that is exact)",
+    )
     create.add_argument("--job-id", help="client-chosen job id")
     create.add_argument("--request-id", help="idempotency key (default: a fresh uuid4)")
     create.add_argument("--watch", action="store_true", help="then watch the job until it ends")

@@ -175,6 +175,7 @@ def _hyperparameters(message: tuning_pb2.Hyperparameters) -> HyperparameterReque
         ),
         checkpoint_interval=message.checkpoint_interval,
         max_seq_len=message.max_seq_len,
+        prefix_cache=message.prefix_cache if message.HasField("prefix_cache") else None,
     )
 
 
@@ -244,6 +245,7 @@ def _hyperparameters_to_proto(hp: Hyperparameters, placement: PlacementSpec) -> 
         early_stopping_min_delta_relative=hp.early_stopping_min_delta_rel,
         checkpoint_interval=hp.checkpoint_interval,
         max_seq_len=hp.max_seq_len,
+        prefix_cache=hp.prefix_cache,
     )
     if hp.epochs:
         message.epochs = hp.epochs
@@ -316,7 +318,24 @@ def event_to_proto(event: JobEvent) -> tuning_pb2.TuningJobEvent:
         message.eval.CopyFrom(_eval_to_proto(EvalSummary(p["step"], p["loss"], p["exact_match"], p["examples"])))
     elif event.kind == "checkpoint":
         message.checkpoint.CopyFrom(tuning_pb2.Checkpoint(step=p["step"], path=p["path"]))
-    return message  # "note": a message alone
+    elif event.kind == "note" and isinstance(p.get("prefix_cache"), dict):
+        message.prefix_cache.CopyFrom(_prefix_cache_to_proto(p["prefix_cache"]))
+    return message  # any other "note": a message alone
+
+
+def _prefix_cache_to_proto(p: dict) -> tuning_pb2.PrefixCacheReport:
+    report = tuning_pb2.PrefixCacheReport(
+        enabled=bool(p.get("enabled")),
+        reason=str(p.get("reason", "")),
+        cached_blocks=int(p.get("cached_blocks", 0)),
+        examples=int(p.get("examples", 0)),
+        tokens=int(p.get("tokens", 0)),
+        size_bytes=int(p.get("bytes", 0)),
+        on_disk=bool(p.get("on_disk")),
+    )
+    report.build_duration.FromNanoseconds(int(float(p.get("build_seconds", 0.0)) * 1e9))
+    report.saved_per_step.FromNanoseconds(int(float(p.get("saved_seconds_per_step", 0.0)) * 1e9))
+    return report
 
 
 class TuningServicer(tuning_pb2_grpc.TuningServiceServicer):

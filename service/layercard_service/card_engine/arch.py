@@ -13,7 +13,7 @@ from torch import nn
 
 from layercard_service.errors import FailedPrecondition, InvalidArgument
 
-__all__ = ["ModelLayout", "detect_layout", "linear_shape"]
+__all__ = ["ModelLayout", "detect_layout", "find_blocks", "linear_shape"]
 
 # Known homes of the block list, tried first; anything else falls back to the largest ModuleList of one class.
 _BLOCK_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.blocks")
@@ -96,6 +96,11 @@ def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             metadata={"architecture": type(model).__name__, "missing": "blocks"},
         )
     return best
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(dotted path, the block list) of any causal LM, LoRA-wrapped or not (the trainer's prefix cache)."""
+    return _find_blocks(model)
 
 
 def detect_layout(model: nn.Module) -> ModelLayout:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from layercard_service.card_engine.probe import ADAPTER, ModuleKey
-from layercard_service.data.encode import IGNORE_INDEX
+from layercard_service.models.head import labelled_logits
 
 __all__ = ["token_loglik", "finite_difference", "directional_jvp", "cosine_matrix"]
 
@@ -26,12 +26,10 @@ FD_LOSS_CHANGE = 3e-3
 
 def token_loglik(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Log-likelihood of each completion token of ``batch`` [n_completion_tokens], float64."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1]
-    targets = batch["labels"][:, 1:]  # [B, T-1]
-    keep = targets != IGNORE_INDEX
-    logp = torch.log_softmax(logits.float(), dim=-1)  # [B, T-1, V]
-    picked = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
-    return picked[keep].double()
+    # [N, V], [N]: the head only at the positions whose next token is a completion token
+    logits, targets = labelled_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    logp = torch.log_softmax(logits, dim=-1)  # [N, V]
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double()
 
 
 def _set_b(lora: dict[ModuleKey, nn.Module], values: dict[ModuleKey, torch.Tensor] | None) -> None:

@@ -16,7 +16,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from layercard_service.card_engine.probe import ADAPTER, ModuleKey
-from layercard_service.data.encode import IGNORE_INDEX
+from layercard_service.models.head import completion_loss
 
 __all__ = ["DEFAULT_LEARNING_RATE", "layer_gains", "split_batches"]
 
@@ -31,15 +31,7 @@ def split_batches(batches: Sequence[dict[str, torch.Tensor]]) -> tuple[list[dict
 
 def _loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean completion-token cross-entropy of one batch, as the probe pass computes it."""
-    logits = (
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        .logits[:, :-1]
-        .float()
-    )
-    targets = batch["labels"][:, 1:]  # position t predicts token t+1
-    return nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
-    )
+    return completion_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
 
 
 @torch.no_grad()

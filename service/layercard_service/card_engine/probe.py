@@ -22,6 +22,7 @@ from layercard_service.card_engine.arch import ModelLayout
 from layercard_service.card_engine.tokens import block_input, real_token_rows
 from layercard_service.data.encode import IGNORE_INDEX
 from layercard_service.errors import FailedPrecondition
+from layercard_service.models.head import completion_loss, head_plan
 
 __all__ = ["ModuleKey", "ModuleProbe", "ProbeResult", "attach_lora", "lora_modules", "module_type", "run_probe"]
 
@@ -169,17 +170,16 @@ def run_probe(
 
         return hook
 
+    head_plan(peft_model)  # its one-time check runs a forward of its own: before the hooks go on
     handles = [layer.lora_A[ADAPTER].register_forward_hook(feature_hook(key)) for key, layer in modules.items()]
     handles += [b.register_forward_pre_hook(stream_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
     loss_sum, tokens, examples, seq_len = 0.0, 0, 0, 0
     try:
         for i, (batch, half) in enumerate(zip(batches, halves)):
             mask_holder["mask"] = batch["attention_mask"].bool()
-            out = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-            logits = out.logits[:, :-1].float()  # [B, T-1, V]: position t predicts token t+1
-            targets = batch["labels"][:, 1:]  # [B, T-1]
-            token_loss = nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            # Summed over the completion tokens, the head computed at their positions only.
+            token_loss = completion_loss(
+                peft_model, batch["input_ids"], batch["attention_mask"], batch["labels"], reduction="sum"
             )
             # Mean over the batch's half of the probe: G¹ and G² are gradients of the two halves' mean losses.
             (token_loss / max(half_tokens[half], 1)).backward()

@@ -79,6 +79,7 @@ class HyperparameterRequest:
     early_stopping_min_delta_relative: float | None = None
     checkpoint_interval: int = 0
     max_seq_len: int = 0
+    prefix_cache: bool | None = None  # None: the default (on wherever it is exact)
 
 
 @dataclass(frozen=True)
@@ -441,5 +442,6 @@ def _hyperparameters(
         **min_deltas,
         checkpoint_interval=raw.checkpoint_interval or 50,
         max_seq_len=max_seq_len,
+        prefix_cache=True if raw.prefix_cache is None else raw.prefix_cache,
     )
     return hp, steps

@@ -258,6 +258,9 @@ class Hyperparameters:
     early_stopping_min_delta_rel: float = 1e-3
     checkpoint_interval: int = 50
     max_seq_len: int = 256
+    # Cache the hidden states entering the lowest adapted block (trainer/prefix_cache.py): on wherever it is
+    # exact, which the job's events report; False turns it off.
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         for name in ("early_stopping_min_delta", "early_stopping_min_delta_rel"):

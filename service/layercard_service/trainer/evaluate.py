@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.nn import functional
 
 from layercard_service.data.encode import IGNORE_INDEX, EncodeConfig, collate, encode_examples, prompt_ids
 from layercard_service.data.jsonl import Example
 from layercard_service.data.task_base import exact_match
 from layercard_service.errors import InvalidArgument
+from layercard_service.models.head import completion_loss
 
 __all__ = ["EvalResult", "evaluate", "exact_match_rate", "greedy_completions", "mean_completion_loss"]
 
@@ -54,15 +54,10 @@ def mean_completion_loss(
     device = next(model.parameters()).device
     for start in range(0, len(encoded), batch_size):
         batch = {k: v.to(device) for k, v in collate(encoded[start : start + batch_size], _pad_id(tokenizer)).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
-        # Position t predicts token t+1: drop the last logit and the first label.
-        logits = logits[:, :-1].float()  # [B, T-1, V]
-        labels = batch["labels"][:, 1:]  # [B, T-1]
-        loss = functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
+        # Position t predicts token t+1; the head runs only where that token is labelled.
+        loss = completion_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], reduction="sum")
         total += float(loss)
-        count += int((labels != IGNORE_INDEX).sum())
+        count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     return total / count, count
 
 

@@ -12,6 +12,9 @@ Measured step time is the median wall time of a step (forward, backward, optimiz
 
 Data-parallel (``dist``, trainer/distributed.py): every rank draws the same global batch and trains on its shard;
 the loss is the global batch's token mean and the gradients are summed over the ranks, so N processes step as one.
+Steps take the loss with the LM head at the labelled positions only (``models/head.py``) and, where that is
+exact, start from the frozen prefix's cached output (``prefix_cache.py``, built at the start of each run and
+counted in its training time); batches and padding are the same either way.
 
 Early stopping ends training with the current weights (those of the last evaluation), not the best ones. An
 evaluation counts as an improvement only when its loss falls below the best by more than
@@ -20,6 +23,8 @@ max(early_stopping_min_delta, early_stopping_min_delta_rel * |best|) (defaults 1
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import statistics
 import time
@@ -34,9 +39,16 @@ from layercard_service.data.encode import EncodeConfig, EncodedExample, collate,
 from layercard_service.data.jsonl import Example
 from layercard_service.domain.jobs import EvalSummary, Hyperparameters
 from layercard_service.errors import InvalidArgument
+from layercard_service.models.head import training_loss
 from layercard_service.trainer.checkpoint import load_latest, restore_rng, rng_state, save_checkpoint
 from layercard_service.trainer.distributed import SINGLE, DataParallel, shard_loss
 from layercard_service.trainer.evaluate import evaluate
+from layercard_service.trainer.prefix_cache import (
+    PrefixCache,
+    PrefixCacheReport,
+    PrefixCacheSettings,
+    build_prefix_cache,
+)
 from layercard_service.trainer.schedule import lr_factor
 
 __all__ = ["LoopHooks", "LoopState", "Outcome", "StepReport", "TrainingLoop", "WARMUP_STEPS_IGNORED"]
@@ -94,6 +106,7 @@ class LoopHooks:
     on_eval: Callable[[EvalSummary], None] = lambda summary: None
     on_checkpoint: Callable[[int, Path], None] = lambda step, path: None
     on_resume: Callable[[int], None] = lambda step: None
+    on_prefix_cache: Callable[[PrefixCacheReport], None] = lambda report: None
 
 
 class _SavedBytes:
@@ -132,6 +145,7 @@ class TrainingLoop:
         hp: Hyperparameters,
         checkpoint_root: Path | None = None,
         dist: DataParallel = SINGLE,
+        prefix_cache: PrefixCacheSettings | None = None,
     ) -> None:
         if len(train) < hp.batch_size:
             raise InvalidArgument(
@@ -152,6 +166,10 @@ class TrainingLoop:
         self.optimizer = torch.optim.AdamW(self.params, lr=hp.learning_rate, weight_decay=0.0)
         self.state = LoopState()
         self.batches_per_epoch = len(self.train) // hp.batch_size  # the ragged tail is dropped
+        settings = prefix_cache or PrefixCacheSettings()
+        self.prefix_settings = dataclasses.replace(settings, enabled=settings.enabled and hp.prefix_cache)
+        self.prefix_cache: PrefixCache | None = None
+        self.prefix_report: PrefixCacheReport | None = None  # set by the first run()
 
     # --- cost basis -------------------------------------------------------------------------------------
     @property
@@ -161,7 +179,9 @@ class TrainingLoop:
     @property
     def measured_peak_memory_bytes(self) -> int:
         frozen = sum(p.numel() * p.element_size() for p in self.model.parameters() if not p.requires_grad)
-        return frozen + self.state.peak_saved_bytes + 4 * self.adapter_bytes
+        report = self.prefix_report
+        cached = report.bytes if report is not None and report.enabled and not report.on_disk else 0
+        return frozen + self.state.peak_saved_bytes + 4 * self.adapter_bytes + cached
 
     # --- resume -----------------------------------------------------------------------------------------
     def resume(self) -> int:
@@ -248,6 +268,12 @@ class TrainingLoop:
         counter = _SavedBytes(self.model)
         batches = self._batches()
         self.model.train()
+        if self.prefix_report is None:  # once per loop: the cache holds the frozen prefix's fixed output
+            self.prefix_cache, self.prefix_report = build_prefix_cache(
+                self.model, self.train, self.pad_id, self.hp.batch_size, self.prefix_settings, total_steps
+            )
+            self.state.train_seconds += self.prefix_report.build_seconds  # a cost of this run's training
+            hooks.on_prefix_cache(self.prefix_report)
         while self.state.step < total_steps:
             if self.dist.any(hooks.should_stop()):  # rank 0 polls the service; all ranks stop at the same step
                 return Outcome("stopped", self.state)
@@ -290,12 +316,12 @@ class TrainingLoop:
         device = self.params[0].device
         batch = {k: v.to(device) for k, v in collate(examples, self.pad_id).items()}  # each [B, T]
         counter.reset()
-        with counter.hooks():
-            out = self.model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
-            )
+        cache = self.prefix_cache
+        feed = cache.feeding(examples, batch["input_ids"].shape[1]) if cache else contextlib.nullcontext()
+        with counter.hooks(), feed:
+            loss_tensor = training_loss(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         tokens = int(batch["attention_mask"].sum())  # every real token the step processed, prompt included
-        loss, value, tokens = shard_loss(self.dist, out.loss, batch["labels"], tokens)  # the global batch's
+        loss, value, tokens = shard_loss(self.dist, loss_tensor, batch["labels"], tokens)  # the global batch's
         self.optimizer.zero_grad(set_to_none=True)
         if loss is not None:
             loss.backward()

@@ -23,6 +23,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from layercard_service.data.encode import EncodeConfig, EncodedExample, collate, encode_examples
 from layercard_service.data.jsonl import Example
 from layercard_service.errors import InvalidArgument
+from layercard_service.models.head import training_loss
 
 __all__ = [
     "ALL_LINEAR_MODULES",
@@ -198,9 +199,10 @@ def train_lora(
             break
         t0 = time.perf_counter()
         batch = collate(next(batches), pad_id)  # input_ids, attention_mask, labels: [B, T]
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        # Mean over the batch's completion tokens (labels != -100), the head computed at those positions only.
+        loss = training_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()  # out.loss: mean over the batch's completion tokens (labels != -100)
+        loss.backward()
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         lr = optimizer.param_groups[0]["lr"]
@@ -208,7 +210,7 @@ def train_lora(
         scheduler.step()
         metrics = StepMetrics(
             step + 1,
-            float(out.loss.detach()),
+            float(loss.detach()),
             lr,
             time.perf_counter() - t0,
             int((batch["labels"][:, 1:] != -100).sum()),

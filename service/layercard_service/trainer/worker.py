@@ -53,6 +53,7 @@ from layercard_service.runners.worker_reports import (
 )
 from layercard_service.trainer.checkpoint_dirs import latest_step
 from layercard_service.trainer.distributed import SINGLE, DataParallel, PeerLost
+from layercard_service.trainer.prefix_pricing import DEFAULT_MAX_MEMORY_BYTES
 from layercard_service.trainer.reporter import CredentialRefused, GrpcChannel, JobChannel, Reporter, ServiceLost
 
 __all__ = [
@@ -93,6 +94,7 @@ class WorkerSettings(argparse.Namespace):
     service_ca_file: Path | None
     service_server_name: str
     service_lost_seconds: float
+    prefix_cache_memory_bytes: int
 
 
 UNREPORTED_FILE = "unreported_events.json"  # beside a checkpoint: its run's events the service had not recorded
@@ -269,6 +271,7 @@ def _train(events: Reporter | None, job_id: str, job: WorkerJob, settings: Worke
     from layercard_service.trainer.artifact import stage_adapter
     from layercard_service.trainer.loop import LoopHooks, StepReport, TrainingLoop
     from layercard_service.trainer.lora import LoraSettings, attach_lora
+    from layercard_service.trainer.prefix_cache import PrefixCacheReport, PrefixCacheSettings
 
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
@@ -286,7 +289,10 @@ def _train(events: Reporter | None, job_id: str, job: WorkerJob, settings: Worke
     torch.manual_seed(spec.hyperparameters.seed)  # the adapter's initialisation is part of what the seed fixes
     peft_model = attach_lora(model, lora)
     checkpoints = artifacts / "checkpoints" / job_id
-    loop = TrainingLoop(peft_model, tokenizer, data.examples, validation, spec.hyperparameters, checkpoints, dp)
+    cache = PrefixCacheSettings(max_memory_bytes=settings.prefix_cache_memory_bytes)
+    loop = TrainingLoop(
+        peft_model, tokenizer, data.examples, validation, spec.hyperparameters, checkpoints, dp, prefix_cache=cache
+    )
     resumed = loop.resume()
     if events is None:  # a follower: the same training, collectives and all, with nothing reported
         loop.base_eval()
@@ -341,11 +347,15 @@ def _train(events: Reporter | None, job_id: str, job: WorkerJob, settings: Worke
             events.add(NewEvent("checkpoint", {"step": step, "path": str(path)}), urgent=True)
         _keep_unreported(path, events.unreported())
 
+    def on_prefix_cache(report: PrefixCacheReport) -> None:  # once per run: a resumed run builds it again
+        events.add(NewEvent("note", {"prefix_cache": report.to_payload()}, report.message()), urgent=True)
+
     hooks = LoopHooks(
         should_stop=lambda: events.state() != JobState.RUNNING,
         on_step=on_step,
         on_eval=on_eval,
         on_checkpoint=on_checkpoint,
+        on_prefix_cache=on_prefix_cache,
     )
     outcome = loop.run(job.total_steps, hooks)
     if outcome.reason == "stopped":
@@ -410,6 +420,12 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     parser.add_argument("--service-server-name", default="", help="the name the service's certificate holds")
     parser.add_argument(
         "--service-lost-seconds", type=float, default=300.0, help="unreachable this long: exit, the job resumes"
+    )
+    parser.add_argument(
+        "--prefix-cache-memory-bytes",
+        type=int,
+        default=DEFAULT_MAX_MEMORY_BYTES,
+        help="the frozen-prefix cache's bound in memory; a larger cache goes to a temporary file",
     )
     return parser.parse_args(argv, namespace=WorkerSettings())
 
