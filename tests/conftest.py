@@ -34,3 +34,15 @@ def smollm2_path():
     from layercard_service.models.builtin import builtin_model_path
 
     return builtin_model_path("builtin:smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's in-process training, as a worker on a busy machine has: oversubscribed
+    threads stall every step, and the data-parallel ranks each run one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

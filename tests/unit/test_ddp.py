@@ -30,13 +30,7 @@ from layercard_service.trainer.reporter import InProcessChannel
 TOLERANCE = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The one-process runs happen here: one torch thread, as each spawned rank has."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_two_processes_train_the_adapter_one_process_trains(tmp_path):

@@ -24,12 +24,7 @@ VOCAB, PAD = 300, 2
 LENGTHS, LABELLED = (12, 7, 10), 4  # right-padded rows; the last 4 tokens of each carry labels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

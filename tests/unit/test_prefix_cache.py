@@ -25,12 +25,7 @@ VOCAB, PAD = 300, 2
 LENGTHS = (12, 7, 10, 5, 9, 12, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _examples() -> list[EncodedExample]:

@@ -8,7 +8,6 @@ import hashlib
 import json
 
 import pytest
-import torch
 from support.fakes import RecordingRunner
 
 from layercard.v1 import common_pb2, tuning_pb2
@@ -25,12 +24,7 @@ from layercard_service.trainer.reporter import InProcessChannel
 TRAIN = "".join(json.dumps({"prompt": f"say {i}", "completion": f" {i}"}) + "\n" for i in range(16)).encode()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _events(tmp_path, layers: tuple[int, ...], prefix_cache: bool = True) -> list:

@@ -24,13 +24,7 @@ TASK = get_task("builtin:cipher")
 TRAIN, VALIDATION = TASK.train[:256], TASK.validation[:16]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """As the service's workers on a busy machine: oversubscribed torch threads stall every step."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _loop(hp: Hyperparameters, checkpoint_root=None, layers=(5, 6, 7), dropout=0.1) -> TrainingLoop:

@@ -10,7 +10,6 @@ import json
 import sqlite3
 
 import pytest
-import torch
 
 from layercard_service.data.sources import DatasetRequest
 from layercard_service.domain.jobs import Hyperparameters, JobSpec, JobState, PlacementSpec
@@ -25,13 +24,7 @@ TRAIN = "".join(json.dumps({"prompt": f"say {i}", "completion": f" {i}"}) + "\n"
 TRAIN_SHA256 = hashlib.sha256(TRAIN).hexdigest()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """As the service's workers on a busy machine: oversubscribed torch threads stall every step."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _spec(**placement) -> JobSpec:

@@ -1,0 +1,185 @@
+"""Can the planner trust the card's cost figures, and how much cheaper does training get above the lowest block?
+
+On ``builtin:tiny`` and on the real model (``builtin:smollm2-135m``), task ``builtin:facts`` or the cipher:
+1. the card's own held-out check: its step-time (and memory) prediction error on random layer sets it did not fit;
+2. stability: the same card computed twice, plans at several budgets compared (layers, predicted step time);
+3. training above the lowest adapted block on the real model, interleaved and repeated, medians: full-layer LoRA,
+   the top quarter of the blocks without and with the frozen-prefix cache (the head computed only at labelled
+   positions in every run, so the ratio isolates what the placement and the cache save);
+4. exactness: the cached loss against the uncached one on the same batches;
+5. data parallel: the adapter of 2 gloo processes against 1 process with the same global batch;
+6. the card's time and peak memory against its floor (one LoRA forward+backward over the probe).
+
+    .venv/bin/python -m bench.cost_model        # writes bench/results/cost_model.json and cost_model.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import machine, version, write_results
+
+REAL = "builtin:smollm2-135m"
+TASK = "builtin:facts"
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.cost_model", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the step-time comparison")
+    parser.add_argument("--batch-size", type=int, default=16)
+    return parser.parse_args(argv)
+
+
+# --- 3 and 4: steps above the lowest adapted block, on the real model -------------------------------------------
+def step_fractions(rounds: int, batch_size: int) -> dict:
+    """Median step seconds of full-layer LoRA and of the top quarter without / with the prefix cache, A B C A B C."""
+    from layercard_service.data.encode import EncodeConfig, collate, encode_examples
+    from layercard_service.data.tasks import get_task
+    from layercard_service.models.builtin import builtin_model_path
+    from layercard_service.models.head import training_loss
+    from layercard_service.models.loading import load_model
+    from layercard_service.trainer.lora import LoraSettings, attach_lora
+    from layercard_service.trainer.prefix_cache import PrefixCacheSettings, build_prefix_cache
+
+    path = builtin_model_path(REAL)
+    _, tokenizer = load_model(path, "cpu")
+    encoded = encode_examples(tokenizer, get_task(TASK).train[: 4 * batch_size], EncodeConfig())
+    batches = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
+
+    def adapted(layers: tuple[int, ...] | None):
+        model, _ = load_model(path, "cpu")
+        torch.manual_seed(0)
+        peft_model = attach_lora(model, LoraSettings(rank=8, alpha=16.0, layers=layers))
+        peft_model.train()
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        return peft_model, torch.optim.AdamW(params, lr=1e-4)
+
+    full, full_opt = adapted(None)
+    blocks = full.get_base_model().config.num_hidden_layers
+    top = tuple(range(blocks - blocks // 4, blocks))
+    quarter, quarter_opt = adapted(top)
+    forced = PrefixCacheSettings(only_when_it_pays=False)  # a few steps here: the job would not build it
+    cache, report = build_prefix_cache(quarter, encoded, tokenizer.pad_token_id, batch_size, forced)
+    if cache is None:
+        raise RuntimeError(f"the prefix cache did not build on {REAL}: {report.reason}")
+
+    def loss(model, batch, cached: bool):
+        b = collate(batch, tokenizer.pad_token_id)
+        args = (b["input_ids"], b["attention_mask"], b["labels"])
+        if not cached:
+            return training_loss(model, *args)
+        with cache.feeding(batch, b["input_ids"].shape[1]):
+            return training_loss(model, *args)
+
+    def step(model, optimizer, batch, cached: bool) -> float:
+        start = time.perf_counter()
+        value = loss(model, batch, cached)
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        optimizer.step()
+        return time.perf_counter() - start
+
+    # Exactness first, before any optimizer step moves the weights: the same batches, cached and not.
+    with torch.no_grad():
+        diffs = [abs(float(loss(quarter, b, True)) - float(loss(quarter, b, False))) for b in batches]
+    runs = {
+        "full_layer": (full, full_opt, False),
+        "top_quarter_nocache": (quarter, quarter_opt, False),
+        "top_quarter_cache": (quarter, quarter_opt, True),
+    }
+    for model, optimizer, cached in runs.values():  # warm-up
+        step(model, optimizer, batches[0], cached)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(rounds):
+        batch = batches[r % len(batches)]
+        for name, (model, optimizer, cached) in runs.items():
+            times[name].append(step(model, optimizer, batch, cached))
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "top_layers": list(top),
+        "batch": [batch_size, max(len(e.input_ids) for e in encoded)],
+        "median_step_seconds": medians,
+        "step_seconds": times,
+        "top_quarter_step_fraction_real": medians["top_quarter_cache"] / medians["full_layer"],
+        "top_quarter_step_fraction_real_nocache": medians["top_quarter_nocache"] / medians["full_layer"],
+        "prefix_cache_max_loss_diff": max(diffs),
+        "prefix_cache": report.to_payload(),
+    }
+
+
+# --- 5: data parallel ---------------------------------------------------------------------------------------------
+def data_parallel() -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # tests/support as `support`
+    from support.ddp import ddp_max_param_diff
+
+    with tempfile.TemporaryDirectory(prefix="bench-ddp-") as work:
+        start = time.perf_counter()
+        diff = ddp_max_param_diff(Path(work))
+        return {"ddp_max_param_diff": diff, "seconds": time.perf_counter() - start}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
+    command = "python -m bench.cost_model " + " ".join(argv if argv is not None else sys.argv[1:])
+    info = machine(torch=torch.__version__, transformers=version("transformers"), torch_threads=torch.get_num_threads())
+    print("[steps] full-layer vs top quarter without / with the prefix cache, on the real model", flush=True)
+    steps = step_fractions(args.rounds, args.batch_size)
+    print("[ddp] 2 gloo processes vs 1", flush=True)
+    ddp = data_parallel()
+    headline = {
+        "top_quarter_step_fraction_real": steps["top_quarter_step_fraction_real"],
+        "top_quarter_step_fraction_real_nocache": steps["top_quarter_step_fraction_real_nocache"],
+        "prefix_cache_max_loss_diff": steps["prefix_cache_max_loss_diff"],
+        "ddp_max_param_diff": ddp["ddp_max_param_diff"],
+    }
+    result = {
+        "benchmark": "cost_model",
+        "command": command.strip(),
+        "machine": info,
+        "settings": vars(args),
+        "headline": headline,
+        "steps": steps,
+        "data_parallel": ddp,
+    }
+    write_results("cost_model", result, report(result))
+    return 0
+
+
+def report(result: dict) -> str:
+    h, steps, m = result["headline"], result["steps"], result["machine"]
+    med = steps["median_step_seconds"]
+    return "\n".join(
+        [
+            "# Cost model and cheaper training above the lowest adapted block",
+            "",
+            f"Machine: {m['cpu_model']}, {m['cores']} cores, {m['ram_gib']} GiB, torch {m['torch']}. "
+            f"Command: `{result['command']}`.",
+            "",
+            "| figure | value |",
+            "| --- | --- |",
+            f"| full-layer LoRA step on {REAL} (batch {steps['batch'][0]} x {steps['batch'][1]} tokens, head only "
+            f"at labelled positions) | {med['full_layer']:.2f} s |",
+            f"| top quarter (blocks {steps['top_layers'][0]}-{steps['top_layers'][-1]}), no cache / full-layer | "
+            f"{h['top_quarter_step_fraction_real_nocache']:.2f} ({med['top_quarter_nocache']:.2f} s) |",
+            f"| top quarter with the frozen-prefix cache / full-layer | {h['top_quarter_step_fraction_real']:.2f} "
+            f"({med['top_quarter_cache']:.2f} s) |",
+            f"| the cache's build: {steps['prefix_cache']['examples']} examples | "
+            f"{steps['prefix_cache']['build_seconds']:.2f} s, {steps['prefix_cache']['bytes'] / 2**20:.1f} MiB |",
+            f"| largest cached vs uncached loss difference | {h['prefix_cache_max_loss_diff']:.2e} nats |",
+            f"| data parallel: largest LoRA parameter difference, 2 gloo processes vs 1 | "
+            f"{h['ddp_max_param_diff']:.2e} |",
+            "",
+            f"Medians of {result['settings']['rounds']} interleaved rounds (A B C A B C), after one warm-up step each.",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
