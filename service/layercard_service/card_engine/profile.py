@@ -21,10 +21,10 @@ from torch import nn
 
 from layercard_service.card_engine.tokens import block_input
 
-__all__ = ["BlockProfile", "StepProfiler"]
+__all__ = ["BlockProfile", "StepProfiler", "sync"]
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -87,7 +87,7 @@ class StepProfiler:
             hidden = block_input(args, kwargs)
             if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
                 hidden.register_hook(lambda grad: self._mark(self._bwd_end, index))
-            _sync(self.device)
+            sync(self.device)
             self._current = index
             self._t0 = time.perf_counter()
 
@@ -97,7 +97,7 @@ class StepProfiler:
         def hook(module, args, kwargs, output):
             if not self._enabled:
                 return
-            _sync(self.device)
+            sync(self.device)
             self.profile.forward_seconds[index] += time.perf_counter() - self._t0
             self._current = None
             hidden = output[0] if isinstance(output, tuple) else output
@@ -107,7 +107,7 @@ class StepProfiler:
         return hook
 
     def _mark(self, table: dict[int, float], index: int) -> None:
-        _sync(self.device)
+        sync(self.device)
         table.setdefault(index, time.perf_counter())
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -146,13 +146,13 @@ class StepProfiler:
         self._bwd_end.clear()
         self._enabled = True
         try:
-            _sync(self.device)
+            sync(self.device)
             start = time.perf_counter()
             with self._saved_tensor_accounting():
                 loss = forward()
             if backward:
                 loss.backward()
-            _sync(self.device)
+            sync(self.device)
             end = time.perf_counter()
         finally:
             self._enabled = False

@@ -1,0 +1,262 @@
+"""Cost calibration that survives noise: real training steps of several placements, fitted, then checked on
+placements the fit never saw (METHOD.md, "Cost").
+
+One hooked step per block (the first calibration) was at the mercy of a noisy machine and of autograd's order of
+work: on a 30-block model its pass-through figures came out slower than adapted blocks. Here the per-block figures
+come from whole, hook-free steps of the trainer's shape (forward, backward, gradient clipping, AdamW), which is what
+a plan's step time promises. The model, per block ℓ and placement S with lowest block m = min S:
+
+    time(S) = fixed + Σ_ℓ N_ℓ + Σ_{ℓ ≥ m} G_ℓ + Σ_{ℓ ∈ S} X_ℓ
+
+- N_ℓ, the no-graph forward, is measured directly (a no-grad forward timed per block; forward timing is exact
+  with hooks, unlike backward). Every block pays it.
+- G_ℓ = g·w_ℓ: a block at or above m runs inside the backward graph (graph-building forward, gradient passing
+  through). w_ℓ is the block's share of the no-graph forward (1 for identical blocks).
+- X_ℓ = x·p_ℓ: an adapted block's extra (the adapter's forward, its weights' gradients, their AdamW update); p_ℓ is
+  the block's share of the adapter parameters.
+So pass-through costs N+G and adaptation N+G+X. fixed, g and x (all ≥ 0) are fitted by non-negative least squares
+on relative error to the medians of interleaved rounds over a few placements that exercise every regime (every
+block; block 0 alone, so everything above passes the gradient through; the top block alone, so everything below
+has no graph; the upper half; a middle block alone). A fitted figure at its bound is reported in the notes, with
+the value the unconstrained fit wanted: nothing is clipped silently. Then random placements, measured once each
+and interleaved with the rounds, give the held-out error (p50, p90) of step time and peak memory.
+
+Memory needs no fit: the bytes saved for backward are counted exactly, per block, in the same steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from layercard_service.card_engine.cost import CostModel, StepSample
+from layercard_service.domain.cards import CostCalibration, PlacementTiming
+
+__all__ = [
+    "FIT_ROUNDS",
+    "HELD_OUT_PLACEMENTS",
+    "StepSample",
+    "StepSource",
+    "calibrate",
+    "error_quantiles",
+    "fit_placements",
+    "held_out_placements",
+    "nnls",
+]
+
+FIT_ROUNDS = 2  # each fitted placement is measured this often, interleaved: the fit reads the median
+HELD_OUT_PLACEMENTS = 8
+NOISY_ERROR = 0.15  # a held-out p90 above this is worth a note: plans' step times are rough on this machine
+METHOD = "nnls: fixed + no-graph forward (measured) + graph and adapter figures fitted to whole training steps"
+
+
+class StepSource(Protocol):
+    """Runs real steps of a model (cost.TrainerSteps), or a fake one in tests."""
+
+    num_layers: int
+
+    def step(self, layers: frozenset[int]) -> StepSample: ...
+
+    def forward_nograd(self) -> list[float]: ...
+
+
+def fit_placements(num_layers: int) -> list[tuple[int, ...]]:
+    """The fitted placements: each regime, several lowest blocks and sizes (deduplicated for shallow models)."""
+    L = num_layers
+    wanted = [tuple(range(L)), (0,), tuple(range(L // 2, L)), (L - 1,), (L // 2,)]
+    return list(dict.fromkeys(wanted))
+
+
+def held_out_placements(
+    num_layers: int, count: int, seed: int, exclude: Sequence[tuple[int, ...]]
+) -> list[tuple[int, ...]]:
+    """``count`` random placements not in ``exclude``: a size uniform in 1..L, then a uniform set of that size, so
+    lowest blocks and sizes both vary. Fewer when the model has fewer distinct sets."""
+    rng = random.Random(seed)
+    taken, chosen = set(exclude), []
+    available = 2**num_layers - 1 - len(taken)
+    for _ in range(100 * count):
+        if len(chosen) >= min(count, available):
+            break
+        size = rng.randint(1, num_layers)
+        layers = tuple(sorted(rng.sample(range(num_layers), size)))
+        if layers not in taken:
+            taken.add(layers)
+            chosen.append(layers)
+    return chosen
+
+
+def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """min ‖a x − b‖ with x ≥ 0, exactly, for the few columns here: the best of the least-squares fits on every
+    subset of free columns whose solution is non-negative (the optimum is one of them)."""
+    n = a.shape[1]
+    best, best_residual = np.zeros(n), float(np.sum(b**2))
+    for size in range(1, n + 1):
+        for free in itertools.combinations(range(n), size):
+            sub, *_ = np.linalg.lstsq(a[:, free], b, rcond=None)
+            if np.any(sub < 0):
+                continue
+            x = np.zeros(n)
+            x[list(free)] = sub
+            residual = float(np.sum((a @ x - b) ** 2))
+            if residual < best_residual - 1e-15 * max(1.0, best_residual):
+                best, best_residual = x, residual
+    return best
+
+
+def error_quantiles(predicted: Sequence[float], measured: Sequence[float]) -> tuple[float, float]:
+    """(p50, p90) of |predicted − measured| / measured, linearly interpolated; (0, 0) with nothing measured."""
+    errors = [abs(p - m) / m for p, m in zip(predicted, measured) if m > 0]
+    if not errors:
+        return 0.0, 0.0
+    values = np.quantile(np.asarray(errors), [0.5, 0.9])
+    return float(values[0]), float(values[1])
+
+
+def _shares(values: Sequence[float]) -> np.ndarray:
+    """Each block's share of the total, scaled to mean 1; all ones when the total is 0."""
+    array = np.asarray(values, dtype=float)
+    mean = array.mean() if array.size else 0.0
+    return array / mean if mean > 0 else np.ones_like(array)
+
+
+def _design(layers: Sequence[int], graph_share: np.ndarray, adapter_share: np.ndarray) -> list[float]:
+    """The row of the fit's design matrix for one placement: columns fixed, g, x."""
+    low = min(layers)
+    return [1.0, float(graph_share[low:].sum()), float(adapter_share[list(layers)].sum())]
+
+
+def calibrate(
+    source: StepSource,
+    weight_bytes: int,
+    adapter_parameters: Sequence[int],
+    adapter_bytes_per_layer: Sequence[int],
+    seed: int = 0,
+    rounds: int = FIT_ROUNDS,
+    held_out: int = HELD_OUT_PLACEMENTS,
+) -> tuple[CostModel, CostCalibration]:
+    """Measures, fits and checks the cost model; returns it with the record the card keeps.
+
+    ``adapter_parameters`` are per block (the card's adapter shape: the share of X each block gets);
+    ``adapter_bytes_per_layer`` its memory (weights, gradient, AdamW's two moments), as the trainer counts it.
+    """
+    started = time.perf_counter()
+    L = source.num_layers
+    fitted = fit_placements(L)
+    checks = held_out_placements(L, held_out, seed, fitted)
+    half = (len(checks) + 1) // 2
+    timings: dict[tuple[int, ...], list[StepSample]] = {layers: [] for layers in fitted}
+    nograd: list[list[float]] = []
+    check_samples: dict[tuple[int, ...], StepSample] = {}
+    steps = 0
+    for round_index in range(rounds):
+        # Interleaved: rounds alternate their order and the held-out steps sit between them, so a drifting machine
+        # (another process starting, a thermal limit) shifts fitted and held-out placements alike.
+        nograd.append(source.forward_nograd())
+        for layers in fitted if round_index % 2 == 0 else reversed(fitted):
+            timings[layers].append(source.step(frozenset(layers)))
+            steps += 1
+        share = checks[:half] if round_index == 0 else checks[half:] if round_index == 1 else []
+        for layers in share:
+            check_samples[layers] = source.step(frozenset(layers))
+            steps += 1
+    for layers in checks:  # with a single round, the rest of the held-out placements
+        if layers not in check_samples:
+            check_samples[layers] = source.step(frozenset(layers))
+            steps += 1
+
+    forward = [statistics.median(values) for values in zip(*nograd)]  # N_ℓ
+    graph_share, adapter_share = _shares(forward), _shares(adapter_parameters)
+    measured = {layers: statistics.median(s.seconds for s in samples) for layers, samples in timings.items()}
+    rows = np.asarray([_design(layers, graph_share, adapter_share) for layers in fitted])
+    times = np.asarray([measured[layers] for layers in fitted])
+    # Relative error: a fast placement's seconds count as much as a slow one's. The no-graph forward is known.
+    a, b = rows / times[:, None], (times - sum(forward)) / times
+    fixed, g, x = nnls(a, b)
+    notes = _bound_notes((fixed, g, x), a, b, len(fitted))
+
+    full, zero = timings[tuple(range(L))][-1], timings[(0,)][-1]  # bytes are exact: any sample will do
+    graph = [g * w for w in graph_share]  # G_ℓ
+    adapter = [x * p for p in adapter_share]  # X_ℓ
+    cost = CostModel(
+        # The fit sees whole steps: forward figures hold the measured forward, backward ones the fitted rest.
+        forward_seconds=list(forward),
+        forward_pass_seconds=list(forward),
+        forward_nograd_seconds=list(forward),
+        backward_adapted_seconds=[gl + xl for gl, xl in zip(graph, adapter)],
+        backward_pass_seconds=list(graph),
+        saved_adapted_bytes=list(full.saved_bytes),
+        saved_pass_bytes=[full.saved_bytes[0], *zero.saved_bytes[1:]],  # block 0 never passes a gradient through
+        fixed_seconds=float(fixed),
+        static_bytes=weight_bytes + full.outside_saved_bytes,
+        adapter_bytes_per_layer=list(adapter_bytes_per_layer),
+    )
+
+    def timing(layers: tuple[int, ...], seconds: float, sample: StepSample) -> PlacementTiming:
+        saved = sum(sample.saved_bytes) + sample.outside_saved_bytes
+        return PlacementTiming(
+            layers=list(layers),
+            measured_seconds=seconds,
+            predicted_seconds=cost.step_seconds(layers),
+            measured_peak_memory_bytes=weight_bytes + saved + sum(adapter_bytes_per_layer[i] for i in layers),
+            predicted_peak_memory_bytes=cost.peak_bytes(layers),
+        )
+
+    fit_records = [timing(layers, measured[layers], timings[layers][-1]) for layers in fitted]
+    held = [timing(layers, check_samples[layers].seconds, check_samples[layers]) for layers in checks]
+    step_p50, step_p90 = error_quantiles([h.predicted_seconds for h in held], [h.measured_seconds for h in held])
+    mem_p50, mem_p90 = error_quantiles(
+        [h.predicted_peak_memory_bytes for h in held], [h.measured_peak_memory_bytes for h in held]
+    )
+    if len(held) < held_out:
+        notes.append(f"only {len(held)} held-out placements: the model has no more distinct layer sets")
+    if step_p90 > NOISY_ERROR:
+        notes.append(
+            f"held-out step time error p90 is {step_p90:.0%}: plans' step times are rough on this machine "
+            "(a noisy or shared machine, or blocks that cost differently than the model assumes)"
+        )
+    record = CostCalibration(
+        method=METHOD,
+        rounds=rounds,
+        measured_steps=steps,
+        seconds=time.perf_counter() - started,
+        graph_seconds_per_block=float(g),
+        adapter_seconds_per_block=float(x),
+        fit=fit_records,
+        held_out=held,
+        step_error_p50=step_p50,
+        step_error_p90=step_p90,
+        memory_error_p50=mem_p50,
+        memory_error_p90=mem_p90,
+        notes=notes,
+    )
+    return cost, record
+
+
+_FIGURES = (
+    ("fixed", "the per-step time outside the blocks (embedding, head, loss, optimizer)"),
+    ("graph", "the per-block time inside the backward graph beyond the no-graph forward"),
+    ("adapter", "the per-block time of an adapter"),
+)
+
+
+def _bound_notes(solution: Sequence[float], a: np.ndarray, b: np.ndarray, placements: int) -> list[str]:
+    """A note for each fitted figure at its bound 0, with what the unconstrained fit wanted."""
+    notes = []
+    rank = int(np.linalg.matrix_rank(a))
+    if rank < a.shape[1]:
+        notes.append(
+            f"{placements} distinct placements determine only {rank} of the {a.shape[1]} fitted figures: "
+            "the fit is underdetermined (a model this shallow has few distinct placements)"
+        )
+    free, *_ = np.linalg.lstsq(a, b, rcond=None)
+    for (name, what), value, wanted in zip(_FIGURES, solution, free):
+        if value == 0.0:
+            notes.append(f"fitted {name} figure ({what}) is at its bound 0; unconstrained it would be {wanted:.3g} s")
+    return notes
