@@ -120,7 +120,8 @@ def card_table(card: layer_card_pb2.LayerCard) -> Table:
     measured = any(layer.HasField("measured_gain") for layer in card.layers)
     # Two-line headers: the values, not the names, should set the widths of a 13-column table.
     headers = ["#", "Res² share", "Res²", "split-\nhalf", "gain\nnats", "E_act", "eff.\nrank", "cond.", "fwd/bwd\nms"]
-    headers += ["act.\nMiB", "adapter\nparams", "peft\nms/tok"] + (["measured\ngain"] if measured else [])
+    headers += ["pass/no-\ngraph ms", "act.\nMiB", "adapter\nparams", "peft\nms/tok"]
+    headers += ["measured\ngain"] if measured else []
     for header in headers:
         table.add_column(header, justify="left" if header == "Res² share" else "right", no_wrap=True)
     top = {layer.index for layer in _top_layers(card)}
@@ -136,6 +137,7 @@ def card_table(card: layer_card_pb2.LayerCard) -> Table:
             f"{layer.effective_rank:.1f}",
             _num(layer.condition_number),
             f"{layer.forward_seconds * 1e3:.2f}/{layer.backward_seconds * 1e3:.2f}",
+            f"{layer.pass_through_seconds * 1e3:.2f}/{layer.no_graph_seconds * 1e3:.2f}",
             f"{layer.activation_bytes / _MIB:.2f}",
             f"{layer.adapter_parameters:,}",
             f"{layer.peft_serving_overhead_ms_per_token:.3f}",
@@ -150,14 +152,23 @@ def _caption(card: layer_card_pb2.LayerCard) -> str:
     lines = [_model_line(card), f"dataset {dataset_line(card)}", _probe_line(card)]
     if card.HasField("training_cost"):
         tc = card.training_cost
-        lines.append(
-            f"cost model error: step time {tc.step_time_relative_error:.1%}, "
-            f"peak memory {tc.peak_memory_relative_error:.1%} (batch {tc.batch_size} x {tc.seq_len} tokens)"
-        )
+        lines.append(f"cost model error: {_cost_error(tc)} (batch {tc.batch_size} x {tc.seq_len} tokens)")
     lora = card.settings.lora
     rank = f"rank {lora.rank}, " if lora.rank else ""
     lines.append(f"adapter: {rank}modules {', '.join(module_types(card)) or 'all'}")
     return "\n".join(lines)
+
+
+def _cost_error(tc: layer_card_pb2.TrainingCost) -> str:
+    """The cost model's error: on held-out random placements when the card has a fitted calibration."""
+    if tc.HasField("calibration"):
+        c = tc.calibration
+        return (
+            f"step time p50 {c.step_error_p50:.1%}, p90 {c.step_error_p90:.1%}; peak memory p50 "
+            f"{c.memory_error_p50:.1%}, p90 {c.memory_error_p90:.1%} on {len(c.held_out_placements)} held-out "
+            "placements"
+        )
+    return f"step time {tc.step_time_relative_error:.1%}, peak memory {tc.peak_memory_relative_error:.1%}"
 
 
 def _most_coupled(card: layer_card_pb2.LayerCard) -> tuple[int, int, float] | None:
@@ -182,11 +193,17 @@ def card_summary(card: layer_card_pb2.LayerCard) -> str:
         lines.append(f"signal: split-half Res² is {split / plain:.0%} of plain Res²{noise}")
     if card.HasField("training_cost"):
         tc = card.training_cost
+        error = (
+            f"cost model error: {_cost_error(tc)}"
+            if tc.HasField("calibration")
+            else f"cost model fit: step time error {tc.step_time_relative_error:.1%}, peak memory error "
+            f"{tc.peak_memory_relative_error:.1%}"
+        )
         lines.append(
-            f"cost model fit: step time error {tc.step_time_relative_error:.1%}, peak memory error "
-            f"{tc.peak_memory_relative_error:.1%}; full-layer step predicted {tc.predicted_full_step_seconds:.4f} s, "
+            f"{error}; full-layer step predicted {tc.predicted_full_step_seconds:.4f} s, "
             f"measured {tc.measured_full_step_seconds:.4f} s"
         )
+        lines += [f"cost model note: {note}" for note in tc.calibration.notes]
     sc = card.serving_cost
     if sc.HasField("vllm_overhead_fraction"):
         vllm = f"+{sc.vllm_overhead_fraction:.1%} over base ({sc.vllm_basis or 'measured'})"
@@ -272,7 +289,8 @@ def card_markdown(card: layer_card_pb2.LayerCard) -> str:
     lines += ["", "## Summary", ""] + [f"- {line}" for line in card_summary(card).splitlines()]
     measured = any(layer.HasField("measured_gain") for layer in card.layers)
     headers = ["layer", "Res² share", "Res²", "split-half Res²", "predicted gain (nats)", "E_act", "eff. rank"]
-    headers += ["cond.", "fwd ms", "bwd ms", "act. MiB", "adapter params", "adapter bytes", "peft ms/token"]
+    headers += ["cond.", "fwd ms", "bwd ms", "pass-through ms", "no-graph ms", "act. MiB", "pass-through act. MiB"]
+    headers += ["adapter params", "adapter bytes", "peft ms/token"]
     rows = []
     for layer in card.layers:
         row: list[object] = [
@@ -286,7 +304,10 @@ def card_markdown(card: layer_card_pb2.LayerCard) -> str:
             f"{layer.condition_number:.4g}",
             f"{layer.forward_seconds * 1e3:.3f}",
             f"{layer.backward_seconds * 1e3:.3f}",
+            f"{layer.pass_through_seconds * 1e3:.3f}",
+            f"{layer.no_graph_seconds * 1e3:.3f}",
             f"{layer.activation_bytes / _MIB:.3f}",
+            f"{layer.pass_through_activation_bytes / _MIB:.3f}",
             f"{layer.adapter_parameters:,}",
             f"{layer.adapter_bytes:,}",
             f"{layer.peft_serving_overhead_ms_per_token:.4f}",
@@ -346,6 +367,8 @@ def _costs_markdown(card: layer_card_pb2.LayerCard) -> list[str]:
             f"- validation error: step time {tc.step_time_relative_error:.1%}, "
             f"peak memory {tc.peak_memory_relative_error:.1%}",
         ]
+        if tc.HasField("calibration"):
+            lines += _calibration_markdown(tc)
     if card.HasField("serving_cost"):
         sc = card.serving_cost
         vllm = (
@@ -361,6 +384,57 @@ def _costs_markdown(card: layer_card_pb2.LayerCard) -> list[str]:
             f"- vLLM (independent of the number of adapted layers): {vllm}",
         ]
     return lines
+
+
+def _calibration_markdown(tc: layer_card_pb2.TrainingCost) -> list[str]:
+    """Every placement the calibration measured, fitted and held out, with its prediction: a plan can be audited."""
+    c = tc.calibration
+    seconds = c.duration.ToTimedelta().total_seconds() if c.HasField("duration") else 0.0
+    lines = [
+        "",
+        "### Calibration",
+        "",
+        f"{c.method}. {c.measured_steps} training steps ({c.rounds} interleaved rounds over the fitted placements, "
+        f"then one step per held-out placement) in {seconds:.1f} s.",
+        "",
+        f"- fitted: fixed {tc.fixed_seconds * 1e3:.3f} ms per step; per block of average size "
+        f"{c.graph_seconds_per_block * 1e3:.3f} ms inside the backward graph, "
+        f"{c.adapter_seconds_per_block * 1e3:.3f} ms for an adapter",
+        f"- held-out error: step time p50 {c.step_error_p50:.1%}, p90 {c.step_error_p90:.1%}; "
+        f"peak memory p50 {c.memory_error_p50:.1%}, p90 {c.memory_error_p90:.1%}",
+        *(f"- note: {note}" for note in c.notes),
+        "",
+    ]
+    headers = ["placement", "layers", "measured ms", "predicted ms", "error", "measured MiB", "predicted MiB"]
+    rows = [
+        [
+            kind,
+            _layer_list(t.layers),
+            f"{t.measured_step_seconds * 1e3:.3f}",
+            f"{t.predicted_step_seconds * 1e3:.3f}",
+            f"{_relative(t.predicted_step_seconds, t.measured_step_seconds):+.1%}",
+            f"{t.measured_peak_memory_bytes / _MIB:.2f}",
+            f"{t.predicted_peak_memory_bytes / _MIB:.2f}",
+        ]
+        for kind, timings in (("fitted", c.fit_placements), ("held out", c.held_out_placements))
+        for t in timings
+    ]
+    return lines + _md_table(headers, rows, ["---", "---", "---:", "---:", "---:", "---:", "---:"])
+
+
+def _relative(predicted: float, measured: float) -> float:
+    return (predicted - measured) / measured if measured else 0.0
+
+
+def _layer_list(layers: Iterable[int]) -> str:
+    """Layers as ranges where they run on: 0-3, 6, 8-9."""
+    spans: list[list[int]] = []
+    for i in sorted(layers):
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def card_json(card: layer_card_pb2.LayerCard) -> str:
