@@ -11,15 +11,20 @@ a plan's step time promises. The model, per block ℓ and placement S with lowes
 - N_ℓ, the no-graph forward, is measured directly (a no-grad forward timed per block; forward timing is exact
   with hooks, unlike backward). Every block pays it.
 - G_ℓ = g·w_ℓ: a block at or above m runs inside the backward graph (graph-building forward, gradient passing
-  through). w_ℓ is the block's share of the no-graph forward (1 for identical blocks).
+  through). w_ℓ is the block's share of the frozen weights (1 for identical blocks): exact, where a share
+  measured per block would carry the machine's noise into every block's figure.
 - X_ℓ = x·p_ℓ: an adapted block's extra (the adapter's forward, its weights' gradients, their AdamW update); p_ℓ is
   the block's share of the adapter parameters.
 So pass-through costs N+G and adaptation N+G+X. fixed, g and x (all ≥ 0) are fitted by non-negative least squares
-on relative error to the medians of interleaved rounds over a few placements that exercise every regime (every
+on relative error to the least of interleaved rounds over a few placements that exercise every regime (every
 block; block 0 alone, so everything above passes the gradient through; the top block alone, so everything below
-has no graph; the upper half; a middle block alone). A fitted figure at its bound is reported in the notes, with
-the value the unconstrained fit wanted: nothing is clipped silently. Then random placements, measured once each
-and interleaved with the rounds, give the held-out error (p50, p90) of step time and peak memory.
+has no graph; the upper half; a middle block alone). For identical blocks a prediction depends on the measured
+N only through the sum fixed + Σ N, which the fit sets. A fitted figure at its bound is reported in the notes,
+with the value the unconstrained fit wanted: nothing is clipped silently. Then random placements, measured once
+each and interleaved with the rounds, give the held-out error (p50, p90) of step time and peak memory.
+
+Cost: (rounds x 5 + 8) training steps, most of them cheaper than a full-layer step, plus one no-grad forward a
+round; 2 rounds on a quiet machine (18 steps), up to 5 on a busy one (33).
 
 Memory needs no fit: the bytes saved for backward are counted exactly, per block, in the same steps.
 """
@@ -28,9 +33,9 @@ from __future__ import annotations
 
 import itertools
 import random
-import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -39,8 +44,9 @@ from layercard_service.card_engine.cost import CostModel, StepSample
 from layercard_service.domain.cards import CostCalibration, PlacementTiming
 
 __all__ = [
-    "FIT_ROUNDS",
     "HELD_OUT_PLACEMENTS",
+    "MAX_ROUNDS",
+    "MIN_ROUNDS",
     "StepSample",
     "StepSource",
     "calibrate",
@@ -50,7 +56,9 @@ __all__ = [
     "nnls",
 ]
 
-FIT_ROUNDS = 2  # each fitted placement is measured this often, interleaved: the fit reads the median
+# Rounds over the fitted placements, interleaved: the fit reads each one's least. More than the minimum only while
+# some placement's two least measurements differ by more than AGREEMENT (a busy machine), up to the maximum.
+MIN_ROUNDS, MAX_ROUNDS, AGREEMENT = 2, 5, 0.05
 HELD_OUT_PLACEMENTS = 8
 NOISY_ERROR = 0.15  # a held-out p90 above this is worth a note: plans' step times are rough on this machine
 METHOD = "nnls: fixed + no-graph forward (measured) + graph and adapter figures fitted to whole training steps"
@@ -132,48 +140,79 @@ def _design(layers: Sequence[int], graph_share: np.ndarray, adapter_share: np.nd
     return [1.0, float(graph_share[low:].sum()), float(adapter_share[list(layers)].sum())]
 
 
+@dataclass
+class _Measurements:
+    fitted: dict[tuple[int, ...], list[StepSample]]
+    held_out: dict[tuple[int, ...], StepSample]
+    forward: list[list[float]]  # per round, per block
+    steps: int = 0
+    rounds: int = 0
+
+
+def _settled(samples: dict[tuple[int, ...], list[StepSample]]) -> bool:
+    """Whether every fitted placement's two least measurements agree: the least is then the machine's own time."""
+    for values in samples.values():
+        low, second = sorted(s.seconds for s in values)[:2]
+        if second > low * (1 + AGREEMENT):
+            return False
+    return True
+
+
+def _measure(source: StepSource, fitted, checks, min_rounds: int, max_rounds: int) -> _Measurements:
+    """Rounds over the fitted placements, with the held-out steps between the first two: a drifting machine
+    (another process starting, a thermal limit) shifts fitted and held-out placements alike. Rounds alternate
+    their order; after ``min_rounds`` they stop as soon as the least measurements have settled."""
+    m = _Measurements({layers: [] for layers in fitted}, {}, [])
+    half = (len(checks) + 1) // 2
+    pending = [checks[:half], checks[half:]]
+    while m.rounds < max_rounds:
+        m.forward.append(source.forward_nograd())
+        for layers in fitted if m.rounds % 2 == 0 else reversed(fitted):
+            m.fitted[layers].append(source.step(frozenset(layers)))
+            m.steps += 1
+        m.rounds += 1
+        for layers in pending.pop(0) if pending else ():
+            m.held_out[layers] = source.step(frozenset(layers))
+            m.steps += 1
+        if m.rounds >= min_rounds and not pending and _settled(m.fitted):
+            break
+    for layers in checks:  # a single round leaves the second half
+        if layers not in m.held_out:
+            m.held_out[layers] = source.step(frozenset(layers))
+            m.steps += 1
+    return m
+
+
 def calibrate(
     source: StepSource,
     weight_bytes: int,
+    block_parameters: Sequence[int],
     adapter_parameters: Sequence[int],
     adapter_bytes_per_layer: Sequence[int],
     seed: int = 0,
-    rounds: int = FIT_ROUNDS,
+    min_rounds: int = MIN_ROUNDS,
+    max_rounds: int = MAX_ROUNDS,
     held_out: int = HELD_OUT_PLACEMENTS,
 ) -> tuple[CostModel, CostCalibration]:
     """Measures, fits and checks the cost model; returns it with the record the card keeps.
 
-    ``adapter_parameters`` are per block (the card's adapter shape: the share of X each block gets);
-    ``adapter_bytes_per_layer`` its memory (weights, gradient, AdamW's two moments), as the trainer counts it.
+    Per block: ``block_parameters`` its frozen weights (its share of the graph figure: exact, where a measured
+    share would carry the machine's noise into every block), ``adapter_parameters`` the card's adapter (its share
+    of the adapter figure) and ``adapter_bytes_per_layer`` the adapter's memory (weights, gradient, AdamW's two
+    moments), as the trainer counts it.
     """
     started = time.perf_counter()
     L = source.num_layers
     fitted = fit_placements(L)
     checks = held_out_placements(L, held_out, seed, fitted)
-    half = (len(checks) + 1) // 2
-    timings: dict[tuple[int, ...], list[StepSample]] = {layers: [] for layers in fitted}
-    nograd: list[list[float]] = []
-    check_samples: dict[tuple[int, ...], StepSample] = {}
-    steps = 0
-    for round_index in range(rounds):
-        # Interleaved: rounds alternate their order and the held-out steps sit between them, so a drifting machine
-        # (another process starting, a thermal limit) shifts fitted and held-out placements alike.
-        nograd.append(source.forward_nograd())
-        for layers in fitted if round_index % 2 == 0 else reversed(fitted):
-            timings[layers].append(source.step(frozenset(layers)))
-            steps += 1
-        share = checks[:half] if round_index == 0 else checks[half:] if round_index == 1 else []
-        for layers in share:
-            check_samples[layers] = source.step(frozenset(layers))
-            steps += 1
-    for layers in checks:  # with a single round, the rest of the held-out placements
-        if layers not in check_samples:
-            check_samples[layers] = source.step(frozenset(layers))
-            steps += 1
+    m = _measure(source, fitted, checks, max(1, min_rounds), max(min_rounds, max_rounds))
+    timings = m.fitted
 
-    forward = [statistics.median(values) for values in zip(*nograd)]  # N_ℓ
-    graph_share, adapter_share = _shares(forward), _shares(adapter_parameters)
-    measured = {layers: statistics.median(s.seconds for s in samples) for layers, samples in timings.items()}
+    # The least of the rounds: on a shared machine noise only ever adds time (preemption, another process's
+    # cache traffic), and a plan's steps are best priced as they run undisturbed.
+    forward = [min(values) for values in zip(*m.forward)]  # N_ℓ
+    graph_share, adapter_share = _shares(block_parameters), _shares(adapter_parameters)
+    measured = {layers: min(s.seconds for s in samples) for layers, samples in timings.items()}
     rows = np.asarray([_design(layers, graph_share, adapter_share) for layers in fitted])
     times = np.asarray([measured[layers] for layers in fitted])
     # Relative error: a fast placement's seconds count as much as a slow one's. The no-graph forward is known.
@@ -209,7 +248,7 @@ def calibrate(
         )
 
     fit_records = [timing(layers, measured[layers], timings[layers][-1]) for layers in fitted]
-    held = [timing(layers, check_samples[layers].seconds, check_samples[layers]) for layers in checks]
+    held = [timing(layers, m.held_out[layers].seconds, m.held_out[layers]) for layers in checks]
     step_p50, step_p90 = error_quantiles([h.predicted_seconds for h in held], [h.measured_seconds for h in held])
     mem_p50, mem_p90 = error_quantiles(
         [h.predicted_peak_memory_bytes for h in held], [h.measured_peak_memory_bytes for h in held]
@@ -223,8 +262,8 @@ def calibrate(
         )
     record = CostCalibration(
         method=METHOD,
-        rounds=rounds,
-        measured_steps=steps,
+        rounds=m.rounds,
+        measured_steps=m.steps,
         seconds=time.perf_counter() - started,
         graph_seconds_per_block=float(g),
         adapter_seconds_per_block=float(x),

@@ -24,6 +24,7 @@ from torch import nn
 from layercard_service.card_engine.probe import ADAPTER, ModuleKey
 from layercard_service.card_engine.profile import StepProfiler, sync
 from layercard_service.data.encode import IGNORE_INDEX
+from layercard_service.trainer.loop import MAX_GRAD_NORM
 
 __all__ = ["CostModel", "StepSample", "TrainerSteps", "measure_forward_nograd", "measure_peft_serving"]
 
@@ -104,9 +105,6 @@ class StepSample:
     seconds: float
     saved_bytes: list[int]  # per block
     outside_saved_bytes: int  # embedding, head, loss
-
-
-MAX_GRAD_NORM = 1.0  # as the trainer clips (trainer/loop.py), which the card may not import
 
 
 class TrainerSteps:

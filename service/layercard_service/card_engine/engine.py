@@ -128,6 +128,9 @@ def compute_card(
             cost, calibration = calibrate(
                 steps,
                 weight_bytes=weight_bytes,
+                block_parameters=[
+                    sum(p.numel() for name, p in block.named_parameters() if "lora_" not in name) for block in blocks
+                ],
                 adapter_parameters=[per_layer_params] * L,
                 adapter_bytes_per_layer=[4 * per_layer_params * dtype_bytes] * L,  # weights, gradient, 2 moments
                 seed=settings.seed,
