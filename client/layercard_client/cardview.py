@@ -7,13 +7,14 @@ Definitions of every column: METHOD.md, "Our definitions".
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from google.protobuf import json_format
 from rich import box
 from rich.table import Table
 
 from layercard.v1 import common_pb2, layer_card_pb2
+from layercard_client.cardcost import MIB as _MIB
+from layercard_client.cardcost import cost_error, costs_markdown
+from layercard_client.markdown import md_table
 
 __all__ = [
     "card_table",
@@ -26,7 +27,6 @@ __all__ = [
     "share_bar",
 ]
 
-_MIB = 1024 * 1024
 _BAR_WIDTH = 8
 _PARTIAL_BLOCKS = " ▏▎▍▌▋▊▉"  # eighths, so eight cells resolve 64 levels
 _TOP = 3
@@ -152,23 +152,11 @@ def _caption(card: layer_card_pb2.LayerCard) -> str:
     lines = [_model_line(card), f"dataset {dataset_line(card)}", _probe_line(card)]
     if card.HasField("training_cost"):
         tc = card.training_cost
-        lines.append(f"cost model error: {_cost_error(tc)} (batch {tc.batch_size} x {tc.seq_len} tokens)")
+        lines.append(f"cost model error: {cost_error(tc)} (batch {tc.batch_size} x {tc.seq_len} tokens)")
     lora = card.settings.lora
     rank = f"rank {lora.rank}, " if lora.rank else ""
     lines.append(f"adapter: {rank}modules {', '.join(module_types(card)) or 'all'}")
     return "\n".join(lines)
-
-
-def _cost_error(tc: layer_card_pb2.TrainingCost) -> str:
-    """The cost model's error: on held-out random placements when the card has a fitted calibration."""
-    if tc.HasField("calibration"):
-        c = tc.calibration
-        return (
-            f"step time p50 {c.step_error_p50:.1%}, p90 {c.step_error_p90:.1%}; peak memory p50 "
-            f"{c.memory_error_p50:.1%}, p90 {c.memory_error_p90:.1%} on {len(c.held_out_placements)} held-out "
-            "placements"
-        )
-    return f"step time {tc.step_time_relative_error:.1%}, peak memory {tc.peak_memory_relative_error:.1%}"
 
 
 def _most_coupled(card: layer_card_pb2.LayerCard) -> tuple[int, int, float] | None:
@@ -194,7 +182,7 @@ def card_summary(card: layer_card_pb2.LayerCard) -> str:
     if card.HasField("training_cost"):
         tc = card.training_cost
         error = (
-            f"cost model error: {_cost_error(tc)}"
+            f"cost model error: {cost_error(tc)}"
             if tc.HasField("calibration")
             else f"cost model fit: step time error {tc.step_time_relative_error:.1%}, peak memory error "
             f"{tc.peak_memory_relative_error:.1%}"
@@ -224,17 +212,6 @@ def card_summary(card: layer_card_pb2.LayerCard) -> str:
             f"coupling: layers {i} and {j} overlap most (ρ = {rho:+.2f}); adapting both buys less than the sum"
         )
     return "\n".join(lines)
-
-
-def _md_cell(value: object) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _md_table(headers: list[str], rows: Iterable[list[object]], align: list[str] | None = None) -> list[str]:
-    align = align or ["---:"] * len(headers)
-    lines = ["| " + " | ".join(_md_cell(h) for h in headers) + " |", "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(_md_cell(cell) for cell in row) + " |" for row in rows]
-    return lines
 
 
 def _dataset_text(card: layer_card_pb2.LayerCard) -> str:
@@ -285,7 +262,7 @@ def _settings_rows(card: layer_card_pb2.LayerCard) -> list[list[object]]:
 def card_markdown(card: layer_card_pb2.LayerCard) -> str:
     """A self-contained Markdown report (settings, layers, modules, costs, coupling) for notes and reviews."""
     lines = [f"# Layer Card: {card.model or card.name}", ""]
-    lines += _md_table(["setting", "value"], _settings_rows(card), ["---", "---"])
+    lines += md_table(["setting", "value"], _settings_rows(card), ["---", "---"])
     lines += ["", "## Summary", ""] + [f"- {line}" for line in card_summary(card).splitlines()]
     measured = any(layer.HasField("measured_gain") for layer in card.layers)
     headers = ["layer", "Res² share", "Res²", "split-half Res²", "predicted gain (nats)", "E_act", "eff. rank"]
@@ -317,7 +294,7 @@ def card_markdown(card: layer_card_pb2.LayerCard) -> str:
         rows.append(row)
     if measured:
         headers.append("measured gain")
-    lines += ["", "## Layers", "", *_md_table(headers, rows)]
+    lines += ["", "## Layers", "", *md_table(headers, rows)]
     module_rows = [
         [
             layer.index,
@@ -335,106 +312,14 @@ def card_markdown(card: layer_card_pb2.LayerCard) -> str:
     if module_rows:
         headers = ["layer", "module", "Res²", "split-half Res²", "E_act", "eff. rank", "cond.", "adapter params"]
         lines += ["", "## Modules", "", "Activation energies compare within a module type only.", ""]
-        lines += _md_table(headers, module_rows)
-    lines += _costs_markdown(card)
+        lines += md_table(headers, module_rows)
+    lines += costs_markdown(card)
     rows_rho = coupling_rows(card)
     if rows_rho:
         lines += ["", "## Coupling", "", "Function-space cosine ρ of the layers' whitened steps.", ""]
         headers = ["ρ"] + [str(j) for j in range(len(rows_rho))]
-        lines += _md_table(headers, ([i] + [f"{v:+.2f}" for v in row] for i, row in enumerate(rows_rho)))
+        lines += md_table(headers, ([i] + [f"{v:+.2f}" for v in row] for i, row in enumerate(rows_rho)))
     return "\n".join(lines) + "\n"
-
-
-def _costs_markdown(card: layer_card_pb2.LayerCard) -> list[str]:
-    lines: list[str] = []
-    if card.HasField("training_cost"):
-        tc = card.training_cost
-        validation = ", ".join(map(str, tc.validation_layers)) or "-"
-        lines += [
-            "",
-            "## Training cost",
-            "",
-            f"Per step at batch {tc.batch_size} x {tc.seq_len} tokens.",
-            "",
-            f"- fixed: {tc.fixed_seconds:.4f} s per step; per adapter: {tc.per_adapter_seconds:.4f} s",
-            f"- base memory: {tc.base_memory_bytes / _MIB:.1f} MiB",
-            f"- full-layer step: predicted {tc.predicted_full_step_seconds:.4f} s, "
-            f"measured {tc.measured_full_step_seconds:.4f} s",
-            f"- partial step (layers {validation}): predicted {tc.predicted_partial_step_seconds:.4f} s, "
-            f"measured {tc.measured_partial_step_seconds:.4f} s",
-            f"- full-layer peak memory: predicted {tc.predicted_full_peak_memory_bytes / _MIB:.1f} MiB, "
-            f"measured {tc.measured_full_peak_memory_bytes / _MIB:.1f} MiB",
-            f"- validation error: step time {tc.step_time_relative_error:.1%}, "
-            f"peak memory {tc.peak_memory_relative_error:.1%}",
-        ]
-        if tc.HasField("calibration"):
-            lines += _calibration_markdown(tc)
-    if card.HasField("serving_cost"):
-        sc = card.serving_cost
-        vllm = (
-            f"{sc.vllm_overhead_fraction:.1%} over base ({sc.vllm_basis or 'measured'})"
-            if sc.HasField("vllm_overhead_fraction")
-            else "not measured yet"
-        )
-        lines += [
-            "",
-            "## Serving cost",
-            "",
-            f"- unmerged peft: base {sc.peft_base_ms_per_token:.3f} ms/token, plus each adapted layer's overhead",
-            f"- vLLM (independent of the number of adapted layers): {vllm}",
-        ]
-    return lines
-
-
-def _calibration_markdown(tc: layer_card_pb2.TrainingCost) -> list[str]:
-    """Every placement the calibration measured, fitted and held out, with its prediction: a plan can be audited."""
-    c = tc.calibration
-    seconds = c.duration.ToTimedelta().total_seconds() if c.HasField("duration") else 0.0
-    lines = [
-        "",
-        "### Calibration",
-        "",
-        f"{c.method}. {c.measured_steps} training steps ({c.rounds} interleaved rounds over the fitted placements, "
-        f"then one step per held-out placement) in {seconds:.1f} s.",
-        "",
-        f"- fitted: fixed {tc.fixed_seconds * 1e3:.3f} ms per step; per block of average size "
-        f"{c.graph_seconds_per_block * 1e3:.3f} ms inside the backward graph, "
-        f"{c.adapter_seconds_per_block * 1e3:.3f} ms for an adapter",
-        f"- held-out error: step time p50 {c.step_error_p50:.1%}, p90 {c.step_error_p90:.1%}; "
-        f"peak memory p50 {c.memory_error_p50:.1%}, p90 {c.memory_error_p90:.1%}",
-        *(f"- note: {note}" for note in c.notes),
-        "",
-    ]
-    headers = ["placement", "layers", "measured ms", "predicted ms", "error", "measured MiB", "predicted MiB"]
-    rows = [
-        [
-            kind,
-            _layer_list(t.layers),
-            f"{t.measured_step_seconds * 1e3:.3f}",
-            f"{t.predicted_step_seconds * 1e3:.3f}",
-            f"{_relative(t.predicted_step_seconds, t.measured_step_seconds):+.1%}",
-            f"{t.measured_peak_memory_bytes / _MIB:.2f}",
-            f"{t.predicted_peak_memory_bytes / _MIB:.2f}",
-        ]
-        for kind, timings in (("fitted", c.fit_placements), ("held out", c.held_out_placements))
-        for t in timings
-    ]
-    return lines + _md_table(headers, rows, ["---", "---", "---:", "---:", "---:", "---:", "---:"])
-
-
-def _relative(predicted: float, measured: float) -> float:
-    return (predicted - measured) / measured if measured else 0.0
-
-
-def _layer_list(layers: Iterable[int]) -> str:
-    """Layers as ranges where they run on: 0-3, 6, 8-9."""
-    spans: list[list[int]] = []
-    for i in sorted(layers):
-        if spans and i == spans[-1][1] + 1:
-            spans[-1][1] = i
-        else:
-            spans.append([i, i])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def card_json(card: layer_card_pb2.LayerCard) -> str:

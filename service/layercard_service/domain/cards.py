@@ -107,7 +107,7 @@ class PlacementTiming:
     """One measured placement of the cost calibration: a real training step beside the fitted model's figures."""
 
     layers: list[int]
-    measured_seconds: float  # median over the calibration's rounds (held-out placements: one step)
+    measured_seconds: float  # the least over the calibration's rounds (held-out placements: one step)
     predicted_seconds: float
     measured_peak_memory_bytes: int  # the trainer's basis: weights + bytes saved for backward + 4x adapter bytes
     predicted_peak_memory_bytes: int
