@@ -251,6 +251,14 @@ def test_codec_round_trips_the_calibration_and_old_cards_still_load():
     loaded = card_from_dict(old)
     assert loaded.training_cost.calibration is None
     assert loaded.layers == card.layers
+    # Older still: no pass-through or no-graph figures at all. The contract shows 0 and the views still render.
+    for key in ("forward_pass_seconds", "backward_pass_seconds", "forward_nograd_seconds", "pass_activation_bytes"):
+        del old["training_cost"][key]
+    oldest = card_from_dict(old)
+    message = card_to_proto(StoredCard("layerCards/old", "f" * 16, 0.0, oldest, from_store=True))
+    assert not message.training_cost.HasField("calibration")
+    assert all(layer.pass_through_seconds == 0 and layer.no_graph_seconds == 0 for layer in message.layers)
+    assert "held out" not in card_markdown(message) and "step time" in card_summary(message)
 
 
 def test_the_contract_and_the_views_carry_every_figure_the_planner_uses():
