@@ -14,6 +14,7 @@ import pytest
 from layercard_client.cardview import card_json, card_markdown, card_summary
 from layercard_service.api.layer_card import card_to_proto
 from layercard_service.card_engine.calibration import (
+    MAX_ROUNDS,
     calibrate,
     error_quantiles,
     fit_placements,
@@ -53,6 +54,8 @@ class FakeSteps:
     noise: float = 0.02
     nograd_bias: float = 1.0  # the no-graph forward as measured, relative to the truth
     slow_steps: int = 0  # the first steps run this much slower: another process was busy
+    clock: str = "wall"
+    busy: float = 0.0  # wall time is up to (1 + busy) x the step's CPU time, at random: other processes' slices
     num_layers: int = L
     seed: int = 1
     calls: list = dataclasses.field(default_factory=list)
@@ -71,7 +74,8 @@ class FakeSteps:
         seconds *= 1.5 if len(self.calls) <= self.slow_steps else 1.0
         low = min(layers)
         saved = [0] * low + [100 if i in layers else 90 for i in range(low, self.num_layers)]
-        return StepSample(seconds, saved, 50)
+        wall = seconds * (1 + self.busy * self.rng.random())
+        return StepSample(wall, saved, 50, cpu_seconds=seconds)
 
     def forward_nograd(self) -> list[float]:
         return [self.nograd * self.nograd_bias * (1 + self.rng.gauss(0.0, self.noise)) for _ in range(self.num_layers)]
@@ -135,7 +139,31 @@ def test_a_busy_round_costs_another_round_not_a_wrong_figure():
         assert cost.step_seconds(layers) == pytest.approx(source.true_seconds(layers))
     always_busy = FakeSteps(noise=0.3, seed=5)
     _, record = run(always_busy)
-    assert record.rounds == 5  # at most MAX_ROUNDS, however noisy
+    assert record.rounds == MAX_ROUNDS  # at most, however noisy
+
+
+def test_on_a_busy_machine_the_cpu_clock_keeps_the_figures():
+    """Other processes' time slices stretch wall time at random (up to 2x here): the least of a few rounds of wall
+    time still carries them, the thread's CPU time does not."""
+    rng = random.Random(11)
+    sets = [tuple(sorted(rng.sample(range(L), rng.randint(1, L)))) for _ in range(30)]
+
+    def worst(clock: str) -> float:
+        source = FakeSteps(noise=0.0, busy=1.0, clock=clock, seed=4)
+        cost, _ = run(source)
+        full = tuple(range(L))
+        truth = {s: source.true_seconds(s) / source.true_seconds(full) for s in sets}
+        return max(abs(cost.step_seconds(s) / cost.step_seconds(full) / truth[s] - 1) for s in sets)
+
+    assert worst("cpu") < 1e-9  # CPU time is exact here; the wall-clock fit is not
+    assert worst("wall") > 0.01
+    source = FakeSteps(noise=0.0, busy=1.0, clock="cpu", seed=4)
+    cost, record = run(source)
+    assert "thread's CPU time" in record.method
+    assert any("the machine was busy" in note for note in record.notes)
+    # Scaled to wall time by the quietest steps, never below the step's own CPU time.
+    full = tuple(range(L))
+    assert source.true_seconds(full) <= cost.step_seconds(full) <= 1.3 * source.true_seconds(full)
 
 
 def test_the_held_out_error_is_the_relative_step_error_of_the_unfitted_placements():

@@ -24,7 +24,7 @@ with the value the unconstrained fit wanted: nothing is clipped silently. Then r
 each and interleaved with the rounds, give the held-out error (p50, p90) of step time and peak memory.
 
 Cost: (rounds x 5 + 8) training steps, most of them cheaper than a full-layer step, plus one no-grad forward a
-round; 2 rounds on a quiet machine (18 steps), up to 5 on a busy one (33).
+round; 2 rounds on a quiet machine (18 steps), up to 9 on a busy one (53) while the calibration is under 20 s.
 
 Memory needs no fit: the bytes saved for backward are counted exactly, per block, in the same steps.
 """
@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import itertools
 import random
+import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -56,18 +57,22 @@ __all__ = [
     "nnls",
 ]
 
-# Rounds over the fitted placements, interleaved: the fit reads each one's least. More than the minimum only while
-# some placement's two least measurements differ by more than AGREEMENT (a busy machine), up to the maximum.
-MIN_ROUNDS, MAX_ROUNDS, AGREEMENT = 2, 5, 0.05
+# Rounds over the fitted placements, interleaved. More than the minimum only while some placement's two least
+# measurements differ by more than AGREEMENT (a busy machine), up to the maximum, and only while the calibration has
+# run less than EXTRA_ROUNDS_SECONDS: a deep model's steps take seconds, and its rounds average more work already.
+MIN_ROUNDS, MAX_ROUNDS, AGREEMENT, EXTRA_ROUNDS_SECONDS = 2, 9, 0.05, 20.0
 HELD_OUT_PLACEMENTS = 8
 NOISY_ERROR = 0.15  # a held-out p90 above this is worth a note: plans' step times are rough on this machine
 METHOD = "nnls: fixed + no-graph forward (measured) + graph and adapter figures fitted to whole training steps"
+CPU_CLOCK = "; timed by the thread's CPU time (one intra-op thread), x {scale:.3f} to wall time"
+BUSY = 1.2  # a median wall / CPU ratio above this gets a note
 
 
 class StepSource(Protocol):
     """Runs real steps of a model (cost.TrainerSteps), or a fake one in tests."""
 
     num_layers: int
+    clock: str  # "wall", or "cpu": steps' cpu_seconds and forward_nograd() are the thread's CPU time
 
     def step(self, layers: frozenset[int]) -> StepSample: ...
 
@@ -149,37 +154,45 @@ class _Measurements:
     rounds: int = 0
 
 
-def _settled(samples: dict[tuple[int, ...], list[StepSample]]) -> bool:
+def _settled(samples: dict[tuple[int, ...], list[StepSample]], cpu: bool) -> bool:
     """Whether every fitted placement's two least measurements agree: the least is then the machine's own time."""
     for values in samples.values():
-        low, second = sorted(s.seconds for s in values)[:2]
+        low, second = sorted(s.cpu_seconds if cpu else s.seconds for s in values)[:2]
         if second > low * (1 + AGREEMENT):
             return False
     return True
 
 
-def _measure(source: StepSource, fitted, checks, min_rounds: int, max_rounds: int) -> _Measurements:
+def _measure(
+    source: StepSource, fitted, checks, min_rounds: int, max_rounds: int, on_step: Callable[[int, int], None]
+) -> _Measurements:
     """Rounds over the fitted placements, with the held-out steps between the first two: a drifting machine
     (another process starting, a thermal limit) shifts fitted and held-out placements alike. Rounds alternate
     their order; after ``min_rounds`` they stop as soon as the least measurements have settled."""
+    started = time.perf_counter()
     m = _Measurements({layers: [] for layers in fitted}, {}, [])
     half = (len(checks) + 1) // 2
     pending = [checks[:half], checks[half:]]
+
+    def step(layers: tuple[int, ...]) -> StepSample:
+        sample = source.step(frozenset(layers))
+        m.steps += 1
+        on_step(m.steps, max(m.steps, min_rounds * len(fitted) + len(checks)))
+        return sample
+
     while m.rounds < max_rounds:
         m.forward.append(source.forward_nograd())
         for layers in fitted if m.rounds % 2 == 0 else reversed(fitted):
-            m.fitted[layers].append(source.step(frozenset(layers)))
-            m.steps += 1
+            m.fitted[layers].append(step(layers))
         m.rounds += 1
         for layers in pending.pop(0) if pending else ():
-            m.held_out[layers] = source.step(frozenset(layers))
-            m.steps += 1
-        if m.rounds >= min_rounds and not pending and _settled(m.fitted):
+            m.held_out[layers] = step(layers)
+        over_time = time.perf_counter() - started > EXTRA_ROUNDS_SECONDS
+        if m.rounds >= min_rounds and not pending and (over_time or _settled(m.fitted, source.clock == "cpu")):
             break
     for layers in checks:  # a single round leaves the second half
         if layers not in m.held_out:
-            m.held_out[layers] = source.step(frozenset(layers))
-            m.steps += 1
+            m.held_out[layers] = step(layers)
     return m
 
 
@@ -193,32 +206,41 @@ def calibrate(
     min_rounds: int = MIN_ROUNDS,
     max_rounds: int = MAX_ROUNDS,
     held_out: int = HELD_OUT_PLACEMENTS,
+    on_step: Callable[[int, int], None] = lambda done, expected: None,
 ) -> tuple[CostModel, CostCalibration]:
     """Measures, fits and checks the cost model; returns it with the record the card keeps.
 
     Per block: ``block_parameters`` its frozen weights (its share of the graph figure: exact, where a measured
     share would carry the machine's noise into every block), ``adapter_parameters`` the card's adapter (its share
     of the adapter figure) and ``adapter_bytes_per_layer`` the adapter's memory (weights, gradient, AdamW's two
-    moments), as the trainer counts it.
+    moments), as the trainer counts it. ``on_step(done, expected)`` follows every step and may raise (cancel).
     """
     started = time.perf_counter()
     L = source.num_layers
     fitted = fit_placements(L)
     checks = held_out_placements(L, held_out, seed, fitted)
-    m = _measure(source, fitted, checks, max(1, min_rounds), max(min_rounds, max_rounds))
+    m = _measure(source, fitted, checks, max(1, min_rounds), max(min_rounds, max_rounds), on_step)
     timings = m.fitted
+    own, scale, notes = _clock(source, [s for v in timings.values() for s in v] + list(m.held_out.values()))
 
-    # The least of the rounds: on a shared machine noise only ever adds time (preemption, another process's
-    # cache traffic), and a plan's steps are best priced as they run undisturbed.
-    forward = [min(values) for values in zip(*m.forward)]  # N_ℓ
+    # On a shared machine noise only ever adds time (preemption, another process's cache traffic), and a plan's
+    # steps are best priced as they run undisturbed: the full placement's least time sets the scale. A busy spell
+    # slows a whole round alike, so each placement's time relative to the full placement's in the same round
+    # holds still: the median of those ratios sets the shape.
+    full_layers = tuple(range(L))
+    base = min(own(s) for s in timings[full_layers])
+    measured = {
+        layers: base * statistics.median(own(s) / own(f) for s, f in zip(samples, timings[full_layers]))
+        for layers, samples in timings.items()
+    }
+    forward = [min(values) * scale for values in zip(*m.forward)]  # N_ℓ, the least for the same reason
     graph_share, adapter_share = _shares(block_parameters), _shares(adapter_parameters)
-    measured = {layers: min(s.seconds for s in samples) for layers, samples in timings.items()}
     rows = np.asarray([_design(layers, graph_share, adapter_share) for layers in fitted])
     times = np.asarray([measured[layers] for layers in fitted])
     # Relative error: a fast placement's seconds count as much as a slow one's. The no-graph forward is known.
     a, b = rows / times[:, None], (times - sum(forward)) / times
     fixed, g, x = nnls(a, b)
-    notes = _bound_notes((fixed, g, x), a, b, len(fitted))
+    notes += _bound_notes((fixed, g, x), a, b, len(fitted))
 
     full, zero = timings[tuple(range(L))][-1], timings[(0,)][-1]  # bytes are exact: any sample will do
     graph = [g * w for w in graph_share]  # G_ℓ
@@ -248,7 +270,7 @@ def calibrate(
         )
 
     fit_records = [timing(layers, measured[layers], timings[layers][-1]) for layers in fitted]
-    held = [timing(layers, m.held_out[layers].seconds, m.held_out[layers]) for layers in checks]
+    held = [timing(layers, own(m.held_out[layers]), m.held_out[layers]) for layers in checks]
     step_p50, step_p90 = error_quantiles([h.predicted_seconds for h in held], [h.measured_seconds for h in held])
     mem_p50, mem_p90 = error_quantiles(
         [h.predicted_peak_memory_bytes for h in held], [h.measured_peak_memory_bytes for h in held]
@@ -261,7 +283,7 @@ def calibrate(
             "(a noisy or shared machine, or blocks that cost differently than the model assumes)"
         )
     record = CostCalibration(
-        method=METHOD,
+        method=METHOD + (CPU_CLOCK.format(scale=scale) if source.clock == "cpu" else ""),
         rounds=m.rounds,
         measured_steps=m.steps,
         seconds=time.perf_counter() - started,
@@ -276,6 +298,22 @@ def calibrate(
         notes=notes,
     )
     return cost, record
+
+
+def _clock(source: StepSource, samples: list[StepSample]) -> tuple[Callable[[StepSample], float], float, list[str]]:
+    """How a step's seconds are read: wall time, or the thread's CPU time scaled to wall time by the quietest
+    steps' ratio (the 10th percentile of wall / CPU: 1 on an idle machine)."""
+    if source.clock != "cpu":
+        return (lambda sample: sample.seconds), 1.0, []
+    ratios = [s.seconds / s.cpu_seconds for s in samples if s.cpu_seconds > 0]
+    scale = max(1.0, float(np.quantile(ratios, 0.1))) if ratios else 1.0
+    notes = []
+    if ratios and float(np.median(ratios)) > BUSY:
+        notes.append(
+            f"the machine was busy: a step's wall time was {np.median(ratios):.1f}x its own CPU time (median); "
+            "the figures are CPU time, which other processes do not inflate, scaled by the quietest steps' ratio"
+        )
+    return (lambda sample: sample.cpu_seconds * scale), scale, notes
 
 
 _FIGURES = (

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -86,12 +86,16 @@ def _enable_only(lora: dict[ModuleKey, nn.Module], layers: set[int]) -> None:
 
 @torch.no_grad()
 def measure_forward_nograd(
-    peft_model: nn.Module, blocks: nn.ModuleList, lora: dict[ModuleKey, nn.Module], batch: dict[str, torch.Tensor]
+    peft_model: nn.Module,
+    blocks: nn.ModuleList,
+    lora: dict[ModuleKey, nn.Module],
+    batch: dict[str, torch.Tensor],
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[float]:
     """Per-block forward time with no adapter and no autograd graph: blocks below a placement's lowest layer."""
     _enable_only(lora, set())
     try:
-        with StepProfiler(blocks, peft_model.base_model.model) as profiler:
+        with StepProfiler(blocks, peft_model.base_model.model, clock) as profiler:
             profiler.profile_step(lambda: _loss(peft_model, batch), backward=False)
     finally:
         _enable_only(lora, {index for index, _ in lora})
@@ -102,9 +106,10 @@ def measure_forward_nograd(
 class StepSample:
     """One measured training step: wall seconds and the bytes autograd saved for backward."""
 
-    seconds: float
+    seconds: float  # wall time
     saved_bytes: list[int]  # per block
     outside_saved_bytes: int  # embedding, head, loss
+    cpu_seconds: float = 0.0  # CPU time of the thread that ran it
 
 
 class TrainerSteps:
@@ -127,6 +132,10 @@ class TrainerSteps:
         self.model, self.blocks, self.lora, self.batch = peft_model, blocks, lora, batch
         self.num_layers = len(blocks)
         self.device = batch["input_ids"].device
+        # On a CPU with one intra-op thread, the calling thread's CPU time is the step's own work (backward runs
+        # on it too): the time slices a busy machine gives other processes do not count, so the figures hold
+        # still. Elsewhere (threads spinning on each other, a GPU's asynchronous kernels) only wall time will do.
+        self.clock = "cpu" if self.device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
         self._params: dict[int, list[torch.Tensor]] = {}
         for (index, _), layer in lora.items():
             self._params.setdefault(index, []).extend((layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight))
@@ -184,7 +193,7 @@ class TrainerSteps:
         handles += [b.register_forward_hook(self._leave_block) for b in self.blocks]
         try:
             sync(self.device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.thread_time()
             with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor):
                 loss = _loss(self.model, self.batch)
             self.optimizer.zero_grad(set_to_none=True)
@@ -192,15 +201,16 @@ class TrainerSteps:
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             self.optimizer.step()
             sync(self.device)
-            seconds = time.perf_counter() - start
+            seconds, cpu_seconds = time.perf_counter() - start, time.thread_time() - cpu_start
         finally:
             for handle in handles:
                 handle.remove()
             self._current = None
-        return StepSample(seconds, list(self._saved), self._outside)
+        return StepSample(seconds, list(self._saved), self._outside, cpu_seconds)
 
     def forward_nograd(self) -> list[float]:
-        return measure_forward_nograd(self.model, self.blocks, self.lora, self.batch)
+        clock = time.thread_time if self.clock == "cpu" else time.perf_counter
+        return measure_forward_nograd(self.model, self.blocks, self.lora, self.batch, clock)
 
 
 @torch.no_grad()

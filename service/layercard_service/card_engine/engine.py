@@ -134,6 +134,9 @@ def compute_card(
                 adapter_parameters=[per_layer_params] * L,
                 adapter_bytes_per_layer=[4 * per_layer_params * dtype_bytes] * L,  # weights, gradient, 2 moments
                 seed=settings.seed,
+                on_step=lambda done, expected: check(
+                    "calibrate", 0.8 + 0.08 * min(done / expected, 1.0), f"training step {done}/{expected}"
+                ),
             )
 
         check("serving", 0.88, "unmerged peft decoding latency")
@@ -247,14 +250,11 @@ def _training_cost(
         predicted_partial_step_seconds=partial.predicted_seconds,
         measured_partial_step_seconds=partial.measured_seconds,
         validation_layers=list(partial.layers),
-        step_time_relative_error=max(
-            abs(t.predicted_seconds - t.measured_seconds) / t.measured_seconds for t in checks
-        ),
+        step_time_relative_error=_worst([(t.predicted_seconds, t.measured_seconds) for t in checks]),
         predicted_full_peak_memory_bytes=full.predicted_peak_memory_bytes,
         measured_full_peak_memory_bytes=full.measured_peak_memory_bytes,
-        peak_memory_relative_error=max(
-            abs(t.predicted_peak_memory_bytes - t.measured_peak_memory_bytes) / t.measured_peak_memory_bytes
-            for t in checks
+        peak_memory_relative_error=_worst(
+            [(t.predicted_peak_memory_bytes, t.measured_peak_memory_bytes) for t in checks]
         ),
         batch_size=batch_size,
         seq_len=seq_len,
@@ -264,6 +264,11 @@ def _training_cost(
         forward_nograd_seconds=cost.forward_nograd_seconds,
         calibration=calibration,
     )
+
+
+def _worst(pairs: Sequence[tuple[float, float]]) -> float:
+    """The largest |predicted - measured| / measured over (predicted, measured) pairs."""
+    return max((abs(p - m) / m for p, m in pairs if m > 0), default=0.0)
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -67,8 +67,11 @@ class BlockProfile:
 class StepProfiler:
     """Hooks a model's blocks; ``profile_step(fn)`` runs one forward+backward and adds its costs."""
 
-    def __init__(self, blocks: nn.ModuleList, frozen: nn.Module) -> None:
+    def __init__(
+        self, blocks: nn.ModuleList, frozen: nn.Module, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
         self.blocks = blocks
+        self.clock = clock  # wall time; the process's CPU time where another process's time slices must not count
         self.device = next(blocks.parameters()).device
         self.profile = BlockProfile(len(blocks))
         self._weights = {p.untyped_storage().data_ptr() for p in frozen.parameters()}
@@ -89,7 +92,7 @@ class StepProfiler:
                 hidden.register_hook(lambda grad: self._mark(self._bwd_end, index))
             sync(self.device)
             self._current = index
-            self._t0 = time.perf_counter()
+            self._t0 = self.clock()
 
         return hook
 
@@ -98,7 +101,7 @@ class StepProfiler:
             if not self._enabled:
                 return
             sync(self.device)
-            self.profile.forward_seconds[index] += time.perf_counter() - self._t0
+            self.profile.forward_seconds[index] += self.clock() - self._t0
             self._current = None
             hidden = output[0] if isinstance(output, tuple) else output
             if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
@@ -108,7 +111,7 @@ class StepProfiler:
 
     def _mark(self, table: dict[int, float], index: int) -> None:
         sync(self.device)
-        table.setdefault(index, time.perf_counter())
+        table.setdefault(index, self.clock())
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._enabled:
@@ -147,13 +150,13 @@ class StepProfiler:
         self._enabled = True
         try:
             sync(self.device)
-            start = time.perf_counter()
+            start = self.clock()
             with self._saved_tensor_accounting():
                 loss = forward()
             if backward:
                 loss.backward()
             sync(self.device)
-            end = time.perf_counter()
+            end = self.clock()
         finally:
             self._enabled = False
             self._current = None

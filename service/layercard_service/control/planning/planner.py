@@ -79,10 +79,11 @@ def _validation(tc: TrainingCostCard) -> str:
     fit = tc.calibration
     if fit is None:
         return f"validated to {tc.step_time_relative_error:.0%} on a measured step"
-    return (
+    text = (
         f"fitted to {len(fit.fit)} measured placements; error on {len(fit.held_out)} held-out random placements "
         f"p50 {fit.step_error_p50:.0%}, p90 {fit.step_error_p90:.0%}"
     )
+    return text + (f"; the card's cost notes: {' '.join(fit.notes)}" if fit.notes else "")
 
 
 def _rationale(solution: Solution, request: PlanRequest, share: float, fraction: float, steps: int) -> str:
