@@ -24,7 +24,7 @@ with the value the unconstrained fit wanted: nothing is clipped silently. Then r
 each and interleaved with the rounds, give the held-out error (p50, p90) of step time and peak memory.
 
 Cost: (rounds x 5 + 8) training steps, most of them cheaper than a full-layer step, plus one no-grad forward a
-round; 2 rounds on a quiet machine (18 steps), up to 9 on a busy one (53) while the calibration is under 20 s.
+round; 2 rounds on a quiet machine (18 steps), up to 9 on a busy one (53) while the calibration is under 3 s.
 
 Memory needs no fit: the bytes saved for backward are counted exactly, per block, in the same steps.
 """
@@ -59,8 +59,9 @@ __all__ = [
 
 # Rounds over the fitted placements, interleaved. More than the minimum only while some placement's two least
 # measurements differ by more than AGREEMENT (a busy machine), up to the maximum, and only while the calibration has
-# run less than EXTRA_ROUNDS_SECONDS: a deep model's steps take seconds, and its rounds average more work already.
-MIN_ROUNDS, MAX_ROUNDS, AGREEMENT, EXTRA_ROUNDS_SECONDS = 2, 9, 0.05, 20.0
+# run less than EXTRA_ROUNDS_SECONDS: cheap where steps are cheap; a deep model's steps take seconds, and each
+# of its rounds averages more work already.
+MIN_ROUNDS, MAX_ROUNDS, AGREEMENT, EXTRA_ROUNDS_SECONDS = 2, 9, 0.05, 3.0
 HELD_OUT_PLACEMENTS = 8
 NOISY_ERROR = 0.15  # a held-out p90 above this is worth a note: plans' step times are rough on this machine
 METHOD = "nnls: fixed + no-graph forward (measured) + graph and adapter figures fitted to whole training steps"
