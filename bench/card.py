@@ -117,10 +117,22 @@ def card_seconds(model, tokenizer, probe: int, coupling: bool) -> tuple[float, d
     phases = {"setup": (marks[0][1] if marks else end) - start}
     for (phase, began), (_, ended) in zip(marks, [*marks[1:], ("end", end)]):
         phases[phase] = phases.get(phase, 0.0) + ended - began
+    calibration = card.training_cost.calibration
     return end - start, {
         "phase_seconds": phases,
         "step_time_relative_error": card.training_cost.step_time_relative_error,
         "peak_memory_relative_error": card.training_cost.peak_memory_relative_error,
+        # The fitted cost calibration: what it cost (training steps, rounds) and its held-out error.
+        "calibration": {
+            "measured_steps": calibration.measured_steps,
+            "rounds": calibration.rounds,
+            "seconds": calibration.seconds,
+            "step_error_p50": calibration.step_error_p50,
+            "step_error_p90": calibration.step_error_p90,
+            "memory_error_p50": calibration.memory_error_p50,
+            "memory_error_p90": calibration.memory_error_p90,
+            "notes": calibration.notes,
+        },
     }
 
 
@@ -280,6 +292,8 @@ def report(result: dict) -> str:
         "Card time by phase, over the floor: "
         + ", ".join(f"{k} {v:.2f}x" for k, v in result["phase_share_of_floor"].items()),
         "",
+        _calibration_line(result["card_runs"]),
+        "",
         "| model | parameters | layers | probe | floor s | card s | card / floor |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -289,6 +303,19 @@ def report(result: dict) -> str:
             f"{row['floor_seconds']:.2f} | {row['card_seconds']:.2f} | {row['card_over_floor']:.2f}x |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _calibration_line(runs: list[dict]) -> str:
+    """The cost calibration inside the card: its training steps and its error on held-out placements."""
+    fits = [run["calibration"] for run in runs if "calibration" in run]
+    if not fits:
+        return "Cost calibration: not recorded."
+    med = {key: statistics.median(f[key] for f in fits) for key in ("measured_steps", "rounds", "step_error_p90")}
+    return (
+        f"Cost calibration (the 'calibrate' phase): {med['measured_steps']:.0f} training steps in "
+        f"{med['rounds']:.0f} interleaved rounds (medians over runs); held-out step time error p90 "
+        f"{med['step_error_p90']:.1%}."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,13 +7,14 @@ Definitions of every column: METHOD.md, "Our definitions".
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from google.protobuf import json_format
 from rich import box
 from rich.table import Table
 
 from layercard.v1 import common_pb2, layer_card_pb2
+from layercard_client.cardcost import MIB as _MIB
+from layercard_client.cardcost import cost_error, costs_markdown
+from layercard_client.markdown import md_table
 
 __all__ = [
     "card_table",
@@ -26,7 +27,6 @@ __all__ = [
     "share_bar",
 ]
 
-_MIB = 1024 * 1024
 _BAR_WIDTH = 8
 _PARTIAL_BLOCKS = " ▏▎▍▌▋▊▉"  # eighths, so eight cells resolve 64 levels
 _TOP = 3
@@ -120,7 +120,8 @@ def card_table(card: layer_card_pb2.LayerCard) -> Table:
     measured = any(layer.HasField("measured_gain") for layer in card.layers)
     # Two-line headers: the values, not the names, should set the widths of a 13-column table.
     headers = ["#", "Res² share", "Res²", "split-\nhalf", "gain\nnats", "E_act", "eff.\nrank", "cond.", "fwd/bwd\nms"]
-    headers += ["act.\nMiB", "adapter\nparams", "peft\nms/tok"] + (["measured\ngain"] if measured else [])
+    headers += ["pass/no-\ngraph ms", "act.\nMiB", "adapter\nparams", "peft\nms/tok"]
+    headers += ["measured\ngain"] if measured else []
     for header in headers:
         table.add_column(header, justify="left" if header == "Res² share" else "right", no_wrap=True)
     top = {layer.index for layer in _top_layers(card)}
@@ -136,6 +137,7 @@ def card_table(card: layer_card_pb2.LayerCard) -> Table:
             f"{layer.effective_rank:.1f}",
             _num(layer.condition_number),
             f"{layer.forward_seconds * 1e3:.2f}/{layer.backward_seconds * 1e3:.2f}",
+            f"{layer.pass_through_seconds * 1e3:.2f}/{layer.no_graph_seconds * 1e3:.2f}",
             f"{layer.activation_bytes / _MIB:.2f}",
             f"{layer.adapter_parameters:,}",
             f"{layer.peft_serving_overhead_ms_per_token:.3f}",
@@ -150,10 +152,7 @@ def _caption(card: layer_card_pb2.LayerCard) -> str:
     lines = [_model_line(card), f"dataset {dataset_line(card)}", _probe_line(card)]
     if card.HasField("training_cost"):
         tc = card.training_cost
-        lines.append(
-            f"cost model error: step time {tc.step_time_relative_error:.1%}, "
-            f"peak memory {tc.peak_memory_relative_error:.1%} (batch {tc.batch_size} x {tc.seq_len} tokens)"
-        )
+        lines.append(f"cost model error: {cost_error(tc)} (batch {tc.batch_size} x {tc.seq_len} tokens)")
     lora = card.settings.lora
     rank = f"rank {lora.rank}, " if lora.rank else ""
     lines.append(f"adapter: {rank}modules {', '.join(module_types(card)) or 'all'}")
@@ -182,11 +181,17 @@ def card_summary(card: layer_card_pb2.LayerCard) -> str:
         lines.append(f"signal: split-half Res² is {split / plain:.0%} of plain Res²{noise}")
     if card.HasField("training_cost"):
         tc = card.training_cost
+        error = (
+            f"cost model error: {cost_error(tc)}"
+            if tc.HasField("calibration")
+            else f"cost model fit: step time error {tc.step_time_relative_error:.1%}, peak memory error "
+            f"{tc.peak_memory_relative_error:.1%}"
+        )
         lines.append(
-            f"cost model fit: step time error {tc.step_time_relative_error:.1%}, peak memory error "
-            f"{tc.peak_memory_relative_error:.1%}; full-layer step predicted {tc.predicted_full_step_seconds:.4f} s, "
+            f"{error}; full-layer step predicted {tc.predicted_full_step_seconds:.4f} s, "
             f"measured {tc.measured_full_step_seconds:.4f} s"
         )
+        lines += [f"cost model note: {note}" for note in tc.calibration.notes]
     sc = card.serving_cost
     if sc.HasField("vllm_overhead_fraction"):
         vllm = f"+{sc.vllm_overhead_fraction:.1%} over base ({sc.vllm_basis or 'measured'})"
@@ -207,17 +212,6 @@ def card_summary(card: layer_card_pb2.LayerCard) -> str:
             f"coupling: layers {i} and {j} overlap most (ρ = {rho:+.2f}); adapting both buys less than the sum"
         )
     return "\n".join(lines)
-
-
-def _md_cell(value: object) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _md_table(headers: list[str], rows: Iterable[list[object]], align: list[str] | None = None) -> list[str]:
-    align = align or ["---:"] * len(headers)
-    lines = ["| " + " | ".join(_md_cell(h) for h in headers) + " |", "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(_md_cell(cell) for cell in row) + " |" for row in rows]
-    return lines
 
 
 def _dataset_text(card: layer_card_pb2.LayerCard) -> str:
@@ -268,11 +262,12 @@ def _settings_rows(card: layer_card_pb2.LayerCard) -> list[list[object]]:
 def card_markdown(card: layer_card_pb2.LayerCard) -> str:
     """A self-contained Markdown report (settings, layers, modules, costs, coupling) for notes and reviews."""
     lines = [f"# Layer Card: {card.model or card.name}", ""]
-    lines += _md_table(["setting", "value"], _settings_rows(card), ["---", "---"])
+    lines += md_table(["setting", "value"], _settings_rows(card), ["---", "---"])
     lines += ["", "## Summary", ""] + [f"- {line}" for line in card_summary(card).splitlines()]
     measured = any(layer.HasField("measured_gain") for layer in card.layers)
     headers = ["layer", "Res² share", "Res²", "split-half Res²", "predicted gain (nats)", "E_act", "eff. rank"]
-    headers += ["cond.", "fwd ms", "bwd ms", "act. MiB", "adapter params", "adapter bytes", "peft ms/token"]
+    headers += ["cond.", "fwd ms", "bwd ms", "pass-through ms", "no-graph ms", "act. MiB", "pass-through act. MiB"]
+    headers += ["adapter params", "adapter bytes", "peft ms/token"]
     rows = []
     for layer in card.layers:
         row: list[object] = [
@@ -286,7 +281,10 @@ def card_markdown(card: layer_card_pb2.LayerCard) -> str:
             f"{layer.condition_number:.4g}",
             f"{layer.forward_seconds * 1e3:.3f}",
             f"{layer.backward_seconds * 1e3:.3f}",
+            f"{layer.pass_through_seconds * 1e3:.3f}",
+            f"{layer.no_graph_seconds * 1e3:.3f}",
             f"{layer.activation_bytes / _MIB:.3f}",
+            f"{layer.pass_through_activation_bytes / _MIB:.3f}",
             f"{layer.adapter_parameters:,}",
             f"{layer.adapter_bytes:,}",
             f"{layer.peft_serving_overhead_ms_per_token:.4f}",
@@ -296,7 +294,7 @@ def card_markdown(card: layer_card_pb2.LayerCard) -> str:
         rows.append(row)
     if measured:
         headers.append("measured gain")
-    lines += ["", "## Layers", "", *_md_table(headers, rows)]
+    lines += ["", "## Layers", "", *md_table(headers, rows)]
     module_rows = [
         [
             layer.index,
@@ -314,53 +312,14 @@ def card_markdown(card: layer_card_pb2.LayerCard) -> str:
     if module_rows:
         headers = ["layer", "module", "Res²", "split-half Res²", "E_act", "eff. rank", "cond.", "adapter params"]
         lines += ["", "## Modules", "", "Activation energies compare within a module type only.", ""]
-        lines += _md_table(headers, module_rows)
-    lines += _costs_markdown(card)
+        lines += md_table(headers, module_rows)
+    lines += costs_markdown(card)
     rows_rho = coupling_rows(card)
     if rows_rho:
         lines += ["", "## Coupling", "", "Function-space cosine ρ of the layers' whitened steps.", ""]
         headers = ["ρ"] + [str(j) for j in range(len(rows_rho))]
-        lines += _md_table(headers, ([i] + [f"{v:+.2f}" for v in row] for i, row in enumerate(rows_rho)))
+        lines += md_table(headers, ([i] + [f"{v:+.2f}" for v in row] for i, row in enumerate(rows_rho)))
     return "\n".join(lines) + "\n"
-
-
-def _costs_markdown(card: layer_card_pb2.LayerCard) -> list[str]:
-    lines: list[str] = []
-    if card.HasField("training_cost"):
-        tc = card.training_cost
-        validation = ", ".join(map(str, tc.validation_layers)) or "-"
-        lines += [
-            "",
-            "## Training cost",
-            "",
-            f"Per step at batch {tc.batch_size} x {tc.seq_len} tokens.",
-            "",
-            f"- fixed: {tc.fixed_seconds:.4f} s per step; per adapter: {tc.per_adapter_seconds:.4f} s",
-            f"- base memory: {tc.base_memory_bytes / _MIB:.1f} MiB",
-            f"- full-layer step: predicted {tc.predicted_full_step_seconds:.4f} s, "
-            f"measured {tc.measured_full_step_seconds:.4f} s",
-            f"- partial step (layers {validation}): predicted {tc.predicted_partial_step_seconds:.4f} s, "
-            f"measured {tc.measured_partial_step_seconds:.4f} s",
-            f"- full-layer peak memory: predicted {tc.predicted_full_peak_memory_bytes / _MIB:.1f} MiB, "
-            f"measured {tc.measured_full_peak_memory_bytes / _MIB:.1f} MiB",
-            f"- validation error: step time {tc.step_time_relative_error:.1%}, "
-            f"peak memory {tc.peak_memory_relative_error:.1%}",
-        ]
-    if card.HasField("serving_cost"):
-        sc = card.serving_cost
-        vllm = (
-            f"{sc.vllm_overhead_fraction:.1%} over base ({sc.vllm_basis or 'measured'})"
-            if sc.HasField("vllm_overhead_fraction")
-            else "not measured yet"
-        )
-        lines += [
-            "",
-            "## Serving cost",
-            "",
-            f"- unmerged peft: base {sc.peft_base_ms_per_token:.3f} ms/token, plus each adapted layer's overhead",
-            f"- vLLM (independent of the number of adapted layers): {vllm}",
-        ]
-    return lines
 
 
 def card_json(card: layer_card_pb2.LayerCard) -> str:

@@ -144,7 +144,7 @@ class ModuleStats(_message.Message):
     def __init__(self, module_type: _Optional[str] = ..., resnorm_sq: _Optional[float] = ..., resnorm_sq_split_half: _Optional[float] = ..., activation_energy: _Optional[float] = ..., effective_rank: _Optional[float] = ..., condition_number: _Optional[float] = ..., adapter_parameters: _Optional[int] = ...) -> None: ...
 
 class LayerStats(_message.Message):
-    __slots__ = ("index", "resnorm_sq", "resnorm_sq_split_half", "resnorm_share", "predicted_gain", "activation_energy", "effective_rank", "condition_number", "modules", "forward_seconds", "backward_seconds", "activation_bytes", "adapter_parameters", "adapter_bytes", "peft_serving_overhead_ms_per_token", "measured_gain", "residual_mean_square")
+    __slots__ = ("index", "resnorm_sq", "resnorm_sq_split_half", "resnorm_share", "predicted_gain", "activation_energy", "effective_rank", "condition_number", "modules", "forward_seconds", "backward_seconds", "activation_bytes", "adapter_parameters", "adapter_bytes", "peft_serving_overhead_ms_per_token", "measured_gain", "residual_mean_square", "pass_through_seconds", "no_graph_seconds", "pass_through_activation_bytes")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     RESNORM_SQ_FIELD_NUMBER: _ClassVar[int]
     RESNORM_SQ_SPLIT_HALF_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +162,9 @@ class LayerStats(_message.Message):
     PEFT_SERVING_OVERHEAD_MS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     MEASURED_GAIN_FIELD_NUMBER: _ClassVar[int]
     RESIDUAL_MEAN_SQUARE_FIELD_NUMBER: _ClassVar[int]
+    PASS_THROUGH_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NO_GRAPH_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PASS_THROUGH_ACTIVATION_BYTES_FIELD_NUMBER: _ClassVar[int]
     index: int
     resnorm_sq: float
     resnorm_sq_split_half: float
@@ -179,7 +182,10 @@ class LayerStats(_message.Message):
     peft_serving_overhead_ms_per_token: float
     measured_gain: float
     residual_mean_square: float
-    def __init__(self, index: _Optional[int] = ..., resnorm_sq: _Optional[float] = ..., resnorm_sq_split_half: _Optional[float] = ..., resnorm_share: _Optional[float] = ..., predicted_gain: _Optional[float] = ..., activation_energy: _Optional[float] = ..., effective_rank: _Optional[float] = ..., condition_number: _Optional[float] = ..., modules: _Optional[_Iterable[_Union[ModuleStats, _Mapping]]] = ..., forward_seconds: _Optional[float] = ..., backward_seconds: _Optional[float] = ..., activation_bytes: _Optional[int] = ..., adapter_parameters: _Optional[int] = ..., adapter_bytes: _Optional[int] = ..., peft_serving_overhead_ms_per_token: _Optional[float] = ..., measured_gain: _Optional[float] = ..., residual_mean_square: _Optional[float] = ...) -> None: ...
+    pass_through_seconds: float
+    no_graph_seconds: float
+    pass_through_activation_bytes: int
+    def __init__(self, index: _Optional[int] = ..., resnorm_sq: _Optional[float] = ..., resnorm_sq_split_half: _Optional[float] = ..., resnorm_share: _Optional[float] = ..., predicted_gain: _Optional[float] = ..., activation_energy: _Optional[float] = ..., effective_rank: _Optional[float] = ..., condition_number: _Optional[float] = ..., modules: _Optional[_Iterable[_Union[ModuleStats, _Mapping]]] = ..., forward_seconds: _Optional[float] = ..., backward_seconds: _Optional[float] = ..., activation_bytes: _Optional[int] = ..., adapter_parameters: _Optional[int] = ..., adapter_bytes: _Optional[int] = ..., peft_serving_overhead_ms_per_token: _Optional[float] = ..., measured_gain: _Optional[float] = ..., residual_mean_square: _Optional[float] = ..., pass_through_seconds: _Optional[float] = ..., no_graph_seconds: _Optional[float] = ..., pass_through_activation_bytes: _Optional[int] = ...) -> None: ...
 
 class CouplingMatrix(_message.Message):
     __slots__ = ("size", "values")
@@ -190,7 +196,7 @@ class CouplingMatrix(_message.Message):
     def __init__(self, size: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class TrainingCost(_message.Message):
-    __slots__ = ("fixed_seconds", "per_adapter_seconds", "base_memory_bytes", "predicted_full_step_seconds", "measured_full_step_seconds", "predicted_partial_step_seconds", "measured_partial_step_seconds", "validation_layers", "step_time_relative_error", "predicted_full_peak_memory_bytes", "measured_full_peak_memory_bytes", "peak_memory_relative_error", "batch_size", "seq_len")
+    __slots__ = ("fixed_seconds", "per_adapter_seconds", "base_memory_bytes", "predicted_full_step_seconds", "measured_full_step_seconds", "predicted_partial_step_seconds", "measured_partial_step_seconds", "validation_layers", "step_time_relative_error", "predicted_full_peak_memory_bytes", "measured_full_peak_memory_bytes", "peak_memory_relative_error", "batch_size", "seq_len", "calibration")
     FIXED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PER_ADAPTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BASE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +211,7 @@ class TrainingCost(_message.Message):
     PEAK_MEMORY_RELATIVE_ERROR_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     fixed_seconds: float
     per_adapter_seconds: float
     base_memory_bytes: int
@@ -219,7 +226,52 @@ class TrainingCost(_message.Message):
     peak_memory_relative_error: float
     batch_size: int
     seq_len: int
-    def __init__(self, fixed_seconds: _Optional[float] = ..., per_adapter_seconds: _Optional[float] = ..., base_memory_bytes: _Optional[int] = ..., predicted_full_step_seconds: _Optional[float] = ..., measured_full_step_seconds: _Optional[float] = ..., predicted_partial_step_seconds: _Optional[float] = ..., measured_partial_step_seconds: _Optional[float] = ..., validation_layers: _Optional[_Iterable[int]] = ..., step_time_relative_error: _Optional[float] = ..., predicted_full_peak_memory_bytes: _Optional[int] = ..., measured_full_peak_memory_bytes: _Optional[int] = ..., peak_memory_relative_error: _Optional[float] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ...) -> None: ...
+    calibration: CostCalibration
+    def __init__(self, fixed_seconds: _Optional[float] = ..., per_adapter_seconds: _Optional[float] = ..., base_memory_bytes: _Optional[int] = ..., predicted_full_step_seconds: _Optional[float] = ..., measured_full_step_seconds: _Optional[float] = ..., predicted_partial_step_seconds: _Optional[float] = ..., measured_partial_step_seconds: _Optional[float] = ..., validation_layers: _Optional[_Iterable[int]] = ..., step_time_relative_error: _Optional[float] = ..., predicted_full_peak_memory_bytes: _Optional[int] = ..., measured_full_peak_memory_bytes: _Optional[int] = ..., peak_memory_relative_error: _Optional[float] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., calibration: _Optional[_Union[CostCalibration, _Mapping]] = ...) -> None: ...
+
+class CostCalibration(_message.Message):
+    __slots__ = ("method", "rounds", "measured_steps", "duration", "graph_seconds_per_block", "adapter_seconds_per_block", "fit_placements", "held_out_placements", "step_error_p50", "step_error_p90", "memory_error_p50", "memory_error_p90", "notes")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DURATION_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_SECONDS_PER_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_SECONDS_PER_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    FIT_PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
+    HELD_OUT_PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
+    STEP_ERROR_P50_FIELD_NUMBER: _ClassVar[int]
+    STEP_ERROR_P90_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_ERROR_P50_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_ERROR_P90_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    rounds: int
+    measured_steps: int
+    duration: _duration_pb2.Duration
+    graph_seconds_per_block: float
+    adapter_seconds_per_block: float
+    fit_placements: _containers.RepeatedCompositeFieldContainer[PlacementTiming]
+    held_out_placements: _containers.RepeatedCompositeFieldContainer[PlacementTiming]
+    step_error_p50: float
+    step_error_p90: float
+    memory_error_p50: float
+    memory_error_p90: float
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, method: _Optional[str] = ..., rounds: _Optional[int] = ..., measured_steps: _Optional[int] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., graph_seconds_per_block: _Optional[float] = ..., adapter_seconds_per_block: _Optional[float] = ..., fit_placements: _Optional[_Iterable[_Union[PlacementTiming, _Mapping]]] = ..., held_out_placements: _Optional[_Iterable[_Union[PlacementTiming, _Mapping]]] = ..., step_error_p50: _Optional[float] = ..., step_error_p90: _Optional[float] = ..., memory_error_p50: _Optional[float] = ..., memory_error_p90: _Optional[float] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PlacementTiming(_message.Message):
+    __slots__ = ("layers", "measured_step_seconds", "predicted_step_seconds", "measured_peak_memory_bytes", "predicted_peak_memory_bytes")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    measured_step_seconds: float
+    predicted_step_seconds: float
+    measured_peak_memory_bytes: int
+    predicted_peak_memory_bytes: int
+    def __init__(self, layers: _Optional[_Iterable[int]] = ..., measured_step_seconds: _Optional[float] = ..., predicted_step_seconds: _Optional[float] = ..., measured_peak_memory_bytes: _Optional[int] = ..., predicted_peak_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class ServingCost(_message.Message):
     __slots__ = ("peft_base_ms_per_token", "vllm_overhead_fraction", "vllm_basis")

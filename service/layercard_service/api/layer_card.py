@@ -10,7 +10,7 @@ from layercard.v1 import common_pb2, layer_card_pb2, layer_card_pb2_grpc
 from layercard_service.api.paging import ProtoPage
 from layercard_service.control.cards import CardProgress, CardService, StoredCard
 from layercard_service.data.sources import DatasetRequest
-from layercard_service.domain.cards import CardDataset, CardSettings, LayerCardData
+from layercard_service.domain.cards import CardDataset, CardSettings, CostCalibration, LayerCardData, PlacementTiming
 from layercard_service.errors import InvalidArgument
 
 __all__ = ["LayerCardServicer", "card_to_proto", "dataset_request", "settings_from_proto"]
@@ -149,6 +149,13 @@ def card_to_proto(stored: StoredCard) -> layer_card_pb2.LayerCard:
         message.coupling.size = len(card.coupling)
         message.coupling.values.extend(v for row in card.coupling for v in row)
     t = card.training_cost
+    for index, layer in enumerate(message.layers):  # older cards lack some of these per-block lists: 0 there
+        if index < min(len(t.forward_pass_seconds), len(t.backward_pass_seconds)):
+            layer.pass_through_seconds = t.forward_pass_seconds[index] + t.backward_pass_seconds[index]
+        if index < len(t.forward_nograd_seconds):
+            layer.no_graph_seconds = t.forward_nograd_seconds[index]
+        if index < len(t.pass_activation_bytes):
+            layer.pass_through_activation_bytes = t.pass_activation_bytes[index]
     message.training_cost.CopyFrom(
         layer_card_pb2.TrainingCost(
             fixed_seconds=t.fixed_seconds,
@@ -167,12 +174,43 @@ def card_to_proto(stored: StoredCard) -> layer_card_pb2.LayerCard:
             seq_len=t.seq_len,
         )
     )
+    if t.calibration is not None:
+        message.training_cost.calibration.CopyFrom(_calibration_to_proto(t.calibration))
     s = card.serving_cost
     message.serving_cost.peft_base_ms_per_token = s.peft_base_ms_per_token
     message.serving_cost.vllm_basis = s.vllm_basis
     if s.vllm_overhead_fraction is not None:
         message.serving_cost.vllm_overhead_fraction = s.vllm_overhead_fraction
     return message
+
+
+def _calibration_to_proto(c: CostCalibration) -> layer_card_pb2.CostCalibration:
+    def timing(t: PlacementTiming) -> layer_card_pb2.PlacementTiming:
+        return layer_card_pb2.PlacementTiming(
+            layers=t.layers,
+            measured_step_seconds=t.measured_seconds,
+            predicted_step_seconds=t.predicted_seconds,
+            measured_peak_memory_bytes=t.measured_peak_memory_bytes,
+            predicted_peak_memory_bytes=t.predicted_peak_memory_bytes,
+        )
+
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(int(c.seconds * 1e9))
+    return layer_card_pb2.CostCalibration(
+        method=c.method,
+        rounds=c.rounds,
+        measured_steps=c.measured_steps,
+        duration=duration,
+        graph_seconds_per_block=c.graph_seconds_per_block,
+        adapter_seconds_per_block=c.adapter_seconds_per_block,
+        fit_placements=[timing(t) for t in c.fit],
+        held_out_placements=[timing(t) for t in c.held_out],
+        step_error_p50=c.step_error_p50,
+        step_error_p90=c.step_error_p90,
+        memory_error_p50=c.memory_error_p50,
+        memory_error_p90=c.memory_error_p90,
+        notes=c.notes,
+    )
 
 
 def _progress_to_proto(event: CardProgress) -> layer_card_pb2.ComputeLayerCardResponse:

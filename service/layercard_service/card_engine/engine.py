@@ -18,13 +18,15 @@ from torch import nn
 from layercard_service.card_engine import coupling as coupling_mod
 from layercard_service.card_engine import performance as performance_mod
 from layercard_service.card_engine.arch import detect_layout
-from layercard_service.card_engine.cost import CostModel, measure_forward_nograd, measure_peft_serving, measure_step
+from layercard_service.card_engine.calibration import calibrate
+from layercard_service.card_engine.cost import CostModel, TrainerSteps, measure_peft_serving
 from layercard_service.card_engine.probe import ModuleKey, attach_lora, lora_modules, module_type, run_probe
 from layercard_service.card_engine.resnorm import ModuleFigures, module_figures
 from layercard_service.data.encode import EncodeConfig, collate, encode_examples
 from layercard_service.data.jsonl import Example
 from layercard_service.domain.cards import (
     CardSettings,
+    CostCalibration,
     LayerCardData,
     LayerCardRow,
     ModuleCard,
@@ -119,32 +121,23 @@ def compute_card(
             for key, p in probe.modules.items()
         }
 
-        check("calibrate", 0.8, "per-block cost calibration")
         L = layout.num_layers
-        passthrough = measure_step(peft_model, blocks, lora, batches[0], {0})
-        nograd_forward = measure_forward_nograd(peft_model, blocks, lora, batches[0])
-        validation_layers = list(range(L // 2, L))
-        validation = min(  # the better of two steps: one step is at the mercy of a noisy machine
-            (measure_step(peft_model, blocks, lora, batches[0], set(validation_layers)) for _ in range(2)),
-            key=lambda profile: profile.step_seconds,
-        )
         per_layer_params = layout.adapter_parameters(types, settings.rank)
-        full = min(  # every block adapted, as in the probe pass but without its hooks
-            (measure_step(peft_model, blocks, lora, batches[0], set(range(L))) for _ in range(2)),
-            key=lambda profile: profile.step_seconds,
-        )
-        cost = CostModel(
-            forward_seconds=full.forward_seconds,
-            forward_pass_seconds=[full.forward_seconds[0], *passthrough.forward_seconds[1:]],
-            forward_nograd_seconds=nograd_forward,
-            backward_adapted_seconds=full.backward_seconds,
-            backward_pass_seconds=[full.backward_seconds[0], *passthrough.backward_seconds[1:]],
-            saved_adapted_bytes=full.saved_bytes,
-            saved_pass_bytes=[full.saved_bytes[0], *passthrough.saved_bytes[1:]],
-            fixed_seconds=full.fixed_seconds,
-            static_bytes=weight_bytes + full.outside_saved_bytes,
-            adapter_bytes_per_layer=[4 * per_layer_params * dtype_bytes] * L,
-        )
+        check("calibrate", 0.8, "cost calibration: training steps of several placements, fitted, then held out")
+        with TrainerSteps(peft_model, blocks, lora, batches[0]) as steps:
+            cost, calibration = calibrate(
+                steps,
+                weight_bytes=weight_bytes,
+                block_parameters=[
+                    sum(p.numel() for name, p in block.named_parameters() if "lora_" not in name) for block in blocks
+                ],
+                adapter_parameters=[per_layer_params] * L,
+                adapter_bytes_per_layer=[4 * per_layer_params * dtype_bytes] * L,  # weights, gradient, 2 moments
+                seed=settings.seed,
+                on_step=lambda done, expected: check(
+                    "calibrate", 0.8 + 0.08 * min(done / expected, 1.0), f"training step {done}/{expected}"
+                ),
+            )
 
         check("serving", 0.88, "unmerged peft decoding latency")
         prompt = batches[0]["input_ids"][:1, : max(1, int(batches[0]["attention_mask"][0].sum()))]
@@ -198,36 +191,7 @@ def compute_card(
         row.residual_mean_square = stream
     for row, gain in zip(rows, measured_gains or ()):
         row.measured_gain = gain
-    measured_full_bytes = cost.peak_bytes(range(L))
-    predicted_partial = cost.step_seconds(validation_layers)
-    predicted_partial_bytes = cost.peak_bytes(validation_layers)
-    measured_partial_bytes = (
-        cost.static_bytes
-        + sum(validation.saved_bytes)
-        + sum(cost.adapter_bytes_per_layer[i] for i in validation_layers)
-    )
-    training = TrainingCostCard(
-        fixed_seconds=cost.fixed_seconds,
-        per_adapter_seconds=_mean(
-            [a - p for a, p in zip(cost.backward_adapted_seconds[1:], cost.backward_pass_seconds[1:])]
-        ),
-        base_memory_bytes=cost.static_bytes,
-        predicted_full_step_seconds=cost.step_seconds(range(L)),
-        measured_full_step_seconds=full.step_seconds,
-        predicted_partial_step_seconds=predicted_partial,
-        measured_partial_step_seconds=validation.step_seconds,
-        validation_layers=validation_layers,
-        step_time_relative_error=abs(predicted_partial - validation.step_seconds) / validation.step_seconds,
-        predicted_full_peak_memory_bytes=cost.peak_bytes(range(L)),
-        measured_full_peak_memory_bytes=measured_full_bytes,
-        peak_memory_relative_error=abs(predicted_partial_bytes - measured_partial_bytes) / measured_partial_bytes,
-        batch_size=probe.batch_size,
-        seq_len=probe.seq_len,
-        backward_pass_seconds=cost.backward_pass_seconds,
-        pass_activation_bytes=cost.saved_pass_bytes,
-        forward_pass_seconds=cost.forward_pass_seconds,
-        forward_nograd_seconds=cost.forward_nograd_seconds,
-    )
+    training = _training_cost(cost, calibration, L, probe.batch_size, probe.seq_len)
     check("done", 1.0, "card complete")
     return LayerCardData(
         model=model_name,
@@ -267,6 +231,44 @@ def _unsupported(architecture: str, phase: str, exc: Exception) -> FailedPrecond
         reason="UNSUPPORTED_ARCHITECTURE",
         metadata={"architecture": architecture, "phase": phase, "error": type(exc).__name__},
     )
+
+
+def _training_cost(
+    cost: CostModel, calibration: CostCalibration, num_layers: int, batch_size: int, seq_len: int
+) -> TrainingCostCard:
+    """The card's cost record: the fitted figures, the full and upper-half steps among the fitted placements, and
+    as the validation error the worst held-out placement (p50 and p90 in ``calibration``)."""
+    by_layers = {tuple(t.layers): t for t in calibration.fit}
+    full, partial = by_layers[tuple(range(num_layers))], by_layers[tuple(range(num_layers // 2, num_layers))]
+    checks = calibration.held_out or calibration.fit
+    return TrainingCostCard(
+        fixed_seconds=cost.fixed_seconds,
+        per_adapter_seconds=_mean([a - p for a, p in zip(cost.backward_adapted_seconds, cost.backward_pass_seconds)]),
+        base_memory_bytes=cost.static_bytes,
+        predicted_full_step_seconds=full.predicted_seconds,
+        measured_full_step_seconds=full.measured_seconds,
+        predicted_partial_step_seconds=partial.predicted_seconds,
+        measured_partial_step_seconds=partial.measured_seconds,
+        validation_layers=list(partial.layers),
+        step_time_relative_error=_worst([(t.predicted_seconds, t.measured_seconds) for t in checks]),
+        predicted_full_peak_memory_bytes=full.predicted_peak_memory_bytes,
+        measured_full_peak_memory_bytes=full.measured_peak_memory_bytes,
+        peak_memory_relative_error=_worst(
+            [(t.predicted_peak_memory_bytes, t.measured_peak_memory_bytes) for t in checks]
+        ),
+        batch_size=batch_size,
+        seq_len=seq_len,
+        backward_pass_seconds=cost.backward_pass_seconds,
+        pass_activation_bytes=cost.saved_pass_bytes,
+        forward_pass_seconds=cost.forward_pass_seconds,
+        forward_nograd_seconds=cost.forward_nograd_seconds,
+        calibration=calibration,
+    )
+
+
+def _worst(pairs: Sequence[tuple[float, float]]) -> float:
+    """The largest |predicted - measured| / measured over (predicted, measured) pairs."""
+    return max((abs(p - m) / m for p, m in pairs if m > 0), default=0.0)
 
 
 def _mean(values: Sequence[float]) -> float:

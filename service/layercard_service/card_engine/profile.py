@@ -21,10 +21,10 @@ from torch import nn
 
 from layercard_service.card_engine.tokens import block_input
 
-__all__ = ["BlockProfile", "StepProfiler"]
+__all__ = ["BlockProfile", "StepProfiler", "sync"]
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -67,8 +67,11 @@ class BlockProfile:
 class StepProfiler:
     """Hooks a model's blocks; ``profile_step(fn)`` runs one forward+backward and adds its costs."""
 
-    def __init__(self, blocks: nn.ModuleList, frozen: nn.Module) -> None:
+    def __init__(
+        self, blocks: nn.ModuleList, frozen: nn.Module, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
         self.blocks = blocks
+        self.clock = clock  # wall time; the process's CPU time where another process's time slices must not count
         self.device = next(blocks.parameters()).device
         self.profile = BlockProfile(len(blocks))
         self._weights = {p.untyped_storage().data_ptr() for p in frozen.parameters()}
@@ -87,9 +90,9 @@ class StepProfiler:
             hidden = block_input(args, kwargs)
             if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
                 hidden.register_hook(lambda grad: self._mark(self._bwd_end, index))
-            _sync(self.device)
+            sync(self.device)
             self._current = index
-            self._t0 = time.perf_counter()
+            self._t0 = self.clock()
 
         return hook
 
@@ -97,8 +100,8 @@ class StepProfiler:
         def hook(module, args, kwargs, output):
             if not self._enabled:
                 return
-            _sync(self.device)
-            self.profile.forward_seconds[index] += time.perf_counter() - self._t0
+            sync(self.device)
+            self.profile.forward_seconds[index] += self.clock() - self._t0
             self._current = None
             hidden = output[0] if isinstance(output, tuple) else output
             if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
@@ -107,8 +110,8 @@ class StepProfiler:
         return hook
 
     def _mark(self, table: dict[int, float], index: int) -> None:
-        _sync(self.device)
-        table.setdefault(index, time.perf_counter())
+        sync(self.device)
+        table.setdefault(index, self.clock())
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._enabled:
@@ -146,14 +149,14 @@ class StepProfiler:
         self._bwd_end.clear()
         self._enabled = True
         try:
-            _sync(self.device)
-            start = time.perf_counter()
+            sync(self.device)
+            start = self.clock()
             with self._saved_tensor_accounting():
                 loss = forward()
             if backward:
                 loss.backward()
-            _sync(self.device)
-            end = time.perf_counter()
+            sync(self.device)
+            end = self.clock()
         finally:
             self._enabled = False
             self._current = None

@@ -7,9 +7,11 @@ import dataclasses
 from layercard_service.domain.cards import (
     CardDataset,
     CardSettings,
+    CostCalibration,
     LayerCardData,
     LayerCardRow,
     ModuleCard,
+    PlacementTiming,
     ServingCostCard,
     TrainingCostCard,
 )
@@ -19,6 +21,17 @@ __all__ = ["card_to_dict", "card_from_dict"]
 
 def card_to_dict(card: LayerCardData) -> dict:
     return dataclasses.asdict(card)
+
+
+def _training_cost(raw: dict) -> TrainingCostCard:
+    fields = dict(raw)
+    calibration = fields.pop("calibration", None)  # absent on cards calibrated from one hooked step per block
+    if calibration is not None:
+        calibration = dict(calibration)
+        for key in ("fit", "held_out"):
+            calibration[key] = [PlacementTiming(**timing) for timing in calibration[key]]
+        calibration = CostCalibration(**calibration)
+    return TrainingCostCard(calibration=calibration, **fields)
 
 
 def card_from_dict(raw: dict) -> LayerCardData:
@@ -35,7 +48,7 @@ def card_from_dict(raw: dict) -> LayerCardData:
         dataset=CardDataset(**dataset) if dataset is not None else None,
         settings=CardSettings(**settings),
         layers=rows,
-        training_cost=TrainingCostCard(**fields.pop("training_cost")),
+        training_cost=_training_cost(fields.pop("training_cost")),
         serving_cost=ServingCostCard(**fields.pop("serving_cost")),
         **fields,
     )

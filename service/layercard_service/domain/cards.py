@@ -12,6 +12,8 @@ __all__ = [
     "CardSettings",
     "ModuleCard",
     "LayerCardRow",
+    "PlacementTiming",
+    "CostCalibration",
     "TrainingCostCard",
     "ServingCostCard",
     "LayerCardData",
@@ -101,6 +103,37 @@ class LayerCardRow:
 
 
 @dataclass
+class PlacementTiming:
+    """One measured placement of the cost calibration: a real training step beside the fitted model's figures."""
+
+    layers: list[int]
+    measured_seconds: float  # the least over the calibration's rounds (held-out placements: one step)
+    predicted_seconds: float
+    measured_peak_memory_bytes: int  # the trainer's basis: weights + bytes saved for backward + 4x adapter bytes
+    predicted_peak_memory_bytes: int
+
+
+@dataclass
+class CostCalibration:
+    """How the per-block time figures were fitted to measured steps, and how well they predict placements the fit
+    never saw (card_engine/calibration.py). Every fitted figure at its bound is named in ``notes``."""
+
+    method: str
+    rounds: int  # interleaved repetitions of each fitted placement
+    measured_steps: int  # training steps the calibration ran (fitted and held-out), forward-only passes excluded
+    seconds: float  # wall time of the calibration
+    graph_seconds_per_block: float  # fitted: a block inside the backward graph, beyond its no-graph forward
+    adapter_seconds_per_block: float  # fitted: an adapted block's extra (mean over blocks)
+    fit: list[PlacementTiming]
+    held_out: list[PlacementTiming]  # random placements measured after the fit, not used by it
+    step_error_p50: float  # relative error |predicted - measured| / measured of the held-out step times
+    step_error_p90: float
+    memory_error_p50: float
+    memory_error_p90: float
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
 class TrainingCostCard:
     fixed_seconds: float
     per_adapter_seconds: float
@@ -122,6 +155,8 @@ class TrainingCostCard:
     pass_activation_bytes: list[int] = field(default_factory=list)
     forward_pass_seconds: list[float] = field(default_factory=list)
     forward_nograd_seconds: list[float] = field(default_factory=list)
+    # How the figures were fitted and their held-out error; None on cards calibrated from one hooked step per block.
+    calibration: CostCalibration | None = None
 
 
 @dataclass

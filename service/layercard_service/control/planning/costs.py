@@ -120,12 +120,16 @@ def shape_costs(card: LayerCardData, shape: Shape) -> ShapeCosts:
     scale = [p / c for p, c in zip(params, card_params)]
     adapted = [r.forward_seconds + r.backward_seconds for r in rows]
     passing = [f + b for f, b in zip(tc.forward_pass_seconds, tc.backward_pass_seconds)]
-    # Block 0 has no pass-through regime: its adapted figure stands for both, so its adapter share is unknown;
-    # borrow block 1's relative share.
-    extra = [max(a - p, 0.0) for a, p in zip(adapted, passing)]
-    if L > 1 and extra[0] == 0.0 and passing[1] > 0:
-        extra[0] = adapted[0] * extra[1] / adapted[1]
-        passing[0] = adapted[0] - extra[0]
+    if tc.calibration is not None:
+        # Fitted figures: adapted = pass-through + a non-negative adapter share, block 0 included.
+        extra = [a - p for a, p in zip(adapted, passing)]
+    else:
+        # One hooked step per block. Block 0 has no pass-through regime: its adapted figure stands for both, so
+        # its adapter share is unknown; borrow block 1's relative share.
+        extra = [max(a - p, 0.0) for a, p in zip(adapted, passing)]
+        if L > 1 and extra[0] == 0.0 and passing[1] > 0:
+            extra[0] = adapted[0] * extra[1] / adapted[1]
+            passing[0] = adapted[0] - extra[0]
     extra_bytes = [max(r.activation_bytes - p, 0) for r, p in zip(rows, tc.pass_activation_bytes)]
     param_bytes = rows[0].adapter_bytes // max(1, rows[0].adapter_parameters) or 4
     return ShapeCosts(

@@ -8,7 +8,7 @@ from typing import Protocol
 
 from layercard_service.control.cards import CARD_PREFIX, CardService
 from layercard_service.control.planning.solver import Solution, gain_basis, solve
-from layercard_service.domain.cards import LayerCardData
+from layercard_service.domain.cards import LayerCardData, TrainingCostCard
 from layercard_service.domain.plans import Estimate, Plan, PlanRequest
 from layercard_service.errors import InvalidArgument
 
@@ -24,10 +24,7 @@ def plan_placement(card: LayerCardData, request: PlanRequest, card_name: str = "
     chosen, full, costs = solution.chosen, solution.full, solution.costs
     tc = card.training_cost
     low = min(chosen.layers)
-    calibration = (
-        f"per-block calibration on the card (batch {tc.batch_size}, {tc.seq_len} tokens; "
-        f"validated to {tc.step_time_relative_error:.0%} on a measured step)"
-    )
+    calibration = f"per-block calibration on the card (batch {tc.batch_size}, {tc.seq_len} tokens; {_validation(tc)})"
     step_basis = f"{calibration}: no-graph forward below block {low}, backward from block {low} up"
     if chosen.shape.rank != card.settings.rank or set(chosen.shape.modules) != set(card.module_types):
         step_basis += "; adapter share of adapted blocks scaled by adapter parameters"
@@ -76,6 +73,17 @@ def plan_placement(card: LayerCardData, request: PlanRequest, card_name: str = "
         score=solution.score,
         layer_card=card_name,
     )
+
+
+def _validation(tc: TrainingCostCard) -> str:
+    fit = tc.calibration
+    if fit is None:
+        return f"validated to {tc.step_time_relative_error:.0%} on a measured step"
+    text = (
+        f"fitted to {len(fit.fit)} measured placements; error on {len(fit.held_out)} held-out random placements "
+        f"p50 {fit.step_error_p50:.0%}, p90 {fit.step_error_p90:.0%}"
+    )
+    return text + (f"; the card's cost notes: {' '.join(fit.notes)}" if fit.notes else "")
 
 
 def _rationale(solution: Solution, request: PlanRequest, share: float, fraction: float, steps: int) -> str:

@@ -170,12 +170,26 @@ def _infeasible(candidates: list[Candidate], request: PlanRequest, full: Candida
         if kind.report and value is not None:
             metadata[kind.report] = format(value, kind.report_format)
     metadata["violated_limits"] = ",".join(sorted(over))
+    exceeded = ", ".join(
+        f"{kind.name} ({_figure(kind.measure(cheapest, full), kind.unit)} > {_figure(budget_limit, kind.unit)})"
+        for kind in BUDGET_KINDS
+        if kind.name in over and (budget_limit := request.budget.limit(kind)) is not None
+    )
     return FailedPrecondition(
-        f"no placement fits the budget; the cheapest (layers {list(cheapest.layers)}, rank {cheapest.shape.rank}) "
-        f"still exceeds {', '.join(sorted(over))}",
+        f"no placement fits the budget; the cheapest is layers {list(cheapest.layers)} at rank {cheapest.shape.rank} "
+        f"with a predicted step of {cheapest.step_seconds:.4g} s, {cheapest.step_seconds / full.step_seconds:.2f} "
+        f"of full-layer LoRA's {full.step_seconds:.4g} s, and it still exceeds {exceeded}",
         reason="BUDGET_INFEASIBLE",
         metadata=metadata,
     )
+
+
+def _figure(value: float | None, unit: str) -> str:
+    if value is None:
+        return "unknown"
+    if unit in ("bytes", "params", "layers"):
+        return f"{int(value):,}"
+    return f"{value:.4g}"
 
 
 def solve(card: LayerCardData, request: PlanRequest) -> Solution:
