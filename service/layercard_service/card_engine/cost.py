@@ -23,7 +23,7 @@ from torch import nn
 
 from layercard_service.card_engine.probe import ADAPTER, ModuleKey
 from layercard_service.card_engine.profile import StepProfiler, sync
-from layercard_service.data.encode import IGNORE_INDEX
+from layercard_service.models.head import head_plan, training_loss
 from layercard_service.trainer.loop import MAX_GRAD_NORM
 
 __all__ = ["CostModel", "StepSample", "TrainerSteps", "measure_forward_nograd", "measure_peft_serving"]
@@ -65,15 +65,9 @@ class CostModel:
 
 
 def _loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    logits = (
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        .logits[:, :-1]
-        .float()
-    )
-    targets = batch["labels"][:, 1:]
-    return nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
-    )
+    """The trainer's own objective (the head at labelled positions only, where that is exact), so the steps the
+    calibration times cost what a job's steps cost."""
+    return training_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
 
 
 def _enable_only(lora: dict[ModuleKey, nn.Module], layers: set[int]) -> None:
@@ -93,6 +87,7 @@ def measure_forward_nograd(
     clock: Callable[[], float] = time.perf_counter,
 ) -> list[float]:
     """Per-block forward time with no adapter and no autograd graph: blocks below a placement's lowest layer."""
+    head_plan(peft_model)  # its one-time check runs a forward of its own: before the profiler's hooks go on
     _enable_only(lora, set())
     try:
         with StepProfiler(blocks, peft_model.base_model.model, clock) as profiler:
