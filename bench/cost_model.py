@@ -37,6 +37,57 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# --- 1, 2 and 6: the card's held-out error, its stability, its own cost ------------------------------------------
+def cards(model_spec: str, task: str, probe: int, seed_sets: int = 64) -> dict:
+    """Two cards of the same model, data and settings: held-out errors, plan disagreement, card time / floor."""
+    import random
+
+    from bench.card import floor_seconds
+    from layercard_service.card_engine.engine import compute_card
+    from layercard_service.control.planning.costs import Shape, shape_costs
+    from layercard_service.data.tasks import get_task
+    from layercard_service.domain.cards import CardSettings
+    from layercard_service.models.builtin import builtin_model_path
+    from layercard_service.models.loading import load_model
+
+    model, tokenizer = load_model(builtin_model_path(model_spec))
+    examples = get_task(task).train[:probe]
+    settings = CardSettings(probe_size=probe)
+    floor = floor_seconds(model, tokenizer, probe, examples=examples)
+    made, seconds = [], []
+    for _ in range(2):
+        start = time.perf_counter()
+        made.append(compute_card(model, tokenizer, examples, settings, model_spec))
+        seconds.append(time.perf_counter() - start)
+    n = made[0].num_layers
+    rng = random.Random(0)
+    sets = [tuple(range(n))] + [(i,) for i in range(n)] + [tuple(range(k, n)) for k in range(1, n)]
+    sets += [tuple(sorted(rng.sample(range(n), rng.randint(1, n)))) for _ in range(seed_sets)]
+
+    def fractions(card) -> list[float]:
+        costs = shape_costs(card, Shape(card.settings.rank, tuple(card.module_types)))
+        full = costs.step_seconds(range(n))
+        return [costs.step_seconds(layers) / full for layers in sets]
+
+    first, second = fractions(made[0]), fractions(made[1])
+    calibrations = [card.training_cost.calibration for card in made]
+    return {
+        "model": model_spec,
+        "probe": probe,
+        "floor_seconds": floor,
+        "card_seconds": seconds,
+        "card_over_floor": statistics.median(seconds) / floor,
+        "step_error_p50": [c.step_error_p50 for c in calibrations],
+        "step_error_p90": [c.step_error_p90 for c in calibrations],
+        "memory_error_p90": [c.memory_error_p90 for c in calibrations],
+        "calibration_steps": [c.measured_steps for c in calibrations],
+        "calibration_seconds": [c.seconds for c in calibrations],
+        "notes": [c.notes for c in calibrations],
+        "placements_compared": len(sets),
+        "plan_disagreement": max(abs(b / a - 1) for a, b in zip(first, second, strict=True)),
+    }
+
+
 # --- 3 and 4: steps above the lowest adapted block, on the real model -------------------------------------------
 def step_fractions(rounds: int, batch_size: int) -> dict:
     """Median step seconds of full-layer LoRA and of the top quarter without / with the prefix cache, A B C A B C."""
@@ -129,11 +180,20 @@ def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     command = "python -m bench.cost_model " + " ".join(argv if argv is not None else sys.argv[1:])
     info = machine(torch=torch.__version__, transformers=version("transformers"), torch_threads=torch.get_num_threads())
+    print("[cards] builtin:tiny, twice", flush=True)
+    tiny = cards("builtin:tiny", "builtin:cipher", 64)
+    print("[cards] the real model, twice", flush=True)
+    real = cards(REAL, TASK, 32)
     print("[steps] full-layer vs top quarter without / with the prefix cache, on the real model", flush=True)
     steps = step_fractions(args.rounds, args.batch_size)
     print("[ddp] 2 gloo processes vs 1", flush=True)
     ddp = data_parallel()
     headline = {
+        "step_error_p90_tiny": max(tiny["step_error_p90"]),
+        "step_error_p90_real": max(real["step_error_p90"]),
+        "memory_error_p90_real": max(real["memory_error_p90"]),
+        "recompute_plan_disagreement_real": real["plan_disagreement"],
+        "card_over_floor_real": real["card_over_floor"],
         "top_quarter_step_fraction_real": steps["top_quarter_step_fraction_real"],
         "top_quarter_step_fraction_real_nocache": steps["top_quarter_step_fraction_real_nocache"],
         "prefix_cache_max_loss_diff": steps["prefix_cache_max_loss_diff"],
@@ -145,11 +205,28 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info,
         "settings": vars(args),
         "headline": headline,
+        "cards": {"tiny": tiny, "real": real},
         "steps": steps,
         "data_parallel": ddp,
     }
     write_results("cost_model", result, report(result))
     return 0
+
+
+def card_rows(cards: dict) -> list[str]:
+    rows = []
+    for c in cards.values():
+        p90 = ", ".join(f"{e:.1%}" for e in c["step_error_p90"])
+        rows += [
+            f"| {c['model']}: held-out step-time error p90, two cards (8 random placements each) | {p90} |",
+            f"| {c['model']}: held-out memory error p90 | {', '.join(f'{e:.1%}' for e in c['memory_error_p90'])} |",
+            f"| {c['model']}: largest disagreement of the two cards' predicted step fractions "
+            f"({c['placements_compared']} placements) | {c['plan_disagreement']:.1%} |",
+            f"| {c['model']}: card time / floor (one LoRA fwd+bwd over the probe of {c['probe']}: "
+            f"{c['floor_seconds']:.1f} s) | {c['card_over_floor']:.1f}x (calibration: "
+            f"{c['calibration_steps'][0]} steps, {c['calibration_seconds'][0]:.1f} s) |",
+        ]
+    return rows
 
 
 def report(result: dict) -> str:
@@ -164,6 +241,7 @@ def report(result: dict) -> str:
             "",
             "| figure | value |",
             "| --- | --- |",
+            *card_rows(result["cards"]),
             f"| full-layer LoRA step on {REAL} (batch {steps['batch'][0]} x {steps['batch'][1]} tokens, head only "
             f"at labelled positions) | {med['full_layer']:.2f} s |",
             f"| top quarter (blocks {steps['top_layers'][0]}-{steps['top_layers'][-1]}), no cache / full-layer | "
