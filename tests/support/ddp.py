@@ -160,10 +160,12 @@ def _rank(rank: int, world_size: int, port: int, scenario: str, run: Any, workdi
 
     dp = DataParallel.from_env()
     dp.start()
+    clean = False
     try:
         result = SCENARIOS[scenario](run, dp, Path(workdir))
+        clean = result.get("exit_code", 0) == 0
     finally:
-        dp.stop()
+        dp.stop(clean=clean)
     torch.save(result, Path(workdir) / f"{scenario}-rank{rank}.pt")
 
 

@@ -23,7 +23,8 @@ from torch import nn
 
 from layercard_service.card_engine.probe import ADAPTER, ModuleKey
 from layercard_service.card_engine.profile import StepProfiler, sync
-from layercard_service.models.head import head_plan, training_loss
+from layercard_service.data.encode import IGNORE_INDEX
+from layercard_service.models.head import completion_loss, head_plan
 from layercard_service.trainer.loop import MAX_GRAD_NORM
 
 __all__ = ["CostModel", "StepSample", "TrainerSteps", "measure_forward_nograd", "measure_peft_serving"]
@@ -65,9 +66,16 @@ class CostModel:
 
 
 def _loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The trainer's own objective (the head at labelled positions only, where that is exact), so the steps the
-    calibration times cost what a job's steps cost."""
-    return training_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    """The trainer's objective where it is head-only (the head at labelled positions), so the steps the calibration
+    times cost what a job's steps cost; else the completion cross-entropy from the model's full logits (a model
+    that only returns logits has no loss of its own to fall back on)."""
+    if head_plan(model).head_only:
+        return completion_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    targets = batch["labels"][:, 1:]
+    return nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
 
 
 def _enable_only(lora: dict[ModuleKey, nn.Module], layers: set[int]) -> None:

@@ -24,6 +24,7 @@ imports this module before it knows whether it has anything to train.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     from layercard_service.trainer.evaluate import EvalResult
 
 __all__ = ["SINGLE", "DataParallel", "PeerLost", "shard_loss"]
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # a rank waits this long for a peer that neither answers nor dies
@@ -97,12 +100,20 @@ class DataParallel:
             backend = "cpu:gloo,cuda:nccl"
         distributed.init_process_group(backend, rank=self.rank, world_size=self.world_size, timeout=COLLECTIVE_TIMEOUT)
 
-    def stop(self) -> None:
+    def stop(self, clean: bool = False) -> None:
+        """Leaves the process group. ``clean`` (this rank finished its work): first wait for every peer to finish
+        too, so no rank tears its connections down while a peer is still in the last collective (gloo aborts the
+        peer's process then). A rank that failed leaves at once: its peers may be blocked on it."""
         if not self.enabled:
             return
         from torch import distributed
 
         if distributed.is_initialized():
+            if clean:
+                try:
+                    distributed.barrier()
+                except RuntimeError as exc:  # a peer already gone (it failed): nothing left to wait for
+                    log.warning("leaving the process group without the peers: %s", exc)
             distributed.destroy_process_group()
 
     def device(self) -> str:

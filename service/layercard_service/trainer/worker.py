@@ -451,13 +451,15 @@ def main(argv: list[str] | None = None) -> int:
     channel = GrpcChannel(
         settings.service_address, token, settings.job_id, settings.service_ca_file, settings.service_server_name
     )
+    code = 1
     try:
         dp.start()
-        return run_job(channel, settings, dp) if dp.is_main else follow_job(channel, settings, dp)
+        code = run_job(channel, settings, dp) if dp.is_main else follow_job(channel, settings, dp)
+        return code
     finally:
         channel.close()
         try:
-            dp.stop()
+            dp.stop(clean=code == 0)
         except Exception as exc:  # peers gone: nothing left to tear down cleanly, and the exit code stands
             log.warning("leaving the process group: %s", exc)
 
