@@ -4,6 +4,7 @@ worker that loses the service or its credential."""
 
 from __future__ import annotations
 
+import grpc
 import pytest
 
 from layercard_service.domain.jobs import JobState
@@ -145,3 +146,43 @@ def test_the_worker_needs_the_service_address_and_its_token(tmp_path, monkeypatc
     monkeypatch.delenv("LAYERCARD_WORKER_TOKEN", raising=False)
     assert worker.main(["--data-dir", str(tmp_path), "--job-id", "job-a", "--service-address", "127.0.0.1:1"]) == 2
     assert not (tmp_path / "state.db").exists()
+
+
+class _Failed(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return "from the test"
+
+    def trailing_metadata(self) -> tuple:
+        return ()
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, Unreachable),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, Unreachable),
+        # A service that stops cancels the calls in flight: the worker trains on, as while it is away (a CI run
+        # saw the job fail here when the service stopped mid-report).
+        (grpc.StatusCode.CANCELLED, Unreachable),
+        (grpc.StatusCode.UNAUTHENTICATED, CredentialRefused),
+    ],
+)
+def test_a_grpc_channel_maps_what_the_service_answered(code, kind):
+    from layercard_service.trainer.reporter import GrpcChannel
+
+    channel = GrpcChannel("127.0.0.1:1", "token", "job-x")
+
+    def method(request, **kwargs):
+        raise _Failed(code)
+
+    try:
+        with pytest.raises(kind):
+            channel._call(method, None)
+    finally:
+        channel.close()

@@ -5,8 +5,9 @@
 ``Reporter`` sits on a channel and makes the service's outages survivable:
 - step events are buffered and sent in numbered batches (at most ~5 a second); a batch that got no answer is
   sent again unchanged, with its number, so the service records it once (runners/worker_reports.py);
-- while the service is unreachable (UNAVAILABLE, DEADLINE_EXCEEDED) training goes on and events wait in the
-  buffer (bounded: a full buffer waits for the service); waits grow exponentially up to ``BACKOFF_MAX``;
+- while the service is unreachable (UNAVAILABLE, DEADLINE_EXCEEDED; CANCELLED from a service shutting down)
+  training goes on and events wait in the buffer (bounded: a full buffer waits for the service); waits grow
+  exponentially up to ``BACKOFF_MAX``;
 - the cancel poll asks the service before every step (a cheap read there), and answers the last state the
   service sent while it is unreachable;
 - unreachable for longer than ``lost_after`` seconds: ``ServiceLost``, and the worker exits EXIT_SERVICE_LOST
@@ -129,7 +130,8 @@ class GrpcChannel:
             return method(request, metadata=self._metadata, timeout=CALL_TIMEOUT_SECONDS)
         except grpc.RpcError as exc:
             code, message, reason = exc.code(), exc.details() or "", _reason(exc)
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            # The worker never cancels its own calls: CANCELLED is a service stopping with this call in flight.
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
                 raise Unreachable(f"{code.name}: {message}") from exc
             if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                 raise CredentialRefused(f"{code.name}: {message}") from exc
