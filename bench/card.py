@@ -72,13 +72,15 @@ def _settings(probe: int, coupling: bool = False):
 
 
 def floor_seconds(model, tokenizer, probe: int, examples=None) -> float:
-    """One plain peft LoRA forward+backward over the same probe batches the card uses: no hooks, no extras.
+    """One plain peft LoRA forward+backward over the same probe batches the card uses: no hooks, no extras, with
+    the trainer's objective (the head only at labelled positions, where exact), which the card's own passes use.
 
     ``examples``: the probe's examples (default: the first ``probe`` of builtin:cipher)."""
     from peft import LoraConfig, get_peft_model
 
     from layercard_service.card_engine.arch import detect_layout
     from layercard_service.card_engine.engine import make_probe_batches
+    from layercard_service.models.head import training_loss
 
     settings = _settings(probe)
     batches = make_probe_batches(tokenizer, examples or _examples(probe), settings, torch.device("cpu"))
@@ -87,12 +89,7 @@ def floor_seconds(model, tokenizer, probe: int, examples=None) -> float:
     try:
         start = time.perf_counter()
         for batch in batches:
-            out = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            logits = out.logits[:, :-1].float()
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100
-            )
-            loss.backward()
+            training_loss(peft_model, batch["input_ids"], batch["attention_mask"], batch["labels"]).backward()
             peft_model.zero_grad(set_to_none=True)
         return time.perf_counter() - start
     finally:
@@ -101,7 +98,7 @@ def floor_seconds(model, tokenizer, probe: int, examples=None) -> float:
             del model.peft_config
 
 
-def card_seconds(model, tokenizer, probe: int, coupling: bool) -> tuple[float, dict]:
+def card_seconds(model, tokenizer, probe: int, coupling: bool, examples=None) -> tuple[float, dict]:
     """Wall time of a whole card, and how it splits over the engine's phases (from its progress callbacks)."""
     from layercard_service.card_engine.engine import compute_card
 
@@ -112,7 +109,7 @@ def card_seconds(model, tokenizer, probe: int, coupling: bool) -> tuple[float, d
             marks.append((phase, time.perf_counter()))
 
     start = time.perf_counter()
-    card = compute_card(model, tokenizer, _examples(probe), _settings(probe, coupling), "bench", progress)
+    card = compute_card(model, tokenizer, examples or _examples(probe), _settings(probe, coupling), "bench", progress)
     end = time.perf_counter()
     phases = {"setup": (marks[0][1] if marks else end) - start}
     for (phase, began), (_, ended) in zip(marks, [*marks[1:], ("end", end)]):
@@ -163,37 +160,45 @@ class _PeakRss:
         self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
-def _peak_child(kind: str, probe: int) -> None:
-    """Runs in a fresh process: prints peak RSS bytes above the loaded model for one card or one train step."""
-    model, tokenizer = _load("tiny-pretrained")
+def _peak_child(kind: str, probe: int, model_spec: str, task: str) -> None:
+    """Runs in a fresh process: prints peak RSS bytes above the loaded model for one card or one training step
+    (the trainer's: its objective, backward, AdamW) on one probe batch."""
+    from layercard_service.data.tasks import get_task
+    from layercard_service.models.builtin import builtin_model_path
+    from layercard_service.models.loading import load_model
+
+    model, tokenizer = (
+        _load("tiny-pretrained") if model_spec == "tiny-pretrained" else load_model(builtin_model_path(model_spec))
+    )
+    examples = get_task(task).train[:probe]
     with torch.no_grad():  # load kernels and thread pools before the baseline, for both kinds alike
         model(input_ids=torch.ones(1, 8, dtype=torch.long))
     if kind == "card":
         with _PeakRss() as rss:
-            card_seconds(model, tokenizer, probe, coupling=False)
+            card_seconds(model, tokenizer, probe, coupling=False, examples=examples)
     else:
         from peft import LoraConfig, get_peft_model
 
         from layercard_service.card_engine.arch import detect_layout
         from layercard_service.card_engine.engine import make_probe_batches
+        from layercard_service.models.head import training_loss
 
-        batch = make_probe_batches(tokenizer, _examples(probe), _settings(probe), torch.device("cpu"))[0]
+        batch = make_probe_batches(tokenizer, examples, _settings(probe), torch.device("cpu"))[0]
         with _PeakRss() as rss:
             peft_model = get_peft_model(
                 model, LoraConfig(r=8, lora_alpha=16, target_modules=list(detect_layout(model).module_types))
             )
             optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
-            out = peft_model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
-            )
-            out.loss.backward()
+            training_loss(peft_model, batch["input_ids"], batch["attention_mask"], batch["labels"]).backward()
             optimizer.step()
     print(json.dumps({"peak_above_model_bytes": rss.peak - rss.base}))
 
 
-def peak_memory(kind: str, probe: int) -> int:
+def peak_memory(kind: str, probe: int, model_spec: str = "tiny-pretrained", task: str = "builtin:cipher") -> int:
+    """Peak RSS above the loaded model of one card or one training step, each in a fresh process."""
+    command = [sys.executable, "-m", "bench.card", "--peak-child", kind, "--probe", str(probe)]
     out = subprocess.run(
-        [sys.executable, "-m", "bench.card", "--peak-child", kind, "--probe", str(probe)],
+        [*command, "--model", model_spec, "--task", task],
         capture_output=True,
         text=True,
         check=True,
@@ -324,9 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scaling-probe", type=int, default=64)
     parser.add_argument("--peak-child", choices=["card", "step"], help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="tiny-pretrained", help=argparse.SUPPRESS)
+    parser.add_argument("--task", default="builtin:cipher", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.peak_child:
-        _peak_child(args.peak_child, args.probe)
+        _peak_child(args.peak_child, args.probe, args.model, args.task)
         return 0
     result = run(args.probe, args.repeats, args.scaling_probe)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,9 @@ On ``builtin:tiny`` and on the real model (``builtin:smollm2-135m``), task ``bui
    positions in every run, so the ratio isolates what the placement and the cache save);
 4. exactness: the cached loss against the uncached one on the same batches;
 5. data parallel: the adapter of 2 gloo processes against 1 process with the same global batch;
-6. the card's time and peak memory against its floor (one LoRA forward+backward over the probe).
+6. the card's time and peak memory on the real model at its default probe (256 examples) against its floor: one
+   LoRA forward+backward over the probe (time; warmed up, interleaved floor, card, floor) and one training step
+   (memory; each in a fresh process). The probe of 32 in (1) gives the ratio where the probe is small.
 
     .venv/bin/python -m bench.cost_model        # writes bench/results/cost_model.json and cost_model.md
 """
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 
 from bench.common import machine, version, write_results
+from layercard_service.domain.cards import CardSettings
 
 REAL = "builtin:smollm2-135m"
 TASK = "builtin:facts"
@@ -53,6 +56,7 @@ def cards(model_spec: str, task: str, probe: int, seed_sets: int = 64) -> dict:
     model, tokenizer = load_model(builtin_model_path(model_spec))
     examples = get_task(task).train[:probe]
     settings = CardSettings(probe_size=probe)
+    floor_seconds(model, tokenizer, probe, examples=examples)  # warm-up: peft's first attach, lazy kernels
     floor = floor_seconds(model, tokenizer, probe, examples=examples)
     made, seconds = [], []
     for _ in range(2):
@@ -85,6 +89,36 @@ def cards(model_spec: str, task: str, probe: int, seed_sets: int = 64) -> dict:
         "notes": [c.notes for c in calibrations],
         "placements_compared": len(sets),
         "plan_disagreement": max(abs(b / a - 1) for a, b in zip(first, second, strict=True)),
+    }
+
+
+def card_cost(model_spec: str, task: str, probe: int) -> dict:
+    """The card's time against the floor (floor, card, floor after a warm-up of each), and its peak memory against
+    one training step's, at ``probe`` examples."""
+    from bench.card import card_seconds, floor_seconds, peak_memory
+    from layercard_service.data.tasks import get_task
+    from layercard_service.models.builtin import builtin_model_path
+    from layercard_service.models.loading import load_model
+
+    model, tokenizer = load_model(builtin_model_path(model_spec))
+    examples = get_task(task).train[:probe]
+    floor_seconds(model, tokenizer, 32, examples=examples[:32])  # warm-up
+    floors = [floor_seconds(model, tokenizer, probe, examples=examples)]
+    seconds, fit = card_seconds(model, tokenizer, probe, coupling=False, examples=examples)
+    floors.append(floor_seconds(model, tokenizer, probe, examples=examples))
+    del model
+    card_peak, step_peak = peak_memory("card", probe, model_spec, task), peak_memory("step", probe, model_spec, task)
+    floor = statistics.mean(floors)
+    return {
+        "model": model_spec,
+        "probe": probe,
+        "floor_seconds": floors,
+        "card_seconds": seconds,
+        "card_over_floor": seconds / floor,
+        "phase_over_floor": {phase: value / floor for phase, value in fit["phase_seconds"].items()},
+        "calibration": fit["calibration"],
+        "peak_above_model_bytes": {"card": card_peak, "train_step": step_peak},
+        "card_memory_over_train_step": card_peak / step_peak,
     }
 
 
@@ -184,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     tiny = cards("builtin:tiny", "builtin:cipher", 64)
     print("[cards] the real model, twice", flush=True)
     real = cards(REAL, TASK, 32)
+    print("[card cost] the real model at the default probe: time against the floor, peak memory", flush=True)
+    cost = card_cost(REAL, TASK, CardSettings().probe_size)
     print("[steps] full-layer vs top quarter without / with the prefix cache, on the real model", flush=True)
     steps = step_fractions(args.rounds, args.batch_size)
     print("[ddp] 2 gloo processes vs 1", flush=True)
@@ -193,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         "step_error_p90_real": max(real["step_error_p90"]),
         "memory_error_p90_real": max(real["memory_error_p90"]),
         "recompute_plan_disagreement_real": real["plan_disagreement"],
-        "card_over_floor_real": real["card_over_floor"],
+        "card_over_floor_real": cost["card_over_floor"],
+        "card_memory_over_train_step_real": cost["card_memory_over_train_step"],
         "top_quarter_step_fraction_real": steps["top_quarter_step_fraction_real"],
         "top_quarter_step_fraction_real_nocache": steps["top_quarter_step_fraction_real_nocache"],
         "prefix_cache_max_loss_diff": steps["prefix_cache_max_loss_diff"],
@@ -206,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": vars(args),
         "headline": headline,
         "cards": {"tiny": tiny, "real": real},
+        "card_cost_real": cost,
         "steps": steps,
         "data_parallel": ddp,
     }
@@ -229,6 +267,18 @@ def card_rows(cards: dict) -> list[str]:
     return rows
 
 
+def cost_rows(c: dict) -> list[str]:
+    phases = ", ".join(f"{phase} {value:.2f}" for phase, value in c["phase_over_floor"].items())
+    card_mib, step_mib = (value / 2**20 for value in c["peak_above_model_bytes"].values())
+    floor = statistics.mean(c["floor_seconds"])
+    return [
+        f"| {c['model']}, default probe of {c['probe']}: card time / floor ({floor:.1f} s)"
+        f" | {c['card_over_floor']:.2f}x (by phase: {phases}) |",
+        f"| {c['model']}: card peak memory / one training step's (above the loaded model) | "
+        f"{c['card_memory_over_train_step']:.2f}x ({card_mib:.0f} / {step_mib:.0f} MiB) |",
+    ]
+
+
 def report(result: dict) -> str:
     h, steps, m = result["headline"], result["steps"], result["machine"]
     med = steps["median_step_seconds"]
@@ -242,6 +292,7 @@ def report(result: dict) -> str:
             "| figure | value |",
             "| --- | --- |",
             *card_rows(result["cards"]),
+            *cost_rows(result["card_cost_real"]),
             f"| full-layer LoRA step on {REAL} (batch {steps['batch'][0]} x {steps['batch'][1]} tokens, head only "
             f"at labelled positions) | {med['full_layer']:.2f} s |",
             f"| top quarter (blocks {steps['top_layers'][0]}-{steps['top_layers'][-1]}), no cache / full-layer | "
