@@ -46,6 +46,7 @@ def costs_markdown(card: layer_card_pb2.LayerCard) -> list[str]:
             f"measured {tc.measured_full_peak_memory_bytes / MIB:.1f} MiB",
             f"- validation error: step time {tc.step_time_relative_error:.1%}, "
             f"peak memory {tc.peak_memory_relative_error:.1%}",
+            f"- frozen-prefix cache: {_cache_line(tc)}",
         ]
         if tc.HasField("calibration"):
             lines += _calibration_markdown(tc)
@@ -64,6 +65,12 @@ def costs_markdown(card: layer_card_pb2.LayerCard) -> list[str]:
             f"- vLLM (independent of the number of adapted layers): {vllm}",
         ]
     return lines
+
+
+def _cache_line(tc: layer_card_pb2.TrainingCost) -> str:
+    if not tc.prefix_cache_bytes_per_token:
+        return "bytes per token not recorded (a card from before the cache was priced: plans are priced uncached)"
+    return f"{tc.prefix_cache_bytes_per_token:,} bytes per training token (the hidden states entering a block)"
 
 
 def _calibration_markdown(tc: layer_card_pb2.TrainingCost) -> list[str]:

@@ -65,8 +65,10 @@ def test_plan_with_a_training_time_budget_chooses_steps(planning):
     limit = duration_pb2.Duration()
     limit.FromNanoseconds(int(100 * full_step * 1e9))
     p = plan(planning, budget=placement_pb2.Budget(max_training_time=limit), steps=200)
-    assert 0 < p.steps * p.step_seconds.value <= 100 * full_step * (1 + 1e-6)
-    assert abs(p.steps - 100 * full_step / p.step_seconds.value) < 1.01
+    # A cached plan pays the frozen-prefix cache's building pass before its steps.
+    build = p.prefix_cache_build_seconds.value if p.HasField("prefix_cache_build_seconds") else 0.0
+    assert 0 < build + p.steps * p.step_seconds.value <= 100 * full_step * (1 + 1e-6)
+    assert abs(p.steps - (100 * full_step - build) / p.step_seconds.value) < 1.01
 
 
 @pytest.mark.parametrize("objective", [placement_pb2.OBJECTIVE_EFFICIENCY, placement_pb2.OBJECTIVE_FIXED_K])
@@ -111,6 +113,39 @@ def test_infeasible_budget_is_failed_precondition_with_the_cheapest_plan(plannin
     assert float(info.metadata["cheapest_step_fraction_of_full"]) > 0.05
 
 
+def test_the_card_prices_the_frozen_prefix_cache(planning):
+    """A budget between the cheapest cached and uncached steps plans only with the cache; off, it is infeasible
+    and the error names the cheapest plan's cost as the trainer would run it."""
+    assert planning.card.training_cost.prefix_cache_bytes_per_token > 0
+
+    def cheapest(**fields) -> tuple[dict, str]:
+        with pytest.raises(grpc.RpcError) as err:
+            plan(planning, budget=placement_pb2.Budget(max_step_fraction_of_full=0.01), **fields)
+        return dict(_details(err.value)[0].metadata), err.value.details()
+
+    cached, message = cheapest()
+    uncached, off_message = cheapest(prefix_cache=False)
+    assert cached["cheapest_prefix_cache"] == "on" and "with the frozen-prefix cache (" in message
+    assert uncached["cheapest_prefix_cache"] == "off" and "the request turns the frozen-prefix cache off" in off_message
+    low, high = float(cached["cheapest_step_fraction_of_full"]), float(uncached["cheapest_step_fraction_of_full"])
+    assert low < high and float(cached["cheapest_uncached_step_seconds"]) == pytest.approx(
+        float(uncached["cheapest_step_seconds"]), rel=1e-4
+    )
+
+    budget = placement_pb2.Budget(max_step_fraction_of_full=(low + high) / 2)
+    p = plan(planning, budget=budget)
+    assert p.step_fraction_of_full.value <= (low + high) / 2 and min(p.layers) > 0
+    assert p.HasField("prefix_cache_build_seconds") and p.prefix_cache_bytes.value > 0
+    assert "frozen-prefix cache over blocks 0.." in p.step_seconds.basis
+    with pytest.raises(grpc.RpcError) as err:
+        plan(planning, budget=budget, prefix_cache=False)
+    assert _details(err.value)[0].reason == "BUDGET_INFEASIBLE"
+    # 10 steps over 10,000 examples see each at most once: the trainer would not build the cache, nor does the plan.
+    with pytest.raises(grpc.RpcError) as err:
+        plan(planning, budget=budget, train_examples=10_000, steps=10)
+    assert "see each of its 10000 examples at most once" in err.value.details()
+
+
 def test_vllm_budget_before_any_measurement(planning):
     with pytest.raises(grpc.RpcError) as err:
         plan(planning, budget=placement_pb2.Budget(max_serving_overhead_fraction=0.5))
@@ -147,6 +182,8 @@ BAD = [
         "budget.max_training_time",
     ),
     ("negative steps", dict(steps=-5), grpc.StatusCode.INVALID_ARGUMENT, "steps"),
+    ("negative train_examples", dict(train_examples=-1), grpc.StatusCode.INVALID_ARGUMENT, "train_examples"),
+    ("negative batch_size", dict(batch_size=-8), grpc.StatusCode.INVALID_ARGUMENT, "batch_size"),
 ]
 
 

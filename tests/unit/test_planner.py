@@ -275,10 +275,13 @@ def test_infeasible_message_names_the_cheapest_plan_with_its_predicted_cost():
     with pytest.raises(FailedPrecondition) as err:
         plan(make_card(GAINS), budget={"max_step_fraction_of_full": 0.1, "max_layers": 3})
     message = err.value.message
-    # layer 5 alone: 1 fixed + 5 no-graph forwards of 0.5 + 3 adapted = 6.5 s of full-layer LoRA's 19 s
-    assert "the cheapest is layers [5] at rank 8 with a predicted step of 6.5 s, 0.34 of full-layer LoRA's 19 s" in (
+    # layer 5 alone: 1 fixed + 5 no-graph forwards of 0.5 + 3 adapted = 6.5 s of full-layer LoRA's 19 s; the card
+    # has no cache figure (an old card): priced uncached, and the message says why
+    assert "the cheapest is layers [5] at rank 8 with a predicted step of 6.5 s without the frozen-prefix cache (" in (
         message
     )
+    assert "the card predates the cache's bytes per token" in message
+    assert "), 0.34 of full-layer LoRA's 19 s" in message
     assert "exceeds max_step_fraction_of_full (0.3421 > 0.1)" in message
     assert "max_layers" not in message  # one layer is within the limit of 3
 

@@ -19,7 +19,7 @@ from layercard_service.api.tuning import TuningServicer, event_to_proto, job_to_
 from layercard_service.control.tuning import CreateJob, PlannedPlacement, TuningService
 from layercard_service.domain.jobs import EvalSummary, JobEvent, JobResult, JobSpec, JobState
 from layercard_service.domain.plans import Estimate, Plan
-from layercard_service.errors import FailedPrecondition
+from layercard_service.errors import FailedPrecondition, NotFound
 from layercard_service.persistence.jobs import JobStore
 
 
@@ -101,6 +101,27 @@ def test_card_budget_is_planned_and_the_predictions_are_kept(parts):
 
     with_steps = asyncio.run(TuningServicer(service).CreateTuningJob(_card_budget_request(steps=30), None))
     assert planner.calls[1][1].steps == 30 and with_steps.total_steps == 30
+
+
+def test_the_plan_is_priced_for_the_jobs_own_run(parts):
+    """The frozen-prefix cache's pricing needs the run: its training set, batch, steps and cache option."""
+    *_, service, planner = parts
+    asyncio.run(TuningServicer(service).CreateTuningJob(_card_budget_request(), None))
+    run = planner.calls[0][1]
+    assert (run.train_examples, run.batch_size, run.prefix_cache, run.steps) == (2000, 16, True, 200)
+    request = _card_budget_request(epochs=0.5, batch_size=8, prefix_cache=False)
+    asyncio.run(TuningServicer(service).CreateTuningJob(request, None))
+    run = planner.calls[1][1]
+    assert (run.batch_size, run.prefix_cache, run.steps) == (8, False, 125)  # ceil(0.5 x 2000 / 8) steps
+
+
+def test_a_bad_dataset_is_reported_before_planning(parts):
+    *_, service, planner = parts
+    request = _card_budget_request()
+    request.training_data.builtin = "builtin:nope"
+    with pytest.raises(NotFound) as err:
+        asyncio.run(TuningServicer(service).CreateTuningJob(request, None))
+    assert err.value.reason == "TASK_NOT_FOUND" and not planner.calls
 
 
 def test_planner_errors_reach_the_caller(parts):

@@ -196,7 +196,7 @@ class CouplingMatrix(_message.Message):
     def __init__(self, size: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class TrainingCost(_message.Message):
-    __slots__ = ("fixed_seconds", "per_adapter_seconds", "base_memory_bytes", "predicted_full_step_seconds", "measured_full_step_seconds", "predicted_partial_step_seconds", "measured_partial_step_seconds", "validation_layers", "step_time_relative_error", "predicted_full_peak_memory_bytes", "measured_full_peak_memory_bytes", "peak_memory_relative_error", "batch_size", "seq_len", "calibration")
+    __slots__ = ("fixed_seconds", "per_adapter_seconds", "base_memory_bytes", "predicted_full_step_seconds", "measured_full_step_seconds", "predicted_partial_step_seconds", "measured_partial_step_seconds", "validation_layers", "step_time_relative_error", "predicted_full_peak_memory_bytes", "measured_full_peak_memory_bytes", "peak_memory_relative_error", "batch_size", "seq_len", "calibration", "prefix_cache_bytes_per_token")
     FIXED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PER_ADAPTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BASE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +212,7 @@ class TrainingCost(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     fixed_seconds: float
     per_adapter_seconds: float
     base_memory_bytes: int
@@ -227,7 +228,8 @@ class TrainingCost(_message.Message):
     batch_size: int
     seq_len: int
     calibration: CostCalibration
-    def __init__(self, fixed_seconds: _Optional[float] = ..., per_adapter_seconds: _Optional[float] = ..., base_memory_bytes: _Optional[int] = ..., predicted_full_step_seconds: _Optional[float] = ..., measured_full_step_seconds: _Optional[float] = ..., predicted_partial_step_seconds: _Optional[float] = ..., measured_partial_step_seconds: _Optional[float] = ..., validation_layers: _Optional[_Iterable[int]] = ..., step_time_relative_error: _Optional[float] = ..., predicted_full_peak_memory_bytes: _Optional[int] = ..., measured_full_peak_memory_bytes: _Optional[int] = ..., peak_memory_relative_error: _Optional[float] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., calibration: _Optional[_Union[CostCalibration, _Mapping]] = ...) -> None: ...
+    prefix_cache_bytes_per_token: int
+    def __init__(self, fixed_seconds: _Optional[float] = ..., per_adapter_seconds: _Optional[float] = ..., base_memory_bytes: _Optional[int] = ..., predicted_full_step_seconds: _Optional[float] = ..., measured_full_step_seconds: _Optional[float] = ..., predicted_partial_step_seconds: _Optional[float] = ..., measured_partial_step_seconds: _Optional[float] = ..., validation_layers: _Optional[_Iterable[int]] = ..., step_time_relative_error: _Optional[float] = ..., predicted_full_peak_memory_bytes: _Optional[int] = ..., measured_full_peak_memory_bytes: _Optional[int] = ..., peak_memory_relative_error: _Optional[float] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., calibration: _Optional[_Union[CostCalibration, _Mapping]] = ..., prefix_cache_bytes_per_token: _Optional[int] = ...) -> None: ...
 
 class CostCalibration(_message.Message):
     __slots__ = ("method", "rounds", "measured_steps", "duration", "graph_seconds_per_block", "adapter_seconds_per_block", "fit_placements", "held_out_placements", "step_error_p50", "step_error_p90", "memory_error_p50", "memory_error_p90", "notes")

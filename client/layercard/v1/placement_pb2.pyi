@@ -49,7 +49,7 @@ class Budget(_message.Message):
     def __init__(self, max_step_seconds: _Optional[float] = ..., max_step_fraction_of_full: _Optional[float] = ..., max_peak_memory_bytes: _Optional[int] = ..., max_adapter_parameters: _Optional[int] = ..., max_adapter_bytes: _Optional[int] = ..., max_layers: _Optional[int] = ..., max_serving_overhead_ms_per_token: _Optional[float] = ..., max_serving_overhead_fraction: _Optional[float] = ..., serving_engine: _Optional[_Union[_common_pb2.ServingEngine, str]] = ..., max_training_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class PlanPlacementRequest(_message.Message):
-    __slots__ = ("layer_card", "objective", "budget", "target_gain_fraction", "k", "candidate_ranks", "candidate_module_sets", "steps", "gain_score")
+    __slots__ = ("layer_card", "objective", "budget", "target_gain_fraction", "k", "candidate_ranks", "candidate_module_sets", "steps", "gain_score", "prefix_cache", "train_examples", "batch_size")
     LAYER_CARD_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,9 @@ class PlanPlacementRequest(_message.Message):
     CANDIDATE_MODULE_SETS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     GAIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     layer_card: str
     objective: Objective
     budget: Budget
@@ -68,10 +71,13 @@ class PlanPlacementRequest(_message.Message):
     candidate_module_sets: _containers.RepeatedScalarFieldContainer[str]
     steps: int
     gain_score: str
-    def __init__(self, layer_card: _Optional[str] = ..., objective: _Optional[_Union[Objective, str]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., target_gain_fraction: _Optional[float] = ..., k: _Optional[int] = ..., candidate_ranks: _Optional[_Iterable[int]] = ..., candidate_module_sets: _Optional[_Iterable[str]] = ..., steps: _Optional[int] = ..., gain_score: _Optional[str] = ...) -> None: ...
+    prefix_cache: bool
+    train_examples: int
+    batch_size: int
+    def __init__(self, layer_card: _Optional[str] = ..., objective: _Optional[_Union[Objective, str]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., target_gain_fraction: _Optional[float] = ..., k: _Optional[int] = ..., candidate_ranks: _Optional[_Iterable[int]] = ..., candidate_module_sets: _Optional[_Iterable[str]] = ..., steps: _Optional[int] = ..., gain_score: _Optional[str] = ..., prefix_cache: _Optional[bool] = ..., train_examples: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("layer_card", "objective", "layers", "lora", "predicted_gain", "predicted_gain_share", "step_seconds", "step_fraction_of_full", "peak_memory_bytes", "adapter_parameters", "adapter_bytes", "serving_overhead_ms_per_token", "serving_overhead_fraction", "steps", "binding_limits", "rationale", "gain_score")
+    __slots__ = ("layer_card", "objective", "layers", "lora", "predicted_gain", "predicted_gain_share", "step_seconds", "step_fraction_of_full", "peak_memory_bytes", "adapter_parameters", "adapter_bytes", "serving_overhead_ms_per_token", "serving_overhead_fraction", "steps", "binding_limits", "rationale", "gain_score", "prefix_cache_build_seconds", "prefix_cache_bytes")
     LAYER_CARD_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +95,8 @@ class Placement(_message.Message):
     BINDING_LIMITS_FIELD_NUMBER: _ClassVar[int]
     RATIONALE_FIELD_NUMBER: _ClassVar[int]
     GAIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_BUILD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     layer_card: str
     objective: Objective
     layers: _containers.RepeatedScalarFieldContainer[int]
@@ -106,4 +114,6 @@ class Placement(_message.Message):
     binding_limits: _containers.RepeatedScalarFieldContainer[str]
     rationale: str
     gain_score: str
-    def __init__(self, layer_card: _Optional[str] = ..., objective: _Optional[_Union[Objective, str]] = ..., layers: _Optional[_Iterable[int]] = ..., lora: _Optional[_Union[_common_pb2.LoraShape, _Mapping]] = ..., predicted_gain: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., predicted_gain_share: _Optional[float] = ..., step_seconds: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., step_fraction_of_full: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., peak_memory_bytes: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., adapter_parameters: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., adapter_bytes: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., serving_overhead_ms_per_token: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., serving_overhead_fraction: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., steps: _Optional[int] = ..., binding_limits: _Optional[_Iterable[str]] = ..., rationale: _Optional[str] = ..., gain_score: _Optional[str] = ...) -> None: ...
+    prefix_cache_build_seconds: _common_pb2.Prediction
+    prefix_cache_bytes: _common_pb2.Prediction
+    def __init__(self, layer_card: _Optional[str] = ..., objective: _Optional[_Union[Objective, str]] = ..., layers: _Optional[_Iterable[int]] = ..., lora: _Optional[_Union[_common_pb2.LoraShape, _Mapping]] = ..., predicted_gain: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., predicted_gain_share: _Optional[float] = ..., step_seconds: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., step_fraction_of_full: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., peak_memory_bytes: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., adapter_parameters: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., adapter_bytes: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., serving_overhead_ms_per_token: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., serving_overhead_fraction: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., steps: _Optional[int] = ..., binding_limits: _Optional[_Iterable[str]] = ..., rationale: _Optional[str] = ..., gain_score: _Optional[str] = ..., prefix_cache_build_seconds: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., prefix_cache_bytes: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ...) -> None: ...

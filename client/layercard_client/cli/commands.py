@@ -210,7 +210,11 @@ def run_plan(client: LayercardClient, args: argparse.Namespace, out: render.Outp
         candidate_module_sets=args.module_sets,
         steps=args.steps,
         gain_score=args.gain_score,
+        train_examples=args.train_examples,
+        batch_size=args.batch_size,
     )
+    if args.no_prefix_cache:
+        fields["prefix_cache"] = False  # an explicit false: unset is on
     plan = client.plan_placement(args.card, objective=args.objective, budget=budget_from_args(args), **fields)
     out.show(plan, render.placement_table(plan))
     return EXIT_OK

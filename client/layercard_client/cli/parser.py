@@ -149,6 +149,13 @@ def _plan(sub: argparse._SubParsersAction) -> None:
     )
     plan.add_argument("--steps", type=int, help="with --max-training-time: the reference number of steps")
     plan.add_argument(
+        "--no-prefix-cache", action="store_true", help="price the run without the frozen-prefix cache (a job's option)"
+    )
+    plan.add_argument("--train-examples", type=int, help="the run's training examples (default: the card's dataset)")
+    plan.add_argument(
+        "--batch-size", type=int, help="the run's batch size, for the cache's epoch rule (default: the card's)"
+    )
+    plan.add_argument(
         "--gain-score", choices=("resnorm", "split_half", "stream_normalized"), help="per-layer score (default resnorm)"
     )
     _add_budget(plan)

@@ -201,6 +201,8 @@ def placement_table(plan: placement_pb2.Placement) -> Table:
         "adapter_bytes",
         "serving_overhead_ms_per_token",
         "serving_overhead_fraction",
+        "prefix_cache_build_seconds",  # set when the step is priced with the frozen-prefix cache
+        "prefix_cache_bytes",
     ):
         if plan.HasField(field):
             p = getattr(plan, field)

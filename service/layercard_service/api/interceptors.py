@@ -35,7 +35,9 @@ INTERNAL_PREFIX = "/layercard.internal.v1."
 MAX_MESSAGE_BYTES = 1000
 MAX_DETAIL_BYTES = 300
 MAX_VIOLATIONS = 5
-MAX_METADATA_ENTRIES = 8
+# An infeasible plan's error carries up to 13 (the cheapest plan's figures and the limits it violates); 16 entries
+# of at most 64 + 300 bytes stay well inside the trailers.
+MAX_METADATA_ENTRIES = 16
 
 
 def clip(text: str, limit: int) -> str:

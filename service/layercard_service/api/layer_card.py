@@ -172,6 +172,7 @@ def card_to_proto(stored: StoredCard) -> layer_card_pb2.LayerCard:
             peak_memory_relative_error=t.peak_memory_relative_error,
             batch_size=t.batch_size,
             seq_len=t.seq_len,
+            prefix_cache_bytes_per_token=t.prefix_cache_bytes_per_token,
         )
     )
     if t.calibration is not None:

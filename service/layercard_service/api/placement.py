@@ -47,7 +47,9 @@ def budget_from_proto(budget: placement_pb2.Budget) -> BudgetSpec:
     return BudgetSpec(serving_engine=_ENGINES.get(budget.serving_engine, "?"), **limits)
 
 
-def _request(objective: int, budget, target: float, k: int, ranks=(), module_sets=(), steps=0, score="") -> PlanRequest:
+def _request(
+    objective: int, budget, target: float, k: int, ranks=(), module_sets=(), steps=0, score="", **run
+) -> PlanRequest:
     return PlanRequest(
         objective=_OBJECTIVES.get(objective, "?"),
         budget=budget_from_proto(budget),
@@ -59,6 +61,7 @@ def _request(objective: int, budget, target: float, k: int, ranks=(), module_set
         ),
         steps=steps or DEFAULT_STEPS,
         score=score,
+        **run,
     )
 
 
@@ -104,6 +107,8 @@ def placement_to_proto(plan: Plan) -> placement_pb2.Placement:
         binding_limits=list(plan.binding_limits),
         rationale=plan.rationale,
         gain_score=plan.score,
+        prefix_cache_build_seconds=_estimate(plan.prefix_cache_build_seconds),
+        prefix_cache_bytes=_estimate(plan.prefix_cache_bytes),
     )
 
 
@@ -121,6 +126,9 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
             request.candidate_module_sets,
             request.steps,
             request.gain_score,
+            prefix_cache=request.prefix_cache if request.HasField("prefix_cache") else True,  # unset: on
+            train_examples=request.train_examples,
+            batch_size=request.batch_size,
         )
         # Reading the card and the search are short but not free (2^L sets): keep them off the event loop.
         plan = await asyncio.to_thread(self.planner.plan, request.layer_card, plan_request)

@@ -71,6 +71,8 @@ _PREDICTIONS = (
     "adapter_bytes",
     "serving_overhead_ms_per_token",
     "serving_overhead_fraction",
+    "prefix_cache_build_seconds",
+    "prefix_cache_bytes",
 )
 
 

@@ -191,7 +191,9 @@ def compute_card(
         row.residual_mean_square = stream
     for row, gain in zip(rows, measured_gains or ()):
         row.measured_gain = gain
-    training = _training_cost(cost, calibration, L, probe.batch_size, probe.seq_len)
+    training = _training_cost(
+        cost, calibration, L, probe.batch_size, probe.seq_len, cache_bytes_per_token=probe.hidden_bytes_per_token
+    )
     check("done", 1.0, "card complete")
     return LayerCardData(
         model=model_name,
@@ -234,7 +236,13 @@ def _unsupported(architecture: str, phase: str, exc: Exception) -> FailedPrecond
 
 
 def _training_cost(
-    cost: CostModel, calibration: CostCalibration, num_layers: int, batch_size: int, seq_len: int
+    cost: CostModel,
+    calibration: CostCalibration,
+    num_layers: int,
+    batch_size: int,
+    seq_len: int,
+    *,
+    cache_bytes_per_token: int = 0,
 ) -> TrainingCostCard:
     """The card's cost record: the fitted figures, the full and upper-half steps among the fitted placements, and
     as the validation error the worst held-out placement (p50 and p90 in ``calibration``)."""
@@ -263,6 +271,7 @@ def _training_cost(
         forward_pass_seconds=cost.forward_pass_seconds,
         forward_nograd_seconds=cost.forward_nograd_seconds,
         calibration=calibration,
+        prefix_cache_bytes_per_token=cache_bytes_per_token,
     )
 
 

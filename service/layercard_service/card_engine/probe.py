@@ -51,6 +51,9 @@ class ProbeResult:
     batch_size: int
     seq_len: int
     stream_mean_square: list[float]  # per block: E over tokens of mean_i h_i² of the residual stream entering it
+    # What the frozen-prefix cache keeps per token: the hidden states entering a block (width x bytes per value, in
+    # the dtype the blocks see, as trainer/prefix_cache.py stores them).
+    hidden_bytes_per_token: int = 0
 
 
 def attach_lora(
@@ -153,6 +156,7 @@ def run_probe(
 
     blocks = peft_model.base_model.model.get_submodule(layout.blocks_path)
     stream_sums = [0.0] * len(blocks)
+    hidden_bytes = [0]
 
     def stream_hook(index: int):
         where = f"{layout.blocks_path}.{index}"
@@ -167,6 +171,7 @@ def run_probe(
                 )
             rows = real_token_rows(hidden.detach().float(), mask_holder["mask"], where)  # [N, H]
             stream_sums[index] += float(rows.pow(2).mean(-1).sum())
+            hidden_bytes[0] = hidden.shape[-1] * hidden.element_size()
 
         return hook
 
@@ -207,4 +212,5 @@ def run_probe(
         batch_size=int(batches[0]["input_ids"].shape[0]),
         seq_len=seq_len,
         stream_mean_square=[total / max(tokens, 1) for total in stream_sums],
+        hidden_bytes_per_token=hidden_bytes[0],
     )

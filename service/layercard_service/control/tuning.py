@@ -18,7 +18,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from layercard_service.data.sources import DatasetRequest, read_json_file, resolve_dataset, resolve_model_path
+from layercard_service.data.sources import (
+    DatasetRequest,
+    ResolvedDataset,
+    read_json_file,
+    resolve_dataset,
+    resolve_model_path,
+)
 from layercard_service.domain.jobs import (
     SCHEDULES,
     Hyperparameters,
@@ -40,6 +46,7 @@ from layercard_service.runners.local import JobRunner, report_job_end
 __all__ = ["CreateJob", "HyperparameterRequest", "LoraRequest", "PlannedPlacement", "Planner", "TuningService"]
 
 DEFAULT_STEPS = 200
+DEFAULT_BATCH_SIZE = 16
 MAX_STEPS = 1_000_000
 MAX_SEQ_LEN = 32_768
 WATCH_POLL_SECONDS = 0.2
@@ -94,6 +101,13 @@ class Planner(Protocol):
     """``PlacementPlanner`` (control/planning/planner.py): reads the card and plans; a seam."""
 
     def plan(self, card_name: str, request: PlanRequest) -> Plan: ...
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    model_path: Path
+    train: ResolvedDataset
+    validation: ResolvedDataset | None
 
 
 @dataclass(frozen=True)
@@ -158,11 +172,15 @@ class TuningService:
                     reason="TUNING_JOB_EXISTS",
                     metadata={"name": f"tuningJobs/{request.job_id}"},
                 )
+        # The model and the data first: a bad one is the caller's first error, and the plan needs the data's size.
+        inputs = await asyncio.to_thread(self._resolve, request)
         if isinstance(request.placement, PlannedPlacement):
             # Reading the card and the search are short but not free (2^L sets): keep them off the event loop.
-            planned = await asyncio.to_thread(self._plan, request.placement, request.hyperparameters)
+            planned = await asyncio.to_thread(
+                self._plan, request.placement, request.hyperparameters, len(inputs.train.examples)
+            )
             request = replace(request, placement=planned)
-        spec, total_steps = await asyncio.to_thread(self._validate, request)
+        spec, total_steps = await asyncio.to_thread(self._validate, request, inputs)
         active = await asyncio.to_thread(self.store.ids_in, ACTIVE_STATES)
         limit = self.max_concurrent + self.queue_size
         if len(active) >= limit:
@@ -198,17 +216,28 @@ class TuningService:
             self.store.release_datasets(hashes, self.datasets.remove)
         return record, created
 
-    def _plan(self, planned: PlannedPlacement, hp: HyperparameterRequest) -> PlacementSpec:
+    def _plan(self, planned: PlannedPlacement, hp: HyperparameterRequest, n_train: int) -> PlacementSpec:
         """The plan's placement, with every prediction and its basis kept for GetTuningJob to show."""
         if self.planner is None:
             raise FailedPrecondition("card_budget placements need the placement planner", reason="NO_PLANNER")
-        # The plan's reference steps are the job's: a training-time budget then fits them, or fewer.
+        # The plan's reference steps are the job's: a training-time budget then fits them, or fewer. With the run
+        # itself (its training set, batch and cache option) the plan prices the frozen-prefix cache as the trainer
+        # will use it. Bad values are left to _validate, which names the hyperparameter.
+        batch = hp.batch_size if hp.batch_size > 0 else DEFAULT_BATCH_SIZE
         steps = hp.steps if hp.steps is not None and hp.steps > 0 else DEFAULT_STEPS
-        plan = self.planner.plan(planned.layer_card, replace(planned.request, steps=steps))
-        return PlacementSpec.from_plan(plan)
+        if hp.steps is None and hp.epochs is not None and math.isfinite(hp.epochs) and hp.epochs > 0:
+            steps = min(math.ceil(hp.epochs * n_train / batch), MAX_STEPS)
+        run = replace(
+            planned.request,
+            steps=steps,
+            prefix_cache=hp.prefix_cache is not False,
+            train_examples=n_train,
+            batch_size=batch,
+        )
+        return PlacementSpec.from_plan(self.planner.plan(planned.layer_card, run))
 
-    def _validate(self, request: CreateJob) -> tuple[JobSpec, int]:
-        """The synchronous checks; returns the spec with defaults filled in, and the number of steps."""
+    def _resolve(self, request: CreateJob) -> _Inputs:
+        """The model's folder and the datasets, parsed; each must exist and the datasets must have examples."""
         model_path = resolve_model_path(request.model, self.model_roots)
         train = resolve_dataset(request.training_data, self.dataset_roots, "training_data")
         validation = None
@@ -218,6 +247,11 @@ class TuningService:
                 raise InvalidArgument.field("validation_data", "has no examples", reason="INVALID_DATASET")
         if not train.examples:
             raise InvalidArgument.field("training_data", "has no examples", reason="INVALID_DATASET")
+        return _Inputs(model_path, train, validation)
+
+    def _validate(self, request: CreateJob, inputs: _Inputs) -> tuple[JobSpec, int]:
+        """The synchronous checks; returns the spec with defaults filled in, and the number of steps."""
+        model_path, train, validation = inputs.model_path, inputs.train, inputs.validation
         assert isinstance(request.placement, PlacementSpec)  # create() has planned a PlannedPlacement
         placement = self._placement(request.placement, request.hyperparameters.lora, _num_layers(model_path))
         has_validation = validation is not None or bool(train.validation)
@@ -380,7 +414,7 @@ def _hyperparameters(
     def bad(name: str, description: str) -> InvalidArgument:
         return InvalidArgument.field(f"hyperparameters.{name}", description)
 
-    batch = raw.batch_size or 16
+    batch = raw.batch_size or DEFAULT_BATCH_SIZE
     if batch < 1:
         raise bad("batch_size", f"must be >= 1, got {raw.batch_size}")
     if batch > n_train:

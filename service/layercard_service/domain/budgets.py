@@ -24,6 +24,7 @@ class Candidate(Protocol):
 
     layers: tuple[int, ...]
     step_seconds: float
+    build_seconds: float  # the frozen-prefix cache's building pass, paid once before the first step (0: none)
     peak_bytes: int
     parameters: int
     adapter_bytes: int
@@ -82,7 +83,8 @@ BUDGET_KINDS: tuple[BudgetKind, ...] = (
         "max_training_seconds",
         "max_training_time",
         "s",
-        lambda c, full: c.step_seconds,  # as a filter: at least one step must fit (the solver fits the steps)
+        # As a filter: the cache's building pass and one step must fit (the solver fits the steps).
+        lambda c, full: c.build_seconds + c.step_seconds,
         "total training time; the plan also chooses the steps",
         chooses_steps=True,
     ),

@@ -157,6 +157,9 @@ class TrainingCostCard:
     forward_nograd_seconds: list[float] = field(default_factory=list)
     # How the figures were fitted and their held-out error; None on cards calibrated from one hooked step per block.
     calibration: CostCalibration | None = None
+    # The frozen-prefix cache's bytes per training token (hidden size x bytes per value of the hidden states entering
+    # a block), for the planner to price it; 0 on cards stored before it was recorded: priced uncached.
+    prefix_cache_bytes_per_token: int = 0
 
 
 @dataclass

@@ -115,6 +115,8 @@ _ESTIMATES = (
     "adapter_bytes",
     "serving_overhead_ms_per_token",
     "serving_overhead_fraction",
+    "prefix_cache_build_seconds",
+    "prefix_cache_bytes",
 )
 # Old records kept the placement as protobuf JSON (``detail``); its enum names, read without protobuf.
 _DETAIL_OBJECTIVES = {
@@ -143,6 +145,8 @@ class PlacementPredictions:
     adapter_bytes: Estimate | None = None
     serving_overhead_ms_per_token: Estimate | None = None
     serving_overhead_fraction: Estimate | None = None
+    prefix_cache_build_seconds: Estimate | None = None  # set when the step is priced with the frozen-prefix cache
+    prefix_cache_bytes: Estimate | None = None
     binding_limits: tuple[str, ...] = ()
     rationale: str = ""
     score: str = ""

@@ -56,6 +56,11 @@ class PlanRequest:
     candidate_module_sets: tuple[tuple[str, ...], ...] = ()  # empty: the card's module types
     steps: int = DEFAULT_STEPS  # with max_training_seconds: the fewest steps the training needs
     score: str = ""  # per-layer gain score (control/planning/gains.py); empty: the default
+    # The run, for the frozen-prefix cache: whether the job may use it (Hyperparameters.prefix_cache), its training
+    # set's examples (0: the card's dataset's, or its probe's) and its batch size (0: the card's).
+    prefix_cache: bool = True
+    train_examples: int = 0
+    batch_size: int = 0
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -74,6 +79,9 @@ class PlanRequest:
                 raise InvalidArgument.field("candidate_module_sets", "each set must name at least one module type")
         if self.steps < 1:
             raise InvalidArgument.field("steps", f"must be at least 1, got {self.steps!r}")
+        for name in ("train_examples", "batch_size"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument.field(name, f"must be >= 0 (0: the card's), got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -106,3 +114,6 @@ class Plan:
     rationale: str
     score: str = ""
     layer_card: str = ""
+    # Set when the step is priced with the frozen-prefix cache: its building pass and its size.
+    prefix_cache_build_seconds: Estimate | None = None
+    prefix_cache_bytes: Estimate | None = None

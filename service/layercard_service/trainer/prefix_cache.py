@@ -42,7 +42,7 @@ from layercard_service.card_engine.arch import find_blocks
 from layercard_service.card_engine.tokens import block_input
 from layercard_service.data.encode import EncodedExample, collate
 from layercard_service.models.head import head_plan, labelled_logits, unwrap
-from layercard_service.trainer.prefix_pricing import DEFAULT_MAX_MEMORY_BYTES
+from layercard_service.trainer.prefix_pricing import DEFAULT_MAX_MEMORY_BYTES, more_than_one_epoch
 
 __all__ = ["PrefixCache", "PrefixCacheReport", "PrefixCacheSettings", "build_prefix_cache", "lowest_adapted_block"]
 
@@ -225,7 +225,8 @@ def build_prefix_cache(
     if not settings.enabled:
         return None, PrefixCacheReport(False, "turned off in the job's hyperparameters (prefix_cache = false)")
     batches = math.ceil(len(encoded) / batch_size)
-    if settings.only_when_it_pays and total_steps is not None and total_steps <= batches:
+    pays = total_steps is None or more_than_one_epoch(total_steps, len(encoded), batch_size)
+    if settings.only_when_it_pays and not pays:
         return None, PrefixCacheReport(
             False,
             f"the run's {total_steps} steps see each example at most once: building the cache ({batches} "

@@ -17,7 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_MAX_MEMORY_BYTES", "CachedCost", "cache_bytes", "price_cached_step"]
+__all__ = ["DEFAULT_MAX_MEMORY_BYTES", "CachedCost", "cache_bytes", "more_than_one_epoch", "price_cached_step"]
 
 DEFAULT_MAX_MEMORY_BYTES = 1 << 30  # the worker's default bound (--prefix-cache-memory-bytes)
 
@@ -46,6 +46,12 @@ def cache_bytes(tokens: int, hidden_size: int, bytes_per_value: int) -> int:
     return tokens * hidden_size * bytes_per_value
 
 
+def more_than_one_epoch(steps: int, examples: int, batch_size: int) -> bool:
+    """The trainer's rule for building the cache: a run that sees each example at most once would pay for the
+    building pass what it saves (``PrefixCacheSettings.only_when_it_pays``)."""
+    return steps > math.ceil(examples / batch_size)
+
+
 def price_cached_step(
     layers: Sequence[int],
     forward_nograd_seconds: Sequence[float],
@@ -71,7 +77,7 @@ def price_cached_step(
         return None
     low = min(layers)
     batches = math.ceil(examples / batch_size)
-    if low == 0 or (steps is not None and steps <= batches):
+    if low == 0 or (steps is not None and not more_than_one_epoch(steps, examples, batch_size)):
         return None
     prefix = sum(forward_nograd_seconds[:low])
     size = cache_bytes(tokens, hidden_size, bytes_per_value)

@@ -7,7 +7,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 from layercard_service.control.cards import CARD_PREFIX, CardService
-from layercard_service.control.planning.solver import Solution, gain_basis, solve
+from layercard_service.control.planning.pricing import uncached_reason
+from layercard_service.control.planning.solver import Candidate, Solution, gain_basis, solve
 from layercard_service.domain.cards import LayerCardData, TrainingCostCard
 from layercard_service.domain.plans import Estimate, Plan, PlanRequest
 from layercard_service.errors import InvalidArgument
@@ -28,6 +29,20 @@ def plan_placement(card: LayerCardData, request: PlanRequest, card_name: str = "
     step_basis = f"{calibration}: no-graph forward below block {low}, backward from block {low} up"
     if chosen.shape.rank != card.settings.rank or set(chosen.shape.modules) != set(card.module_types):
         step_basis += "; adapter share of adapted blocks scaled by adapter parameters"
+    step_basis += f"; {_cache_basis(solution)}"
+    build = cache_size = None
+    memory_basis = (
+        f"weights + activations saved from block {low} up (calibrated per block) + 4x adapter parameters "
+        "(weights, gradient, AdamW moments)"
+    )
+    if chosen.cache is not None:
+        run = solution.run
+        estimated = f"estimated for {run.examples} examples ({run.examples_source}) at the probe's tokens per example"
+        where = "on disk: over the worker's memory bound" if chosen.cache.on_disk else "in memory"
+        build = Estimate(chosen.cache.build_seconds, "s", f"no-grad forward of blocks 0..{low - 1}, {estimated}")
+        cache_size = Estimate(chosen.cache.cache_bytes, "bytes", f"{where}; {estimated}")
+        if not chosen.cache.on_disk:
+            memory_basis += " + the frozen-prefix cache (in memory)"
     engine = request.budget.serving_engine
     serving_ms = serving_fraction = None
     if chosen.serving_ms is not None:
@@ -56,13 +71,8 @@ def plan_placement(card: LayerCardData, request: PlanRequest, card_name: str = "
         predicted_gain=Estimate(chosen.value, "nats", gain_source),
         predicted_gain_share=share,
         step_seconds=Estimate(chosen.step_seconds, "s", step_basis),
-        step_fraction_of_full=Estimate(fraction, "fraction", f"both steps predicted the same way; {calibration}"),
-        peak_memory_bytes=Estimate(
-            chosen.peak_bytes,
-            "bytes",
-            f"weights + activations saved from block {low} up (calibrated per block) + 4x adapter parameters "
-            "(weights, gradient, AdamW moments)",
-        ),
+        step_fraction_of_full=Estimate(fraction, "fraction", f"{_fraction_basis(chosen)}; {calibration}"),
+        peak_memory_bytes=Estimate(chosen.peak_bytes, "bytes", memory_basis),
         adapter_parameters=Estimate(chosen.parameters, "params", "exact: rank x (d_in + d_out) per adapted module"),
         adapter_bytes=Estimate(chosen.adapter_bytes, "bytes", "exact: adapter parameters x bytes per parameter"),
         serving_overhead_ms_per_token=serving_ms,
@@ -72,6 +82,46 @@ def plan_placement(card: LayerCardData, request: PlanRequest, card_name: str = "
         rationale=_rationale(solution, request, share, fraction, steps),
         score=solution.score,
         layer_card=card_name,
+        prefix_cache_build_seconds=build,
+        prefix_cache_bytes=cache_size,
+    )
+
+
+def _cache_basis(solution: Solution) -> str:
+    """How the step treats the frozen-prefix cache, and why."""
+    chosen, run = solution.chosen, solution.run
+    low = min(chosen.layers)
+    if chosen.cache is None:
+        return f"without the frozen-prefix cache: {uncached_reason(run, chosen.layers, chosen.run_steps)}"
+    c = chosen.cache
+    where = "on disk" if c.on_disk else "in memory"
+    text = (
+        f"frozen-prefix cache over blocks 0..{low - 1}: built once in {c.build_seconds:.3g} s over {run.examples} "
+        f"examples, {c.cache_bytes / 2**20:.1f} MiB {where}; each step skips their no-grad forward "
+        f"({chosen.uncached_step_seconds:.4g} s without)"
+    )
+    if run.run_batch != run.card_batch:
+        text += (
+            f"; step and pass priced per card batch of {run.card_batch}: the run's batch of {run.run_batch} sets "
+            "only the epoch rule"
+        )
+    return text
+
+
+def _fraction_basis(chosen: Candidate) -> str:
+    if chosen.cache is None:
+        return "both steps predicted the same way"
+    # Full-layer LoRA adapts block 0: there is no prefix to cache.
+    return "this plan's cached step over full-layer LoRA's step (never cached: block 0 is adapted)"
+
+
+def _cache_rationale(chosen: Candidate) -> str:
+    if chosen.cache is None:
+        return ""
+    return (
+        f"; the frozen-prefix cache skips blocks 0-{chosen.cache.cached_blocks - 1} in every step "
+        f"({chosen.step_seconds:.4g} s instead of {chosen.uncached_step_seconds:.4g} s, "
+        f"after a {chosen.build_seconds:.3g} s building pass)"
     )
 
 
@@ -100,6 +150,7 @@ def _rationale(solution: Solution, request: PlanRequest, share: float, fraction:
     )
     if min(chosen.layers) > 0:
         text += f"; backward stops at block {min(chosen.layers)}"
+    text += _cache_rationale(chosen)
     if solution.binding:
         text += f"; binding: {', '.join(solution.binding)}"
     if steps:

@@ -16,14 +16,15 @@ from dataclasses import dataclass, replace
 
 from layercard_service.control.planning.costs import Shape, ShapeCosts, shape_costs
 from layercard_service.control.planning.gains import DEFAULT_SCORE, layer_scores, score_basis, set_gain
+from layercard_service.control.planning.pricing import CacheRun, cache_run, price, uncached_reason
 from layercard_service.domain.budgets import BUDGET_KINDS
 from layercard_service.domain.cards import LayerCardData
 from layercard_service.domain.plans import BudgetSpec, PlanRequest
 from layercard_service.errors import FailedPrecondition, InvalidArgument
+from layercard_service.trainer.prefix_pricing import CachedCost
 
 __all__ = ["Candidate", "EXACT_MAX_LAYERS", "Solution", "solve"]
 
-MAX_PLANNED_STEPS = 1_000_000  # the most steps a tuning job accepts (control/tuning.py MAX_STEPS)
 EXACT_MAX_LAYERS = 12
 
 
@@ -40,6 +41,18 @@ class Candidate:
     serving_fraction: float | None
     steps: int = 0  # with a training-time budget: the steps that fit
     value: float = 0.0  # the gain the objective ranks by: gain x the share of the reference steps that fit
+    uncached_step_seconds: float = 0.0  # the step without the frozen-prefix cache (step_seconds when uncached)
+    cache: CachedCost | None = None  # the frozen-prefix cache where the trainer would use it; None: uncached
+    run_steps: int = 0  # the run's steps the cache's epoch rule was applied to
+
+    @property
+    def cached(self) -> bool:
+        return self.cache is not None
+
+    @property
+    def build_seconds(self) -> float:
+        """The cache's building pass: paid once, before the first step."""
+        return self.cache.build_seconds if self.cache is not None else 0.0
 
     def tie_key(self) -> tuple:
         return (self.step_seconds, self.parameters, tuple(-i for i in self.layers))
@@ -53,6 +66,7 @@ class Solution:
     score: str
     binding: tuple[str, ...]
     exhaustive: bool
+    run: CacheRun
 
 
 def _shapes(card: LayerCardData, request: PlanRequest) -> list[Shape]:
@@ -74,24 +88,31 @@ def _layer_sets(scores: Sequence[float], exhaustive: bool) -> Iterator[tuple[int
 
 
 def _candidate(
-    costs: ShapeCosts, scores: list[float], coupling, layers: tuple[int, ...], engine: str, request: PlanRequest
+    costs: ShapeCosts,
+    scores: list[float],
+    coupling,
+    layers: tuple[int, ...],
+    engine: str,
+    request: PlanRequest,
+    run: CacheRun,
 ) -> Candidate:
-    gain, step = set_gain(scores, layers, coupling), costs.step_seconds(layers)
-    steps, value = 0, gain
+    gain, priced = set_gain(scores, layers, coupling), price(costs, layers, run, request)
+    value = gain
     if request.budget.max_training_seconds is not None:
         # A cheaper step buys more steps in the same time. The card predicts the gain of a converged run, not
         # a learning curve, so assume the gain accrues in proportion to steps up to the reference count.
-        # No more than a job may run (tuning's MAX_STEPS): a huge budget must not plan an unrunnable count.
-        steps = min(math.floor(request.budget.max_training_seconds / step), MAX_PLANNED_STEPS)
-        value = gain * min(1.0, steps / request.steps)
+        value = gain * min(1.0, priced.steps / request.steps)
     return Candidate(
         layers=layers,
         shape=costs.shape,
         gain=gain,
-        steps=steps,
+        steps=priced.steps,
         value=value,
-        step_seconds=step,
-        peak_bytes=costs.peak_bytes(layers),
+        step_seconds=priced.step_seconds,
+        uncached_step_seconds=costs.step_seconds(layers),
+        cache=priced.cache,
+        run_steps=priced.run_steps,
+        peak_bytes=priced.peak_bytes,
         parameters=costs.adapter_parameters(layers),
         adapter_bytes=costs.adapter_bytes(layers),
         serving_ms=costs.serving_ms(layers, engine),
@@ -152,7 +173,9 @@ def _solve_once(
     return _pick(feasible, request, full)
 
 
-def _infeasible(candidates: list[Candidate], request: PlanRequest, full: Candidate) -> FailedPrecondition:
+def _infeasible(
+    candidates: list[Candidate], request: PlanRequest, full: Candidate, run: CacheRun
+) -> FailedPrecondition:
     pool = [c for c in candidates if request.objective != "fixed_k" or len(c.layers) == request.k] or candidates
     # The cheapest plan: the one that overshoots its worst limit the least.
     cheapest = min(
@@ -170,6 +193,8 @@ def _infeasible(candidates: list[Candidate], request: PlanRequest, full: Candida
         if kind.report and value is not None:
             metadata[kind.report] = format(value, kind.report_format)
     metadata["violated_limits"] = ",".join(sorted(over))
+    metadata["cheapest_prefix_cache"] = "on" if cheapest.cached else "off"
+    metadata["cheapest_uncached_step_seconds"] = format(cheapest.uncached_step_seconds, ".6g")
     exceeded = ", ".join(
         f"{kind.name} ({_figure(kind.measure(cheapest, full), kind.unit)} > {_figure(budget_limit, kind.unit)})"
         for kind in BUDGET_KINDS
@@ -177,11 +202,21 @@ def _infeasible(candidates: list[Candidate], request: PlanRequest, full: Candida
     )
     return FailedPrecondition(
         f"no placement fits the budget; the cheapest is layers {list(cheapest.layers)} at rank {cheapest.shape.rank} "
-        f"with a predicted step of {cheapest.step_seconds:.4g} s, {cheapest.step_seconds / full.step_seconds:.2f} "
-        f"of full-layer LoRA's {full.step_seconds:.4g} s, and it still exceeds {exceeded}",
+        f"with a predicted step of {cheapest.step_seconds:.4g} s{_cache_note(cheapest, run)}, "
+        f"{cheapest.step_seconds / full.step_seconds:.2f} of full-layer LoRA's {full.step_seconds:.4g} s, and it "
+        f"still exceeds {exceeded}",
         reason="BUDGET_INFEASIBLE",
         metadata=metadata,
     )
+
+
+def _cache_note(c: Candidate, run: CacheRun) -> str:
+    if c.cached:
+        return (
+            f" with the frozen-prefix cache ({c.uncached_step_seconds:.4g} s without; built once in "
+            f"{c.build_seconds:.4g} s)"
+        )
+    return f" without the frozen-prefix cache ({uncached_reason(run, c.layers, c.run_steps)})"
 
 
 def _figure(value: float | None, unit: str) -> str:
@@ -198,6 +233,7 @@ def solve(card: LayerCardData, request: PlanRequest) -> Solution:
     if request.objective == "fixed_k" and request.k > card.num_layers:
         raise InvalidArgument.field("k", f"the model has {card.num_layers} layers, got k={request.k}")
     exhaustive = card.num_layers <= EXACT_MAX_LAYERS
+    run = cache_run(card, request)
     candidates: list[Candidate] = []
     full = None
     for shape in _shapes(card, request):
@@ -213,18 +249,19 @@ def solve(card: LayerCardData, request: PlanRequest) -> Solution:
         if full is None:  # the reference: the card's own shape on every layer
             reference = shape_costs(card, Shape(card.settings.rank, tuple(card.module_types)))
             ref_scores = layer_scores(card, score, reference.shape.modules, reference.shape.rank)
+            # Block 0 adapted: never cached.
             full = _candidate(
-                reference, ref_scores, card.coupling, tuple(range(card.num_layers)), budget.serving_engine, request
+                reference, ref_scores, card.coupling, tuple(range(card.num_layers)), budget.serving_engine, request, run
             )
             full = replace(full, value=full.gain)  # the reference: full-layer LoRA without a time limit
         candidates += [
-            _candidate(costs, scores, card.coupling, layers, budget.serving_engine, request)
+            _candidate(costs, scores, card.coupling, layers, budget.serving_engine, request, run)
             for layers in _layer_sets(scores, exhaustive)
         ]
     assert full is not None
     chosen = _solve_once(candidates, request, budget, full)
     if chosen is None:
-        raise _infeasible(candidates, request, full)
+        raise _infeasible(candidates, request, full, run)
     binding = []
     for kind in BUDGET_KINDS:
         if kind.chooses_steps:
@@ -241,6 +278,7 @@ def solve(card: LayerCardData, request: PlanRequest) -> Solution:
         score=score,
         binding=tuple(binding),
         exhaustive=exhaustive,
+        run=run,
     )
 
 
