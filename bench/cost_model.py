@@ -74,6 +74,8 @@ def cards(model_spec: str, task: str, probe: int, seed_sets: int = 64) -> dict:
         return [costs.step_seconds(layers) / full for layers in sets]
 
     first, second = fractions(made[0]), fractions(made[1])
+    top = tuple(range(n - n // 4, n))
+    predicted_top = [top_quarter_prediction(card, top) for card in made]
     calibrations = [card.training_cost.calibration for card in made]
     return {
         "model": model_spec,
@@ -89,6 +91,24 @@ def cards(model_spec: str, task: str, probe: int, seed_sets: int = 64) -> dict:
         "notes": [c.notes for c in calibrations],
         "placements_compared": len(sets),
         "plan_disagreement": max(abs(b / a - 1) for a, b in zip(first, second, strict=True)),
+        "predicted_top_quarter": predicted_top,
+    }
+
+
+def top_quarter_prediction(card, top: tuple[int, ...]) -> dict:
+    """What the planner predicts for adapting ``top``, as a fraction of full-layer LoRA's step: uncached, and
+    cached as a 200-step run on the card's dataset would be (the pricing a plan uses)."""
+    from layercard_service.control.planning.costs import Shape, shape_costs
+    from layercard_service.control.planning.pricing import cache_run, price
+    from layercard_service.domain.plans import PlanRequest
+
+    costs = shape_costs(card, Shape(card.settings.rank, tuple(card.module_types)))
+    request = PlanRequest(steps=200)
+    priced = price(costs, top, cache_run(card, request), request)
+    full = costs.step_seconds(range(card.num_layers))
+    return {
+        "uncached": costs.step_seconds(top) / full,
+        "cached": priced.step_seconds / full if priced.cache is not None else None,
     }
 
 
@@ -233,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         "card_memory_over_train_step_real": cost["card_memory_over_train_step"],
         "top_quarter_step_fraction_real": steps["top_quarter_step_fraction_real"],
         "top_quarter_step_fraction_real_nocache": steps["top_quarter_step_fraction_real_nocache"],
+        # The planner's prediction of the same two fractions (the first card), beside the measured ones.
+        "predicted_top_quarter_step_fraction_real": real["predicted_top_quarter"][0]["cached"],
+        "predicted_top_quarter_step_fraction_real_nocache": real["predicted_top_quarter"][0]["uncached"],
         "prefix_cache_max_loss_diff": steps["prefix_cache_max_loss_diff"],
         "ddp_max_param_diff": ddp["ddp_max_param_diff"],
     }
@@ -299,6 +322,9 @@ def report(result: dict) -> str:
             f"{h['top_quarter_step_fraction_real_nocache']:.2f} ({med['top_quarter_nocache']:.2f} s) |",
             f"| top quarter with the frozen-prefix cache / full-layer | {h['top_quarter_step_fraction_real']:.2f} "
             f"({med['top_quarter_cache']:.2f} s) |",
+            f"| the same two fractions as the planner predicts them from the card, no cache / cache | "
+            f"{h['predicted_top_quarter_step_fraction_real_nocache']:.2f} / "
+            f"{h['predicted_top_quarter_step_fraction_real']:.2f} |",
             f"| the cache's build: {steps['prefix_cache']['examples']} examples | "
             f"{steps['prefix_cache']['build_seconds']:.2f} s, {steps['prefix_cache']['bytes'] / 2**20:.1f} MiB |",
             f"| largest cached vs uncached loss difference | {h['prefix_cache_max_loss_diff']:.2e} nats |",

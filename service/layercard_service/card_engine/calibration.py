@@ -15,13 +15,14 @@ a plan's step time promises. The model, per block ℓ and placement S with lowes
   measured per block would carry the machine's noise into every block's figure.
 - X_ℓ = x·p_ℓ: an adapted block's extra (the adapter's forward, its weights' gradients, their AdamW update); p_ℓ is
   the block's share of the adapter parameters.
-So pass-through costs N+G and adaptation N+G+X. fixed, g and x (all ≥ 0) are fitted by non-negative least squares
-on relative error to the least of interleaved rounds over a few placements that exercise every regime (every
-block; block 0 alone, so everything above passes the gradient through; the top block alone, so everything below
-has no graph; the upper half: every regime, and two placements that share a lowest block). For identical blocks a prediction depends on the measured
-N only through the sum fixed + Σ N, which the fit sets. A fitted figure at its bound is reported in the notes,
-with the value the unconstrained fit wanted: nothing is clipped silently. Then random placements, measured once
-each and interleaved with the rounds, give the held-out error (p50, p90) of step time and peak memory.
+So pass-through costs N+G and adaptation N+G+X. fixed, g and x (all ≥ 0) are fitted by non-negative least squares on
+relative error to the least of interleaved rounds over a few placements that exercise every regime (every block;
+block 0 alone, so everything above passes the gradient through; the top block alone, so everything below has no
+graph; the upper half: every regime, and two placements that share a lowest block). For identical blocks a
+prediction depends on the measured N only through the sum fixed + Σ N, which the fit sets. A fitted figure at its
+bound is reported in the notes, with the value the unconstrained fit wanted: nothing is clipped silently. Then
+random placements, measured once each and interleaved with the rounds, give the held-out error (p50, p90) of step
+time and peak memory.
 
 Cost: (rounds x 4 + 8) training steps, most of them cheaper than a full-layer step, plus one no-grad forward a
 round; 2 rounds on a quiet machine (16 steps), up to 9 on a busy one (44) while the calibration is under 3 s. A fifth
