@@ -212,11 +212,18 @@ def step_fractions(rounds: int, batch_size: int) -> dict:
         "batch": [batch_size, max(len(e.input_ids) for e in encoded)],
         "median_step_seconds": medians,
         "step_seconds": times,
+        # The same step repeated on this machine: (slowest - fastest) / fastest, the noise a single-shot held-out
+        # measurement carries.
+        "repeat_spread": repeat_spread(times),
         "top_quarter_step_fraction_real": medians["top_quarter_cache"] / medians["full_layer"],
         "top_quarter_step_fraction_real_nocache": medians["top_quarter_nocache"] / medians["full_layer"],
         "prefix_cache_max_loss_diff": max(diffs),
         "prefix_cache": report.to_payload(),
     }
+
+
+def repeat_spread(times: dict[str, list[float]]) -> dict[str, float]:
+    return {name: max(values) / min(values) - 1 for name, values in times.items()}
 
 
 # --- 5: data parallel ---------------------------------------------------------------------------------------------
@@ -331,7 +338,10 @@ def report(result: dict) -> str:
             f"| data parallel: largest LoRA parameter difference, 2 gloo processes vs 1 | "
             f"{h['ddp_max_param_diff']:.2e} |",
             "",
-            f"Medians of {result['settings']['rounds']} interleaved rounds (A B C A B C), after one warm-up step each.",
+            f"Medians of {result['settings']['rounds']} interleaved rounds (A B C A B C), after one warm-up step each. "
+            "The same step repeated on this machine spans "
+            + ", ".join(f"{name} {value:.0%}" for name, value in steps["repeat_spread"].items())
+            + " (slowest over fastest): a held-out placement is measured once, so its error carries that noise.",
         ]
     )
 
