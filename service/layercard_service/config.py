@@ -67,6 +67,11 @@ class ServiceConfig:
     max_lora_rank: int = setting(
         16, "the largest LoRA rank a job may train: the serving engine's maximum (vLLM's --max-lora-rank)"
     )
+    prefix_cache_memory_bytes: int = setting(
+        1 << 30,  # the worker's own default (trainer/prefix_pricing.py DEFAULT_MAX_MEMORY_BYTES)
+        "the frozen-prefix cache's bound in a tuning worker's memory (a larger cache goes to a file); the planner "
+        "prices the cache against the same bound",
+    )
     # More threads than free cores make every step wait on descheduled threads (20x slower measured on a busy
     # 2-core machine).
     job_threads: int = setting(
@@ -102,6 +107,8 @@ class ServiceConfig:
             raise ConfigError("max_concurrent_jobs must be >= 1 and job_queue_size >= 0")
         if self.job_threads < 0:
             raise ConfigError(f"job_threads must be >= 0 (0: automatic), got {self.job_threads}")
+        if self.prefix_cache_memory_bytes < 0:
+            raise ConfigError(f"prefix_cache_memory_bytes must be >= 0, got {self.prefix_cache_memory_bytes}")
         if self.max_lora_rank < 1:
             raise ConfigError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         if self.job_runner not in ("local", "kubernetes"):

@@ -55,7 +55,11 @@ class Core:
             telemetry=telemetry,
         )
         deployments = DeploymentStore(db)
-        planner = PlacementPlanner(cards, serving_calibration=deployments.calibration)
+        planner = PlacementPlanner(
+            cards,
+            serving_calibration=deployments.calibration,
+            prefix_cache_memory_bytes=config.prefix_cache_memory_bytes,
+        )
         tuning = _tuning(config, telemetry, JobStore(db), planner)  # it plans card-budget placements itself
         fleet = Fleet(
             _discovery(config),
@@ -148,7 +152,12 @@ def _tuning(
     else:
         threads = config.job_threads or max(1, (os.cpu_count() or 1) // config.max_concurrent_jobs)
         command = worker_command(
-            config.data_dir, config.model_roots, config.dataset_roots, config.max_lora_rank, threads=threads
+            config.data_dir,
+            config.model_roots,
+            config.dataset_roots,
+            config.max_lora_rank,
+            threads=threads,
+            prefix_cache_memory_bytes=config.prefix_cache_memory_bytes,
         )
         runner = LocalProcessRunner(
             jobs, config.data_dir, command, max_concurrent=config.max_concurrent_jobs, telemetry=telemetry

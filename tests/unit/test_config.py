@@ -43,6 +43,7 @@ def test_lists_and_urls():
         (["--max-message-bytes", "10"], "at least 1024"),
         (["--tls-cert-file", "/x.crt"], "go together"),
         (["--log-format", "xml"], "log_format"),
+        (["--prefix-cache-memory-bytes", "-1"], "prefix_cache_memory_bytes must be >= 0"),
         (["--auth-token", "a", "--auth-token-file", "/f"], "not both"),
     ],
 )

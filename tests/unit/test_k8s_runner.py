@@ -611,7 +611,9 @@ def test_the_service_chooses_the_kubernetes_runner_by_configuration(tmp_path, mo
     tuning = _tuning(config, Telemetry())
     try:
         assert isinstance(tuning.runner, KubernetesJobRunner) and tuning.runner.namespace == "ml"
-        assert tuning.runner.command("job-a")[-2:] == ["--threads", "1"]  # the pod's CPU request: 1 core
+        argv = tuning.runner.command("job-a")
+        assert argv[argv.index("--threads") + 1] == "1"  # the pod's CPU request: 1 core
+        assert argv[argv.index("--prefix-cache-memory-bytes") + 1] == str(1 << 30)  # the service's setting
     finally:
         tuning.store.close()
     local = _tuning(ServiceConfig.load(["--data-dir", str(tmp_path / "local")], environ={}), Telemetry())

@@ -85,6 +85,23 @@ def test_a_cache_over_the_memory_bound_lives_on_disk_and_adds_no_memory():
     assert "on disk" in shown.prefix_cache_bytes.basis and "cache" not in shown.peak_memory_bytes.basis
 
 
+def test_the_services_memory_bound_reaches_the_planner_and_the_workers(tmp_path):
+    # The same setting bounds the cache in the worker and in the plan: a plan never counts memory a worker would
+    # not spend, nor leaves out what it would.
+    from layercard_service.config import ServiceConfig
+    from layercard_service.control.planning.planner import plan_placement
+    from layercard_service.runners.local import worker_command
+
+    assert ServiceConfig.load([], environ={}).prefix_cache_memory_bytes == DEFAULT_MAX_MEMORY_BYTES
+    bound = 1000 * BYTES_PER_TOKEN - 1  # the card's cache is 1000 tokens: just over this bound
+    request = PlanRequest(budget=BudgetSpec(max_step_seconds=5.0))
+    in_memory, on_disk = plan_placement(cache_card(), request), plan_placement(cache_card(), request, "", bound)
+    assert "in memory" in in_memory.prefix_cache_bytes.basis and "on disk" in on_disk.prefix_cache_bytes.basis
+    assert in_memory.peak_memory_bytes.value - on_disk.peak_memory_bytes.value == 1000 * BYTES_PER_TOKEN
+    argv = worker_command(tmp_path, (), (), 16, prefix_cache_memory_bytes=bound)("job-a")
+    assert argv[argv.index("--prefix-cache-memory-bytes") + 1] == str(bound)
+
+
 def test_the_runs_examples_default_to_the_cards_dataset():
     dataset = CardDataset("builtin", "builtin:cipher", "train", "f", 64, 320)
     card = dataclasses.replace(cache_card(), dataset=dataset)

@@ -38,6 +38,7 @@ from layercard_service.runners.worker_log import error_excerpt
 from layercard_service.runners.worker_reports import EXIT_DISK_FULL, TOKEN_ENV, ServiceEndpoint, issue_worker_token
 from layercard_service.telemetry import JobOutcome, Telemetry
 from layercard_service.trainer.checkpoint_dirs import latest_step
+from layercard_service.trainer.prefix_pricing import DEFAULT_MAX_MEMORY_BYTES
 
 __all__ = ["JobRunner", "LocalProcessRunner", "report_job_end", "worker_command"]
 
@@ -88,6 +89,7 @@ def worker_command(
     dataset_roots: Sequence[Path],
     max_lora_rank: int,
     threads: int = 0,
+    prefix_cache_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
 ) -> Callable[[str], list[str]]:
     """The argv that runs one job's worker with this interpreter."""
 
@@ -108,6 +110,8 @@ def worker_command(
             str(max_lora_rank),
             "--threads",
             str(threads),
+            "--prefix-cache-memory-bytes",
+            str(prefix_cache_memory_bytes),
         ]
 
     return command

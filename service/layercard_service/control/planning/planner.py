@@ -12,6 +12,7 @@ from layercard_service.control.planning.solver import Candidate, Solution, gain_
 from layercard_service.domain.cards import LayerCardData, TrainingCostCard
 from layercard_service.domain.plans import Estimate, Plan, PlanRequest
 from layercard_service.errors import InvalidArgument
+from layercard_service.trainer.prefix_pricing import DEFAULT_MAX_MEMORY_BYTES
 
 __all__ = ["PlacementPlanner", "plan_placement"]
 
@@ -20,8 +21,14 @@ def _layers(layers: tuple[int, ...]) -> str:
     return ", ".join(str(i) for i in layers)
 
 
-def plan_placement(card: LayerCardData, request: PlanRequest, card_name: str = "") -> Plan:
-    solution = solve(card, request)
+def plan_placement(
+    card: LayerCardData,
+    request: PlanRequest,
+    card_name: str = "",
+    prefix_cache_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
+) -> Plan:
+    """``prefix_cache_memory_bytes``: the workers' bound on the frozen-prefix cache in memory (beyond it, a file)."""
+    solution = solve(card, request, prefix_cache_memory_bytes)
     chosen, full, costs = solution.chosen, solution.full, solution.costs
     tc = card.training_cost
     low = min(chosen.layers)
@@ -179,10 +186,14 @@ class PlacementPlanner:
     """Plans from stored cards; reading the card (and the fleet's serving measurements) is the only I/O."""
 
     def __init__(
-        self, cards: CardService, serving_calibration: Callable[[str], Calibration | None] | None = None
+        self,
+        cards: CardService,
+        serving_calibration: Callable[[str], Calibration | None] | None = None,
+        prefix_cache_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
     ) -> None:
         self.cards = cards
         self.serving_calibration = serving_calibration
+        self.prefix_cache_memory_bytes = prefix_cache_memory_bytes  # the service's setting, which its workers get
 
     def plan(self, card_name: str, request: PlanRequest) -> Plan:
         if not card_name.startswith(CARD_PREFIX) or card_name == CARD_PREFIX:
@@ -193,4 +204,4 @@ class PlacementPlanner:
         card = stored.card
         if self.serving_calibration is not None:
             card = calibrated(card, self.serving_calibration(card.model))
-        return plan_placement(card, request, stored.name)
+        return plan_placement(card, request, stored.name, self.prefix_cache_memory_bytes)

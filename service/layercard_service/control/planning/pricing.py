@@ -40,6 +40,7 @@ class CacheRun:
     card_batch: int  # the card's figures are per batch of this size
     run_batch: int  # the run's batch: it sets the epoch rule
     bytes_per_token: int  # 0: a card from before the figure was recorded
+    max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES  # the workers' bound in memory; a larger cache is a file
 
     @property
     def off(self) -> str:
@@ -55,7 +56,7 @@ class CacheRun:
         return math.ceil(self.examples / self.run_batch)
 
 
-def cache_run(card: LayerCardData, request: PlanRequest) -> CacheRun:
+def cache_run(card: LayerCardData, request: PlanRequest, max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES) -> CacheRun:
     tc = card.training_cost
     if request.train_examples:
         examples, source = request.train_examples, "the run's training set"
@@ -74,6 +75,7 @@ def cache_run(card: LayerCardData, request: PlanRequest) -> CacheRun:
         card_batch=card_batch,
         run_batch=request.batch_size or card_batch,
         bytes_per_token=tc.prefix_cache_bytes_per_token,
+        max_memory_bytes=max_memory_bytes,
     )
 
 
@@ -109,7 +111,7 @@ def price(costs: ShapeCosts, layers: Sequence[int], run: CacheRun, request: Plan
             tokens=run.tokens,
             hidden_size=run.bytes_per_token,  # the card records hidden size x bytes per value as one figure
             bytes_per_value=1,
-            max_memory_bytes=DEFAULT_MAX_MEMORY_BYTES,  # the worker's bound; the service sets no other
+            max_memory_bytes=run.max_memory_bytes,
         )
     run_steps = request.steps
     if cost is not None:

@@ -21,7 +21,7 @@ from layercard_service.domain.budgets import BUDGET_KINDS
 from layercard_service.domain.cards import LayerCardData
 from layercard_service.domain.plans import BudgetSpec, PlanRequest
 from layercard_service.errors import FailedPrecondition, InvalidArgument
-from layercard_service.trainer.prefix_pricing import CachedCost
+from layercard_service.trainer.prefix_pricing import DEFAULT_MAX_MEMORY_BYTES, CachedCost
 
 __all__ = ["Candidate", "EXACT_MAX_LAYERS", "Solution", "solve"]
 
@@ -227,13 +227,15 @@ def _figure(value: float | None, unit: str) -> str:
     return f"{value:.4g}"
 
 
-def solve(card: LayerCardData, request: PlanRequest) -> Solution:
+def solve(
+    card: LayerCardData, request: PlanRequest, prefix_cache_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES
+) -> Solution:
     score = request.score or DEFAULT_SCORE
     budget = request.budget
     if request.objective == "fixed_k" and request.k > card.num_layers:
         raise InvalidArgument.field("k", f"the model has {card.num_layers} layers, got k={request.k}")
     exhaustive = card.num_layers <= EXACT_MAX_LAYERS
-    run = cache_run(card, request)
+    run = cache_run(card, request, prefix_cache_memory_bytes)
     candidates: list[Candidate] = []
     full = None
     for shape in _shapes(card, request):

@@ -371,7 +371,12 @@ def kubernetes_runner(config: ServiceConfig, store: JobStore, telemetry: Telemet
     # The trainer pod's own CPU, not job_threads: that one sizes local workers to the service pod's cores.
     threads = trainer_threads(settings)
     command = worker_command(
-        config.data_dir, config.model_roots, config.dataset_roots, config.max_lora_rank, threads=threads
+        config.data_dir,
+        config.model_roots,
+        config.dataset_roots,
+        config.max_lora_rank,
+        threads=threads,
+        prefix_cache_memory_bytes=config.prefix_cache_memory_bytes,
     )
     return KubernetesJobRunner(
         store,
