@@ -18,7 +18,7 @@ from layercard_service.persistence.adapter_versions import AdapterVersions
 from layercard_service.persistence.deployments import DeploymentStore
 from layercard_service.persistence.jobs import JobStore
 from layercard_service.persistence.store import Store
-from layercard_service.runners.local import LocalProcessRunner, worker_command
+from layercard_service.runners.local import LocalProcessRunner, service_worker_command
 from layercard_service.runners.worker_reports import ServiceEndpoint, WorkerReports
 from layercard_service.serving.chat import BaseModelChatTemplate
 from layercard_service.serving.fleet import Discovery, DnsDiscovery, Fleet, FleetSettings, StaticDiscovery, Union
@@ -151,14 +151,7 @@ def _tuning(
         runner = kubernetes_runner(config, jobs, telemetry)
     else:
         threads = config.job_threads or max(1, (os.cpu_count() or 1) // config.max_concurrent_jobs)
-        command = worker_command(
-            config.data_dir,
-            config.model_roots,
-            config.dataset_roots,
-            config.max_lora_rank,
-            threads=threads,
-            prefix_cache_memory_bytes=config.prefix_cache_memory_bytes,
-        )
+        command = service_worker_command(config, threads)
         runner = LocalProcessRunner(
             jobs, config.data_dir, command, max_concurrent=config.max_concurrent_jobs, telemetry=telemetry
         )

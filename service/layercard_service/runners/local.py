@@ -30,6 +30,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from layercard_service.domain.jobs import JobState
 from layercard_service.persistence.jobs import JobStore
@@ -40,7 +41,10 @@ from layercard_service.telemetry import JobOutcome, Telemetry
 from layercard_service.trainer.checkpoint_dirs import latest_step
 from layercard_service.trainer.prefix_pricing import DEFAULT_MAX_MEMORY_BYTES
 
-__all__ = ["JobRunner", "LocalProcessRunner", "report_job_end", "worker_command"]
+if TYPE_CHECKING:
+    from layercard_service.config import ServiceConfig
+
+__all__ = ["JobRunner", "LocalProcessRunner", "report_job_end", "service_worker_command", "worker_command"]
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +119,18 @@ def worker_command(
         ]
 
     return command
+
+
+def service_worker_command(config: ServiceConfig, threads: int) -> Callable[[str], list[str]]:
+    """The worker's argv from the service's settings (roots, rank limit, the prefix cache's bound)."""
+    return worker_command(
+        config.data_dir,
+        config.model_roots,
+        config.dataset_roots,
+        config.max_lora_rank,
+        threads=threads,
+        prefix_cache_memory_bytes=config.prefix_cache_memory_bytes,
+    )
 
 
 class LocalProcessRunner(JobRunner):

@@ -55,7 +55,7 @@ from layercard_service.runners.kubernetes.manifest import (
     job_name,
     worker_secret,
 )
-from layercard_service.runners.local import JobRunner, report_job_end, worker_command
+from layercard_service.runners.local import JobRunner, report_job_end, service_worker_command
 from layercard_service.runners.worker_reports import issue_worker_token
 from layercard_service.telemetry import Telemetry
 from layercard_service.trainer.checkpoint_dirs import latest_step
@@ -370,14 +370,7 @@ def kubernetes_runner(config: ServiceConfig, store: JobStore, telemetry: Telemet
     settings = config.kubernetes.resolved()  # checked by ServiceConfig; the namespace: this pod's own if unset
     # The trainer pod's own CPU, not job_threads: that one sizes local workers to the service pod's cores.
     threads = trainer_threads(settings)
-    command = worker_command(
-        config.data_dir,
-        config.model_roots,
-        config.dataset_roots,
-        config.max_lora_rank,
-        threads=threads,
-        prefix_cache_memory_bytes=config.prefix_cache_memory_bytes,
-    )
+    command = service_worker_command(config, threads)
     return KubernetesJobRunner(
         store,
         KubernetesBatchApi(),
