@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from layercard_service.control.job_requests import MAX_STEPS
 from layercard_service.control.planning.costs import ShapeCosts
 from layercard_service.domain.cards import LayerCardData
 from layercard_service.domain.plans import PlanRequest
@@ -26,7 +27,7 @@ from layercard_service.trainer.prefix_pricing import (
 
 __all__ = ["MAX_PLANNED_STEPS", "CacheRun", "Priced", "cache_run", "price", "uncached_reason"]
 
-MAX_PLANNED_STEPS = 1_000_000  # the most steps a tuning job accepts (control/tuning.py MAX_STEPS)
+MAX_PLANNED_STEPS = MAX_STEPS  # the most steps a tuning job accepts
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ class Priced:
 def _fit(seconds: float, step: float) -> int:
     if seconds <= 0:
         return 0
-    # No more than a job may run (tuning's MAX_STEPS): a huge budget must not plan an unrunnable count.
+    # No more than a job may run (job_requests.MAX_STEPS): a huge budget must not plan an unrunnable count.
     return MAX_PLANNED_STEPS if step <= 0 else min(math.floor(seconds / step), MAX_PLANNED_STEPS)
 
 
