@@ -45,7 +45,7 @@ def plan_placement(
     if chosen.cache is not None:
         run = solution.run
         estimated = f"estimated for {run.examples} examples ({run.examples_source}) at the probe's tokens per example"
-        where = "on disk: over the worker's memory bound" if chosen.cache.on_disk else "in memory"
+        where = "on disk: over the service's prefix_cache_memory_bytes bound" if chosen.cache.on_disk else "in memory"
         build = Estimate(chosen.cache.build_seconds, "s", f"no-grad forward of blocks 0..{low - 1}, {estimated}")
         cache_size = Estimate(chosen.cache.cache_bytes, "bytes", f"{where}; {estimated}")
         if not chosen.cache.on_disk:
