@@ -1,34 +1,29 @@
-"""Does the planner's placement beat the baselines at equal training time? (issue 4, METHOD.md)
+"""What is the cheapest way to (nearly) full-layer LoRA's quality? Time to quality, per placement rule (issue 16).
 
-For every built-in task and several seeds, on the built-in model:
-1. A Layer Card (seeded probe and adapter A) with coupling.
-2. Single-layer runs: LoRA on one block at a time for a fixed number of steps; the measured gain is the drop
-   of validation loss below the base model's. Spearman of the card's per-layer scores, and of depth alone
-   (shallower first), with the measured gains.
-3. Placements at a training-time budget of half of full-layer LoRA's (full-layer: ``--steps`` steps). Every
-   placement gets the steps that fit the budget by the card's cost model (one basis for all, so the
-   comparison does not move with the machine's noise); its measured wall time is reported beside.
-   - the planner's placement (objective accuracy, budget max_training_time) for each card score;
-   - full-layer LoRA at equal time (half the steps);
-   - the same planner fed a depth-only prior (no card information): "ranking by depth alone";
-   - random-k, first-k, last-k, uniform-k with the planner's k.
-   Quality is content-sensitive: exact-match, and content gain = (floor - loss) / (floor - full-layer loss),
-   with floor the task's prompt-blind floor (METHOD.md: a loss gain can be mere answer format).
-Runs rotate their order from seed to seed (A B C, B C A, ...) so slow drift of the machine spreads evenly.
+For each task and seed, on one model:
+1. A Layer Card (seeded probe and adapter A, with coupling and, opt-in, the performance column of pilot runs),
+   and the plain adapter-gradient norm per block.
+2. Learning curves (bench/placement_curves.py): every rule of bench/placement_rules.py at every size k and
+   learning rate of one small grid, each run up to ``--cap`` x full-layer LoRA's reference run in predicted
+   time; a rule's figure is that of its best grid point, so the comparison is of rules, not tuning effort.
+   Runs with the same layers and learning rate are trained once; the order of runs rotates with the seed.
+3. Quality is content-sensitive (METHOD.md): content gain = prompt-blind floor - validation loss, as a fraction
+   of full-layer LoRA's *converged* content gain (the mean of its best run's last three points); exact match
+   beside it. Time to quality: the first time a rule's curve reaches 90% of that. Quality at 0.25, 0.5 and 0.75
+   of full-layer LoRA's time to quality: the best any of the rule's runs reached by then.
+4. Single-layer runs at equal steps: the ground truth for the per-block scores (Spearman).
 
-    .venv/bin/python -m bench.placement                      # writes bench/results/placement.json and .md
-    .venv/bin/python -m bench.placement --tasks cipher --seeds 0 --steps 40 --single-steps 10   # smoke run
+    .venv/bin/python -m bench.placement                      # builtin:tiny; bench/results/placement.{json,md,svg}
+    .venv/bin/python -m bench.placement --tasks cipher --seeds 0 --steps 40 --single-steps 10 --points 4   # smoke
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,41 +31,46 @@ from pathlib import Path
 import torch
 
 from bench.common import write_results
+from bench.placement_curves import CurveSpec, train_curve
+from bench.placement_report import headline, plot, report, summarize
+from bench.placement_rules import RANKED_RULES, gradient_norms, placement, rankings
 from layercard_service.card_engine.engine import compute_card
 from layercard_service.control.planning.costs import Shape, shape_costs
 from layercard_service.control.planning.gains import SCORES, layer_scores
 from layercard_service.control.planning.planner import plan_placement
+from layercard_service.control.planning.pricing import cache_run, price
 from layercard_service.data.tasks import get_task
-from layercard_service.domain.cards import CardSettings, LayerCardData
-from layercard_service.domain.plans import BudgetSpec, PlanRequest
+from layercard_service.domain.card_codec import card_to_dict
+from layercard_service.domain.cards import CardSettings
+from layercard_service.domain.plans import PlanRequest
 from layercard_service.models.builtin import builtin_model_path
 from layercard_service.models.loading import load_model
 from layercard_service.trainer.evaluate import evaluate
-from layercard_service.trainer.lora import ALL_LINEAR_MODULES, LoraSettings, TrainConfig, attach_lora, train_lora
 
-PLANNED_SCORES = ("resnorm", "stream_normalized")  # split_half ranks like resnorm here (reported in Spearman)
-HEADLINE_SCORE = "resnorm"  # the planner's default score (control/planning/gains.py DEFAULT_SCORE)
-BASELINES = ("full_equal_time", "depth_prior", "random_k", "first_k", "last_k", "uniform_k")
+__all__ = ["spearman", "main"]
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny", help="built-in model: tiny or smollm2-135m")
     p.add_argument("--tasks", nargs="*", default=["cipher", "lexicon", "reverse"])
-    p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=400, help="full-layer LoRA's steps (the reference)")
-    p.add_argument("--single-steps", type=int, default=200, help="steps of each single-layer run")
-    p.add_argument("--budget-fraction", type=float, default=0.5, help="of full-layer LoRA's training time")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seeds", nargs="*", type=int, default=[0, 1])
+    p.add_argument("--steps", type=int, default=320, help="full-layer LoRA's reference run, in steps")
+    p.add_argument("--cap", type=float, default=1.0, help="every run's time, as a share of the reference run's")
+    p.add_argument("--ks", nargs="*", type=int, default=[2, 4], help="placement sizes of the grid")
+    p.add_argument("--lrs", nargs="*", type=float, default=[3e-3, 1e-2], help="learning rates of the grid")
+    p.add_argument("--rules", nargs="*", default=[*RANKED_RULES, "planner"], help="the rules to run (and full)")
+    p.add_argument("--random-draws", type=int, default=2)
+    p.add_argument("--points", type=int, default=16, help="evaluations along each run")
+    p.add_argument("--single-steps", type=int, default=150, help="steps of each single-layer run (0: none)")
+    p.add_argument("--performance-steps", type=int, default=50, help="the card's pilot runs (0: no pilot rule)")
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=16, help="the card's batch too, so its step prices apply")
+    p.add_argument("--validation", type=int, default=0, help="validation examples (0: the task's split)")
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="placement", help="name of the result files under bench/results")
-    p.add_argument(
-        "--merge",
-        nargs="*",
-        type=Path,
-        help="summarise the pairs of these partial result files (e.g. one process per seed) instead of running",
-    )
+    p.add_argument("--reuse", type=Path, help="take runs with the same layers and learning rate from this result")
+    p.add_argument("--merge", nargs="*", type=Path, help="summarise these partial result files instead of running")
     return p.parse_args(argv)
 
 
@@ -89,266 +89,140 @@ def spearman(a: list[float], b: list[float]) -> float:
         return r
 
     ra, rb = ranks(a), ranks(b)
-    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
     cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
     var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
     return cov / var if var else 0.0
 
 
-def depth_prior_card(card: LayerCardData) -> LayerCardData:
-    """The same card with its gain columns replaced by a prior that knows only depth: shallower is better,
-    linearly, with the card's total Res² (so the planner trades gain for time at the same scale)."""
-    L = card.num_layers
-    total = sum(m.resnorm_sq for row in card.layers for m in row.modules)
-    weights = [(L - i) / (L * (L + 1) / 2) for i in range(L)]
-    rows = []
-    for row, w in zip(card.layers, weights):
-        share = total * w / len(row.modules)
-        modules = [dataclasses.replace(m, resnorm_sq=share, resnorm_sq_split_half=share) for m in row.modules]
-        rows.append(dataclasses.replace(row, modules=modules, resnorm_sq=total * w, predicted_gain=total * w / 2))
-    return dataclasses.replace(card, layers=rows, coupling=None)
+class _Task:
+    """A task with the validation split the bench evaluates on (a prefix of it with --validation)."""
+
+    def __init__(self, name: str, validation: int) -> None:
+        task = get_task(name)
+        self.task_name, self.train = task.task_name, task.train
+        self.validation = task.validation[:validation] if validation else task.validation
+        self.floor_of = task.floor
 
 
-def baseline_layers(name: str, k: int, num_layers: int, rng: random.Random) -> tuple[int, ...]:
-    if name == "first_k":
-        return tuple(range(k))
-    if name == "last_k":
-        return tuple(range(num_layers - k, num_layers))
-    if name == "uniform_k":  # evenly spaced, centred
-        return tuple(sorted({int((i + 0.5) * num_layers / k) for i in range(k)}))
-    if name == "random_k":
-        return tuple(sorted(rng.sample(range(num_layers), k)))
-    raise ValueError(name)
-
-
-class Runner:
-    """Trains LoRA on given layers for given steps from a fresh base model, and evaluates it."""
-
-    def __init__(self, task, args: argparse.Namespace) -> None:
-        self.task, self.args = task, args
-        self.path = builtin_model_path("tiny")
-        _, self.tokenizer = load_model(self.path)
-        self.floor = task.floor(self.tokenizer).floor_nats_per_token
-
-    def run(self, layers: tuple[int, ...] | None, steps: int, seed: int, exact_match: bool = True) -> dict:
-        model, tokenizer = load_model(self.path)
-        lora = LoraSettings(
-            rank=self.args.rank, alpha=2.0 * self.args.rank, target_modules=ALL_LINEAR_MODULES, layers=layers
-        )
-        peft_model = attach_lora(model, lora)
-        config = TrainConfig(
-            steps=steps,
-            batch_size=self.args.batch_size,
-            learning_rate=self.args.lr,
-            warmup_steps=min(20, steps // 10),
-            seed=seed,
-        )
-        result = train_lora(peft_model, tokenizer, self.task.train, config)
-        ev = evaluate(peft_model, tokenizer, self.task.validation, with_exact_match=exact_match)
-        return {
-            "layers": list(layers) if layers is not None else "all",
-            "steps": steps,
-            "train_seconds": result.total_seconds,
-            "loss": ev.loss,
-            "exact_match": ev.exact_match,
-            "content_gain_nats": self.floor - ev.loss,
-        }
-
-    def base_loss(self) -> float:
-        model, tokenizer = load_model(self.path)
-        return evaluate(model, tokenizer, self.task.validation, with_exact_match=False).loss
-
-
-def run_pair(task_name: str, seed: int, args: argparse.Namespace) -> dict:
-    task = get_task(task_name)
-    runner = Runner(task, args)
-    model, tokenizer = load_model(runner.path)
-    settings = CardSettings(rank=args.rank, compute_coupling=True, seed=seed)
-    card = compute_card(model, tokenizer, task.train, settings, task.task_name)
-    L = card.num_layers
-    costs = shape_costs(card, Shape(args.rank, tuple(card.module_types)))
-    full_step = costs.step_seconds(range(L))
-    budget_seconds = args.budget_fraction * args.steps * full_step  # predicted seconds, the planner's basis
-    base_loss = runner.base_loss()
-    print(f"[{task_name} seed {seed}] card done; budget {budget_seconds:.1f} s predicted", flush=True)
-
-    # Single-layer runs (equal steps): the ground truth for the per-layer scores.
-    single = []
-    for layer in range(L):
-        r = runner.run((layer,), args.single_steps, seed, exact_match=False)
-        r["gain"] = base_loss - r["loss"]
-        single.append(r)
-    measured = [r["gain"] for r in single]
-    scores = {s: layer_scores(card, s, card.module_types, args.rank) for s in SCORES}
-    correlations = {s: spearman(scores[s], measured) for s in SCORES}
-    correlations["depth"] = spearman([-float(i) for i in range(L)], measured)
-    print(f"[{task_name} seed {seed}] single-layer gains {[round(g, 3) for g in measured]} {correlations}", flush=True)
-
-    def plan(c: LayerCardData, score: str):
-        request = PlanRequest(budget=BudgetSpec(max_training_seconds=budget_seconds), steps=args.steps, score=score)
-        return plan_placement(c, request)
-
-    plans = {f"card_{score}": plan(card, score) for score in PLANNED_SCORES}
-    plans["depth_prior"] = plan(depth_prior_card(card), "resnorm")
-    k = len(plans[f"card_{HEADLINE_SCORE}"].layers)
-    rng = random.Random(f"{task_name}-{seed}")
-    placements: dict[str, tuple[int, ...] | None] = {name: p.layers for name, p in plans.items()}
-    for name in ("random_k", "first_k", "last_k", "uniform_k"):
-        placements[name] = baseline_layers(name, k, L, rng)
-    placements["full_equal_time"] = None
-
-    def steps_for(layers: tuple[int, ...] | None) -> int:
-        step = full_step if layers is None else costs.step_seconds(layers)
-        return max(1, int(budget_seconds // step))
-
-    jobs = [("full", None, args.steps)] + [(n, lay, steps_for(lay)) for n, lay in placements.items()]
-    shift = seed % len(jobs)
+def _reused(path: Path | None) -> dict:
+    if path is None or not path.exists():
+        return {}
     runs = {}
-    for name, layers, steps in jobs[shift:] + jobs[:shift]:
-        runs[name] = runner.run(layers, steps, seed)
+    for pair in json.loads(path.read_text())["pairs"]:
+        for run in pair["runs"].values():
+            runs[(pair["task"], pair["seed"], str(run["layers"]), run["learning_rate"])] = run
+    return runs
+
+
+def run_pair(task_name: str, seed: int, args: argparse.Namespace, reused: dict) -> dict:
+    task = _Task(task_name, args.validation)
+    path = builtin_model_path(args.model)
+    model, tokenizer = load_model(path)
+    floor = task.floor_of(tokenizer).floor_nats_per_token
+    settings = CardSettings(
+        rank=args.rank,
+        compute_coupling=True,
+        compute_performance=args.performance_steps > 0,
+        performance_steps=max(1, args.performance_steps),
+        batch_size=args.batch_size,
+        seed=seed,
+    )
+    card = compute_card(model, tokenizer, task.train, settings, task.task_name)
+    L, modules = card.num_layers, tuple(card.module_types)
+    grads = gradient_norms(load_model(path)[0], tokenizer, task.train[: settings.probe_size], args.rank, modules, seed)
+    costs = shape_costs(card, Shape(args.rank, modules))
+    request = PlanRequest(steps=args.steps, train_examples=len(task.train), batch_size=args.batch_size)
+    cache = cache_run(card, request)
+
+    def priced(layers: tuple[int, ...] | None) -> tuple[float, float]:
+        p = price(costs, range(L) if layers is None else layers, cache, request)
+        return p.step_seconds, p.cache.build_seconds if p.cache is not None else 0.0
+
+    full_step = priced(None)[0]
+    cap_seconds = args.cap * args.steps * full_step
+    print(f"[{task_name} seed {seed}] card done in {card.compute_seconds:.0f} s; cap {cap_seconds:.1f} s", flush=True)
+
+    # The rules' placements: (rule, layers) for every k; the planner picks its own.
+    rng = random.Random(f"{task_name}-{seed}")
+    orders = rankings(card, grads, args.rank, rng, args.random_draws)
+    chosen: dict[str, list[tuple[int, ...] | None]] = {"full": [None]}
+    for rule in (r for r in args.rules if r in orders):
+        for i, order in enumerate(orders[rule] or [None]):
+            name = f"{rule}#{i}" if rule == "random_k" else rule  # each random draw is scored on its own
+            chosen[name] = [placement(rule, order, k, L) for k in args.ks]
+    plan = None
+    if "planner" in args.rules:
+        goal = PlanRequest(
+            objective="efficiency",
+            target_gain_fraction=0.9,
+            steps=args.steps,
+            train_examples=len(task.train),
+            batch_size=args.batch_size,
+        )
+        plan = plan_placement(card, goal)
+        chosen["planner"] = [plan.layers if len(plan.layers) < L else None]
+
+    jobs = sorted({(layers, lr) for sets in chosen.values() for layers in sets for lr in args.lrs}, key=str)
+    shift = seed % len(jobs)
+    runs: dict[str, dict] = {}
+    for layers, lr in jobs[shift:] + jobs[:shift]:
+        key = f"{list(layers) if layers is not None else 'all'}@{lr:g}"
+        old = reused.get((task.task_name, seed, str(list(layers) if layers is not None else "all"), lr))
+        if old is not None:
+            runs[key] = old
+            continue
+        step, build = priced(layers)
+        spec = CurveSpec(layers, lr, args.rank, modules, step, build, cap_seconds, args.points, args.batch_size, seed)
+        runs[key] = train_curve(path, task, spec, floor)
+        last = runs[key]["points"][-1]
         print(
-            f"[{task_name} seed {seed}] {name:<24} layers {runs[name]['layers']} steps {steps} "
-            f"loss {runs[name]['loss']:.3f} EM {runs[name]['exact_match']:.3f} "
-            f"{runs[name]['train_seconds']:.1f}s",
+            f"[{task_name} seed {seed}] {key:<28} {spec.steps} steps, content {last['content_gain_nats']:+.3f}, "
+            f"EM {last['exact_match']:.3f}, {last['measured_seconds']:.1f} s measured",
             flush=True,
         )
-    full = runs["full"]
-    for r in runs.values():
-        r["content_gain_fraction_of_full"] = r["content_gain_nats"] / full["content_gain_nats"]
-        r["em_fraction_of_full"] = r["exact_match"] / full["exact_match"] if full["exact_match"] else None
-        r["time_fraction_of_full"] = r["train_seconds"] / full["train_seconds"]
-        r["predicted_time_fraction_of_full"] = (
-            r["steps"] * (full_step if r["layers"] == "all" else costs.step_seconds(r["layers"]))
-        ) / (args.steps * full_step)
+
+    single = []
+    if args.single_steps:
+        base = evaluate(load_model(path)[0], tokenizer, task.validation, with_exact_match=False).loss
+        for layer in range(L):
+            spec = CurveSpec((layer,), args.lrs[0], args.rank, modules, 1.0, 0.0, args.single_steps, 1, 16, seed)
+            curve = train_curve(path, task, spec, floor, exact_match=False)
+            single.append(base - curve["points"][-1]["loss"])
+    scores = {s: layer_scores(card, s, modules, args.rank) for s in SCORES}
+    extra = {"activation_norm": [r.activation_energy for r in card.layers], "gradient_norm": grads}
+    if all(r.measured_gain is not None for r in card.layers):
+        extra["pilot"] = [r.measured_gain or 0.0 for r in card.layers]
+    correlations = {}
+    if single:
+        correlations = {name: spearman(list(v), single) for name, v in {**scores, **extra}.items()}
+        correlations["depth"] = spearman([-float(i) for i in range(L)], single)
     return {
+        "model": args.model,
         "task": task.task_name,
         "seed": seed,
-        "floor": runner.floor,
-        "base_loss": base_loss,
-        "card_scores": scores,
-        "single_layer": single,
-        "spearman": correlations,
-        "plans": {
-            n: {
-                "layers": list(p.layers),
-                "steps": p.steps,
-                "predicted_gain_share": p.predicted_gain_share,
-                "rationale": p.rationale,
-            }
-            for n, p in plans.items()
+        "floor": floor,
+        "num_layers": L,
+        "probe_loss": card.probe_loss,
+        "card_seconds": card.compute_seconds,
+        "card": card_to_dict(card),
+        "rules": {rule: [list(s) if s is not None else "all" for s in sets] for rule, sets in chosen.items()},
+        "plan": None
+        if plan is None
+        else {
+            "layers": list(plan.layers),
+            "steps": plan.steps,
+            "predicted_gain": plan.predicted_gain.value,
+            "predicted_gain_share": plan.predicted_gain_share,
+            "rationale": plan.rationale,
         },
+        "full_step_seconds_predicted": full_step,
+        "cap_seconds_predicted": cap_seconds,
+        "single_layer_gains": single,
+        "card_scores": {**scores, **extra},
+        "spearman": correlations,
         "runs": runs,
     }
-
-
-def _mean(values: list[float]) -> float:
-    return statistics.fmean(values) if values else float("nan")
-
-
-def _spread(values: list[float]) -> dict:
-    return {
-        "mean": _mean(values),
-        "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "min": min(values),
-        "max": max(values),
-    }
-
-
-def summarize(pairs: list[dict]) -> dict:
-    summary: dict = {"placements": {}, "beats": {}}
-    names = list(pairs[0]["runs"])
-    for name in names:
-        runs = [p["runs"][name] for p in pairs]
-        summary["placements"][name] = {
-            "content_gain_fraction_of_full": _spread([r["content_gain_fraction_of_full"] for r in runs]),
-            "em_fraction_of_full": _spread([r["em_fraction_of_full"] or 0.0 for r in runs]),
-            "exact_match": _spread([r["exact_match"] for r in runs]),
-            "time_fraction_of_full": _spread([r["time_fraction_of_full"] for r in runs]),
-            "predicted_time_fraction_of_full": _spread([r["predicted_time_fraction_of_full"] for r in runs]),
-        }
-    for score in PLANNED_SCORES:
-        card = f"card_{score}"
-        summary["beats"][card] = {
-            base: {
-                "content": _mean(
-                    [float(p["runs"][card]["content_gain_nats"] > p["runs"][base]["content_gain_nats"]) for p in pairs]
-                ),
-                "ties": _mean([float(p["runs"][card]["layers"] == p["runs"][base]["layers"]) for p in pairs]),
-            }
-            for base in BASELINES
-        }
-    summary["spearman"] = {s: _spread([p["spearman"][s] for p in pairs]) for s in (*SCORES, "depth")}
-    return summary
-
-
-def headline(summary: dict) -> dict:
-    def figures(score: str) -> dict:
-        card = summary["placements"][f"card_{score}"]
-        beats = summary["beats"][f"card_{score}"]
-        return {
-            "card_content_gain_fraction_of_full": card["content_gain_fraction_of_full"]["mean"],
-            "card_em_fraction_of_full": card["em_fraction_of_full"]["mean"],
-            "card_time_fraction_of_full": card["time_fraction_of_full"]["mean"],
-            "card_beats_random_fraction": beats["random_k"]["content"],
-            "card_beats_depth_fraction": beats["depth_prior"]["content"],
-            "spearman_predicted_vs_measured": summary["spearman"][score]["mean"],
-        }
-
-    head = figures(HEADLINE_SCORE)
-    head["spearman_depth_vs_measured"] = summary["spearman"]["depth"]["mean"]
-    for score in PLANNED_SCORES:
-        if score != HEADLINE_SCORE:
-            head.update({f"{score}_{k}": v for k, v in figures(score).items()})
-    full_eq = summary["placements"]["full_equal_time"]
-    head["full_equal_time_content_gain_fraction_of_full"] = full_eq["content_gain_fraction_of_full"]["mean"]
-    return head
-
-
-def report(result: dict) -> str:
-    s, h = result["summary"], result["headline"]
-    lines = [
-        "# Placement at equal training time",
-        "",
-        f"Machine: {result['machine']}. Settings: {result['settings']}.",
-        f"Command: `{result['command']}`",
-        "",
-        "## Headline",
-        "",
-        *[f"- {k}: {v:.3f}" for k, v in h.items()],
-        "",
-        "## Placements (mean ± stdev over task x seed; fractions of full-layer LoRA at full time)",
-        "",
-        "| placement | content gain | EM fraction | EM | time (measured) | time (predicted) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, p in s["placements"].items():
-
-        def f(key: str, p: dict = p) -> str:
-            return f"{p[key]['mean']:.3f} ± {p[key]['stdev']:.3f}"
-
-        lines.append(
-            f"| {name} | {f('content_gain_fraction_of_full')} | {f('em_fraction_of_full')} | "
-            f"{f('exact_match')} | {f('time_fraction_of_full')} | {f('predicted_time_fraction_of_full')} |"
-        )
-    lines += ["", "## Card placement beats baseline (share of task x seed pairs, content gain; ties = same layers)", ""]
-    for card, beats in s["beats"].items():
-        lines.append(
-            f"- {card}: " + ", ".join(f"{b} {v['content']:.2f} (same layers {v['ties']:.2f})" for b, v in beats.items())
-        )
-    lines += ["", "## Spearman with measured single-layer gain (mean ± stdev over task x seed)", ""]
-    lines += [f"- {k}: {v['mean']:+.3f} ± {v['stdev']:.3f}" for k, v in s["spearman"].items()]
-    lines += ["", "## Per task and seed", ""]
-    for p in result["pairs"]:
-        lines.append(f"### {p['task']} seed {p['seed']} (floor {p['floor']:.3f}, base {p['base_loss']:.3f})")
-        lines.append("single-layer gains: " + ", ".join(f"{r['gain']:.3f}" for r in p["single_layer"]))
-        for name, r in p["runs"].items():
-            lines.append(
-                f"- {name}: layers {r['layers']}, {r['steps']} steps, loss {r['loss']:.3f}, "
-                f"EM {r['exact_match']:.3f}, content {r['content_gain_fraction_of_full']:.3f}, "
-                f"time {r['time_fraction_of_full']:.2f}"
-            )
-        lines.append("")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -356,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.time()
     command = "python -m bench.placement " + " ".join(argv if argv is not None else sys.argv[1:])
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "merge")}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("merge",)}
     machine = (
         f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, python {platform.python_version()}"
@@ -367,22 +241,24 @@ def main(argv: list[str] | None = None) -> int:
         started -= sum(part["seconds"] for part in partial)
         command = "; ".join(part["command"] for part in partial) + "; then " + command
         settings = {**partial[0]["settings"], "seeds": sorted({p["seed"] for p in pairs})}
+        settings["tasks"] = sorted({p["task"] for p in pairs})
         machine = f"{partial[0]['machine']}; {len(partial)} processes side by side"
     else:
-        pairs = [run_pair(t, seed, args) for seed in args.seeds for t in args.tasks]
+        reused = _reused(args.reuse)
+        pairs = [run_pair(t, seed, args, reused) for seed in args.seeds for t in args.tasks]
     summary = summarize(pairs)
     result = {
         "benchmark": "placement",
         "command": command,
         "machine": machine,
         "settings": settings,
-        "headline": {},
+        "headline": headline(summary, settings.get("model", "tiny")),
         "summary": summary,
         "pairs": pairs,
         "seconds": time.time() - started,
     }
-    result["headline"] = headline(summary)
     write_results(args.out, result, report(result))
+    plot(result, args.out)
     return 0
 
 

@@ -34,6 +34,10 @@ def test_card_with_the_performance_column(server):
         assert len(card.layers) == 8 and all(layer.HasField("measured_gain") for layer in card.layers)
         stored = stub.GetLayerCard(layer_card_pb2.GetLayerCardRequest(name=card.name), timeout=10)
         assert [layer.measured_gain for layer in stored.layers] == [layer.measured_gain for layer in card.layers]
+        # the pilot curves, at the checkpoints the card names, end at the column's figure
+        assert list(card.performance_checkpoints) == [1, 2]
+        assert all(list(layer.measured_gain_curve)[-1] == layer.measured_gain for layer in card.layers)
+        assert [list(x.measured_gain_curve) for x in stored.layers] == [list(x.measured_gain_curve) for x in card.layers]
 
 
 @pytest.mark.parametrize("steps", [-1, 10_001])

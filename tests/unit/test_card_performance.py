@@ -10,7 +10,7 @@ from layercard_service.card_engine.engine import compute_card, make_probe_batche
 from layercard_service.card_engine.performance import layer_gains, split_batches
 from layercard_service.card_engine.probe import ADAPTER, attach_lora, lora_modules
 from layercard_service.data.tasks import get_task
-from layercard_service.domain.cards import CardSettings
+from layercard_service.domain.cards import CardSettings, performance_checkpoints
 from layercard_service.models.builtin import builtin_model_path
 from layercard_service.models.loading import load_model
 
@@ -45,9 +45,11 @@ def test_each_layer_learns_alone_and_the_adapter_is_put_back(attached):
         peft, lora, batches, num_layers, steps=8, learning_rate=1e-2, on_layer=lambda d, t: seen.append(d)
     )
     assert len(gains) == num_layers and seen == list(range(1, num_layers + 1))
-    assert all(isinstance(g, float) and g == g for g in gains)
+    # Each layer's pilot curve: the held-out gain at steps 2, 4, 6 and 8 (performance_checkpoints(8)).
+    assert performance_checkpoints(8) == [2, 4, 6, 8]
+    assert all(len(curve) == 4 and all(isinstance(g, float) and g == g for g in curve) for curve in gains)
     # Eight steps at this rate move the held-out loss by far more than float noise on some layer.
-    assert max(gains) > 0.05
+    assert max(curve[-1] for curve in gains) > 0.05
     for key, layer in lora.items():  # the card's state is back: the same A, B = 0, the same trainable flags
         assert torch.equal(layer.lora_A[ADAPTER].weight, before[key][0])
         assert torch.equal(layer.lora_B[ADAPTER].weight, before[key][1])
@@ -77,5 +79,7 @@ def test_card_carries_the_column_only_when_asked():
         CardSettings(probe_size=32, max_seq_len=48, compute_performance=True, performance_steps=2),
     )
     assert all(row.measured_gain is not None for row in with_column.layers)
+    assert all(row.measured_gain_curve[-1] == row.measured_gain for row in with_column.layers)
+    assert all(len(row.measured_gain_curve) == len(performance_checkpoints(2)) for row in with_column.layers)
     without = compute_card(model, tokenizer, examples, CardSettings(probe_size=32, max_seq_len=48))
-    assert all(row.measured_gain is None for row in without.layers)
+    assert all(row.measured_gain is None and not row.measured_gain_curve for row in without.layers)

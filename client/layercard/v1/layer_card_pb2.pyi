@@ -72,7 +72,7 @@ class ListLayerCardsResponse(_message.Message):
     def __init__(self, layer_cards: _Optional[_Iterable[_Union[LayerCard, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class LayerCard(_message.Message):
-    __slots__ = ("name", "model", "architecture", "num_layers", "num_parameters", "fingerprint", "settings", "create_time", "compute_duration", "from_store", "layers", "coupling", "training_cost", "serving_cost", "probe_loss", "probe_examples", "probe_tokens", "dataset")
+    __slots__ = ("name", "model", "architecture", "num_layers", "num_parameters", "fingerprint", "settings", "create_time", "compute_duration", "from_store", "layers", "coupling", "training_cost", "serving_cost", "probe_loss", "probe_examples", "probe_tokens", "dataset", "performance_checkpoints")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class LayerCard(_message.Message):
     PROBE_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     PROBE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
+    PERFORMANCE_CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: str
     architecture: str
@@ -109,7 +110,8 @@ class LayerCard(_message.Message):
     probe_examples: int
     probe_tokens: int
     dataset: CardDataset
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_parameters: _Optional[int] = ..., fingerprint: _Optional[str] = ..., settings: _Optional[_Union[ComputeLayerCardRequest, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., compute_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., from_store: _Optional[bool] = ..., layers: _Optional[_Iterable[_Union[LayerStats, _Mapping]]] = ..., coupling: _Optional[_Union[CouplingMatrix, _Mapping]] = ..., training_cost: _Optional[_Union[TrainingCost, _Mapping]] = ..., serving_cost: _Optional[_Union[ServingCost, _Mapping]] = ..., probe_loss: _Optional[float] = ..., probe_examples: _Optional[int] = ..., probe_tokens: _Optional[int] = ..., dataset: _Optional[_Union[CardDataset, _Mapping]] = ...) -> None: ...
+    performance_checkpoints: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_parameters: _Optional[int] = ..., fingerprint: _Optional[str] = ..., settings: _Optional[_Union[ComputeLayerCardRequest, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., compute_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., from_store: _Optional[bool] = ..., layers: _Optional[_Iterable[_Union[LayerStats, _Mapping]]] = ..., coupling: _Optional[_Union[CouplingMatrix, _Mapping]] = ..., training_cost: _Optional[_Union[TrainingCost, _Mapping]] = ..., serving_cost: _Optional[_Union[ServingCost, _Mapping]] = ..., probe_loss: _Optional[float] = ..., probe_examples: _Optional[int] = ..., probe_tokens: _Optional[int] = ..., dataset: _Optional[_Union[CardDataset, _Mapping]] = ..., performance_checkpoints: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CardDataset(_message.Message):
     __slots__ = ("source", "split", "fingerprint", "examples_used", "examples_total")
@@ -144,7 +146,7 @@ class ModuleStats(_message.Message):
     def __init__(self, module_type: _Optional[str] = ..., resnorm_sq: _Optional[float] = ..., resnorm_sq_split_half: _Optional[float] = ..., activation_energy: _Optional[float] = ..., effective_rank: _Optional[float] = ..., condition_number: _Optional[float] = ..., adapter_parameters: _Optional[int] = ...) -> None: ...
 
 class LayerStats(_message.Message):
-    __slots__ = ("index", "resnorm_sq", "resnorm_sq_split_half", "resnorm_share", "predicted_gain", "activation_energy", "effective_rank", "condition_number", "modules", "forward_seconds", "backward_seconds", "activation_bytes", "adapter_parameters", "adapter_bytes", "peft_serving_overhead_ms_per_token", "measured_gain", "residual_mean_square", "pass_through_seconds", "no_graph_seconds", "pass_through_activation_bytes")
+    __slots__ = ("index", "resnorm_sq", "resnorm_sq_split_half", "resnorm_share", "predicted_gain", "activation_energy", "effective_rank", "condition_number", "modules", "forward_seconds", "backward_seconds", "activation_bytes", "adapter_parameters", "adapter_bytes", "peft_serving_overhead_ms_per_token", "measured_gain", "residual_mean_square", "pass_through_seconds", "no_graph_seconds", "pass_through_activation_bytes", "measured_gain_curve")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     RESNORM_SQ_FIELD_NUMBER: _ClassVar[int]
     RESNORM_SQ_SPLIT_HALF_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +167,7 @@ class LayerStats(_message.Message):
     PASS_THROUGH_SECONDS_FIELD_NUMBER: _ClassVar[int]
     NO_GRAPH_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PASS_THROUGH_ACTIVATION_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_GAIN_CURVE_FIELD_NUMBER: _ClassVar[int]
     index: int
     resnorm_sq: float
     resnorm_sq_split_half: float
@@ -185,7 +188,8 @@ class LayerStats(_message.Message):
     pass_through_seconds: float
     no_graph_seconds: float
     pass_through_activation_bytes: int
-    def __init__(self, index: _Optional[int] = ..., resnorm_sq: _Optional[float] = ..., resnorm_sq_split_half: _Optional[float] = ..., resnorm_share: _Optional[float] = ..., predicted_gain: _Optional[float] = ..., activation_energy: _Optional[float] = ..., effective_rank: _Optional[float] = ..., condition_number: _Optional[float] = ..., modules: _Optional[_Iterable[_Union[ModuleStats, _Mapping]]] = ..., forward_seconds: _Optional[float] = ..., backward_seconds: _Optional[float] = ..., activation_bytes: _Optional[int] = ..., adapter_parameters: _Optional[int] = ..., adapter_bytes: _Optional[int] = ..., peft_serving_overhead_ms_per_token: _Optional[float] = ..., measured_gain: _Optional[float] = ..., residual_mean_square: _Optional[float] = ..., pass_through_seconds: _Optional[float] = ..., no_graph_seconds: _Optional[float] = ..., pass_through_activation_bytes: _Optional[int] = ...) -> None: ...
+    measured_gain_curve: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, index: _Optional[int] = ..., resnorm_sq: _Optional[float] = ..., resnorm_sq_split_half: _Optional[float] = ..., resnorm_share: _Optional[float] = ..., predicted_gain: _Optional[float] = ..., activation_energy: _Optional[float] = ..., effective_rank: _Optional[float] = ..., condition_number: _Optional[float] = ..., modules: _Optional[_Iterable[_Union[ModuleStats, _Mapping]]] = ..., forward_seconds: _Optional[float] = ..., backward_seconds: _Optional[float] = ..., activation_bytes: _Optional[int] = ..., adapter_parameters: _Optional[int] = ..., adapter_bytes: _Optional[int] = ..., peft_serving_overhead_ms_per_token: _Optional[float] = ..., measured_gain: _Optional[float] = ..., residual_mean_square: _Optional[float] = ..., pass_through_seconds: _Optional[float] = ..., no_graph_seconds: _Optional[float] = ..., pass_through_activation_bytes: _Optional[int] = ..., measured_gain_curve: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class CouplingMatrix(_message.Message):
     __slots__ = ("size", "values")

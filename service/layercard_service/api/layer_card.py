@@ -10,7 +10,14 @@ from layercard.v1 import common_pb2, layer_card_pb2, layer_card_pb2_grpc
 from layercard_service.api.paging import ProtoPage
 from layercard_service.control.cards import CardProgress, CardService, StoredCard
 from layercard_service.data.sources import DatasetRequest
-from layercard_service.domain.cards import CardDataset, CardSettings, CostCalibration, LayerCardData, PlacementTiming
+from layercard_service.domain.cards import (
+    CardDataset,
+    CardSettings,
+    CostCalibration,
+    LayerCardData,
+    PlacementTiming,
+    performance_checkpoints,
+)
 from layercard_service.errors import InvalidArgument
 
 __all__ = ["LayerCardServicer", "card_to_proto", "dataset_request", "settings_from_proto"]
@@ -123,6 +130,8 @@ def card_to_proto(stored: StoredCard) -> layer_card_pb2.LayerCard:
         request, record = _dataset_to_proto(card.dataset)
         message.settings.dataset.CopyFrom(request)
         message.dataset.CopyFrom(record)
+    if any(row.measured_gain_curve for row in card.layers):
+        message.performance_checkpoints.extend(performance_checkpoints(card.settings.performance_steps))
     for row in card.layers:
         layer = message.layers.add(
             index=row.index,
@@ -143,6 +152,7 @@ def card_to_proto(stored: StoredCard) -> layer_card_pb2.LayerCard:
         )
         if row.measured_gain is not None:
             layer.measured_gain = row.measured_gain
+        layer.measured_gain_curve.extend(row.measured_gain_curve)
         for m in row.modules:
             layer.modules.add(**vars(m))
     if card.coupling is not None:

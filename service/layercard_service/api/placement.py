@@ -109,6 +109,13 @@ def placement_to_proto(plan: Plan) -> placement_pb2.Placement:
         gain_score=plan.score,
         prefix_cache_build_seconds=_estimate(plan.prefix_cache_build_seconds),
         prefix_cache_bytes=_estimate(plan.prefix_cache_bytes),
+        predicted_curve=[
+            placement_pb2.CurvePoint(
+                steps=p.steps, seconds=p.seconds, gain=p.gain, gain_low=p.gain_low, gain_high=p.gain_high
+            )
+            for p in plan.predicted_curve
+        ],
+        learning_rate=plan.learning_rate,
     )
 
 

@@ -32,6 +32,7 @@ from layercard_service.domain.cards import (
     ModuleCard,
     ServingCostCard,
     TrainingCostCard,
+    calibrated_gain,
 )
 from layercard_service.errors import Cancelled, FailedPrecondition, InvalidArgument, LayercardError
 
@@ -186,11 +187,11 @@ def compute_card(
         if hasattr(model, "peft_config"):
             del model.peft_config  # ...and without peft's bookkeeping, so it can be probed again
 
-    rows = _rows(figures, L, layout.shapes, per_layer_params, dtype_bytes, cost, per_layer_ms)
+    rows = _rows(figures, L, layout.shapes, per_layer_params, dtype_bytes, cost, per_layer_ms, probe.loss)
     for row, stream in zip(rows, probe.stream_mean_square):
         row.residual_mean_square = stream
-    for row, gain in zip(rows, measured_gains or ()):
-        row.measured_gain = gain
+    for row, curve in zip(rows, measured_gains or ()):
+        row.measured_gain, row.measured_gain_curve = curve[-1], curve
     training = _training_cost(
         cost, calibration, L, probe.batch_size, probe.seq_len, cache_bytes_per_token=probe.hidden_bytes_per_token
     )
@@ -292,6 +293,7 @@ def _rows(
     dtype_bytes: int,
     cost: CostModel,
     per_layer_ms: float,
+    probe_loss: float,
 ) -> list[LayerCardRow]:
     total = sum(f.resnorm_sq for f in figures.values()) or 1.0
     rows = []
@@ -320,7 +322,7 @@ def _rows(
                 resnorm_sq=res,
                 resnorm_sq_split_half=sum(m.resnorm_sq_split_half for m in modules),
                 resnorm_share=res / total,
-                predicted_gain=0.5 * res,
+                predicted_gain=calibrated_gain(0.5 * res, probe_loss),  # ½Res² is local: saturate at the loss
                 activation_energy=sum(m.activation_energy for m in modules),
                 effective_rank=_mean([m.effective_rank for m in modules]),
                 condition_number=max(m.condition_number for m in modules),

@@ -2,7 +2,9 @@
 
 For each layer ℓ, only ℓ's adapters (A and B) train, for ``steps`` Adam steps on the first half of the probe
 batches; the column is the mean completion-token loss decrease on the second half, in nats (METHOD.md: the
-ground truth the cheap columns are scored against). It is L training runs, so it is opt-in and priced in the
+ground truth the cheap columns are scored against). The held-out loss is also taken at a quarter, half and
+three quarters of the run (``domain.cards.performance_checkpoints``): each layer's pilot learning curve, which
+the planner fits (control/planning/curves.py). It is L training runs, so it is opt-in and priced in the
 card's compute time. Every run starts from the card's own adapter state (the fixed A, B = 0), which is restored
 afterwards, so the other phases of the card are unaffected.
 """
@@ -16,11 +18,12 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from layercard_service.card_engine.probe import ADAPTER, ModuleKey
+from layercard_service.domain.cards import PERFORMANCE_LEARNING_RATE, performance_checkpoints
 from layercard_service.models.head import completion_loss
 
 __all__ = ["DEFAULT_LEARNING_RATE", "layer_gains", "split_batches"]
 
-DEFAULT_LEARNING_RATE = 1e-3  # the tuning jobs' default, so the column speaks of the runs a user would make
+DEFAULT_LEARNING_RATE = PERFORMANCE_LEARNING_RATE
 
 
 def split_batches(batches: Sequence[dict[str, torch.Tensor]]) -> tuple[list[dict], list[dict]]:
@@ -48,8 +51,9 @@ def layer_gains(
     steps: int,
     learning_rate: float = DEFAULT_LEARNING_RATE,
     on_layer: Callable[[int, int], None] = lambda done, total: None,
-) -> list[float]:
-    """Held-out loss decrease (nats) after ``steps`` of LoRA on each layer alone; ``on_layer`` may raise (cancel)."""
+) -> list[list[float]]:
+    """Per layer, the held-out loss decrease (nats) at each of ``performance_checkpoints(steps)`` of LoRA on that
+    layer alone (the last is the column's figure); ``on_layer`` may raise (cancel)."""
     if len(batches) < 2:
         raise ValueError("the performance column needs at least two probe batches (train and held-out)")
     train, held_out = split_batches(batches)
@@ -67,7 +71,8 @@ def layer_gains(
                 if key[0] == index
                 for p in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)
             ]
-            gains.append(base - _train_and_score(peft_model, params, train, held_out, steps, learning_rate))
+            losses = _train_and_score(peft_model, params, train, held_out, steps, learning_rate)
+            gains.append([base - loss for loss in losses])
             on_layer(index + 1, num_layers)
         return gains
     finally:
@@ -82,18 +87,21 @@ def _train_and_score(
     held_out: Sequence[dict[str, torch.Tensor]],
     steps: int,
     learning_rate: float,
-) -> float:
-    """Trains ``params`` alone, returns the held-out loss, and puts ``params`` back as they were."""
+) -> list[float]:
+    """Trains ``params`` alone, returns the held-out loss at each checkpoint, and puts ``params`` back as they were."""
     saved = [p.detach().clone() for p in params]
     try:
         for p in params:
             p.requires_grad_(True)
         optimizer = torch.optim.Adam(params, lr=learning_rate)
+        marks, losses = set(performance_checkpoints(steps)), []
         for step in range(steps):
             optimizer.zero_grad(set_to_none=True)
             _loss(model, train[step % len(train)]).backward()
             optimizer.step()
-        return _held_out_loss(model, held_out)
+            if step + 1 in marks:
+                losses.append(_held_out_loss(model, held_out))
+        return losses
     finally:
         with torch.no_grad():  # back to the card's state: the fixed A, B = 0
             for p, original in zip(params, saved):

@@ -17,12 +17,32 @@ __all__ = [
     "TrainingCostCard",
     "ServingCostCard",
     "LayerCardData",
+    "PERFORMANCE_LEARNING_RATE",
+    "calibrated_gain",
+    "performance_checkpoints",
 ]
 
 MAX_PROBE_SIZE = 4096
 MAX_SEQ_LEN = 4096
 MAX_RANK = 512
+PERFORMANCE_LEARNING_RATE = 1e-3  # the pilot runs' (the tuning jobs' default, so they speak of a user's runs)
 MAX_ALPHA = 1e6  # LoRA alpha (0: 2 * rank); far above any useful value, far below float overflow
+
+
+def performance_checkpoints(steps: int) -> list[int]:
+    """The steps at which a pilot run's held-out gain is recorded: a quarter, half, three quarters and the end."""
+    return sorted({max(1, round(steps * f)) for f in (0.25, 0.5, 0.75)} | {steps})
+
+
+def calibrated_gain(local_gain: float, start_loss: float) -> float:
+    """A local quadratic gain (½·Res², nats) as a gain the loss can have: ℓ₀(1 − exp(−g/ℓ₀)), ℓ₀ the loss.
+
+    Where the local figure is small against the loss it is kept (the quadratic model holds there); where it is
+    not, it saturates at the loss itself, so no layer or set is ever predicted more nats than the loss has.
+    """
+    if start_loss <= 0 or local_gain <= 0:
+        return 0.0
+    return start_loss * -math.expm1(-local_gain / start_loss)
 
 
 @dataclass(frozen=True)
@@ -98,6 +118,9 @@ class LayerCardRow:
     adapter_bytes: int
     peft_serving_overhead_ms_per_token: float
     measured_gain: float | None = None
+    # The performance column's pilot curve: held-out gain at performance_checkpoints(performance_steps),
+    # the last being measured_gain; empty without the column (or on cards stored before it was recorded).
+    measured_gain_curve: list[float] = field(default_factory=list)
     # Mean square of the residual stream entering the block (per hidden unit), over probe tokens; 0 on old cards.
     residual_mean_square: float = 0.0
 

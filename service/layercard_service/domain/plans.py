@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from layercard_service.domain.budgets import BUDGET_KINDS, BudgetKind
 from layercard_service.errors import InvalidArgument
 
-__all__ = ["OBJECTIVES", "ENGINES", "BudgetSpec", "PlanRequest", "Estimate", "Plan"]
+__all__ = ["OBJECTIVES", "ENGINES", "BudgetSpec", "PlanRequest", "Estimate", "CurvePoint", "Plan"]
 
 OBJECTIVES = ("accuracy", "efficiency", "balanced", "fixed_k")
 ENGINES = ("vllm", "peft")
@@ -94,6 +94,15 @@ class Estimate:
 
 
 @dataclass(frozen=True)
+class CurvePoint:
+    steps: int
+    seconds: float  # predicted training time to this step: the cache's building pass and the steps
+    gain: float  # nats
+    gain_low: float
+    gain_high: float
+
+
+@dataclass(frozen=True)
 class Plan:
     layers: tuple[int, ...]  # depth order
     rank: int
@@ -109,7 +118,7 @@ class Plan:
     adapter_bytes: Estimate
     serving_overhead_ms_per_token: Estimate | None
     serving_overhead_fraction: Estimate | None
-    steps: int  # 0 unless the budget set a total training time
+    steps: int  # the steps that fit a total training time, or reach the efficiency target; else 0
     binding_limits: tuple[str, ...]
     rationale: str
     score: str = ""
@@ -117,3 +126,7 @@ class Plan:
     # Set when the step is priced with the frozen-prefix cache: its building pass and its size.
     prefix_cache_build_seconds: Estimate | None = None
     prefix_cache_bytes: Estimate | None = None
+    # The chosen set's predicted learning curve (control/planning/learning.py) and the learning rate it holds for
+    # (0: a prior, measured at no learning rate).
+    predicted_curve: tuple[CurvePoint, ...] = ()
+    learning_rate: float = 0.0

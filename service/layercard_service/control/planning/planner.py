@@ -10,7 +10,7 @@ from layercard_service.control.cards import CARD_PREFIX, CardService
 from layercard_service.control.planning.pricing import uncached_reason
 from layercard_service.control.planning.solver import Candidate, Solution, gain_basis, solve
 from layercard_service.domain.cards import LayerCardData, TrainingCostCard
-from layercard_service.domain.plans import Estimate, Plan, PlanRequest
+from layercard_service.domain.plans import CurvePoint, Estimate, Plan, PlanRequest
 from layercard_service.errors import InvalidArgument
 from layercard_service.trainer.prefix_pricing import DEFAULT_MAX_MEMORY_BYTES
 
@@ -62,11 +62,12 @@ def plan_placement(
         serving_ms = Estimate(chosen.serving_ms, "ms/token", serving_basis)
         serving_fraction = Estimate(chosen.serving_fraction or 0.0, "fraction", serving_basis)
     steps = chosen.steps
-    share = chosen.value / full.gain if full.gain > 0 else 0.0
-    gain_source = gain_basis(solution, card)
-    if steps:
-        progress = min(1.0, steps / request.steps)
-        gain_source += f"; x {progress:.2f}: {steps} of {request.steps} reference steps fit the time"
+    share = chosen.value / full.value if full.value > 0 else 0.0
+    run_steps = steps or request.steps
+    gain_source = (
+        f"{gain_basis(solution, card)}, saturated at the probe loss ({card.probe_loss:.4g} nats); at {run_steps} "
+        f"steps on {solution.curves.basis}"
+    )
 
     fraction = chosen.step_seconds / full.step_seconds
     return Plan(
@@ -91,7 +92,23 @@ def plan_placement(
         layer_card=card_name,
         prefix_cache_build_seconds=build,
         prefix_cache_bytes=cache_size,
+        predicted_curve=_curve(chosen, max(run_steps, request.steps)),
+        learning_rate=solution.curves.learning_rate,
     )
+
+
+CURVE_POINTS = 8
+
+
+def _curve(chosen: Candidate, horizon: int) -> tuple[CurvePoint, ...]:
+    """The chosen set's predicted learning curve at evenly spaced steps up to ``horizon``, with its band."""
+    points = []
+    for i in range(1, CURVE_POINTS + 1):
+        n = max(1, round(horizon * i / CURVE_POINTS))
+        curve = chosen.curve
+        seconds = chosen.build_seconds + n * chosen.step_seconds
+        points.append(CurvePoint(n, seconds, curve.gain(n), curve.low(n), curve.high(n)))
+    return tuple(points)
 
 
 def _cache_basis(solution: Solution) -> str:
@@ -147,7 +164,7 @@ def _rationale(solution: Solution, request: PlanRequest, share: float, fraction:
     chosen = solution.chosen
     goal = {
         "accuracy": "the highest predicted gain within the budget",
-        "efficiency": f"the cheapest step reaching {request.target_gain_fraction:.0%} of full-layer gain",
+        "efficiency": f"the least training time to {request.target_gain_fraction:.0%} of full-layer LoRA's gain",
         "balanced": "the best predicted gain per second of training step",
         "fixed_k": f"the highest predicted gain with exactly {request.k} layers",
     }[request.objective]
@@ -160,7 +177,9 @@ def _rationale(solution: Solution, request: PlanRequest, share: float, fraction:
     text += _cache_rationale(chosen)
     if solution.binding:
         text += f"; binding: {', '.join(solution.binding)}"
-    if steps:
+    if steps and request.objective == "efficiency":
+        text += f"; the predicted curve reaches it in {steps} steps, {chosen.training_seconds:.4g} s of training"
+    elif steps:
         text += f"; {steps} steps fit the training-time budget (reference {request.steps})"
     if not solution.exhaustive:
         text += "; deep model: nested sets per lowest layer searched, not every subset"

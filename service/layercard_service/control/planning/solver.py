@@ -12,11 +12,13 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from layercard_service.control.planning.costs import Shape, ShapeCosts, shape_costs
+from layercard_service.control.planning.curves import steps_to_reach
 from layercard_service.control.planning.gains import DEFAULT_SCORE, layer_scores, score_basis, set_gain
-from layercard_service.control.planning.pricing import CacheRun, cache_run, price, uncached_reason
+from layercard_service.control.planning.learning import CurveModel
+from layercard_service.control.planning.pricing import MAX_PLANNED_STEPS, CacheRun, cache_run, price, uncached_reason
 from layercard_service.domain.budgets import BUDGET_KINDS
 from layercard_service.domain.cards import LayerCardData
 from layercard_service.domain.plans import BudgetSpec, PlanRequest
@@ -39,11 +41,17 @@ class Candidate:
     adapter_bytes: int
     serving_ms: float | None
     serving_fraction: float | None
-    steps: int = 0  # with a training-time budget: the steps that fit
-    value: float = 0.0  # the gain the objective ranks by: gain x the share of the reference steps that fit
+    steps: int = 0  # with a training-time budget: the steps that fit; efficiency: the steps to the target
+    value: float = 0.0  # the gain the objective ranks by: the set's learning curve at the run's steps
     uncached_step_seconds: float = 0.0  # the step without the frozen-prefix cache (step_seconds when uncached)
     cache: CachedCost | None = None  # the frozen-prefix cache where the trainer would use it; None: uncached
     run_steps: int = 0  # the run's steps the cache's epoch rule was applied to
+    curve: object = field(default=None, compare=False)  # gain(n), low(n), high(n): learning.CurveModel's
+
+    @property
+    def training_seconds(self) -> float:
+        """The cache's building pass and ``steps`` steps."""
+        return self.build_seconds + self.steps * self.step_seconds
 
     @property
     def cached(self) -> bool:
@@ -67,6 +75,7 @@ class Solution:
     binding: tuple[str, ...]
     exhaustive: bool
     run: CacheRun
+    curves: CurveModel
 
 
 def _shapes(card: LayerCardData, request: PlanRequest) -> list[Shape]:
@@ -90,24 +99,25 @@ def _layer_sets(scores: Sequence[float], exhaustive: bool) -> Iterator[tuple[int
 def _candidate(
     costs: ShapeCosts,
     scores: list[float],
+    own_scores: list[float],
     coupling,
     layers: tuple[int, ...],
     engine: str,
     request: PlanRequest,
     run: CacheRun,
+    curves: CurveModel,
 ) -> Candidate:
-    gain, priced = set_gain(scores, layers, coupling), price(costs, layers, run, request)
-    value = gain
-    if request.budget.max_training_seconds is not None:
-        # A cheaper step buys more steps in the same time. The card predicts the gain of a converged run, not
-        # a learning curve, so assume the gain accrues in proportion to steps up to the reference count.
-        value = gain * min(1.0, priced.steps / request.steps)
+    priced = price(costs, layers, run, request)
+    curve = curves.curve(layers, scores, own_scores, coupling)
+    # A cheaper step buys more steps in the same time; the set's learning curve says what they buy.
+    timed = request.budget.max_training_seconds is not None
     return Candidate(
         layers=layers,
         shape=costs.shape,
-        gain=gain,
+        gain=set_gain(scores, layers, coupling),
         steps=priced.steps,
-        value=value,
+        value=curve.gain(priced.steps if timed else request.steps),
+        curve=curve,
         step_seconds=priced.step_seconds,
         uncached_step_seconds=costs.step_seconds(layers),
         cache=priced.cache,
@@ -141,20 +151,33 @@ def _pick(feasible: list[Candidate], request: PlanRequest, full: Candidate) -> C
     if not feasible:
         return None
     if request.objective == "efficiency":
-        target = request.target_gain_fraction * full.gain
-        reaching = [c for c in feasible if c.value >= target * (1 - 1e-9)]
-        if not reaching:
-            best = max(feasible, key=lambda c: c.value)
-            raise FailedPrecondition(
-                f"no placement within the budget reaches {request.target_gain_fraction:.0%} of full-layer LoRA's "
-                f"predicted gain; the best reaches {best.value / full.gain:.1%} with layers {list(best.layers)}",
-                reason="TARGET_GAIN_UNREACHABLE",
-                metadata={"best_gain_share": f"{best.value / full.gain:.4f}", "best_layers": _ints(best.layers)},
-            )
-        return min(reaching, key=lambda c: (c.tie_key(), -c.value))
+        return _quickest(feasible, request, full)
     if request.objective == "balanced":
         return max(feasible, key=lambda c: (c.value / c.step_seconds, _neg(c.tie_key())))
     return max(feasible, key=lambda c: (round(c.value, 12), _neg(c.tie_key())))
+
+
+def _quickest(feasible: list[Candidate], request: PlanRequest, full: Candidate) -> Candidate:
+    """The candidate whose learning curve reaches the target share of full-layer LoRA's gain (at the reference
+    steps) in the least training time, building pass included; its steps are the steps to the target."""
+    target = request.target_gain_fraction * full.value * (1 - 1e-9)
+    timed = request.budget.max_training_seconds is not None
+    reaching = []
+    for c in feasible:
+        limit = c.steps if timed else MAX_PLANNED_STEPS
+        n = steps_to_reach(c.curve, target, limit) if limit > 0 else None
+        if n is not None:
+            reaching.append(replace(c, steps=n, value=c.curve.gain(n)))
+    if not reaching:
+        best = max(feasible, key=lambda c: c.curve.gain(c.steps if timed else MAX_PLANNED_STEPS))
+        share = best.curve.gain(best.steps if timed else MAX_PLANNED_STEPS) / full.value if full.value > 0 else 0.0
+        raise FailedPrecondition(
+            f"no placement within the budget reaches {request.target_gain_fraction:.0%} of full-layer LoRA's "
+            f"predicted gain; the best reaches {share:.1%} with layers {list(best.layers)}",
+            reason="TARGET_GAIN_UNREACHABLE",
+            metadata={"best_gain_share": f"{share:.4f}", "best_layers": _ints(best.layers)},
+        )
+    return min(reaching, key=lambda c: (c.training_seconds, c.tie_key()))
 
 
 def _neg(key: tuple) -> tuple:
@@ -236,6 +259,8 @@ def solve(
         raise InvalidArgument.field("k", f"the model has {card.num_layers} layers, got k={request.k}")
     exhaustive = card.num_layers <= EXACT_MAX_LAYERS
     run = cache_run(card, request, prefix_cache_memory_bytes)
+    curves = CurveModel(card, request.steps)
+    own = layer_scores(card, score, card.module_types, card.settings.rank)
     candidates: list[Candidate] = []
     full = None
     for shape in _shapes(card, request):
@@ -252,12 +277,14 @@ def solve(
             reference = shape_costs(card, Shape(card.settings.rank, tuple(card.module_types)))
             ref_scores = layer_scores(card, score, reference.shape.modules, reference.shape.rank)
             # Block 0 adapted: never cached.
+            every = tuple(range(card.num_layers))
             full = _candidate(
-                reference, ref_scores, card.coupling, tuple(range(card.num_layers)), budget.serving_engine, request, run
+                reference, ref_scores, own, card.coupling, every, budget.serving_engine, request, run, curves
             )
-            full = replace(full, value=full.gain)  # the reference: full-layer LoRA without a time limit
+            # The reference: full-layer LoRA without a time limit, at the reference steps.
+            full = replace(full, value=full.curve.gain(request.steps))
         candidates += [
-            _candidate(costs, scores, card.coupling, layers, budget.serving_engine, request, run)
+            _candidate(costs, scores, own, card.coupling, layers, budget.serving_engine, request, run, curves)
             for layers in _layer_sets(scores, exhaustive)
         ]
     assert full is not None
@@ -266,10 +293,12 @@ def solve(
         raise _infeasible(candidates, request, full, run)
     binding = []
     for kind in BUDGET_KINDS:
-        if kind.chooses_steps:
+        if budget.limit(kind) is None:
+            continue
+        if kind.chooses_steps and request.objective != "efficiency":
             if chosen.steps and chosen.steps < request.steps:
                 binding.append(kind.name)
-        elif budget.limit(kind) is not None:
+        else:
             relaxed = _solve_once(candidates, request, replace(budget, **{kind.name: None}), full)
             if relaxed is not None and relaxed != chosen:
                 binding.append(kind.name)
@@ -281,6 +310,7 @@ def solve(
         binding=tuple(binding),
         exhaustive=exhaustive,
         run=run,
+        curves=curves,
     )
 
 
