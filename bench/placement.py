@@ -20,6 +20,7 @@ For each task and seed, on one model:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -59,7 +60,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cap", type=float, default=1.0, help="every run's time, as a share of the reference run's")
     p.add_argument("--ks", nargs="*", type=int, default=[2, 4], help="placement sizes of the grid")
     p.add_argument("--lrs", nargs="*", type=float, default=[3e-3, 1e-2], help="learning rates of the grid")
-    p.add_argument("--rules", nargs="*", default=[*RANKED_RULES, "planner"], help="the rules to run (and full)")
+    p.add_argument(
+        "--rules", nargs="*", default=[*RANKED_RULES, "planner", "planner_prior"], help="the rules to run (and full)"
+    )
     p.add_argument("--random-draws", type=int, default=2)
     p.add_argument("--points", type=int, default=16, help="evaluations along each run")
     p.add_argument("--single-steps", type=int, default=150, help="steps of each single-layer run (0: none)")
@@ -128,7 +131,11 @@ def run_pair(task_name: str, seed: int, args: argparse.Namespace, reused: dict) 
         batch_size=args.batch_size,
         seed=seed,
     )
-    card = compute_card(model, tokenizer, task.train, settings, task.task_name)
+    phases: dict[str, float] = {}
+    card = compute_card(
+        model, tokenizer, task.train, settings, task.task_name, lambda phase, *_: phases.setdefault(phase, time.time())
+    )
+    pilot_seconds = phases["done"] - phases["performance"] if "performance" in phases else 0.0
     L, modules = card.num_layers, tuple(card.module_types)
     grads = gradient_norms(load_model(path)[0], tokenizer, task.train[: settings.probe_size], args.rank, modules, seed)
     costs = shape_costs(card, Shape(args.rank, modules))
@@ -151,17 +158,21 @@ def run_pair(task_name: str, seed: int, args: argparse.Namespace, reused: dict) 
         for i, order in enumerate(orders[rule] or [None]):
             name = f"{rule}#{i}" if rule == "random_k" else rule  # each random draw is scored on its own
             chosen[name] = [placement(rule, order, k, L) for k in args.ks]
-    plan = None
-    if "planner" in args.rules:
-        goal = PlanRequest(
-            objective="efficiency",
-            target_gain_fraction=0.9,
-            steps=args.steps,
-            train_examples=len(task.train),
-            batch_size=args.batch_size,
-        )
-        plan = plan_placement(card, goal)
-        chosen["planner"] = [plan.layers if len(plan.layers) < L else None]
+    # The planner as a user calls it: least training time to 90% of full-layer LoRA's gain; on the card's pilot
+    # curves ("planner"), and on the card without them (its prior curve: "planner_prior").
+    goal = PlanRequest(
+        objective="efficiency",
+        target_gain_fraction=0.9,
+        steps=args.steps,
+        train_examples=len(task.train),
+        batch_size=args.batch_size,
+    )
+    plans = {}
+    no_pilots = dataclasses.replace(card, layers=[dataclasses.replace(r, measured_gain_curve=[]) for r in card.layers])
+    for rule, source in (("planner", card), ("planner_prior", no_pilots)):
+        if rule in args.rules:
+            plans[rule] = plan_placement(source, goal)
+            chosen[rule] = [plans[rule].layers if len(plans[rule].layers) < L else None]
 
     jobs = sorted({(layers, lr) for sets in chosen.values() for layers in sets for lr in args.lrs}, key=str)
     shift = seed % len(jobs)
@@ -182,7 +193,7 @@ def run_pair(task_name: str, seed: int, args: argparse.Namespace, reused: dict) 
             flush=True,
         )
 
-    single = []
+    single, measured_by = [], "single-layer runs"
     if args.single_steps:
         base = evaluate(load_model(path)[0], tokenizer, task.validation, with_exact_match=False).loss
         for layer in range(L):
@@ -193,6 +204,8 @@ def run_pair(task_name: str, seed: int, args: argparse.Namespace, reused: dict) 
     extra = {"activation_norm": [r.activation_energy for r in card.layers], "gradient_norm": grads}
     if all(r.measured_gain is not None for r in card.layers):
         extra["pilot"] = [r.measured_gain or 0.0 for r in card.layers]
+    if not single and "pilot" in extra:  # no single-layer runs (a deep model): the pilot column is the measurement
+        single, measured_by = extra.pop("pilot"), f"the card's pilot column ({args.performance_steps} steps per layer)"
     correlations = {}
     if single:
         correlations = {name: spearman(list(v), single) for name, v in {**scores, **extra}.items()}
@@ -207,15 +220,20 @@ def run_pair(task_name: str, seed: int, args: argparse.Namespace, reused: dict) 
         "card_seconds": card.compute_seconds,
         "card": card_to_dict(card),
         "rules": {rule: [list(s) if s is not None else "all" for s in sets] for rule, sets in chosen.items()},
-        "plan": None
-        if plan is None
-        else {
-            "layers": list(plan.layers),
-            "steps": plan.steps,
-            "predicted_gain": plan.predicted_gain.value,
-            "predicted_gain_share": plan.predicted_gain_share,
-            "rationale": plan.rationale,
+        "pilot_seconds": pilot_seconds,
+        "plans": {
+            rule: {
+                "layers": list(p.layers),
+                "steps": p.steps,
+                "predicted_gain": p.predicted_gain.value,
+                "predicted_gain_share": p.predicted_gain_share,
+                "learning_rate": p.learning_rate,
+                "predicted_curve": [dataclasses.asdict(point) for point in p.predicted_curve],
+                "rationale": p.rationale,
+            }
+            for rule, p in plans.items()
         },
+        "single_layer_measured_by": measured_by,
         "full_step_seconds_predicted": full_step,
         "cap_seconds_predicted": cap_seconds,
         "single_layer_gains": single,
@@ -245,7 +263,16 @@ def main(argv: list[str] | None = None) -> int:
         machine = f"{partial[0]['machine']}; {len(partial)} processes side by side"
     else:
         reused = _reused(args.reuse)
-        pairs = [run_pair(t, seed, args, reused) for seed in args.seeds for t in args.tasks]
+        pairs = []
+        for seed in args.seeds:
+            for t in args.tasks:
+                pairs.append(run_pair(t, seed, args, reused))
+                _write(args.out, pairs, command, machine, settings, started)  # a stopped run keeps its pairs
+    _write(args.out, pairs, command, machine, settings, started)
+    return 0
+
+
+def _write(out: str, pairs: list[dict], command: str, machine: str, settings: dict, started: float) -> None:
     summary = summarize(pairs)
     result = {
         "benchmark": "placement",
@@ -257,9 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         "pairs": pairs,
         "seconds": time.time() - started,
     }
-    write_results(args.out, result, report(result))
-    plot(result, args.out)
-    return 0
+    write_results(out, result, report(result))
+    plot(result, out)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,10 @@ def _rule_runs(pair: dict, rule: str) -> list[dict]:
     return [r for r in pair["runs"].values() if str(r["layers"]) in keys]
 
 
+def _full_converged(pair: dict) -> float:
+    return max(_converged(r) for r in _rule_runs(pair, "full"))
+
+
 def pair_figures(pair: dict) -> dict:
     for run in pair["runs"].values():
         run.setdefault("base_content_gain_nats", pair["floor"] - run["base_loss"])
@@ -86,6 +90,7 @@ def pair_figures(pair: dict) -> dict:
         if name.startswith("random_k#"):
             draws[name] = entry
     return {
+        "pilot_cost_fraction_of_full": pair.get("pilot_seconds", 0.0) / t_full,
         "converged_content_gain_nats": converged,
         "full_best_run": f"all@{best_full['learning_rate']:g}",
         "full_time_to_quality_seconds": t_full,
@@ -116,22 +121,47 @@ def _spread(values: list[float]) -> dict:
     }
 
 
-def _available(pair: dict) -> float:
-    base = min(r["base_loss"] for r in pair["runs"].values())
-    return base - pair["floor"]
-
-
-def max_predicted_over_available(pair: dict) -> float:
-    """The most nats the card or the plan predicts, over what the loss has above the floor."""
+def max_predicted_over_available(pair: dict, available: float | None = None) -> float:
+    """The most nats the card (a layer) or a plan predicts, over the loss the base model has (its floor is 0)."""
     rows = [row["predicted_gain"] for row in pair["card"]["layers"]]
-    plan = [pair["plan"]["predicted_gain"]] if pair.get("plan") else []
-    return max(rows + plan) / _available(pair)
+    plans = [p["predicted_gain"] for p in _plans(pair).values()]
+    base = min(r["base_loss"] for r in pair["runs"].values())
+    return max(rows + plans) / (base if available is None else available)
+
+
+def _plans(pair: dict) -> dict:
+    if "plans" in pair:
+        return pair["plans"]
+    return {"planner": pair["plan"]} if pair.get("plan") else {}
+
+
+def layer0_diagnosis(pair: dict) -> dict:
+    """Where block 0's Res² comes from: its share of the card's, by module type, and the stream it sees."""
+    layers = pair["card"]["layers"]
+    total = sum(row["resnorm_sq"] for row in layers) or 1.0
+    zero = layers[0]
+    by_type = {m["module_type"]: m["resnorm_sq"] / (zero["resnorm_sq"] or 1.0) for m in zero["modules"]}
+    streams = sorted(row["residual_mean_square"] for row in layers)
+    median = streams[len(streams) // 2] or 1.0
+    return {
+        "task": pair["task"],
+        "seed": pair["seed"],
+        "block0_share_of_resnorm": zero["resnorm_sq"] / total,
+        "block0_share_by_module_type": by_type,
+        "block0_stream_over_median": layers[0]["residual_mean_square"] / median,
+    }
 
 
 def summarize(pairs: list[dict]) -> dict:
     by_model: dict[str, dict] = {}
     for model in sorted({p.get("model", "tiny") for p in pairs}):
         mine = [p for p in pairs if p.get("model", "tiny") == model]
+        # A pair where full-layer LoRA itself never gets below the prompt-blind floor has no content to reach.
+        excluded = [f"{p['task']} seed {p['seed']}" for p in mine if _full_converged(p) <= 0]
+        mine = [p for p in mine if _full_converged(p) > 0]
+        if not mine:
+            by_model[model] = {"excluded_pairs": excluded}
+            continue
         figures = [pair_figures(p) for p in mine]
         names = sorted({n for f in figures for n in f["rules"]})
         rules = {}
@@ -159,6 +189,13 @@ def summarize(pairs: list[dict]) -> dict:
             "planner_beats": versus,
             "spearman": spearman,
             "max_predicted_gain_over_available": max(max_predicted_over_available(p) for p in mine),
+            # the stricter figure: over the loss above the prompt-blind floor (format gains excluded)
+            "max_predicted_gain_over_content_available": max(
+                max_predicted_over_available(p, min(r["base_loss"] for r in p["runs"].values()) - p["floor"])
+                for p in mine
+            ),
+            "layer0": [layer0_diagnosis(p) for p in mine],
+            "excluded_pairs": excluded,
         }
     return by_model
 
@@ -166,6 +203,8 @@ def summarize(pairs: list[dict]) -> dict:
 def headline(summary: dict, _model: str = "tiny") -> dict:
     head: dict[str, float] = {}
     for model, s in summary.items():
+        if "rules" not in s:
+            continue
         suffix = REAL_SUFFIX.get(model, f"_{model}")
         card = s["rules"].get(HEAD_RULE)
         if card is not None:
@@ -178,7 +217,13 @@ def headline(summary: dict, _model: str = "tiny") -> dict:
         if "resnorm" in s["spearman"]:
             head[f"spearman_predicted_vs_measured{suffix}"] = s["spearman"]["resnorm"]["mean"]
             head[f"spearman_depth_vs_measured{suffix}"] = s["spearman"]["depth"]["mean"]
+        pilots = [p["pilot_cost_fraction_of_full"] for p in s["pairs"]]
+        head[f"card_pilot_cost_fraction_of_full{suffix}"] = statistics.fmean(pilots)
+        prior = s["rules"].get("planner_prior")
+        if prior is not None:
+            head[f"prior_card_time_to_quality_fraction_of_full{suffix}"] = prior["time_to_quality_fraction"]["mean"]
         head[f"max_predicted_gain_over_available{suffix}"] = s["max_predicted_gain_over_available"]
+        head[f"max_predicted_gain_over_content_available{suffix}"] = s["max_predicted_gain_over_content_available"]
         best = min(s["rules"].items(), key=lambda kv: kv[1]["time_to_quality_fraction"]["mean"])
         head[f"best_rule_time_to_quality_fraction_of_full{suffix}"] = best[1]["time_to_quality_fraction"]["mean"]
     return head
@@ -206,6 +251,13 @@ def report(result: dict) -> str:
         *[f"- {k}: {v:.3f}" for k, v in result["headline"].items()],
     ]
     for model, s in result["summary"].items():
+        if s["excluded_pairs"]:
+            lines += [
+                "",
+                f"builtin:{model}: pairs without content to reach, left out: {', '.join(s['excluded_pairs'])}",
+            ]
+        if "rules" not in s:
+            continue
         lines += [
             "",
             f"## builtin:{model}: rules (mean ± stdev over task x seed)",
@@ -234,9 +286,19 @@ def report(result: dict) -> str:
                 f"({p['full_best_run']}), full-layer time to quality {p['full_time_to_quality_seconds']:.1f} s "
                 f"predicted ({p['full_time_to_quality_fraction_of_cap']:.2f} of the cap)"
             )
+        lines += ["", "Where block 0's Res² comes from (card): its share of all Res², by module type, its stream:"]
+        for d in s["layer0"]:
+            types = ", ".join(f"{t} {v:.2f}" for t, v in sorted(d["block0_share_by_module_type"].items()))
+            lines.append(
+                f"- {d['task']} seed {d['seed']}: {d['block0_share_of_resnorm']:.2f} of all Res²; within block 0: "
+                f"{types}; its stream's mean square / the median block's: {d['block0_stream_over_median']:.2g}"
+            )
     for pair in result["pairs"]:
-        if pair.get("plan"):
-            lines += ["", f"Plan on {pair['task']} seed {pair['seed']} ({pair['model']}): {pair['plan']['rationale']}"]
+        for rule, p in _plans(pair).items():
+            where = f"{pair['task']} seed {pair['seed']} ({pair.get('model', 'tiny')})"
+            lines += ["", f"{rule} on {where}: {p['rationale']}"]
+            if pair.get("pilot_seconds"):
+                lines.append(f"(the card's pilot runs took {pair['pilot_seconds']:.1f} s)")
     return "\n".join(lines)
 
 

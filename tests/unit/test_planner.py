@@ -8,6 +8,7 @@ import math
 import pytest
 
 from layercard_service.control.planning.costs import Shape, shape_costs
+from layercard_service.control.planning.gains import layer_scores
 from layercard_service.control.planning.planner import plan_placement
 from layercard_service.domain.cards import (
     CardSettings,
@@ -318,6 +319,22 @@ def test_stream_normalized_score_discounts_a_small_stream():
     with pytest.raises(FailedPrecondition) as err:
         plan(make_card(GAINS), score="stream_normalized")
     assert err.value.reason == "CARD_TOO_OLD"
+
+
+def test_type_normalized_score_counts_one_types_spike_once():
+    card = make_card(GAINS)
+    # Block 0's o_proj carries a spike a hundred times the rest; its q_proj is the smallest of all.
+    card.layers[0].modules[1].resnorm_sq = 100.0
+    card.layers[0].modules[0].resnorm_sq = 0.01
+    scores = layer_scores(card, "type_normalized", MODULES, 8)
+    resnorm = layer_scores(card, "resnorm", MODULES, 8)
+    assert max(range(6), key=lambda i: resnorm[i]) == 0
+    # by type, block 0 holds nearly all of o_proj's share and almost none of q_proj's: about one type's worth
+    total = 0.5 * sum(m.resnorm_sq for row in card.layers for m in row.modules)
+    assert scores[0] == pytest.approx(total / 2 * (100 / (100 + 3 * 15 / 2) + 0.01 / (0.01 + 15 / 2)), rel=1e-6)
+    assert sum(scores) == pytest.approx(total)  # the card's ½Res², shared out by type
+    assert plan(card, objective="fixed_k", k=1, score="type_normalized").layers == (0,)
+    assert plan(card, objective="fixed_k", k=2, score="type_normalized").layers == (0, 5)
 
 
 @pytest.mark.parametrize(

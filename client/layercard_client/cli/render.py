@@ -208,6 +208,20 @@ def placement_table(plan: placement_pb2.Placement) -> Table:
             p = getattr(plan, field)
             predictions.add_row(field.replace("_", " "), f"{p.value:.6g}", p.unit, p.basis)
     outer.add_row(predictions)
+    if plan.predicted_curve:
+        lr = f" at learning rate {plan.learning_rate:g}" if plan.learning_rate else " (a prior)"
+        curve = Table(title=f"predicted learning curve{lr}", title_justify="left")
+        for name in ("steps", "seconds", "gain", "low", "high"):
+            curve.add_column(name, justify="right")
+        for point in plan.predicted_curve:
+            curve.add_row(
+                str(point.steps),
+                f"{point.seconds:.4g}",
+                f"{point.gain:.4g}",
+                f"{point.gain_low:.4g}",
+                f"{point.gain_high:.4g}",
+            )
+        outer.add_row(curve)
     if plan.rationale:
         outer.add_row(f"\n{plan.rationale}")
     return outer

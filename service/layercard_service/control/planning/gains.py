@@ -7,6 +7,9 @@ Scores (per layer, per module type, nats of loss in the local quadratic model):
   the deepest block's. The gradient reaching a block through the next RMSNorm scales as 1/rms(stream), so
   Res² of shallow blocks (whose stream is the small raw embedding) is inflated by the norm's amplification,
   not by what their adapter can learn. Needs the card's ``residual_mean_square`` column.
+- ``type_normalized``: per module type, the layer's share of that type's Res² over all layers, summed over the
+  types and scaled to the card's total ½Res². One module type's spike (block 0's o_proj carries most of the
+  model's Res² on the built-in and the real model) then counts as one type's share, not as the whole card.
 A different rank scales a layer's score by r'/r: the card's adapter sees the gradient through r random
 directions, and a random subspace of rank r' captures a share proportional to r' (an assumption, stated as such).
 """
@@ -20,13 +23,14 @@ from layercard_service.errors import FailedPrecondition, InvalidArgument
 
 __all__ = ["SCORES", "DEFAULT_SCORE", "layer_scores", "set_gain", "score_basis"]
 
-SCORES = ("resnorm", "split_half", "stream_normalized")
+SCORES = ("resnorm", "split_half", "stream_normalized", "type_normalized")
 DEFAULT_SCORE = "resnorm"
 
 _BASIS = {
     "resnorm": "½·Res² per layer (paper's resnorm, local quadratic model)",
     "split_half": "½·split-half Res² per layer (probe noise removed)",
     "stream_normalized": "½·Res² per layer scaled by the residual stream's mean square entering it",
+    "type_normalized": "per module type, the layer's share of the type's Res², summed over types, at the card's ½Res²",
 }
 
 
@@ -50,6 +54,8 @@ def layer_scores(card: LayerCardData, score: str, modules: Sequence[str], rank: 
                 "the card has no residual_mean_square column; recompute it with force_recompute",
                 reason="CARD_TOO_OLD",
             )
+    if score == "type_normalized":
+        return _type_normalized(card, chosen, rank)
     values = []
     for index, row in enumerate(card.layers):
         field = "resnorm_sq_split_half" if score == "split_half" else "resnorm_sq"
@@ -58,6 +64,22 @@ def layer_scores(card: LayerCardData, score: str, modules: Sequence[str], rank: 
             res *= stream[index] / stream[-1]
         values.append(0.5 * res * rank / card.settings.rank)
     return values
+
+
+def _type_normalized(card: LayerCardData, chosen: set[str], rank: int) -> list[float]:
+    totals: dict[str, float] = {}
+    for row in card.layers:
+        for m in row.modules:
+            if m.module_type in chosen:
+                totals[m.module_type] = totals.get(m.module_type, 0.0) + max(m.resnorm_sq, 0.0)
+    scale = 0.5 * sum(totals.values()) / max(len(totals), 1)  # equal shares of the card's ½Res² per type
+    return [
+        scale
+        * sum(max(m.resnorm_sq, 0.0) / totals[m.module_type] for m in row.modules if totals.get(m.module_type, 0) > 0)
+        * rank
+        / card.settings.rank
+        for row in card.layers
+    ]
 
 
 def set_gain(scores: Sequence[float], layers: Sequence[int], coupling: list[list[float]] | None) -> float:
