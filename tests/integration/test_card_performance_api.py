@@ -37,7 +37,8 @@ def test_card_with_the_performance_column(server):
         # the pilot curves, at the checkpoints the card names, end at the column's figure
         assert list(card.performance_checkpoints) == [1, 2]
         assert all(list(layer.measured_gain_curve)[-1] == layer.measured_gain for layer in card.layers)
-        assert [list(x.measured_gain_curve) for x in stored.layers] == [list(x.measured_gain_curve) for x in card.layers]
+        curves = [list(x.measured_gain_curve) for x in card.layers]
+        assert [list(x.measured_gain_curve) for x in stored.layers] == curves
 
 
 @pytest.mark.parametrize("steps", [-1, 10_001])
