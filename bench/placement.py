@@ -33,7 +33,7 @@ import torch
 
 from bench.common import write_results
 from bench.placement_curves import CurveSpec, train_curve
-from bench.placement_report import headline, plot, report, summarize
+from bench.placement_report import headline, plot, report, spearman, summarize
 from bench.placement_rules import RANKED_RULES, gradient_norms, placement, rankings
 from layercard_service.card_engine.engine import compute_card
 from layercard_service.control.planning.costs import Shape, shape_costs
@@ -48,7 +48,7 @@ from layercard_service.models.builtin import builtin_model_path
 from layercard_service.models.loading import load_model
 from layercard_service.trainer.evaluate import evaluate
 
-__all__ = ["spearman", "main"]
+__all__ = ["main"]
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -67,6 +67,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--points", type=int, default=16, help="evaluations along each run")
     p.add_argument("--single-steps", type=int, default=150, help="steps of each single-layer run (0: none)")
     p.add_argument("--performance-steps", type=int, default=50, help="the card's pilot runs (0: no pilot rule)")
+    p.add_argument("--probe-size", type=int, default=256, help="the card's probe examples")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=16, help="the card's batch too, so its step prices apply")
     p.add_argument("--validation", type=int, default=0, help="validation examples (0: the task's split)")
@@ -75,27 +76,6 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reuse", type=Path, help="take runs with the same layers and learning rate from this result")
     p.add_argument("--merge", nargs="*", type=Path, help="summarise these partial result files instead of running")
     return p.parse_args(argv)
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    def ranks(values: list[float]) -> list[float]:
-        order = sorted(range(len(values)), key=lambda i: values[i])
-        r = [0.0] * len(values)
-        i = 0
-        while i < len(order):  # average ranks over ties
-            j = i
-            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2
-            i = j + 1
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
-    return cov / var if var else 0.0
 
 
 class _Task:
@@ -124,6 +104,7 @@ def run_pair(task_name: str, seed: int, args: argparse.Namespace, reused: dict) 
     model, tokenizer = load_model(path)
     floor = task.floor_of(tokenizer).floor_nats_per_token
     settings = CardSettings(
+        probe_size=args.probe_size,
         rank=args.rank,
         compute_coupling=True,
         compute_performance=args.performance_steps > 0,

@@ -14,13 +14,50 @@ import itertools
 import math
 import statistics
 
-__all__ = ["headline", "plot", "report", "summarize"]
+from layercard_service.control.planning.gains import SCORES, layer_scores
+from layercard_service.domain.card_codec import card_from_dict
+
+__all__ = ["headline", "plot", "report", "spearman", "summarize"]
 
 TARGET = 0.9
 FRACTIONS = (0.25, 0.5, 0.75)
 HEAD_RULE = "planner"
 BEATEN = ("random_k", "first_k", "last_k", "activation_norm", "gradient_norm")
 REAL_SUFFIX = {"tiny": "", "smollm2-135m": "_real"}
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        r = [0.0] * len(values)
+        i = 0
+        while i < len(order):  # average ranks over ties
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    return cov / var if var else 0.0
+
+
+def _backfill_scores(pair: dict) -> None:
+    """Scores added after a pair was measured (the card is in the pair): their Spearman, from the same card."""
+    gains = pair.get("single_layer_gains") or []
+    if not gains:
+        return
+    card = card_from_dict(pair["card"])
+    for score in SCORES:
+        if score not in pair["spearman"]:
+            values = layer_scores(card, score, card.module_types, card.settings.rank)
+            pair["card_scores"][score] = values
+            pair["spearman"][score] = spearman(values, gains)
 
 
 def _converged(run: dict) -> float:
@@ -43,9 +80,10 @@ def time_to(run: dict, target: float, basis: str = "predicted") -> float:
 
 
 def reached_by(run: dict, seconds: float, basis: str = "predicted") -> tuple[float, float]:
-    """The best content gain and exact match of the points at or before ``seconds``."""
+    """The best content gain (0 while the loss is above the prompt-blind floor: no content learned yet) and exact
+    match of the points at or before ``seconds``."""
     inside = [(g, em or 0.0) for t, g, em in _curve(run, basis) if t <= seconds + 1e-9]
-    return max(g for g, _ in inside), max(em for _, em in inside)
+    return max(max(g for g, _ in inside), 0.0), max(em for _, em in inside)
 
 
 def _rule_runs(pair: dict, rule: str) -> list[dict]:
@@ -156,6 +194,8 @@ def summarize(pairs: list[dict]) -> dict:
     by_model: dict[str, dict] = {}
     for model in sorted({p.get("model", "tiny") for p in pairs}):
         mine = [p for p in pairs if p.get("model", "tiny") == model]
+        for p in mine:
+            _backfill_scores(p)
         # A pair where full-layer LoRA itself never gets below the prompt-blind floor has no content to reach.
         excluded = [f"{p['task']} seed {p['seed']}" for p in mine if _full_converged(p) <= 0]
         mine = [p for p in mine if _full_converged(p) > 0]

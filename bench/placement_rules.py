@@ -8,6 +8,7 @@ Every rule is a ranking of the blocks; a rule's placement at size k is its top k
   selection); measured here with the card's own adapter setup;
 - ``resnorm``: the paper's ½·Res² per block, largest first;
 - ``stream_normalized``: ½·Res² scaled by the residual stream's mean square entering the block (METHOD.md);
+- ``type_normalized``: each module type's Res² shared out over the blocks, summed over types (gains.py);
 - ``pilot``: the card's performance column (a short single-layer run per block), largest measured gain first;
 - ``planner``: the service's planner, as a user would call it (its layers, whatever k it picks).
 """
@@ -36,6 +37,7 @@ RANKED_RULES = (
     "gradient_norm",
     "resnorm",
     "stream_normalized",
+    "type_normalized",
     "pilot",
 )
 
@@ -78,6 +80,7 @@ def rankings(
         "gradient_norm": [_descending(grad_norms)],
         "resnorm": [_descending(layer_scores(card, "resnorm", modules, rank))],
         "stream_normalized": [_descending(layer_scores(card, "stream_normalized", modules, rank))],
+        "type_normalized": [_descending(layer_scores(card, "type_normalized", modules, rank))],
         "random_k": [rng.sample(range(L), L) for _ in range(random_draws)],
     }
     if all(row.measured_gain is not None for row in card.layers):
