@@ -13,8 +13,9 @@ For each task and seed, on one model:
    of full-layer LoRA's time to quality: the best any of the rule's runs reached by then.
 4. Single-layer runs at equal steps: the ground truth for the per-block scores (Spearman).
 
-    .venv/bin/python -m bench.placement                      # builtin:tiny; bench/results/placement.{json,md,svg}
-    .venv/bin/python -m bench.placement --tasks cipher --seeds 0 --steps 40 --single-steps 10 --points 4   # smoke
+    .venv/bin/python -m bench.placement   # both models' designs (PROFILES); bench/results/placement.{json,md,svg}
+    .venv/bin/python -m bench.placement --model tiny --tasks cipher --seeds 0 --steps 40 --single-steps 10 \
+        --points 4 --performance-steps 5   # smoke
 """
 
 from __future__ import annotations
@@ -51,31 +52,76 @@ from layercard_service.trainer.evaluate import evaluate
 __all__ = ["main"]
 
 
+# Each model's design: the defaults of every setting a command line leaves unset. The real model's is reduced to
+# fit a 2-core machine: one task and seed, k = 4 only, no single-layer runs (its Spearman is against the card's
+# pilot column), a short pilot and a smaller probe.
+REAL_RULES = ("first_k", "last_k", "random_k", "activation_norm", "gradient_norm", "resnorm", "pilot")
+PROFILES: dict[str, dict] = {
+    "tiny": {
+        "tasks": ["cipher", "lexicon"],
+        "seeds": [0, 1],
+        "steps": 320,
+        "ks": [2, 4],
+        "lrs": [3e-3],
+        "rules": [*RANKED_RULES, "planner", "planner_prior"],
+        "random_draws": 2,
+        "points": 10,
+        "single_steps": 150,
+        "performance_steps": 50,
+        "probe_size": 256,
+        "validation": 0,
+        "threads": 1,
+    },
+    "smollm2-135m": {
+        "tasks": ["facts"],
+        "seeds": [0],
+        "steps": 60,
+        "ks": [4],
+        "lrs": [3e-3],
+        "rules": [*REAL_RULES, "planner", "planner_prior"],
+        "random_draws": 1,
+        "points": 6,
+        "single_steps": 0,
+        "performance_steps": 4,
+        "probe_size": 64,
+        "validation": 0,
+        "threads": 2,
+    },
+}
+
+
 def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny", help="built-in model: tiny or smollm2-135m")
-    p.add_argument("--tasks", nargs="*", default=["cipher", "lexicon", "reverse"])
-    p.add_argument("--seeds", nargs="*", type=int, default=[0, 1])
-    p.add_argument("--steps", type=int, default=320, help="full-layer LoRA's reference run, in steps")
+    p.add_argument("--model", default="both", help="built-in model: tiny, smollm2-135m, or both (one after the other)")
+    p.add_argument("--tasks", nargs="*")
+    p.add_argument("--seeds", nargs="*", type=int)
+    p.add_argument("--steps", type=int, help="full-layer LoRA's reference run, in steps")
     p.add_argument("--cap", type=float, default=1.0, help="every run's time, as a share of the reference run's")
-    p.add_argument("--ks", nargs="*", type=int, default=[2, 4], help="placement sizes of the grid")
-    p.add_argument("--lrs", nargs="*", type=float, default=[3e-3, 1e-2], help="learning rates of the grid")
-    p.add_argument(
-        "--rules", nargs="*", default=[*RANKED_RULES, "planner", "planner_prior"], help="the rules to run (and full)"
-    )
-    p.add_argument("--random-draws", type=int, default=2)
-    p.add_argument("--points", type=int, default=16, help="evaluations along each run")
-    p.add_argument("--single-steps", type=int, default=150, help="steps of each single-layer run (0: none)")
-    p.add_argument("--performance-steps", type=int, default=50, help="the card's pilot runs (0: no pilot rule)")
-    p.add_argument("--probe-size", type=int, default=256, help="the card's probe examples")
+    p.add_argument("--ks", nargs="*", type=int, help="placement sizes of the grid")
+    p.add_argument("--lrs", nargs="*", type=float, help="learning rates of the grid")
+    p.add_argument("--rules", nargs="*", help="the rules to run (and full)")
+    p.add_argument("--random-draws", type=int)
+    p.add_argument("--points", type=int, help="evaluations along each run")
+    p.add_argument("--single-steps", type=int, help="steps of each single-layer run (0: none)")
+    p.add_argument("--performance-steps", type=int, help="the card's pilot runs (0: no pilot rule)")
+    p.add_argument("--probe-size", type=int, help="the card's probe examples")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=16, help="the card's batch too, so its step prices apply")
-    p.add_argument("--validation", type=int, default=0, help="validation examples (0: the task's split)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--validation", type=int, help="validation examples (0: the task's split)")
+    p.add_argument("--threads", type=int)
     p.add_argument("--out", default="placement", help="name of the result files under bench/results")
     p.add_argument("--reuse", type=Path, help="take runs with the same layers and learning rate from this result")
     p.add_argument("--merge", nargs="*", type=Path, help="summarise these partial result files instead of running")
     return p.parse_args(argv)
+
+
+def _for_model(args: argparse.Namespace, model: str) -> argparse.Namespace:
+    """``args`` with the model's design filling every setting the command line left unset."""
+    chosen = dict(vars(args), model=model)
+    for key, value in PROFILES[model].items():
+        if chosen.get(key) is None:
+            chosen[key] = value
+    return argparse.Namespace(**chosen)
 
 
 class _Task:
@@ -226,29 +272,31 @@ def run_pair(task_name: str, seed: int, args: argparse.Namespace, reused: dict) 
 
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
-    torch.set_num_threads(args.threads)
+    models = list(PROFILES) if args.model == "both" else [args.model]
     started = time.time()
     command = "python -m bench.placement " + " ".join(argv if argv is not None else sys.argv[1:])
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("merge",)}
     machine = (
-        f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}, python {platform.python_version()}"
+        f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, python {platform.python_version()}"
     )
     if args.merge:
         partial = [json.loads(path.read_text()) for path in args.merge]
         pairs = [pair for part in partial for pair in part["pairs"]]
         started -= sum(part["seconds"] for part in partial)
         command = "; ".join(part["command"] for part in partial) + "; then " + command
-        settings = {**partial[0]["settings"], "seeds": sorted({p["seed"] for p in pairs})}
-        settings["tasks"] = sorted({p["task"] for p in pairs})
-        machine = f"{partial[0]['machine']}; {len(partial)} processes side by side"
+        settings = {part["command"]: part["settings"] for part in partial}
+        machine = f"{partial[0]['machine']}; {len(partial)} runs"
     else:
         reused = _reused(args.reuse)
         pairs = []
-        for seed in args.seeds:
-            for t in args.tasks:
-                pairs.append(run_pair(t, seed, args, reused))
-                _write(args.out, pairs, command, machine, settings, started)  # a stopped run keeps its pairs
+        settings = {}
+        for model in models:
+            design = _for_model(args, model)
+            settings[model] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(design).items() if k != "merge"}
+            torch.set_num_threads(design.threads)
+            for seed in design.seeds:
+                for t in design.tasks:
+                    pairs.append(run_pair(t, seed, design, reused))
+                    _write(args.out, pairs, command, machine, settings, started)  # a stopped run keeps its pairs
     _write(args.out, pairs, command, machine, settings, started)
     return 0
 
@@ -260,7 +308,7 @@ def _write(out: str, pairs: list[dict], command: str, machine: str, settings: di
         "command": command,
         "machine": machine,
         "settings": settings,
-        "headline": headline(summary, settings.get("model", "tiny")),
+        "headline": headline(summary),
         "summary": summary,
         "pairs": pairs,
         "seconds": time.time() - started,

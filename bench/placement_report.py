@@ -240,7 +240,7 @@ def summarize(pairs: list[dict]) -> dict:
     return by_model
 
 
-def headline(summary: dict, _model: str = "tiny") -> dict:
+def headline(summary: dict) -> dict:
     head: dict[str, float] = {}
     for model, s in summary.items():
         if "rules" not in s:
