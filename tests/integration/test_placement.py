@@ -76,7 +76,10 @@ def test_a_huge_training_time_plans_no_more_steps_than_a_job_takes(planning, obj
     """The steps that fit in about 292 billion years overflowed the contract's int32 (INTERNAL before)."""
     limit = duration_pb2.Duration(seconds=9_223_372_036)
     p = plan(planning, budget=placement_pb2.Budget(max_training_time=limit), objective=objective, k=2)
-    assert p.steps == 1_000_000
+    if objective == placement_pb2.OBJECTIVE_EFFICIENCY:  # the steps to the target on the learning curve, capped
+        assert 0 < p.steps <= 1_000_000
+    else:
+        assert p.steps == 1_000_000
 
 
 def test_peft_serving_budget_and_fixed_k(planning):
