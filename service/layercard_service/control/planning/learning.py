@@ -25,7 +25,7 @@ from layercard_service.domain.cards import (
     performance_checkpoints,
 )
 
-__all__ = ["CurveModel", "curve_model"]
+__all__ = ["CurveModel"]
 
 
 class _Scaled:
@@ -89,6 +89,3 @@ class CurveModel:
         gain = calibrated_gain(set_gain(scores, layers, coupling), self.card.probe_loss)
         return _PriorCurve(gain, max(self.reference_steps / 3, 1e-9))
 
-
-def curve_model(card: LayerCardData, reference_steps: int) -> CurveModel:
-    return CurveModel(card, reference_steps)
