@@ -88,4 +88,3 @@ class CurveModel:
             return SetCurve(tuple(fits), max(self.card.probe_loss, 0.0))
         gain = calibrated_gain(set_gain(scores, layers, coupling), self.card.probe_loss)
         return _PriorCurve(gain, max(self.reference_steps / 3, 1e-9))
-
