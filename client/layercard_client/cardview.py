@@ -253,10 +253,20 @@ def _settings_rows(card: layer_card_pb2.LayerCard) -> list[list[object]]:
         [
             "extras",
             f"coupling {'yes' if s.compute_coupling else 'no'}, performance "
-            + (f"yes ({s.performance_steps} steps)" if s.compute_performance else "no"),
+            + (f"yes ({s.performance_steps} steps{_rates(card)})" if s.compute_performance else "no"),
         ],
         ["created", f"{created}, computed in {_seconds(card):.1f} s" + (" (from store)" if card.from_store else "")],
     ]
+
+
+def _rates(card: layer_card_pb2.LayerCard) -> str:
+    """The all-layer pilots' learning rates and the gain each reached."""
+    if not card.learning_rate_pilots:
+        return ""
+    runs = ", ".join(
+        f"{p.learning_rate:g}: {p.gain_curve[-1]:+.3g} nats" for p in card.learning_rate_pilots if p.gain_curve
+    )
+    return f"; all layers at learning rate {runs}"
 
 
 def card_markdown(card: layer_card_pb2.LayerCard) -> str:

@@ -112,6 +112,18 @@ JOBS = [
     ("memory negative", _job(placement=_placement(peak_memory_bytes=common_pb2.Prediction(value=-1))), None),
     ("plan steps negative", _job(placement=_placement(steps=-5)), "placement.steps"),
     ("plan steps huge", _job(placement=_placement(steps=2_000_000_000)), "placement.steps"),
+    ("plan learning rate NaN", _job(placement=_placement(learning_rate=NAN)), "placement.learning_rate"),
+    ("plan learning rate negative", _job(placement=_placement(learning_rate=-1e-3)), "placement.learning_rate"),
+    (
+        "plan curve step 0",
+        _job(placement=_placement(predicted_curve=[placement_pb2.CurvePoint(steps=0, gain=1.0)])),
+        "placement.predicted_curve[0]",
+    ),
+    (
+        "plan curve gain infinity",
+        _job(placement=_placement(predicted_curve=[placement_pb2.CurvePoint(steps=5, gain=INF)])),
+        "placement.predicted_curve[0]",
+    ),
     ("placement dropout -5", _job(placement=_placement(lora=common_pb2.LoraShape(rank=8, dropout=-5))), None),
     *(
         (

@@ -361,7 +361,9 @@ def test_a_card_budget_job_trains_the_planned_layers_and_reports_measured_beside
         card = list(layer_card_pb2_grpc.LayerCardServiceStub(channel).ComputeLayerCard(compute, timeout=600))[-1].card
         stub = tuning_pb2_grpc.TuningServiceStub(channel)
         budget = S.CardBudget(layer_card=card.name, objective=placement_pb2.OBJECTIVE_FIXED_K, k=2)
-        job = stub.CreateTuningJob(_request("planned", card_budget=budget, hyperparameters=_hp(steps=8)), timeout=120)
+        # No learning rate set: the job takes the plan's, or the default where the plan has none.
+        hp = _hp(steps=8, learning_rate=0)
+        job = stub.CreateTuningJob(_request("planned", card_budget=budget, hyperparameters=hp), timeout=120)
         placement = job.placement
         assert len(placement.layers) == 2 and placement.layer_card == card.name
         assert placement.step_seconds.value > 0 and placement.step_seconds.basis
@@ -372,9 +374,11 @@ def test_a_card_budget_job_trains_the_planned_layers_and_reports_measured_beside
             ),
             timeout=30,
         )
-        # A job records the plan's predictions, not its predicted learning curve.
-        planned.ClearField("predicted_curve")
+        # A job records the plan's predictions, its predicted learning curve included.
         assert placement == planned and placement.rationale and placement.predicted_gain.basis
+        assert len(placement.predicted_curve) == len(planned.predicted_curve) > 0
+        # A prior plan chooses no learning rate: the job trains at the default.
+        assert planned.learning_rate == 0 and job.hyperparameters.learning_rate == pytest.approx(1e-3)
         _watch(stub, job.name)
         done = stub.GetTuningJob(S.GetTuningJobRequest(name=job.name), timeout=10)
         assert done.state == S.TUNING_JOB_STATE_SUCCEEDED, done.error_message

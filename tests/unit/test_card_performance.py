@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from layercard_service.card_engine.arch import detect_layout
 from layercard_service.card_engine.engine import compute_card, make_probe_batches
-from layercard_service.card_engine.performance import layer_gains, split_batches
+from layercard_service.card_engine.performance import layer_gains, rate_gains, split_batches
 from layercard_service.card_engine.probe import ADAPTER, attach_lora, lora_modules
 from layercard_service.data.tasks import get_task
+from layercard_service.domain.card_codec import card_from_dict, card_to_dict
 from layercard_service.domain.cards import CardSettings, performance_checkpoints
 from layercard_service.models.builtin import builtin_model_path
 from layercard_service.models.loading import load_model
@@ -57,6 +60,18 @@ def test_each_layer_learns_alone_and_the_adapter_is_put_back(attached):
     assert {name: p.requires_grad for name, p in peft.named_parameters()} == flags
 
 
+def test_all_layer_pilots_run_per_learning_rate_and_put_the_adapter_back(attached):
+    peft, lora, batches, _ = attached
+    flags = {name: p.requires_grad for name, p in peft.named_parameters()}
+    seen = []
+    gains = rate_gains(peft, lora, batches, steps=4, learning_rates=[0.0, 1e-2], on_run=lambda d, t: seen.append(d))
+    assert seen == [1, 2] and all(len(curve) == len(performance_checkpoints(4)) for curve in gains)
+    assert gains[0] == [0.0] * len(gains[0])  # a zero rate moves nothing: the gain is measured against the start
+    assert gains[1][-1] > 0.05  # every layer at 1e-2 for 4 steps learns far beyond float noise
+    assert all(not layer.lora_B[ADAPTER].weight.any() for layer in lora.values())
+    assert {name: p.requires_grad for name, p in peft.named_parameters()} == flags
+
+
 def test_cancel_between_layers_stops_the_column(attached):
     peft, lora, batches, num_layers = attached
 
@@ -81,5 +96,8 @@ def test_card_carries_the_column_only_when_asked():
     assert all(row.measured_gain is not None for row in with_column.layers)
     assert all(row.measured_gain_curve[-1] == row.measured_gain for row in with_column.layers)
     assert all(len(row.measured_gain_curve) == len(performance_checkpoints(2)) for row in with_column.layers)
+    assert [p.learning_rate for p in with_column.learning_rate_pilots] == [1e-3, 3e-3]
+    assert card_from_dict(json.loads(json.dumps(card_to_dict(with_column)))) == with_column  # stored as it is
     without = compute_card(model, tokenizer, examples, CardSettings(probe_size=32, max_seq_len=48))
     assert all(row.measured_gain is None and not row.measured_gain_curve for row in without.layers)
+    assert without.learning_rate_pilots == []

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
 import pytest
 
 from layercard_service.control.planning.curves import Curve, SetCurve, fit_curve, steps_to_reach
-from layercard_service.domain.cards import PERFORMANCE_LEARNING_RATE, calibrated_gain, performance_checkpoints
+from layercard_service.domain.cards import (
+    PERFORMANCE_LEARNING_RATE,
+    CardSettings,
+    LearningRatePilot,
+    calibrated_gain,
+    performance_checkpoints,
+)
+from layercard_service.errors import InvalidArgument
 from tests.unit.test_planner import GAINS, make_card, plan
 
 
@@ -124,3 +132,56 @@ def test_a_training_time_budget_reads_the_curve_not_a_proportional_share():
     # get most of theirs: the accuracy objective takes them (a proportional share would favour full-layer LoRA)
     assert p.layers == (4, 5)
     assert p.steps * p.step_seconds.value <= 10 * full_step + 1e-9
+
+
+def _with_rate_pilots(card, curves: dict[float, list[float]]):
+    return dataclasses.replace(card, learning_rate_pilots=[LearningRatePilot(r, c) for r, c in sorted(curves.items())])
+
+
+# All-layer pilots: at 3e-3 full-layer LoRA learns three times as fast as at the single-layer pilots' 1e-3; at 1e-2
+# it diverges (its held-out loss rises).
+RATE_PILOTS = {
+    PERFORMANCE_LEARNING_RATE: _pilot(3.5, 100.0),
+    3e-3: _pilot(3.5, 100.0 / 3),
+    1e-2: [-0.5 * n / 50 for n in CHECKPOINTS],
+}
+
+
+def test_the_planner_chooses_the_learning_rate_the_all_layer_pilots_favour():
+    card = _with_rate_pilots(make_card(GAINS, probe_loss=6.0, pilots=PILOTS), RATE_PILOTS)
+    p = plan(card, objective="accuracy", steps=50)
+    assert p.learning_rate == 3e-3
+    assert "learning rate 0.003 of the pilots" in p.rationale
+    assert "all-layer pilot" in p.predicted_gain.basis
+    at_base = plan(make_card(GAINS, probe_loss=6.0, pilots=PILOTS), objective="accuracy", steps=50)
+    assert at_base.learning_rate == PERFORMANCE_LEARNING_RATE
+    assert p.predicted_gain.value > at_base.predicted_gain.value  # the faster rate buys more in 50 steps
+    assert p.predicted_gain.value <= 6.0  # still never more than the probe loss
+    # efficiency: the faster rate reaches the same target in fewer steps
+    target = {"objective": "efficiency", "target_gain_fraction": 0.3, "steps": 200}
+    fast, slow = plan(card, **target), plan(make_card(GAINS, probe_loss=6.0, pilots=PILOTS), **target)
+    assert fast.learning_rate == 3e-3 and fast.steps < slow.steps
+
+
+def test_a_diverging_learning_rate_is_never_chosen():
+    card = _with_rate_pilots(
+        make_card(GAINS, probe_loss=6.0, pilots=PILOTS),
+        {PERFORMANCE_LEARNING_RATE: RATE_PILOTS[PERFORMANCE_LEARNING_RATE], 1e-2: RATE_PILOTS[1e-2]},
+    )
+    for objective in ("accuracy", "efficiency", "balanced"):
+        assert plan(card, objective=objective, target_gain_fraction=0.3, steps=200).learning_rate == 1e-3
+
+
+def test_without_all_layer_pilots_at_the_base_rate_the_plan_stays_at_it():
+    # Pilots at other rates only cannot be related to the single-layer curves: they are not used.
+    card = _with_rate_pilots(make_card(GAINS, probe_loss=6.0, pilots=PILOTS), {3e-3: RATE_PILOTS[3e-3]})
+    assert plan(card, objective="accuracy", steps=50).learning_rate == PERFORMANCE_LEARNING_RATE
+
+
+def test_the_learning_rate_grid_always_holds_the_pilots_rate_and_is_checked():
+    assert CardSettings().learning_rate_grid == (1e-3, 3e-3)
+    assert CardSettings(performance_learning_rates=(1e-2, 3e-4)).learning_rate_grid == (3e-4, 1e-3, 1e-2)
+    for bad in ((0.0,), (math.inf,), (2.0,), tuple(1e-3 * (i + 1) for i in range(9))):
+        with pytest.raises(InvalidArgument) as info:
+            CardSettings(performance_learning_rates=bad)
+        assert info.value.violations[0].field == "performance_learning_rates"

@@ -18,7 +18,7 @@ from layercard.v1 import common_pb2, placement_pb2, tuning_pb2
 from layercard_service.api.tuning import TuningServicer, event_to_proto, job_to_proto
 from layercard_service.control.tuning import CreateJob, PlannedPlacement, TuningService
 from layercard_service.domain.jobs import EvalSummary, JobEvent, JobResult, JobSpec, JobState
-from layercard_service.domain.plans import Estimate, Plan
+from layercard_service.domain.plans import CurvePoint, Estimate, Plan
 from layercard_service.errors import FailedPrecondition, NotFound
 from layercard_service.persistence.jobs import JobStore
 
@@ -55,6 +55,8 @@ class FakePlanner:
             binding_limits=("max_training_time",),
             rationale="because",
             layer_card=card_name,
+            predicted_curve=(CurvePoint(60, 3.0, 0.2, 0.1, 0.3), CurvePoint(120, 6.0, 0.4, 0.3, 0.5)),
+            learning_rate=3e-3,
         )
 
 
@@ -101,6 +103,18 @@ def test_card_budget_is_planned_and_the_predictions_are_kept(parts):
 
     with_steps = asyncio.run(TuningServicer(service).CreateTuningJob(_card_budget_request(steps=30), None))
     assert planner.calls[1][1].steps == 30 and with_steps.total_steps == 30
+
+
+def test_the_job_trains_at_the_plans_learning_rate_and_keeps_its_curve(parts):
+    store, _, service, _ = parts
+    job = asyncio.run(TuningServicer(service).CreateTuningJob(_card_budget_request(), None))
+    assert job.hyperparameters.learning_rate == 3e-3 and job.placement.learning_rate == 3e-3
+    assert [(p.steps, p.gain) for p in job.placement.predicted_curve] == [(60, 0.2), (120, 0.4)]
+    kept = store.get(job.name.split("/")[1]).spec
+    assert kept.hyperparameters.learning_rate == 3e-3
+    assert kept.placement.predictions.predicted_curve[1] == CurvePoint(120, 6.0, 0.4, 0.3, 0.5)
+    own = asyncio.run(TuningServicer(service).CreateTuningJob(_card_budget_request(learning_rate=1e-4), None))
+    assert own.hyperparameters.learning_rate == 1e-4  # the caller's rate wins
 
 
 def test_the_plan_is_priced_for_the_jobs_own_run(parts):

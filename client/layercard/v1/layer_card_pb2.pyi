@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ComputeLayerCardRequest(_message.Message):
-    __slots__ = ("model", "dataset", "probe_size", "lora", "compute_coupling", "compute_performance", "performance_steps", "device", "precision", "seed", "max_seq_len", "force_recompute")
+    __slots__ = ("model", "dataset", "probe_size", "lora", "compute_coupling", "compute_performance", "performance_steps", "device", "precision", "seed", "max_seq_len", "force_recompute", "performance_learning_rates")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     PROBE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class ComputeLayerCardRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     FORCE_RECOMPUTE_FIELD_NUMBER: _ClassVar[int]
+    PERFORMANCE_LEARNING_RATES_FIELD_NUMBER: _ClassVar[int]
     model: str
     dataset: _common_pb2.DatasetSource
     probe_size: int
@@ -37,7 +38,8 @@ class ComputeLayerCardRequest(_message.Message):
     seed: int
     max_seq_len: int
     force_recompute: bool
-    def __init__(self, model: _Optional[str] = ..., dataset: _Optional[_Union[_common_pb2.DatasetSource, _Mapping]] = ..., probe_size: _Optional[int] = ..., lora: _Optional[_Union[_common_pb2.LoraShape, _Mapping]] = ..., compute_coupling: _Optional[bool] = ..., compute_performance: _Optional[bool] = ..., performance_steps: _Optional[int] = ..., device: _Optional[_Union[_common_pb2.Device, str]] = ..., precision: _Optional[_Union[_common_pb2.Precision, str]] = ..., seed: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., force_recompute: _Optional[bool] = ...) -> None: ...
+    performance_learning_rates: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, model: _Optional[str] = ..., dataset: _Optional[_Union[_common_pb2.DatasetSource, _Mapping]] = ..., probe_size: _Optional[int] = ..., lora: _Optional[_Union[_common_pb2.LoraShape, _Mapping]] = ..., compute_coupling: _Optional[bool] = ..., compute_performance: _Optional[bool] = ..., performance_steps: _Optional[int] = ..., device: _Optional[_Union[_common_pb2.Device, str]] = ..., precision: _Optional[_Union[_common_pb2.Precision, str]] = ..., seed: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., force_recompute: _Optional[bool] = ..., performance_learning_rates: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ComputeLayerCardResponse(_message.Message):
     __slots__ = ("progress", "card")
@@ -72,7 +74,7 @@ class ListLayerCardsResponse(_message.Message):
     def __init__(self, layer_cards: _Optional[_Iterable[_Union[LayerCard, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class LayerCard(_message.Message):
-    __slots__ = ("name", "model", "architecture", "num_layers", "num_parameters", "fingerprint", "settings", "create_time", "compute_duration", "from_store", "layers", "coupling", "training_cost", "serving_cost", "probe_loss", "probe_examples", "probe_tokens", "dataset", "performance_checkpoints")
+    __slots__ = ("name", "model", "architecture", "num_layers", "num_parameters", "fingerprint", "settings", "create_time", "compute_duration", "from_store", "layers", "coupling", "training_cost", "serving_cost", "probe_loss", "probe_examples", "probe_tokens", "dataset", "performance_checkpoints", "learning_rate_pilots")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +94,7 @@ class LayerCard(_message.Message):
     PROBE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     PERFORMANCE_CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_PILOTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: str
     architecture: str
@@ -111,7 +114,16 @@ class LayerCard(_message.Message):
     probe_tokens: int
     dataset: CardDataset
     performance_checkpoints: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_parameters: _Optional[int] = ..., fingerprint: _Optional[str] = ..., settings: _Optional[_Union[ComputeLayerCardRequest, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., compute_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., from_store: _Optional[bool] = ..., layers: _Optional[_Iterable[_Union[LayerStats, _Mapping]]] = ..., coupling: _Optional[_Union[CouplingMatrix, _Mapping]] = ..., training_cost: _Optional[_Union[TrainingCost, _Mapping]] = ..., serving_cost: _Optional[_Union[ServingCost, _Mapping]] = ..., probe_loss: _Optional[float] = ..., probe_examples: _Optional[int] = ..., probe_tokens: _Optional[int] = ..., dataset: _Optional[_Union[CardDataset, _Mapping]] = ..., performance_checkpoints: _Optional[_Iterable[int]] = ...) -> None: ...
+    learning_rate_pilots: _containers.RepeatedCompositeFieldContainer[LearningRatePilot]
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_parameters: _Optional[int] = ..., fingerprint: _Optional[str] = ..., settings: _Optional[_Union[ComputeLayerCardRequest, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., compute_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., from_store: _Optional[bool] = ..., layers: _Optional[_Iterable[_Union[LayerStats, _Mapping]]] = ..., coupling: _Optional[_Union[CouplingMatrix, _Mapping]] = ..., training_cost: _Optional[_Union[TrainingCost, _Mapping]] = ..., serving_cost: _Optional[_Union[ServingCost, _Mapping]] = ..., probe_loss: _Optional[float] = ..., probe_examples: _Optional[int] = ..., probe_tokens: _Optional[int] = ..., dataset: _Optional[_Union[CardDataset, _Mapping]] = ..., performance_checkpoints: _Optional[_Iterable[int]] = ..., learning_rate_pilots: _Optional[_Iterable[_Union[LearningRatePilot, _Mapping]]] = ...) -> None: ...
+
+class LearningRatePilot(_message.Message):
+    __slots__ = ("learning_rate", "gain_curve")
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    GAIN_CURVE_FIELD_NUMBER: _ClassVar[int]
+    learning_rate: float
+    gain_curve: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, learning_rate: _Optional[float] = ..., gain_curve: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class CardDataset(_message.Message):
     __slots__ = ("source", "split", "fingerprint", "examples_used", "examples_total")

@@ -120,6 +120,7 @@ def _compute(client: LayercardClient, args: argparse.Namespace, out: render.Outp
         compute_coupling=args.coupling,
         compute_performance=args.performance,
         performance_steps=args.performance_steps,
+        performance_learning_rates=args.performance_learning_rate,
         device=args.device,
         precision=args.precision,
         seed=args.seed,

@@ -121,6 +121,12 @@ def _cards(sub: argparse._SubParsersAction) -> None:
     compute.add_argument("--coupling", action="store_true", help="also compute the L x L coupling matrix")
     compute.add_argument("--performance", action="store_true", help="also run short single-layer trainings")
     compute.add_argument("--performance-steps", type=int)
+    compute.add_argument(
+        "--performance-learning-rate",
+        type=float,
+        action="append",
+        help="a learning rate of the all-layer pilots (repeat it; server default 1e-3 and 3e-3)",
+    )
     compute.add_argument("--device", choices=("cpu", "cuda"))
     compute.add_argument("--precision", choices=("float32", "bfloat16", "float16"))
     compute.add_argument("--seed", type=int)

@@ -55,6 +55,7 @@ def settings_from_proto(request: layer_card_pb2.ComputeLayerCardRequest) -> Card
         compute_coupling=request.compute_coupling,
         compute_performance=request.compute_performance,
         performance_steps=request.performance_steps or defaults.performance_steps,
+        performance_learning_rates=tuple(request.performance_learning_rates),
         seed=request.seed,
         max_seq_len=request.max_seq_len if request.HasField("max_seq_len") else defaults.max_seq_len,
         device=_DEVICES.get(request.device, "?"),
@@ -74,6 +75,7 @@ def _settings_to_proto(model: str, settings: CardSettings) -> layer_card_pb2.Com
         compute_coupling=settings.compute_coupling,
         compute_performance=settings.compute_performance,
         performance_steps=settings.performance_steps,
+        performance_learning_rates=list(settings.performance_learning_rates),
         device=device,
         precision=precision,
         seed=settings.seed,
@@ -155,6 +157,8 @@ def card_to_proto(stored: StoredCard) -> layer_card_pb2.LayerCard:
         layer.measured_gain_curve.extend(row.measured_gain_curve)
         for m in row.modules:
             layer.modules.add(**vars(m))
+    for pilot in card.learning_rate_pilots:
+        message.learning_rate_pilots.add(learning_rate=pilot.learning_rate, gain_curve=pilot.gain_curve)
     if card.coupling is not None:
         message.coupling.size = len(card.coupling)
         message.coupling.values.extend(v for row in card.coupling for v in row)

@@ -34,7 +34,7 @@ from layercard_service.domain.jobs import (
     PlacementPredictions,
     PlacementSpec,
 )
-from layercard_service.domain.plans import Estimate
+from layercard_service.domain.plans import CurvePoint, Estimate
 from layercard_service.errors import InvalidArgument
 
 __all__ = ["TuningServicer", "event_to_proto", "job_to_proto"]
@@ -113,13 +113,31 @@ def _estimate(message: placement_pb2.Placement, name: str) -> Estimate | None:
     return Estimate(prediction.value, prediction.unit, prediction.basis)
 
 
+def _curve_from_proto(message: placement_pb2.Placement) -> tuple[CurvePoint, ...]:
+    points = []
+    for i, p in enumerate(message.predicted_curve):
+        if p.steps < 1 or not all(math.isfinite(v) for v in (p.seconds, p.gain, p.gain_low, p.gain_high)):
+            raise InvalidArgument.field(
+                f"placement.predicted_curve[{i}]", "must have steps >= 1 and finite seconds and gains"
+            )
+        points.append(CurvePoint(p.steps, p.seconds, p.gain, p.gain_low, p.gain_high))
+    return tuple(points)
+
+
 def _predictions_from_proto(message: placement_pb2.Placement) -> PlacementPredictions:
+    rate = message.learning_rate
+    if not (math.isfinite(rate) and 0 <= rate <= 10):
+        raise InvalidArgument.field(
+            "placement.learning_rate", f"must be in [0, 10] (0: none chosen by the plan), got {rate}"
+        )
     return PlacementPredictions(
         objective=objective_name(message.objective),
         predicted_gain_share=message.predicted_gain_share,
         binding_limits=tuple(message.binding_limits),
         rationale=message.rationale,
         score=message.gain_score,
+        predicted_curve=_curve_from_proto(message),
+        learning_rate=rate,
         **{name: _estimate(message, name) for name in _PREDICTIONS},
     )
 
@@ -221,6 +239,13 @@ def _placement_to_proto(spec: PlacementSpec) -> placement_pb2.Placement:
         message.binding_limits.extend(predicted.binding_limits)
         message.rationale = predicted.rationale
         message.gain_score = predicted.score
+        message.learning_rate = predicted.learning_rate
+        message.predicted_curve.extend(
+            placement_pb2.CurvePoint(
+                steps=p.steps, seconds=p.seconds, gain=p.gain, gain_low=p.gain_low, gain_high=p.gain_high
+            )
+            for p in predicted.predicted_curve
+        )
         for name in _PREDICTIONS:
             estimate = getattr(predicted, name)
             if estimate is not None:

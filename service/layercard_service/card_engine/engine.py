@@ -29,6 +29,7 @@ from layercard_service.domain.cards import (
     CostCalibration,
     LayerCardData,
     LayerCardRow,
+    LearningRatePilot,
     ModuleCard,
     ServingCostCard,
     TrainingCostCard,
@@ -165,19 +166,36 @@ def compute_card(
                 ),
             )
             rho = coupling_mod.cosine_matrix(deltas).tolist()
-        measured_gains = None
+        measured_gains, rate_pilots = None, []
         if settings.compute_performance:
-            check("performance", coupling_end, f"{L} single-layer runs of {settings.performance_steps} steps")
+            rates = settings.learning_rate_grid
+            runs = L + len(rates)
+
+            def pilot_progress(done: int, what: str) -> None:
+                check("performance", coupling_end + (1.0 - coupling_end) * done / runs, what)
+
+            check(
+                "performance",
+                coupling_end,
+                f"{L} single-layer and {len(rates)} all-layer runs of {settings.performance_steps} steps",
+            )
             measured_gains = performance_mod.layer_gains(
                 peft_model,
                 lora,
                 batches,
                 L,
                 settings.performance_steps,
-                on_layer=lambda done, total: check(
-                    "performance", coupling_end + (1.0 - coupling_end) * done / total, f"layer {done}/{total}"
-                ),
+                on_layer=lambda done, total: pilot_progress(done, f"layer {done}/{total}"),
             )
+            curves = performance_mod.rate_gains(
+                peft_model,
+                lora,
+                batches,
+                settings.performance_steps,
+                rates,
+                on_run=lambda done, total: pilot_progress(L + done, f"all layers, learning rate {rates[done - 1]:g}"),
+            )
+            rate_pilots = [LearningRatePilot(rate, curve) for rate, curve in zip(rates, curves)]
     except (LayercardError, MemoryError, torch.OutOfMemoryError):
         raise  # ours already, or a resource limit rather than the architecture
     except Exception as exc:
@@ -211,6 +229,7 @@ def compute_card(
         probe_tokens=probe.tokens,
         compute_seconds=time.perf_counter() - started,
         coupling=rho,
+        learning_rate_pilots=rate_pilots,
     )
 
 
@@ -220,7 +239,7 @@ _PHASES = {
     "calibrate": "the cost calibration (training steps)",
     "serving": "batch-1 decoding with a KV cache (the serving cost)",
     "coupling": "the coupling passes",
-    "performance": "the single-layer training runs",
+    "performance": "the pilot training runs",
 }
 
 

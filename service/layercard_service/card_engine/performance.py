@@ -4,8 +4,10 @@ For each layer ℓ, only ℓ's adapters (A and B) train, for ``steps`` Adam step
 batches; the column is the mean completion-token loss decrease on the second half, in nats (METHOD.md: the
 ground truth the cheap columns are scored against). The held-out loss is also taken at a quarter, half and
 three quarters of the run (``domain.cards.performance_checkpoints``): each layer's pilot learning curve, which
-the planner fits (control/planning/curves.py). It is L training runs, so it is opt-in and priced in the
-card's compute time. Every run starts from the card's own adapter state (the fixed A, B = 0), which is restored
+the planner fits (control/planning/curves.py). Beside them, one run of every layer's adapters per learning rate
+of the card's grid (``rate_gains``): how the learning rate speeds or spoils a run, which the planner applies to
+every set's curve to choose the rate. It is L + |grid| training runs, so it is opt-in and priced in the card's
+compute time. Every run starts from the card's own adapter state (the fixed A, B = 0), which is restored
 afterwards, so the other phases of the card are unaffected.
 """
 
@@ -21,7 +23,7 @@ from layercard_service.card_engine.probe import ADAPTER, ModuleKey
 from layercard_service.domain.cards import PERFORMANCE_LEARNING_RATE, performance_checkpoints
 from layercard_service.models.head import completion_loss
 
-__all__ = ["DEFAULT_LEARNING_RATE", "layer_gains", "split_batches"]
+__all__ = ["DEFAULT_LEARNING_RATE", "layer_gains", "rate_gains", "split_batches"]
 
 DEFAULT_LEARNING_RATE = PERFORMANCE_LEARNING_RATE
 
@@ -43,6 +45,45 @@ def _held_out_loss(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]])
     return sum(losses) / len(losses)
 
 
+def _weights(lora: dict[ModuleKey, LoraLayer], layers: Sequence[int] | None = None) -> list[torch.Tensor]:
+    """The A and B weights of ``layers``' adapters (None: every layer's)."""
+    return [
+        p
+        for key, layer in lora.items()
+        if layers is None or key[0] in layers
+        for p in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)
+    ]
+
+
+def _pilots(
+    peft_model: nn.Module,
+    lora: dict[ModuleKey, LoraLayer],
+    batches: Sequence[dict[str, torch.Tensor]],
+    runs: Sequence[tuple[list[torch.Tensor], float]],
+    steps: int,
+    on_run: Callable[[int, int], None],
+) -> list[list[float]]:
+    """Per run (its parameters and learning rate), the held-out loss decrease at each checkpoint."""
+    if len(batches) < 2:
+        raise ValueError("the performance column needs at least two probe batches (train and held-out)")
+    train, held_out = split_batches(batches)
+    every = _weights(lora)
+    trainable = [p.requires_grad for p in every]
+    for p in every:  # only the run's parameters train, so backward stops at the lowest and no other gradient piles up
+        p.requires_grad_(False)
+    try:
+        base = _held_out_loss(peft_model, held_out)
+        gains = []
+        for done, (params, learning_rate) in enumerate(runs, start=1):
+            losses = _train_and_score(peft_model, params, train, held_out, steps, learning_rate)
+            gains.append([base - loss for loss in losses])
+            on_run(done, len(runs))
+        return gains
+    finally:
+        for p, flag in zip(every, trainable):
+            p.requires_grad_(flag)
+
+
 def layer_gains(
     peft_model: nn.Module,
     lora: dict[ModuleKey, LoraLayer],
@@ -54,30 +95,20 @@ def layer_gains(
 ) -> list[list[float]]:
     """Per layer, the held-out loss decrease (nats) at each of ``performance_checkpoints(steps)`` of LoRA on that
     layer alone (the last is the column's figure); ``on_layer`` may raise (cancel)."""
-    if len(batches) < 2:
-        raise ValueError("the performance column needs at least two probe batches (train and held-out)")
-    train, held_out = split_batches(batches)
-    every = [p for layer in lora.values() for p in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)]
-    trainable = [p.requires_grad for p in every]
-    for p in every:  # only the layer under test trains, so backward stops at it and no other gradient piles up
-        p.requires_grad_(False)
-    try:
-        base = _held_out_loss(peft_model, held_out)
-        gains = []
-        for index in range(num_layers):
-            params = [
-                p
-                for key, layer in lora.items()
-                if key[0] == index
-                for p in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)
-            ]
-            losses = _train_and_score(peft_model, params, train, held_out, steps, learning_rate)
-            gains.append([base - loss for loss in losses])
-            on_layer(index + 1, num_layers)
-        return gains
-    finally:
-        for p, flag in zip(every, trainable):
-            p.requires_grad_(flag)
+    runs = [(_weights(lora, (index,)), learning_rate) for index in range(num_layers)]
+    return _pilots(peft_model, lora, batches, runs, steps, on_layer)
+
+
+def rate_gains(
+    peft_model: nn.Module,
+    lora: dict[ModuleKey, LoraLayer],
+    batches: Sequence[dict[str, torch.Tensor]],
+    steps: int,
+    learning_rates: Sequence[float],
+    on_run: Callable[[int, int], None] = lambda done, total: None,
+) -> list[list[float]]:
+    """Per learning rate, the held-out loss decrease at each checkpoint of LoRA on every layer at that rate."""
+    return _pilots(peft_model, lora, batches, [(_weights(lora), rate) for rate in learning_rates], steps, on_run)
 
 
 def _train_and_score(

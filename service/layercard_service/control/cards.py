@@ -257,7 +257,10 @@ def _sha256(path: Path) -> str:
 
 
 def _fingerprint(weights: str, data: str, settings: CardSettings) -> str:
-    canonical = json.dumps(dataclasses.asdict(settings), sort_keys=True)
+    fields = dataclasses.asdict(settings)
+    if not fields["performance_learning_rates"]:  # the default grid: cards stored before the field keep their key
+        del fields["performance_learning_rates"]
+    canonical = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(f"{weights}\n{data}\n{canonical}".encode()).hexdigest()
 
 

@@ -14,6 +14,7 @@ from layercard_service.errors import InvalidArgument
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
+    "DEFAULT_LEARNING_RATE",
     "DEFAULT_STEPS",
     "MAX_SEQ_LEN",
     "MAX_STEPS",
@@ -23,6 +24,7 @@ __all__ = [
 ]
 
 DEFAULT_STEPS = 200
+DEFAULT_LEARNING_RATE = 1e-3
 DEFAULT_BATCH_SIZE = 16
 MAX_STEPS = 1_000_000
 MAX_SEQ_LEN = 32_768
@@ -60,10 +62,14 @@ class HyperparameterRequest:
 
 
 def hyperparameters(
-    raw: HyperparameterRequest, n_train: int, planned_steps: int, has_validation: bool
+    raw: HyperparameterRequest,
+    n_train: int,
+    planned_steps: int,
+    has_validation: bool,
+    planned_learning_rate: float = 0.0,
 ) -> tuple[Hyperparameters, int]:
     """The job's hyperparameters with the documented defaults filled in, and its number of steps; a bad value is
-    INVALID_ARGUMENT naming its field."""
+    INVALID_ARGUMENT naming its field. Unset steps and learning rate take the plan's (0: none planned)."""
 
     def bad(name: str, description: str) -> InvalidArgument:
         return InvalidArgument.field(f"hyperparameters.{name}", description)
@@ -87,7 +93,7 @@ def hyperparameters(
             raise bad("epochs", f"{raw.epochs} epochs are {steps} steps, more than {MAX_STEPS}")
     else:
         steps = planned_steps or DEFAULT_STEPS
-    lr = raw.learning_rate or 1e-3
+    lr = raw.learning_rate or planned_learning_rate or DEFAULT_LEARNING_RATE
     if not (math.isfinite(lr) and 0 < lr <= 10):
         raise bad("learning_rate", f"must be a positive number (at most 10), got {raw.learning_rate}")
     schedule = raw.schedule or "cosine"

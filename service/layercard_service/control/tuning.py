@@ -226,7 +226,10 @@ class TuningService:
         assert isinstance(request.placement, PlacementSpec)  # create() has planned a PlannedPlacement
         placement = self._placement(request.placement, request.hyperparameters.lora, _num_layers(model_path))
         has_validation = validation is not None or bool(train.validation)
-        hp, total = hyperparameters(request.hyperparameters, len(train.examples), placement.steps, has_validation)
+        planned_rate = placement.predictions.learning_rate if placement.predictions is not None else 0.0
+        hp, total = hyperparameters(
+            request.hyperparameters, len(train.examples), placement.steps, has_validation, planned_rate
+        )
         ranks = self.runner.ranks_per_job
         if hp.batch_size < ranks:  # each data-parallel rank trains its shard of every batch: none may be empty
             raise InvalidArgument.field(

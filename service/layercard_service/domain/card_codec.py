@@ -10,6 +10,7 @@ from layercard_service.domain.cards import (
     CostCalibration,
     LayerCardData,
     LayerCardRow,
+    LearningRatePilot,
     ModuleCard,
     PlacementTiming,
     ServingCostCard,
@@ -38,13 +39,16 @@ def card_from_dict(raw: dict) -> LayerCardData:
     fields = dict(raw)
     settings = dict(fields.pop("settings"))
     settings["target_modules"] = tuple(settings["target_modules"])
+    settings["performance_learning_rates"] = tuple(settings.get("performance_learning_rates", ()))
     rows = []
     for row in fields.pop("layers"):
         row = dict(row)
         row["modules"] = [ModuleCard(**m) for m in row["modules"]]
         rows.append(LayerCardRow(**row))
     dataset = fields.pop("dataset", None)  # absent on cards stored before it was recorded
+    pilots = [LearningRatePilot(**p) for p in fields.pop("learning_rate_pilots", ())]
     return LayerCardData(
+        learning_rate_pilots=pilots,
         dataset=CardDataset(**dataset) if dataset is not None else None,
         settings=CardSettings(**settings),
         layers=rows,

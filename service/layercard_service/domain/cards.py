@@ -17,6 +17,8 @@ __all__ = [
     "TrainingCostCard",
     "ServingCostCard",
     "LayerCardData",
+    "LearningRatePilot",
+    "DEFAULT_LEARNING_RATE_GRID",
     "PERFORMANCE_LEARNING_RATE",
     "calibrated_gain",
     "performance_checkpoints",
@@ -26,6 +28,10 @@ MAX_PROBE_SIZE = 4096
 MAX_SEQ_LEN = 4096
 MAX_RANK = 512
 PERFORMANCE_LEARNING_RATE = 1e-3  # the pilot runs' (the tuning jobs' default, so they speak of a user's runs)
+# The all-layer pilots' learning rates when a card asks for none: the pilots' own and the placement benchmark's
+# (3e-3; 1e-2 never got below the prompt-blind floor there, and a short pilot would not show that).
+DEFAULT_LEARNING_RATE_GRID = (PERFORMANCE_LEARNING_RATE, 3e-3)
+MAX_LEARNING_RATES = 8
 MAX_ALPHA = 1e6  # LoRA alpha (0: 2 * rank); far above any useful value, far below float overflow
 
 
@@ -56,6 +62,8 @@ class CardSettings:
     compute_coupling: bool = False
     compute_performance: bool = False
     performance_steps: int = 50
+    # The all-layer pilots' learning rates (with compute_performance); empty: DEFAULT_LEARNING_RATE_GRID.
+    performance_learning_rates: tuple[float, ...] = ()
     seed: int = 0
     max_seq_len: int = 256
     batch_size: int = 16
@@ -75,10 +83,22 @@ class CardSettings:
             ("device", self.device in ("", "cpu", "cuda"), "must be cpu or cuda"),
             ("precision", self.precision in ("", "float32", "bfloat16", "float16"), "unknown precision"),
             ("damping", math.isfinite(self.damping) and self.damping > 0, "must be a positive number"),
+            (
+                "performance_learning_rates",
+                len(self.performance_learning_rates) <= MAX_LEARNING_RATES
+                and all(math.isfinite(r) and 0 < r <= 1 for r in self.performance_learning_rates),
+                f"must be at most {MAX_LEARNING_RATES} learning rates, each in (0, 1]",
+            ),
         ]
         for name, ok, rule in checks:
             if not ok:
                 raise InvalidArgument.field(name, f"{rule}, got {getattr(self, name.split('.')[-1])!r}")
+
+    @property
+    def learning_rate_grid(self) -> tuple[float, ...]:
+        """The all-layer pilots' learning rates, ascending; the single-layer pilots' rate is always one of them."""
+        rates = self.performance_learning_rates or DEFAULT_LEARNING_RATE_GRID
+        return tuple(sorted({PERFORMANCE_LEARNING_RATE, *rates}))
 
     @property
     def lora_alpha(self) -> float:
@@ -123,6 +143,14 @@ class LayerCardRow:
     measured_gain_curve: list[float] = field(default_factory=list)
     # Mean square of the residual stream entering the block (per hidden unit), over probe tokens; 0 on old cards.
     residual_mean_square: float = 0.0
+
+
+@dataclass
+class LearningRatePilot:
+    """A pilot run of LoRA on every layer at one learning rate: held-out gain at the performance checkpoints."""
+
+    learning_rate: float
+    gain_curve: list[float]
 
 
 @dataclass
@@ -227,3 +255,5 @@ class LayerCardData:
     compute_seconds: float
     coupling: list[list[float]] | None = None
     dataset: CardDataset | None = None  # None on cards stored before the dataset was recorded
+    # With compute_performance: one all-layer pilot per learning rate of the grid; empty on older cards.
+    learning_rate_pilots: list[LearningRatePilot] = field(default_factory=list)

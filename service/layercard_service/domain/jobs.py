@@ -17,7 +17,7 @@ from enum import Enum
 from typing import Any
 
 from layercard_service.data.sources import DatasetRequest
-from layercard_service.domain.plans import Estimate, Plan
+from layercard_service.domain.plans import CurvePoint, Estimate, Plan
 from layercard_service.errors import InvalidArgument
 
 __all__ = [
@@ -150,6 +150,8 @@ class PlacementPredictions:
     binding_limits: tuple[str, ...] = ()
     rationale: str = ""
     score: str = ""
+    predicted_curve: tuple[CurvePoint, ...] = ()  # empty: none predicted, or a record from before it was kept
+    learning_rate: float = 0.0  # the plan's; 0: none chosen
 
     @classmethod
     def from_plan(cls, plan: Plan) -> PlacementPredictions:
@@ -159,6 +161,8 @@ class PlacementPredictions:
             binding_limits=plan.binding_limits,
             rationale=plan.rationale,
             score=plan.score,
+            predicted_curve=plan.predicted_curve,
+            learning_rate=plan.learning_rate,
             **{name: getattr(plan, name) for name in _ESTIMATES},
         )
 
@@ -169,6 +173,9 @@ class PlacementPredictions:
             if values.get(name) is not None:
                 values[name] = Estimate(**_known(Estimate, values[name]))
         values["binding_limits"] = tuple(values.get("binding_limits", ()))
+        values["predicted_curve"] = tuple(
+            CurvePoint(**_known(CurvePoint, p)) for p in values.get("predicted_curve", ())
+        )
         return cls(**values)
 
     @classmethod

@@ -93,7 +93,7 @@ def plan_placement(
         prefix_cache_build_seconds=build,
         prefix_cache_bytes=cache_size,
         predicted_curve=_curve(chosen, max(run_steps, request.steps)),
-        learning_rate=solution.curves.learning_rate,
+        learning_rate=chosen.learning_rate,
     )
 
 
@@ -172,6 +172,8 @@ def _rationale(solution: Solution, request: PlanRequest, share: float, fraction:
         f"{goal}: layers {_layers(chosen.layers)} at rank {chosen.shape.rank} on {', '.join(chosen.shape.modules)} "
         f"predict {share:.0%} of full-layer LoRA's gain ({solution.score}) at {fraction:.2f} of its step time"
     )
+    if len(solution.curves.learning_rates) > 1:
+        text += f"; learning rate {chosen.learning_rate:g} of the pilots' {_rates(solution.curves.learning_rates)}"
     if min(chosen.layers) > 0:
         text += f"; backward stops at block {min(chosen.layers)}"
     text += _cache_rationale(chosen)
@@ -184,6 +186,10 @@ def _rationale(solution: Solution, request: PlanRequest, share: float, fraction:
     if not solution.exhaustive:
         text += "; deep model: nested sets per lowest layer searched, not every subset"
     return text
+
+
+def _rates(rates: tuple[float, ...]) -> str:
+    return ", ".join(f"{r:g}" for r in rates)
 
 
 class Calibration(Protocol):

@@ -1,9 +1,10 @@
-"""Placement under a budget: pick layers, rank and module types from a Layer Card (METHOD.md).
+"""Placement under a budget: pick layers, rank, module types and learning rate from a Layer Card (METHOD.md).
 
 Candidates: for models of up to ``EXACT_MAX_LAYERS`` blocks every non-empty layer set is scored (2^L is small);
 deeper models get, for each lowest layer m (which fixes the backward cost), the nested sets that add the layers
 above m in descending score order. Each candidate is priced with the card's cost model, filtered by the budget,
-and the objective picks one. Ties go to the cheaper step, then the fewer parameters, then the deeper layers.
+and the objective picks one; each set is a candidate at every learning rate the card's pilots measured. Ties go to
+the cheaper step, then the fewer parameters, then the deeper layers, then the lower learning rate.
 A limit "binds" when dropping it alone would change the plan.
 """
 
@@ -47,6 +48,7 @@ class Candidate:
     cache: CachedCost | None = None  # the frozen-prefix cache where the trainer would use it; None: uncached
     run_steps: int = 0  # the run's steps the cache's epoch rule was applied to
     curve: object = field(default=None, compare=False)  # gain(n), low(n), high(n): learning.CurveModel's
+    learning_rate: float = 0.0  # the rate the curve is at (0: a prior curve, no measured rate)
 
     @property
     def training_seconds(self) -> float:
@@ -63,7 +65,7 @@ class Candidate:
         return self.cache.build_seconds if self.cache is not None else 0.0
 
     def tie_key(self) -> tuple:
-        return (self.step_seconds, self.parameters, tuple(-i for i in self.layers))
+        return (self.step_seconds, self.parameters, tuple(-i for i in self.layers), self.learning_rate)
 
 
 @dataclass(frozen=True)
@@ -106,9 +108,10 @@ def _candidate(
     request: PlanRequest,
     run: CacheRun,
     curves: CurveModel,
+    learning_rate: float,
 ) -> Candidate:
     priced = price(costs, layers, run, request)
-    curve = curves.curve(layers, scores, own_scores, coupling)
+    curve = curves.curve(layers, scores, own_scores, coupling, learning_rate)
     # A cheaper step buys more steps in the same time; the set's learning curve says what they buy.
     timed = request.budget.max_training_seconds is not None
     return Candidate(
@@ -118,6 +121,7 @@ def _candidate(
         steps=priced.steps,
         value=curve.gain(priced.steps if timed else request.steps),
         curve=curve,
+        learning_rate=learning_rate,
         step_seconds=priced.step_seconds,
         uncached_step_seconds=costs.step_seconds(layers),
         cache=priced.cache,
@@ -181,8 +185,8 @@ def _quickest(feasible: list[Candidate], request: PlanRequest, full: Candidate) 
 
 
 def _neg(key: tuple) -> tuple:
-    step, params, layers = key
-    return (-step, -params, tuple(-i for i in layers))
+    step, params, layers, rate = key
+    return (-step, -params, tuple(-i for i in layers), -rate)
 
 
 def _ints(values: Sequence[int]) -> str:
@@ -278,14 +282,21 @@ def solve(
             ref_scores = layer_scores(card, score, reference.shape.modules, reference.shape.rank)
             # Block 0 adapted: never cached.
             every = tuple(range(card.num_layers))
-            full = _candidate(
-                reference, ref_scores, own, card.coupling, every, budget.serving_engine, request, run, curves
+            # The reference: full-layer LoRA without a time limit, at the reference steps, at its best rate.
+            full = max(
+                (
+                    _candidate(
+                        reference, ref_scores, own, card.coupling, every, budget.serving_engine, request, run, curves, r
+                    )
+                    for r in curves.learning_rates
+                ),
+                key=lambda c: c.curve.gain(request.steps),
             )
-            # The reference: full-layer LoRA without a time limit, at the reference steps.
             full = replace(full, value=full.curve.gain(request.steps))
         candidates += [
-            _candidate(costs, scores, own, card.coupling, layers, budget.serving_engine, request, run, curves)
+            _candidate(costs, scores, own, card.coupling, layers, budget.serving_engine, request, run, curves, rate)
             for layers in _layer_sets(scores, exhaustive)
+            for rate in curves.learning_rates
         ]
     assert full is not None
     chosen = _solve_once(candidates, request, budget, full)
