@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import gc
 import os
+import random
 import statistics
 import sys
 import threading
@@ -144,7 +145,24 @@ def rpc_phase(servers: Servers, args: argparse.Namespace) -> dict:
         }
         for side, t in times.items()
     }
-    return {"stats": stats, "blocks": block_medians}
+    return {"stats": stats, "blocks": block_medians, "spread": spread(times, block_medians)}
+
+
+def spread(times: dict[str, list[float]], blocks: list[dict], resamples: int = 1000) -> dict:
+    """How far the median ratio moves: a bootstrap 95% interval (each side resampled on its own, fixed seed) and
+    the quartiles of the block-by-block ratio (the two sides' medians of neighbouring blocks)."""
+    rng = random.Random(0)
+    ratios = []
+    for _ in range(resamples):
+        w, wo = (statistics.median(rng.choices(times[side], k=len(times[side]))) for side in ("with", "without"))
+        ratios.append(w / wo)
+    q = statistics.quantiles(ratios, n=40)  # 2.5% steps
+    per_block = statistics.quantiles([b["with"] / b["without"] for b in blocks], n=4)
+    return {
+        "median_ratio_ci95": [q[0], q[-1]],
+        "block_ratio_quartiles": per_block,
+        "resamples": resamples,
+    }
 
 
 # --- the wrapper alone ---------------------------------------------------------------------------------------
@@ -204,6 +222,8 @@ def headline(rpc: dict, wrapper: dict) -> dict:
     w, wo = rpc["stats"]["with"], rpc["stats"]["without"]
     return {
         "rpc_time_with_over_without_metrics": w["median_us"] / wo["median_us"],
+        "rpc_time_with_over_without_metrics_ci95_low": rpc["spread"]["median_ratio_ci95"][0],
+        "rpc_time_with_over_without_metrics_ci95_high": rpc["spread"]["median_ratio_ci95"][1],
         "rpc_time_with_over_without_metrics_mean": w["mean_us"] / wo["mean_us"],
         "median_us_with_metrics": w["median_us"],
         "median_us_without_metrics": wo["median_us"],
@@ -216,7 +236,7 @@ def headline(rpc: dict, wrapper: dict) -> dict:
 
 def report(result: dict) -> str:
     h, s, mach = result["headline"], result["settings"], result["machine"]
-    stats = result["rpc"]["stats"]
+    stats, sp = result["rpc"]["stats"], result["rpc"]["spread"]
     lines = [
         "# Cost of the gRPC metrics interceptor per RPC",
         "",
@@ -244,6 +264,10 @@ def report(result: dict) -> str:
             f"{st['min_us']:.1f} |"
             for side, st in ((side, stats[side]) for side in ("without", "with"))
         ],
+        "",
+        f"Spread of the median ratio: 95% bootstrap interval {sp['median_ratio_ci95'][0]:.3f} to "
+        f"{sp['median_ratio_ci95'][1]:.3f} ({sp['resamples']} resamples of each side); block-by-block ratio "
+        f"quartiles {', '.join(f'{x:.3f}' for x in sp['block_ratio_quartiles'])}.",
         "",
         f"The wrapper alone (intercept_service and the wrapped handler around a no-op, no socket; best of 5 runs of "
         f"{result['wrapper']['calls']} calls): {result['wrapper']['us_per_call_with']:.2f} us per call with metrics, "

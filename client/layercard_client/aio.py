@@ -304,6 +304,7 @@ class AsyncLayercardClient:
         max_overhead_fraction: float | None = None,
         force: bool | None = None,
         validate_only: bool | None = None,
+        full_latency_probe: bool | None = None,
         timeout: Timeout = DEFAULT,
         metadata: Metadata | None = None,
     ) -> adapter_pb2.Deployment:
@@ -312,6 +313,7 @@ class AsyncLayercardClient:
             "max_overhead_fraction": max_overhead_fraction,
             "force": force,
             "validate_only": validate_only,
+            "full_latency_probe": full_latency_probe,
         }
         built = builders.deploy_adapter(adapter, fields=fields)
         return await self._unary("AdapterService/DeployAdapter", built, timeout, metadata)

@@ -41,6 +41,7 @@ class FakeVllm(VllmApi):
         self.load_error: LayercardError | None = None  # load_adapter raises it (after logging the call)
         self.no_effect: set[str] = set()  # served names that answer exactly like the base model
         self.adapter_latency_factor = 1.0  # adapter completions report this times the base latency
+        self.same_text = False  # adapters answer with the base model's text (their log-probabilities still differ)
         self.gates: dict[str, asyncio.Event] = {}  # completions on a served name wait for its event
         self.load_gates: dict[str, asyncio.Event] = {}  # loads of a served name wait for its event
         self.prompts: list[str | Chat] = []  # every completion's prompt or conversation, as it arrived
@@ -71,7 +72,7 @@ class FakeVllm(VllmApi):
         logprobs = tuple(-0.5 if adapted else -1.0 for _ in range(tokens)) if sampling.logprobs else ()
         latency = BASE_LATENCY * (self.adapter_latency_factor if model != BASE else 1.0)
         said = prompt if isinstance(prompt, str) else prompt.messages[-1].content  # a chat: echo its question
-        text = f"[{model}] {said}" if adapted else f"[base] {said}"
+        text = f"[{model}] {said}" if adapted and not self.same_text else f"[base] {said}"
         return Completion(text, "length", len(said), tokens, latency / 4, latency, logprobs)
 
     async def stream(self, model: str, prompt: str | Chat, sampling: Sampling) -> AsyncIterator[CompletionChunk]:

@@ -26,7 +26,7 @@ from layercard_service.errors import (
     PermissionDenied,
     Unavailable,
 )
-from layercard_service.persistence.deployments import DeploymentStore, LatencyMeasurement
+from layercard_service.persistence.deployments import DeploymentStore, LatencyMeasurement, ServingShape
 from layercard_service.serving.fleet import Fleet, FleetSettings, StaticDiscovery
 from layercard_service.serving.inference import InferenceProxy
 
@@ -331,8 +331,8 @@ def test_the_planner_takes_the_median_measured_vllm_overhead(tmp_path):
 
     store = DeploymentStore(tmp_path / "state.db")
     for fraction in (0.5, 0.1, 0.3):
-        store.add_measurement(MODEL, "echo", 1, 8, ("o_proj",), _measurement(fraction))
-    store.add_measurement("other/model", "echo", 1, 8, (), _measurement(5.0))
+        store.add_measurement(ServingShape(MODEL, ("o_proj",), 8, 8), "echo", 1, _measurement(fraction))
+    store.add_measurement(ServingShape("other/model", (), 8, 8), "echo", 1, _measurement(5.0))
     calibration = store.calibration(MODEL)
     assert (calibration.overhead_fraction, calibration.samples) == (pytest.approx(0.3), 3)
     assert store.calibration("never/deployed") is None

@@ -230,3 +230,27 @@ def test_health_and_reflection_are_counted():
             assert sample(registry, "grpc_server_msg_sent_total", "bidi_stream", service, method) == 2
 
     run(test)
+
+
+def test_histogram_buckets_are_inclusive_and_cumulative(monkeypatch):
+    """A handling time equal to a bound counts in that bound's bucket (le: less or equal), as in Go."""
+    from layercard_service.api import grpc_metrics
+
+    registry = CollectorRegistry()
+    interceptor = GrpcMetricsInterceptor(registry)
+
+    async def handle(request, context):
+        return request
+
+    metrics = interceptor._metrics_for("/a.B/C", grpc.unary_unary_rpc_method_handler(handle))
+    assert metrics.asynchronous
+    for elapsed in (0.005, 0.0051, 10.0, 11.0):
+        monkeypatch.setattr(grpc_metrics.time, "perf_counter", lambda e=elapsed: 100.0 + e)
+        metrics.finish(grpc.StatusCode.OK, 100.0)
+    s = lambda name, **kw: sample(registry, name, "unary", "a.B", "C", **kw)  # noqa: E731
+    assert s("grpc_server_handling_seconds_bucket", le="0.005") == 1
+    assert s("grpc_server_handling_seconds_bucket", le="0.01") == 2
+    assert s("grpc_server_handling_seconds_bucket", le="10.0") == 3
+    assert s("grpc_server_handling_seconds_bucket", le="+Inf") == s("grpc_server_handling_seconds_count") == 4
+    assert s("grpc_server_handled_total", grpc_code="OK") == 4
+    assert s("grpc_server_handling_seconds_sum") == pytest.approx(0.005 + 0.0051 + 10.0 + 11.0)

@@ -18,25 +18,49 @@ class DeploymentState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DEPLOYMENT_STATE_READY: _ClassVar[DeploymentState]
     DEPLOYMENT_STATE_DEGRADED: _ClassVar[DeploymentState]
     DEPLOYMENT_STATE_FAILED: _ClassVar[DeploymentState]
+
+class CheckOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHECK_OUTCOME_UNSPECIFIED: _ClassVar[CheckOutcome]
+    CHECK_OUTCOME_PASSED: _ClassVar[CheckOutcome]
+    CHECK_OUTCOME_SKIPPED: _ClassVar[CheckOutcome]
+    CHECK_OUTCOME_PENDING: _ClassVar[CheckOutcome]
+    CHECK_OUTCOME_FAILED_FORCED: _ClassVar[CheckOutcome]
+
+class LatencySource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LATENCY_SOURCE_UNSPECIFIED: _ClassVar[LatencySource]
+    LATENCY_SOURCE_PROBE: _ClassVar[LatencySource]
+    LATENCY_SOURCE_SHAPE_CALIBRATION: _ClassVar[LatencySource]
 DEPLOYMENT_STATE_UNSPECIFIED: DeploymentState
 DEPLOYMENT_STATE_DEPLOYING: DeploymentState
 DEPLOYMENT_STATE_READY: DeploymentState
 DEPLOYMENT_STATE_DEGRADED: DeploymentState
 DEPLOYMENT_STATE_FAILED: DeploymentState
+CHECK_OUTCOME_UNSPECIFIED: CheckOutcome
+CHECK_OUTCOME_PASSED: CheckOutcome
+CHECK_OUTCOME_SKIPPED: CheckOutcome
+CHECK_OUTCOME_PENDING: CheckOutcome
+CHECK_OUTCOME_FAILED_FORCED: CheckOutcome
+LATENCY_SOURCE_UNSPECIFIED: LatencySource
+LATENCY_SOURCE_PROBE: LatencySource
+LATENCY_SOURCE_SHAPE_CALIBRATION: LatencySource
 
 class DeployAdapterRequest(_message.Message):
-    __slots__ = ("adapter", "version", "max_overhead_fraction", "force", "validate_only")
+    __slots__ = ("adapter", "version", "max_overhead_fraction", "force", "validate_only", "full_latency_probe")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_OVERHEAD_FRACTION_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
     VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    FULL_LATENCY_PROBE_FIELD_NUMBER: _ClassVar[int]
     adapter: str
     version: int
     max_overhead_fraction: float
     force: bool
     validate_only: bool
-    def __init__(self, adapter: _Optional[str] = ..., version: _Optional[int] = ..., max_overhead_fraction: _Optional[float] = ..., force: _Optional[bool] = ..., validate_only: _Optional[bool] = ...) -> None: ...
+    full_latency_probe: bool
+    def __init__(self, adapter: _Optional[str] = ..., version: _Optional[int] = ..., max_overhead_fraction: _Optional[float] = ..., force: _Optional[bool] = ..., validate_only: _Optional[bool] = ..., full_latency_probe: _Optional[bool] = ...) -> None: ...
 
 class UndeployAdapterRequest(_message.Message):
     __slots__ = ("adapter",)
@@ -97,7 +121,7 @@ class AdapterVersion(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., lora: _Optional[_Union[_common_pb2.LoraShape, _Mapping]] = ..., size_bytes: _Optional[int] = ..., tuning_job: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("adapter", "version", "served_name", "state", "replicas", "latency", "update_time")
+    __slots__ = ("adapter", "version", "served_name", "state", "replicas", "latency", "update_time", "checks")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVED_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +129,7 @@ class Deployment(_message.Message):
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     LATENCY_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_FIELD_NUMBER: _ClassVar[int]
     adapter: str
     version: int
     served_name: str
@@ -112,7 +137,22 @@ class Deployment(_message.Message):
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
     latency: LatencyMeasurement
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, adapter: _Optional[str] = ..., version: _Optional[int] = ..., served_name: _Optional[str] = ..., state: _Optional[_Union[DeploymentState, str]] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., latency: _Optional[_Union[LatencyMeasurement, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    checks: _containers.RepeatedCompositeFieldContainer[DeployCheck]
+    def __init__(self, adapter: _Optional[str] = ..., version: _Optional[int] = ..., served_name: _Optional[str] = ..., state: _Optional[_Union[DeploymentState, str]] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., latency: _Optional[_Union[LatencyMeasurement, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., checks: _Optional[_Iterable[_Union[DeployCheck, _Mapping]]] = ...) -> None: ...
+
+class DeployCheck(_message.Message):
+    __slots__ = ("name", "outcome", "detail", "replica", "value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    outcome: CheckOutcome
+    detail: str
+    replica: str
+    value: float
+    def __init__(self, name: _Optional[str] = ..., outcome: _Optional[_Union[CheckOutcome, str]] = ..., detail: _Optional[str] = ..., replica: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
 
 class ReplicaStatus(_message.Message):
     __slots__ = ("replica", "healthy", "observed_adapters", "desired_loaded", "max_lora_rank", "lora_target_modules", "error")
@@ -133,7 +173,7 @@ class ReplicaStatus(_message.Message):
     def __init__(self, replica: _Optional[str] = ..., healthy: _Optional[bool] = ..., observed_adapters: _Optional[_Iterable[str]] = ..., desired_loaded: _Optional[bool] = ..., max_lora_rank: _Optional[int] = ..., lora_target_modules: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class LatencyMeasurement(_message.Message):
-    __slots__ = ("replica", "base_ttft_ms", "adapter_ttft_ms", "base_inter_token_ms", "adapter_inter_token_ms", "overhead_fraction", "samples")
+    __slots__ = ("replica", "base_ttft_ms", "adapter_ttft_ms", "base_inter_token_ms", "adapter_inter_token_ms", "overhead_fraction", "samples", "source", "basis")
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     BASE_TTFT_MS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_TTFT_MS_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +181,8 @@ class LatencyMeasurement(_message.Message):
     ADAPTER_INTER_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
     OVERHEAD_FRACTION_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    BASIS_FIELD_NUMBER: _ClassVar[int]
     replica: str
     base_ttft_ms: float
     adapter_ttft_ms: float
@@ -148,4 +190,6 @@ class LatencyMeasurement(_message.Message):
     adapter_inter_token_ms: float
     overhead_fraction: float
     samples: int
-    def __init__(self, replica: _Optional[str] = ..., base_ttft_ms: _Optional[float] = ..., adapter_ttft_ms: _Optional[float] = ..., base_inter_token_ms: _Optional[float] = ..., adapter_inter_token_ms: _Optional[float] = ..., overhead_fraction: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
+    source: LatencySource
+    basis: str
+    def __init__(self, replica: _Optional[str] = ..., base_ttft_ms: _Optional[float] = ..., adapter_ttft_ms: _Optional[float] = ..., base_inter_token_ms: _Optional[float] = ..., adapter_inter_token_ms: _Optional[float] = ..., overhead_fraction: _Optional[float] = ..., samples: _Optional[int] = ..., source: _Optional[_Union[LatencySource, str]] = ..., basis: _Optional[str] = ...) -> None: ...

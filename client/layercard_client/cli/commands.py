@@ -344,6 +344,7 @@ def run_adapters(client: LayercardClient, args: argparse.Namespace, out: render.
             max_overhead_fraction=args.max_overhead,
             force=args.force or None,
             validate_only=args.validate_only or None,
+            full_latency_probe=args.full_latency_probe or None,
         )
         out.show(deployment, render.deployment_table(deployment))
     elif args.action == "undeploy":

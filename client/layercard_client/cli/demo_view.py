@@ -16,7 +16,7 @@ from rich.text import Text
 
 from layercard.v1 import adapter_pb2, inference_pb2, layer_card_pb2, placement_pb2, tuning_pb2
 from layercard_client.cardview import dataset_line, share_bar
-from layercard_client.cli.render import fmt_bytes, state_name
+from layercard_client.cli.render import deploy_checks_table, fmt_bytes, state_name
 
 __all__ = [
     "GenerationRow",
@@ -148,9 +148,14 @@ def deployment_figures(deployment: adapter_pb2.Deployment) -> list[RenderableTyp
             Text(replica.error),
         )
     parts: list[RenderableType] = [head, replicas]
+    if deployment.checks:
+        parts.append(deploy_checks_table(deployment.checks))
     if deployment.HasField("latency"):
         m = deployment.latency
-        where = Text(f"latency measured on {m.replica or 'the fleet'} over {m.samples} samples:")
+        if m.source == adapter_pb2.LATENCY_SOURCE_SHAPE_CALIBRATION:
+            where = Text(f"latency of the serving shape, not probed again ({m.basis}):")
+        else:
+            where = Text(f"latency measured on {m.replica or 'the fleet'} over {m.samples} samples:")
         latency = Table(box=box.SIMPLE_HEAD)
         for name in ("", "base", "adapter"):
             latency.add_column(name, justify="right" if name else "left")

@@ -225,6 +225,9 @@ def _adapters(sub: argparse._SubParsersAction) -> None:
     deploy.add_argument("--max-overhead", type=float, metavar="FRACTION", help="serving-latency budget")
     deploy.add_argument("--force", action="store_true", help="deploy even when over the latency budget")
     deploy.add_argument("--validate-only", action="store_true", help="check without loading")
+    deploy.add_argument(
+        "--full-latency-probe", action="store_true", help="probe latency even when the serving shape is calibrated"
+    )
     undeploy = actions.add_parser("undeploy", help="remove an adapter from every replica")
     undeploy.add_argument("adapter", help="adapters/ID or ID")
     listing = actions.add_parser("list", help="adapters, versions, desired against observed per replica")

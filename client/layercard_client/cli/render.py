@@ -277,11 +277,12 @@ def deployment_table(deployment: adapter_pb2.Deployment, replicas: Any = None) -
         head.add_row("adapter", f"{deployment.adapter} v{deployment.version} as {deployment.served_name}")
         head.add_row("state", state_name(adapter_pb2.DeploymentState, deployment.state, "DEPLOYMENT_STATE_"))
         if deployment.HasField("latency"):
-            head.add_row(
-                "latency",
-                f"overhead {deployment.latency.overhead_fraction:.1%} over {deployment.latency.samples} samples",
-            )
+            m = deployment.latency
+            source = "calibrated" if m.source == adapter_pb2.LATENCY_SOURCE_SHAPE_CALIBRATION else "probed"
+            head.add_row("latency", f"overhead {m.overhead_fraction:+.1%} ({source}, {m.samples} samples)")
         outer.add_row(head)
+    if deployment.checks:
+        outer.add_row(deploy_checks_table(deployment.checks))
     rows = Table(title="replicas", title_justify="left")
     for name in ("replica", "healthy", "desired loaded", "loaded adapters", "error"):
         rows.add_column(name)
@@ -295,6 +296,17 @@ def deployment_table(deployment: adapter_pb2.Deployment, replicas: Any = None) -
         )
     outer.add_row(rows)
     return outer
+
+
+def deploy_checks_table(checks) -> Table:
+    """What a deploy checked, in order: the verify result of every replica among them."""
+    table = Table(title="checks", title_justify="left")
+    for name in ("check", "outcome", "replica", "detail"):
+        table.add_column(name)
+    for c in checks:
+        outcome = state_name(adapter_pb2.CheckOutcome, c.outcome, "CHECK_OUTCOME_").replace("_", " ")
+        table.add_row(c.name, outcome, c.replica or "-", c.detail)
+    return table
 
 
 def adapters_list_table(adapters: list[adapter_pb2.Adapter]) -> Table:

@@ -8,7 +8,7 @@ from google.protobuf import timestamp_pb2
 
 from layercard.v1 import adapter_pb2, adapter_pb2_grpc, common_pb2
 from layercard_service.api.paging import ProtoPage
-from layercard_service.control.deployments import AdapterManager, AdapterView, DeploymentView, ReplicaView
+from layercard_service.control.deployments import AdapterManager, AdapterView, DeployCheck, DeploymentView, ReplicaView
 from layercard_service.persistence.adapter_versions import AdapterVersion
 from layercard_service.persistence.deployments import LatencyMeasurement
 
@@ -50,7 +50,28 @@ def _latency(m: LatencyMeasurement) -> adapter_pb2.LatencyMeasurement:
         adapter_inter_token_ms=m.adapter_inter_token_ms,
         overhead_fraction=m.overhead_fraction,
         samples=m.samples,
+        source=_SOURCES.get(m.source, adapter_pb2.LATENCY_SOURCE_UNSPECIFIED),
+        basis=m.basis,
     )
+
+
+_SOURCES = {
+    "probe": adapter_pb2.LATENCY_SOURCE_PROBE,
+    "calibration": adapter_pb2.LATENCY_SOURCE_SHAPE_CALIBRATION,
+}
+_OUTCOMES = {
+    "PASSED": adapter_pb2.CHECK_OUTCOME_PASSED,
+    "SKIPPED": adapter_pb2.CHECK_OUTCOME_SKIPPED,
+    "PENDING": adapter_pb2.CHECK_OUTCOME_PENDING,
+    "FAILED_FORCED": adapter_pb2.CHECK_OUTCOME_FAILED_FORCED,
+}
+
+
+def _check(c: DeployCheck) -> adapter_pb2.DeployCheck:
+    message = adapter_pb2.DeployCheck(name=c.name, outcome=_OUTCOMES[c.outcome], detail=c.detail, replica=c.replica)
+    if c.value is not None:
+        message.value = c.value
+    return message
 
 
 def deployment_to_proto(d: DeploymentView) -> adapter_pb2.Deployment:
@@ -62,6 +83,7 @@ def deployment_to_proto(d: DeploymentView) -> adapter_pb2.Deployment:
         replicas=[_replica(r) for r in d.replicas],
         latency=_latency(d.latency) if d.latency else None,
         update_time=_timestamp(d.update_time),
+        checks=[_check(c) for c in d.checks],
     )
 
 
@@ -104,7 +126,12 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
     async def DeployAdapter(self, request: adapter_pb2.DeployAdapterRequest, context) -> adapter_pb2.Deployment:
         budget = request.max_overhead_fraction if request.HasField("max_overhead_fraction") else None
         view = await self.adapters.deploy(
-            request.adapter, request.version, budget, force=request.force, validate_only=request.validate_only
+            request.adapter,
+            request.version,
+            budget,
+            force=request.force,
+            validate_only=request.validate_only,
+            full_latency_probe=request.full_latency_probe,
         )
         return deployment_to_proto(view)
 

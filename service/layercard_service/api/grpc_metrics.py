@@ -37,20 +37,29 @@ stays a stream; an async generator becomes a coroutine that writes), so each mes
 actually sent, and a cancelled stream is seen at once rather than when its generator is garbage-collected.
 Synchronous (thread-pool) handlers are passed through uncounted; every handler in this service is async.
 
-One interceptor per registry: it registers its five metrics on the registry it is given.
+What it costs: the counts are plain integers of a per-method record, bumped on the event loop's thread (every
+counted handler runs there), and exported by a collector at scrape time, so an RPC pays for a few additions and
+a bisect, not for prometheus_client's locks and label lookups. A scrape reads a count between two additions:
+each figure is exact, and a histogram's count is its buckets' sum.
+
+One interceptor per registry: it registers one collector of the five metrics on the registry it is given.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import inspect
+import itertools
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 __all__ = ["GO_CODE_NAMES", "GO_DEFAULT_BUCKETS", "GrpcMetricsInterceptor", "split_method"]
 
@@ -119,24 +128,65 @@ def _final_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
 
 
-@dataclass
 class _MethodMetrics:
-    """The label children of one method, looked up once (``labels()`` takes a lock and hashes every call)."""
+    """One method's counts, bumped on the event loop's thread and read by ``_Collector`` at scrape time."""
 
-    started: Counter
-    received: Counter
-    sent: Counter
-    seconds: Histogram
-    handled_parent: Counter
-    labels: tuple[str, str, str]
-    handled: dict[grpc.StatusCode, Counter] = field(default_factory=dict)
+    __slots__ = ("asynchronous", "buckets", "handled", "labels", "received", "sent", "started", "sum")
+
+    def __init__(self, labels: tuple[str, str, str], asynchronous: bool) -> None:
+        self.labels, self.asynchronous = labels, asynchronous
+        self.started = self.received = self.sent = 0
+        self.handled: dict[str, int] = {}  # grpc_code -> RPCs
+        self.buckets = [0] * (len(GO_DEFAULT_BUCKETS) + 1)  # per bucket, not cumulative; the last is +Inf
+        self.sum = 0.0
 
     def finish(self, code: grpc.StatusCode, started_at: float) -> None:
-        child = self.handled.get(code)
-        if child is None:
-            child = self.handled[code] = self.handled_parent.labels(*self.labels, GO_CODE_NAMES.get(code, "Unknown"))
-        child.inc()
-        self.seconds.observe(time.perf_counter() - started_at)
+        elapsed = time.perf_counter() - started_at
+        name = GO_CODE_NAMES.get(code, "Unknown")
+        self.handled[name] = self.handled.get(name, 0) + 1
+        self.buckets[bisect.bisect_left(GO_DEFAULT_BUCKETS, elapsed)] += 1  # le is inclusive: first bound >= elapsed
+        self.sum += elapsed
+
+
+_HELP = {
+    "started": "Total number of RPCs started on the server.",
+    "handled": "Total number of RPCs completed on the server, regardless of success or failure.",
+    "received": "Total number of RPC stream messages received on the server.",
+    "sent": "Total number of gRPC stream messages sent by the server.",
+    "seconds": "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
+}
+_BOUNDS = (*(floatToGoString(b) for b in GO_DEFAULT_BUCKETS), "+Inf")
+
+
+class _Collector(Collector):
+    """The five go-grpc-prometheus metrics, built from the per-method counts when Prometheus scrapes."""
+
+    def __init__(self, methods: dict) -> None:
+        self._methods = methods
+
+    def describe(self):
+        return self._families()
+
+    def _families(self):
+        return (
+            CounterMetricFamily("grpc_server_started", _HELP["started"], labels=_LABELS),
+            CounterMetricFamily("grpc_server_handled", _HELP["handled"], labels=(*_LABELS, "grpc_code")),
+            CounterMetricFamily("grpc_server_msg_received", _HELP["received"], labels=_LABELS),
+            CounterMetricFamily("grpc_server_msg_sent", _HELP["sent"], labels=_LABELS),
+            HistogramMetricFamily("grpc_server_handling_seconds", _HELP["seconds"], labels=_LABELS),
+        )
+
+    def collect(self):
+        started, handled, received, sent, seconds = families = self._families()
+        for m in list(self._methods.values()):  # one C-level copy: the loop thread may add a method meanwhile
+            started.add_metric(m.labels, m.started)
+            received.add_metric(m.labels, m.received)
+            sent.add_metric(m.labels, m.sent)
+            for code, count in list(m.handled.items()):
+                handled.add_metric((*m.labels, code), count)
+            counts, total = list(m.buckets), m.sum
+            seconds.add_metric(m.labels, list(zip(_BOUNDS, itertools.accumulate(counts))), total)
+        return families
 
 
 class _CountingContext:
@@ -150,12 +200,12 @@ class _CountingContext:
 
     async def write(self, message) -> None:
         await self._context.write(message)
-        self._metrics.sent.inc()
+        self._metrics.sent += 1
 
     async def read(self):
         message = await self._context.read()
         if message is not grpc.aio.EOF:
-            self._metrics.received.inc()
+            self._metrics.received += 1
         return message
 
     def __getattr__(self, name: str):
@@ -164,7 +214,7 @@ class _CountingContext:
 
 async def _counted_requests(requests, metrics: _MethodMetrics):
     async for request in requests:
-        metrics.received.inc()
+        metrics.received += 1
         yield request
 
 
@@ -172,49 +222,17 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts every RPC, its messages and its final status code; times its handler. See the module docstring."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self._started = Counter(
-            "grpc_server_started", "Total number of RPCs started on the server.", _LABELS, registry=registry
-        )
-        self._handled = Counter(
-            "grpc_server_handled",
-            "Total number of RPCs completed on the server, regardless of success or failure.",
-            (*_LABELS, "grpc_code"),
-            registry=registry,
-        )
-        self._received = Counter(
-            "grpc_server_msg_received",
-            "Total number of RPC stream messages received on the server.",
-            _LABELS,
-            registry=registry,
-        )
-        self._sent = Counter(
-            "grpc_server_msg_sent",
-            "Total number of gRPC stream messages sent by the server.",
-            _LABELS,
-            registry=registry,
-        )
-        self._seconds = Histogram(
-            "grpc_server_handling_seconds",
-            "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
-            _LABELS,
-            buckets=GO_DEFAULT_BUCKETS,
-            registry=registry,
-        )
         self._methods: dict[tuple[str, str], _MethodMetrics] = {}
+        registry.register(_Collector(self._methods))
 
-    def _metrics_for(self, full_method: str, grpc_type: str) -> _MethodMetrics:
+    def _metrics_for(self, full_method: str, handler: grpc.RpcMethodHandler) -> _MethodMetrics:
+        grpc_type = _grpc_type(handler)
         key = (full_method, grpc_type)
         metrics = self._methods.get(key)
         if metrics is None:
-            labels = (grpc_type, *split_method(full_method))
-            metrics = self._methods[key] = _MethodMetrics(
-                started=self._started.labels(*labels),
-                received=self._received.labels(*labels),
-                sent=self._sent.labels(*labels),
-                seconds=self._seconds.labels(*labels),
-                handled_parent=self._handled,
-                labels=labels,
-            )
+            behavior = handler.unary_unary or handler.stream_unary or handler.unary_stream or handler.stream_stream
+            # A method's handler kind never changes: whether it is async is decided once, on its first call.
+            metrics = self._methods[key] = _MethodMetrics((grpc_type, *split_method(full_method)), _is_async(behavior))
         return metrics
 
     async def intercept_service(
@@ -225,17 +243,17 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None  # unknown method: grpc.aio answers UNIMPLEMENTED; go-grpc-prometheus counts nothing either
-        metrics = self._metrics_for(handler_call_details.method, _grpc_type(handler))
+        metrics = self._metrics_for(handler_call_details.method, handler)
+        if not metrics.asynchronous:
+            return handler  # a synchronous handler runs in grpc's thread pool: not counted
         kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-        if handler.unary_unary is not None and _is_async(handler.unary_unary):
+        if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(_observe_unary(handler.unary_unary, metrics, False), **kw)
-        if handler.stream_unary is not None and _is_async(handler.stream_unary):
+        if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(_observe_unary(handler.stream_unary, metrics, True), **kw)
-        if handler.unary_stream is not None and _is_async(handler.unary_stream):
+        if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(_observe_stream(handler.unary_stream, metrics, False), **kw)
-        if handler.stream_stream is not None and _is_async(handler.stream_stream):
-            return grpc.stream_stream_rpc_method_handler(_observe_stream(handler.stream_stream, metrics, True), **kw)
-        return handler  # a synchronous handler runs in grpc's thread pool: not counted
+        return grpc.stream_stream_rpc_method_handler(_observe_stream(handler.stream_stream, metrics, True), **kw)
 
 
 def _observe_unary(behavior, metrics: _MethodMetrics, request_streaming: bool):
@@ -243,11 +261,11 @@ def _observe_unary(behavior, metrics: _MethodMetrics, request_streaming: bool):
 
     async def observed(request, context):
         started_at = time.perf_counter()
-        metrics.started.inc()
+        metrics.started += 1
         if request_streaming:
             request, context = _counted_requests(request, metrics), _CountingContext(context, metrics)
         else:
-            metrics.received.inc()
+            metrics.received += 1
         try:
             response = await behavior(request, context)
         except BaseException as exc:
@@ -256,7 +274,7 @@ def _observe_unary(behavior, metrics: _MethodMetrics, request_streaming: bool):
         code = _final_code(context)
         metrics.finish(code, started_at)
         if code is grpc.StatusCode.OK:
-            metrics.sent.inc()
+            metrics.sent += 1
         return response
 
     return observed
@@ -267,11 +285,11 @@ def _observe_stream(behavior, metrics: _MethodMetrics, request_streaming: bool):
 
     async def observed(request, context):
         started_at = time.perf_counter()
-        metrics.started.inc()
+        metrics.started += 1
         if request_streaming:
             request = _counted_requests(request, metrics)
         else:
-            metrics.received.inc()
+            metrics.received += 1
         counting = _CountingContext(context, metrics)
         try:
             if inspect.isasyncgenfunction(behavior):
@@ -279,7 +297,7 @@ def _observe_stream(behavior, metrics: _MethodMetrics, request_streaming: bool):
                 async with contextlib.aclosing(behavior(request, counting)) as responses:
                     async for response in responses:
                         await context.write(response)
-                        metrics.sent.inc()
+                        metrics.sent += 1
             else:
                 await behavior(request, counting)  # streams with context.write() itself (the health Watch does)
         except BaseException as exc:

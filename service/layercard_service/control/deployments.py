@@ -7,6 +7,12 @@ and is unloaded. Anything that fails before the route moves unloads what this de
 that served before keeps serving. One lock per adapter id orders its deploys; different adapters deploy in
 parallel. The desired state is written to SQLite; ``reconcile`` makes every replica match it (new or
 restarted replicas get their adapters back, stray versions of managed adapters are unloaded; ``reconcile.py``).
+
+The latency figure comes from a probe after the load, unless the serving shape (base model, the servers' LoRA
+settings, the adapter's rank) has ``calibrated_min_probes`` probes younger than ``calibration_max_age_seconds``:
+then the deploy verifies with one greedy prompt per replica, takes the shape's median figures, and leaves the
+rest to live traffic (the alert ``LIVE_ALERT``). Every deploy answers with the checks it ran, skipped or left
+pending.
 """
 
 from __future__ import annotations
@@ -31,25 +37,55 @@ from layercard_service.errors import (
     Unavailable,
 )
 from layercard_service.persistence.adapter_versions import AdapterVersion, AdapterVersions
-from layercard_service.persistence.deployments import DeploymentRecord, DeploymentStore, LatencyMeasurement, served_name
+from layercard_service.persistence.deployments import (
+    DeploymentRecord,
+    DeploymentStore,
+    LatencyMeasurement,
+    ServingShape,
+    served_name,
+)
 from layercard_service.persistence.jobs import JobStore
 from layercard_service.persistence.store import paginate
 from layercard_service.serving.fleet import Fleet, Observation
 from layercard_service.serving.inference import InferenceProxy, served_id
-from layercard_service.serving.probes import measure_effect, measure_latency
+from layercard_service.serving.probes import EFFECT_PROMPTS, Effect, measure_effect, measure_latency
 from layercard_service.serving.vllm_api import VllmApi
 from layercard_service.telemetry import Telemetry
 
-__all__ = ["AdapterManager", "AdapterView", "DeploySettings", "DeploymentView", "ReplicaView", "adapter_id_from_name"]
+__all__ = [
+    "AdapterManager",
+    "AdapterView",
+    "DeployCheck",
+    "DeploySettings",
+    "DeploymentView",
+    "ReplicaView",
+    "adapter_id_from_name",
+]
 
 log = logging.getLogger(__name__)
 
 ADAPTER_PREFIX = "adapters/"
 
 
+LIVE_ALERT = "LayercardAdapterLiveOverheadOverBudget"  # deploy/prometheus/rules/layercard.yml
+
+
 @dataclass(frozen=True)
 class DeploySettings:
     drain_timeout_seconds: float = 30.0  # how long a swap waits for the old version's requests in flight
+    calibrated_min_probes: int = 3  # latency probes of a serving shape that make it calibrated
+    calibration_max_age_seconds: float = 7 * 86400.0  # older probes do not count: servers and versions change
+
+
+@dataclass(frozen=True)
+class DeployCheck:
+    """One check of a deploy, as the reply reports it."""
+
+    name: str  # compatibility | replicas | load | effect | latency | budget | live_latency
+    outcome: str  # PASSED | SKIPPED | PENDING | FAILED_FORCED
+    detail: str
+    replica: str = ""
+    value: float | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +104,7 @@ class DeploymentView(DeploymentRecord):
     """The desired deployment with what each replica holds; state "" when validate_only changed nothing."""
 
     replicas: tuple[ReplicaView, ...] = ()
+    checks: tuple[DeployCheck, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,10 +155,13 @@ class AdapterManager:
         max_overhead_fraction: float | None = None,
         force: bool = False,
         validate_only: bool = False,
+        full_latency_probe: bool = False,
     ) -> DeploymentView:
         began = time.monotonic()
         try:
-            view = await self._deploy(adapter_name, version, max_overhead_fraction, force, validate_only)
+            view = await self._deploy(
+                adapter_name, version, max_overhead_fraction, force, validate_only, full_latency_probe
+            )
         except BaseException as exc:
             if not validate_only:
                 self.telemetry.deploy_finished(_outcome(exc), time.monotonic() - began)
@@ -131,7 +171,13 @@ class AdapterManager:
         return view
 
     async def _deploy(
-        self, adapter_name: str, version: int, max_overhead_fraction: float | None, force: bool, validate_only: bool
+        self,
+        adapter_name: str,
+        version: int,
+        max_overhead_fraction: float | None,
+        force: bool,
+        validate_only: bool,
+        full_probe: bool,
     ) -> DeploymentView:
         adapter_id = adapter_id_from_name(adapter_name)
         if version < 0:
@@ -151,24 +197,47 @@ class AdapterManager:
                 reason="ADAPTER_INCOMPATIBLE",
                 metadata={"adapter": adapter_name, "version": str(chosen.version)},
             )
+        shape = self._shape(config)
+        checks = [_compatibility_check(config, shape)]
         async with self._locks[adapter_id]:
             observed = await self._healthy_replicas()
+            healthy = sum(o.healthy for o in observed.values())
+            checks.append(
+                DeployCheck(
+                    "replicas", "PASSED", f"{healthy} of {len(observed)} replicas answer and serve a base model"
+                )
+            )
             if validate_only:
-                return self._view(adapter_id, chosen.version, "", observed, None)
-            return await self._deploy_locked(chosen, observed, max_overhead_fraction, force)
+                checks.append(DeployCheck("load", "SKIPPED", "validate_only: nothing loaded"))
+                return self._view(adapter_id, chosen.version, "", observed, None, checks=checks)
+            return await self._deploy_locked(chosen, shape, observed, max_overhead_fraction, force, full_probe, checks)
 
     async def _deploy_locked(
-        self, chosen: AdapterVersion, observed: dict[str, Observation], budget: float | None, force: bool
+        self,
+        chosen: AdapterVersion,
+        shape: ServingShape,
+        observed: dict[str, Observation],
+        budget: float | None,
+        force: bool,
+        full_probe: bool,
+        checks: list[DeployCheck],
     ) -> DeploymentView:
         adapter_id, served = chosen.adapter_id, served_name(chosen.adapter_id, chosen.version)
         current = self.store.get(adapter_id)
         healthy = {url: o for url, o in observed.items() if o.healthy}
         if current and current.version == chosen.version and all(served in o.adapters for o in healthy.values()):
-            if current.latency is not None and not force:  # already live: hold it to the budget asked for now
-                _check_budget(served, current.latency, budget, "is live with")
+            checks.append(DeployCheck("load", "SKIPPED", f"{served} is already live on every healthy replica"))
+            if current.latency is not None:  # already live: hold it to the budget asked for now
+                checks.append(_budget_check(served, current.latency, budget, force, "is live with"))
             state = "READY" if len(healthy) == len(observed) else "DEGRADED"
-            return self._view(adapter_id, chosen.version, state, observed, current.latency, current.update_time)
+            return self._view(adapter_id, chosen.version, state, observed, current.latency, current.update_time, checks)
 
+        settings = self.settings
+        calibration = None
+        if not full_probe:
+            calibration = self.store.shape_calibration(
+                shape, settings.calibrated_min_probes, settings.calibration_max_age_seconds
+            )
         replicas = {r.url: r for r in self.fleet.members() if r.url in healthy}
         path = str(Path(chosen.path).resolve())
         loaded_now: list[VllmApi] = []
@@ -177,9 +246,15 @@ class AdapterManager:
             holding = list(replicas.values())  # the healthy replicas that took the load
             if not holding:
                 raise Unavailable("no vLLM server could take the adapter", reason="VLLM_UNAVAILABLE", retry_after=2.0)
+            checks.append(
+                DeployCheck(
+                    "load", "PASSED", f"loaded as {served} on {len(holding)} of {len(healthy)} healthy replicas"
+                )
+            )
+            # A calibrated shape needs only to show the weights act: one greedy prompt per replica.
+            prompts = EFFECT_PROMPTS[:1] if calibration is not None else EFFECT_PROMPTS
             for replica in holding:
-                base = healthy[replica.url].base_model
-                effect = await measure_effect(replica, base, served)
+                effect = await measure_effect(replica, healthy[replica.url].base_model, served, prompts)
                 if not effect.changed:
                     raise FailedPrecondition(
                         f"{served} does not change the model's output on {replica.url} (greedy text and every "
@@ -188,17 +263,45 @@ class AdapterManager:
                         reason="ADAPTER_HAS_NO_EFFECT",
                         metadata={"replica": replica.url, "served_name": served},
                     )
-            probe_replica = holding[0]
-            latency = await measure_latency(probe_replica, healthy[probe_replica.url].base_model, served)
-            settings = self.fleet.settings
-            self.store.add_measurement(
-                settings.model, adapter_id, chosen.version, settings.max_lora_rank, settings.target_modules, latency
-            )
-            if not force:
-                _check_budget(served, latency, budget, "adds")
+                checks.append(_effect_check(effect, replica.url))
+            if calibration is None:
+                probe_replica = holding[0]
+                latency = await measure_latency(probe_replica, healthy[probe_replica.url].base_model, served)
+                self.store.add_measurement(shape, adapter_id, chosen.version, latency)
+                why = "full probe asked for" if full_probe else "the serving shape is not calibrated yet"
+                checks.append(
+                    DeployCheck(
+                        "latency",
+                        "PASSED",
+                        f"probed ({why}): {latency.samples} interleaved base/adapter pairs of {latency.tokens} "
+                        f"tokens, overhead {latency.overhead_fraction:+.1%}",
+                        probe_replica.url,
+                        latency.overhead_fraction,
+                    )
+                )
+            else:
+                latency = calibration
+                checks.append(
+                    DeployCheck(
+                        "latency",
+                        "SKIPPED",
+                        f"not probed: {calibration.basis}; overhead {calibration.overhead_fraction:+.1%}",
+                        value=calibration.overhead_fraction,
+                    )
+                )
+            checks.append(_budget_check(served, latency, budget, force, "adds"))
         except BaseException:
             await self.unload(loaded_now, served)  # the version serving before keeps serving
             raise
+        if calibration is not None and budget is not None:
+            checks.append(
+                DeployCheck(
+                    "live_latency",
+                    "PENDING",
+                    f"judged on live traffic: the alert {LIVE_ALERT} fires when {adapter_id}'s median inter-token "
+                    f"time over 15 minutes exceeds the base model's by more than the budget of {budget:.0%}",
+                )
+            )
 
         state = "READY" if len(holding) == len(observed) else "DEGRADED"
         record = DeploymentRecord(adapter_id, chosen.version, state, latency, time.time(), budget)
@@ -208,7 +311,13 @@ class AdapterManager:
         if current and current.version != chosen.version:
             await self._retire(current.served_name)
         await self._unload_strays(adapter_id, served)
-        return self._view(adapter_id, chosen.version, state, await self.fleet.observe(), latency, record.update_time)
+        observed_after = await self.fleet.observe()
+        return self._view(adapter_id, chosen.version, state, observed_after, latency, record.update_time, checks)
+
+    def _shape(self, config: dict) -> ServingShape:
+        s = self.fleet.settings
+        rank = config.get("r")
+        return ServingShape(s.model, s.target_modules, s.max_lora_rank, rank if isinstance(rank, int) else 0)
 
     async def _load_everywhere(
         self,
@@ -363,10 +472,13 @@ class AdapterManager:
         observed: dict[str, Observation],
         latency: LatencyMeasurement | None,
         update_time: float = 0.0,
+        checks: Sequence[DeployCheck] = (),
     ) -> DeploymentView:
         served = served_name(adapter_id, version)
         replicas = tuple(self._replica_view(o, served) for o in observed.values())
-        return DeploymentView(adapter_id, version, state, latency, update_time or time.time(), replicas=replicas)
+        return DeploymentView(
+            adapter_id, version, state, latency, update_time or time.time(), replicas=replicas, checks=tuple(checks)
+        )
 
 
 def _outcome(exc: BaseException) -> str:
@@ -375,18 +487,56 @@ def _outcome(exc: BaseException) -> str:
     return "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "INTERNAL"
 
 
-def _check_budget(served: str, latency: LatencyMeasurement, budget: float | None, verb: str) -> None:
-    if budget is None or latency.overhead_fraction <= budget:
-        return
+def _compatibility_check(config: dict, shape: ServingShape) -> DeployCheck:
+    modules = ", ".join(config.get("target_modules") or ()) or "?"
+    return DeployCheck(
+        "compatibility",
+        "PASSED",
+        f"a rank-{shape.adapter_rank} LoRA of {shape.model} on {modules}; the servers take rank "
+        f"<= {shape.server_max_rank} and wrap {', '.join(shape.server_modules) or 'every LoRA-capable module'}",
+    )
+
+
+def _effect_check(effect: Effect, replica: str) -> DeployCheck:
+    found = (
+        "the greedy text differs from the base model's"
+        if math.isinf(effect.max_logprob_delta)
+        else f"a token's log-probability moves by up to {effect.max_logprob_delta:.2g}"
+    )
+    return DeployCheck(
+        "effect", "PASSED", f"{found} ({effect.prompts} greedy prompt(s))", replica, effect.max_logprob_delta
+    )
+
+
+def _budget_check(
+    served: str, latency: LatencyMeasurement, budget: float | None, force: bool, verb: str
+) -> DeployCheck:
+    """PASSED within the budget; over it, FAILED_FORCED with force, else FAILED_PRECONDITION."""
+    figure = latency.overhead_fraction
+    if budget is None:
+        return DeployCheck("budget", "SKIPPED", "no latency budget asked for", value=figure)
+    if figure <= budget:
+        return DeployCheck(
+            "budget", "PASSED", f"overhead {figure:+.1%} within the budget of {budget:.0%}", value=figure
+        )
+    if force:
+        return DeployCheck(
+            "budget",
+            "FAILED_FORCED",
+            f"overhead {figure:+.1%} over the budget of {budget:.0%}; deployed with force",
+            value=figure,
+        )
+    where = f"on {latency.replica}" if latency.replica else "by its serving shape's calibration"
     raise FailedPrecondition(
-        f"{served} {verb} {latency.overhead_fraction:.0%} latency overhead over the base model on {latency.replica}, "
-        f"over its budget of {budget:.0%}; deploy with force to accept it",
+        f"{served} {verb} {figure:.0%} latency overhead over the base model {where}, over its budget of "
+        f"{budget:.0%}; deploy with force to accept it",
         reason="SERVING_BUDGET_EXCEEDED",
         metadata={
-            "overhead_fraction": f"{latency.overhead_fraction:.4f}",
+            "overhead_fraction": f"{figure:.4f}",
             "max_overhead_fraction": f"{budget:.4f}",
             "base_latency_ms": f"{latency.base_latency_ms:.2f}",
             "adapter_latency_ms": f"{latency.adapter_latency_ms:.2f}",
             "replica": latency.replica,
+            "latency_source": latency.source,
         },
     )

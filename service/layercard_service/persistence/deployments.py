@@ -1,8 +1,10 @@
 """Desired deployments and serving-latency measurements (tables ``deployments``, ``serving_measurements``).
 
 A row in ``deployments`` says "adapter X should be served at version N on every replica"; the reconcile loop
-makes the fleet match it. ``serving_measurements`` keeps every post-load latency probe: the deploy shows the
-newest, and the planner's vLLM serving-cost model is calibrated from them.
+makes the fleet match it. ``serving_measurements`` keeps every post-load latency probe with the serving shape it
+measured (base model, the servers' wrapped module types and max rank, the adapter's rank): the planner's vLLM
+serving-cost model is calibrated from them, and a deploy of a calibrated shape takes its figures instead of
+probing again.
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ from pathlib import Path
 from layercard_service.persistence import as_database
 from layercard_service.persistence.database import Database
 
-__all__ = ["DeploymentRecord", "DeploymentStore", "LatencyMeasurement", "ServingCalibration", "served_name"]
+__all__ = [
+    "DeploymentRecord",
+    "DeploymentStore",
+    "LatencyMeasurement",
+    "ServingCalibration",
+    "ServingShape",
+    "served_name",
+]
 
 # Named, not *: where ``budget`` sits depends on how the table was migrated (schema.py, migration 2).
 _COLUMNS = "adapter_id, version, state, latency, update_time, budget"
@@ -35,6 +44,25 @@ class LatencyMeasurement:
     base_latency_ms: float = 0.0
     adapter_latency_ms: float = 0.0
     tokens: int = 0
+    source: str = "probe"  # "probe": measured after this load; "calibration": the serving shape's median
+    basis: str = ""
+
+
+@dataclass(frozen=True)
+class ServingShape:
+    """What a vLLM adapter's latency overhead depends on: the servers' LoRA settings and the adapter's rank."""
+
+    model: str
+    server_modules: tuple[str, ...]  # empty: every LoRA-capable module
+    server_max_rank: int
+    adapter_rank: int
+
+    def describe(self) -> str:
+        modules = ",".join(self.server_modules) or "every LoRA-capable module"
+        return (
+            f"{self.model}, servers wrapping {modules} at max rank {self.server_max_rank}, "
+            f"adapter rank {self.adapter_rank}"
+        )
 
 
 @dataclass(frozen=True)
@@ -97,15 +125,53 @@ class DeploymentStore:
     def delete(self, adapter_id: str) -> bool:
         return self.db.execute("DELETE FROM deployments WHERE adapter_id = ?", (adapter_id,)).rowcount > 0
 
-    def add_measurement(
-        self, model: str, adapter_id: str, version: int, max_rank: int, modules: tuple[str, ...], m: LatencyMeasurement
-    ) -> None:
+    def add_measurement(self, shape: ServingShape, adapter_id: str, version: int, m: LatencyMeasurement) -> None:
         self.db.execute(
             "INSERT INTO serving_measurements (time, model, adapter_id, version, server_max_rank, "
-            "server_modules, overhead_fraction, measurement) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (time.time(), model, adapter_id, version, max_rank, ",".join(modules), m.overhead_fraction,
-             json.dumps(asdict(m))),
+            "server_modules, adapter_rank, overhead_fraction, measurement) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (time.time(), shape.model, adapter_id, version, shape.server_max_rank, ",".join(shape.server_modules),
+             shape.adapter_rank, m.overhead_fraction, json.dumps(asdict(m))),
         )  # fmt: skip
+
+    def shape_calibration(
+        self, shape: ServingShape, min_samples: int, max_age_seconds: float, now: float | None = None
+    ) -> LatencyMeasurement | None:
+        """The median figures of the newest probes of ``shape`` no older than ``max_age_seconds``, as a
+        measurement with source "calibration"; None while fewer than ``min_samples`` such probes exist."""
+        now = time.time() if now is None else now
+        rows = self.db.execute(
+            "SELECT time, measurement FROM serving_measurements WHERE model = ? AND server_modules = ? "
+            "AND server_max_rank = ? AND adapter_rank = ? AND time >= ? ORDER BY time DESC LIMIT ?",
+            (shape.model, ",".join(shape.server_modules), shape.server_max_rank, shape.adapter_rank,
+             now - max_age_seconds, CALIBRATION_WINDOW),
+        ).fetchall()  # fmt: skip
+        if len(rows) < max(1, min_samples):
+            return None
+        probes = [json.loads(r[1]) for r in rows]  # only probes are stored: a calibrated deploy adds none
+
+        def median(key: str) -> float:
+            return statistics.median(float(p.get(key, 0.0)) for p in probes)
+
+        fractions = [float(p["overhead_fraction"]) for p in probes]
+        ages = [now - r[0] for r in rows]
+        return LatencyMeasurement(
+            replica="",
+            base_ttft_ms=median("base_ttft_ms"),
+            adapter_ttft_ms=median("adapter_ttft_ms"),
+            base_inter_token_ms=median("base_inter_token_ms"),
+            adapter_inter_token_ms=median("adapter_inter_token_ms"),
+            overhead_fraction=statistics.median(fractions),
+            samples=len(probes),
+            base_latency_ms=median("base_latency_ms"),
+            adapter_latency_ms=median("adapter_latency_ms"),
+            tokens=int(median("tokens")),
+            source="calibration",
+            basis=(
+                f"median of the {len(probes)} newest latency probes of this serving shape ({shape.describe()}), "
+                f"overhead range {min(fractions):.2f}..{max(fractions):.2f}, {min(ages) / 60:.0f} to "
+                f"{max(ages) / 60:.0f} minutes old"
+            ),
+        )
 
     def calibration(self, model: str) -> ServingCalibration | None:
         """The median overhead of the newest measurements on ``model``'s fleet, or None before any."""

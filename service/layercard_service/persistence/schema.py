@@ -125,11 +125,25 @@ def _v3_worker_credentials(db: Database, tx: Session) -> None:
     )
 
 
+def _v4_measurement_rank(db: Database, tx: Session) -> None:
+    if "adapter_rank" not in db.columns(tx, "serving_measurements"):
+        tx.execute("ALTER TABLE serving_measurements ADD COLUMN adapter_rank INTEGER NOT NULL DEFAULT 0")
+    tx.execute(
+        "CREATE INDEX IF NOT EXISTS serving_measurements_by_shape "
+        "ON serving_measurements (model, server_modules, server_max_rank, adapter_rank, time DESC)"
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "cards, file hashes, tuning jobs and events, adapter versions, deployments, measurements", _v1_tables),
     Migration(2, "deployments.budget: the max_overhead_fraction an adapter was deployed under", _v2_deployment_budget),
     Migration(
         3, "tuning_job_workers: each job's worker credential (its hash) and last recorded batch", _v3_worker_credentials
+    ),
+    Migration(
+        4,
+        "serving_measurements.adapter_rank: the serving shape a probe measured (0: not recorded)",
+        _v4_measurement_rank,
     ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version

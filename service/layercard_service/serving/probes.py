@@ -32,17 +32,21 @@ class Effect:
     prompts: int
 
 
-async def measure_effect(replica: VllmApi, base: str, adapter: str) -> Effect:
+async def measure_effect(
+    replica: VllmApi, base: str, adapter: str, prompts: tuple[str, ...] = EFFECT_PROMPTS
+) -> Effect:
+    """Greedy decoding of ``prompts`` with and without the adapter; it stops at the first prompt whose texts
+    differ (``prompts`` then counts the prompts it took)."""
     sampling = Sampling(max_tokens=EFFECT_TOKENS, temperature=0.0, logprobs=True, ignore_eos=True)
     delta = 0.0
-    for prompt in EFFECT_PROMPTS:
+    for i, prompt in enumerate(prompts):
         with_base = await replica.complete(base, prompt, sampling)
         with_adapter = await replica.complete(adapter, prompt, sampling)
         if with_base.text != with_adapter.text:
-            return Effect(True, float("inf"), len(EFFECT_PROMPTS))
+            return Effect(True, float("inf"), i + 1)
         pairs = zip(with_base.token_logprobs, with_adapter.token_logprobs)
         delta = max([delta, *(abs(a - b) for a, b in pairs if a is not None and b is not None)])
-    return Effect(delta > EFFECT_TOLERANCE, delta, len(EFFECT_PROMPTS))
+    return Effect(delta > EFFECT_TOLERANCE, delta, len(prompts))
 
 
 def _inter_token(c: Completion) -> float:
