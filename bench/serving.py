@@ -47,7 +47,7 @@ from layercard_service.models.builtin import builtin_model_path
 from layercard_service.models.loading import load_model
 from layercard_service.persistence.jobs import JobStore
 from layercard_service.server import LayercardServer
-from layercard_service.serving.probes import measure_effect, measure_latency
+from layercard_service.serving.probes import EFFECT_PROMPTS, measure_effect, measure_latency
 from layercard_service.serving.vllm_api import HttpVllmApi
 from layercard_service.serving.vllm_process import VllmProcess, VllmServerSettings
 from layercard_service.trainer.artifact import stage_adapter
@@ -143,8 +143,10 @@ class Sides:
     inference: inference_pb2_grpc.InferenceServiceStub
 
     # service
-    def deploy(self, version: int) -> adapter_pb2.Deployment:
-        request = adapter_pb2.DeployAdapterRequest(adapter=f"adapters/{ADAPTER_ID}", version=version)
+    def deploy(self, version: int, full_probe: bool) -> adapter_pb2.Deployment:
+        request = adapter_pb2.DeployAdapterRequest(
+            adapter=f"adapters/{ADAPTER_ID}", version=version, full_latency_probe=full_probe
+        )
         return self.adapters.DeployAdapter(request, timeout=300)
 
     def service_first_token(self, prompt: str, max_tokens: int) -> tuple[float, str, str]:
@@ -212,76 +214,122 @@ class Sides:
 
 
 # --- 1. deploy to first token --------------------------------------------------------------------------------
+CALIBRATING_DEPLOYS = 3  # ServiceConfig.serving_calibration_min_probes: probed deploys that calibrate the shape
+
+
 def deploy_phase(sides: Sides, base_served: str, artifact_paths: list[str], args: argparse.Namespace) -> dict:
     raw_path = artifact_paths[0]
+    versions = iter(range(1, len(artifact_paths) + 1))
 
-    def service_rep(version: int) -> dict:
+    def service_rep(full: bool) -> dict:
+        version = next(versions)
         started = time.perf_counter()
-        deployment = sides.deploy(version)
+        deployment = sides.deploy(version, full)
         deployed = time.perf_counter() - started
         first, text, served = sides.service_first_token(FIRST_TOKEN_PROMPT, FIRST_TOKEN_MAX_TOKENS)
         if served != f"{ADAPTER_ID}@v{version}" or not text.startswith(" zeb"):
             raise RuntimeError(f"deploy of v{version}: served {served!r} answered {text!r}")
         lat = deployment.latency
+        calibrated = lat.source == adapter_pb2.LATENCY_SOURCE_SHAPE_CALIBRATION
+        if calibrated == full:
+            raise RuntimeError(f"deploy of v{version} (full probe: {full}) took latency from {lat.source}")
         return {
             "version": version,
+            "full_probe": full,
             "deploy_rpc_s": deployed,
             "first_token_s": first,
             "total_s": deployed + first,
-            "probe_base_ttft_ms": lat.base_ttft_ms,
-            "probe_adapter_ttft_ms": lat.adapter_ttft_ms,
-            "probe_overhead_fraction": lat.overhead_fraction,
-            "probe_samples": lat.samples,
+            "latency_source": adapter_pb2.LatencySource.Name(lat.source),
+            "overhead_fraction": lat.overhead_fraction,
+            "latency_samples": lat.samples,
+            "checks": [f"{c.name}: {adapter_pb2.CheckOutcome.Name(c.outcome)}" for c in deployment.checks],
         }
 
     def raw_rep(name: str, breakdown: bool) -> dict:
         started = time.perf_counter()
         sides.raw_load(name, raw_path)
         loaded = time.perf_counter() - started
+        verify = asyncio.run(_verify_seconds(sides.url, base_served, name))  # what a calibrated deploy checks
         first, text = sides.raw_first_token(name, FIRST_TOKEN_PROMPT, FIRST_TOKEN_MAX_TOKENS)
         if not text.startswith(" zeb"):
             raise RuntimeError(f"raw load {name} answered {text!r}")
-        rep = {"name": name, "load_call_s": loaded, "first_token_s": first, "total_s": loaded + first}
-        if breakdown:  # the deploy's own probes, timed alone on the raw-loaded adapter (service code)
+        rep = {
+            "name": name,
+            "load_call_s": loaded,
+            "verify_s": verify,
+            "first_token_s": first,
+            "total_s": loaded + first,
+            "total_verified_s": loaded + verify + first,
+        }
+        if breakdown:  # the full deploy's own probes, timed alone on the raw-loaded adapter (service code)
             rep.update(asyncio.run(_probe_seconds(sides.url, base_served, name)))
         sides.raw_unload(name)
         return rep
 
-    print("[deploy] warm-up: first deploy (v1) and one raw load", flush=True)
-    warm = {"service_first_deploy": service_rep(1), "raw_first_load": raw_rep("raw-warm", False)}
-    service, raw = [], []
+    print(
+        f"[deploy] warm-up: {CALIBRATING_DEPLOYS} probed deploys (they calibrate the shape), one raw load", flush=True
+    )
+    warm = {
+        "service_calibrating_deploys": [service_rep(True) for _ in range(CALIBRATING_DEPLOYS)],
+        "raw_first_load": raw_rep("raw-warm", False),
+    }
+    rows: dict[str, list[dict]] = {"full": [], "calibrated": [], "raw": []}
+    kinds = ("full", "calibrated", "raw")
     for i in range(args.deploy_reps):
-        version = i + 2
-        breakdown = i < args.breakdown_reps
-        if i % 2 == 0:
-            service.append(service_rep(version))
-            raw.append(raw_rep(f"raw-{i}", breakdown))
-        else:
-            raw.append(raw_rep(f"raw-{i}", breakdown))
-            service.append(service_rep(version))
+        order = kinds[i % 3 :] + kinds[: i % 3]  # each kind goes first, second and third in turn
+        for kind in order:
+            if kind == "raw":
+                rows["raw"].append(raw_rep(f"raw-{i}", i < args.breakdown_reps))
+            else:
+                rows[kind].append(service_rep(kind == "full"))
+        f, c, r = (rows[k][-1] for k in kinds)
         print(
-            f"[deploy] rep {i}: service {service[-1]['total_s']:.3f}s "
-            f"(deploy {service[-1]['deploy_rpc_s']:.3f}s + first token {service[-1]['first_token_s']:.3f}s), "
-            f"raw {raw[-1]['total_s']:.3f}s (load {raw[-1]['load_call_s']:.3f}s "
-            f"+ first token {raw[-1]['first_token_s']:.3f}s)",
+            f"[deploy] rep {i}: full {f['total_s']:.3f}s, calibrated {c['total_s']:.3f}s "
+            f"(deploy {c['deploy_rpc_s']:.3f}s), raw {r['total_s']:.3f}s (+ verify {r['verify_s']:.3f}s)",
             flush=True,
         )
 
-    def med(rows: list[dict], key: str) -> float:
-        values = [r[key] for r in rows if key in r]
+    def med(rows_: list[dict], key: str) -> float:
+        values = [r[key] for r in rows_ if key in r]
         return statistics.median(values) if values else float("nan")
 
     summary = {
-        "service_total_s": med(service, "total_s"),
-        "service_deploy_rpc_s": med(service, "deploy_rpc_s"),
-        "service_first_token_s": med(service, "first_token_s"),
-        "raw_total_s": med(raw, "total_s"),
-        "raw_load_call_s": med(raw, "load_call_s"),
-        "raw_first_token_s": med(raw, "first_token_s"),
-        "probe_effect_s": med(raw, "probe_effect_s"),
-        "probe_latency_s": med(raw, "probe_latency_s"),
+        "service_total_s": med(rows["full"], "total_s"),
+        "service_deploy_rpc_s": med(rows["full"], "deploy_rpc_s"),
+        "service_first_token_s": med(rows["full"], "first_token_s"),
+        "calibrated_total_s": med(rows["calibrated"], "total_s"),
+        "calibrated_deploy_rpc_s": med(rows["calibrated"], "deploy_rpc_s"),
+        "calibrated_first_token_s": med(rows["calibrated"], "first_token_s"),
+        "raw_total_s": med(rows["raw"], "total_s"),
+        "raw_total_verified_s": med(rows["raw"], "total_verified_s"),
+        "raw_load_call_s": med(rows["raw"], "load_call_s"),
+        "raw_verify_s": med(rows["raw"], "verify_s"),
+        "raw_first_token_s": med(rows["raw"], "first_token_s"),
+        "probe_effect_s": med(rows["raw"], "probe_effect_s"),
+        "probe_latency_s": med(rows["raw"], "probe_latency_s"),
     }
-    return {"warm_up": warm, "service": service, "raw": raw, "medians": summary}
+    last = max(r["version"] for r in [*rows["full"], *rows["calibrated"], *warm["service_calibrating_deploys"]])
+    return {
+        "warm_up": warm,
+        "service": rows["full"],
+        "calibrated": rows["calibrated"],
+        "raw": rows["raw"],
+        "last_version": last,
+        "medians": summary,
+    }
+
+
+async def _verify_seconds(url: str, base: str, served: str) -> float:
+    """One greedy verify prompt, base and adapter: the check a calibrated deploy runs per replica."""
+    api = HttpVllmApi(url)
+    try:
+        started = time.perf_counter()
+        effect = await measure_effect(api, base, served, EFFECT_PROMPTS[:1])
+        if not effect.changed:
+            raise RuntimeError(f"{served} did not change the output")
+        return time.perf_counter() - started
+    finally:
+        await api.close()
 
 
 async def _probe_seconds(url: str, base: str, served: str) -> dict:
@@ -382,11 +430,16 @@ def generate_phase(sides: Sides, served: str, concurrency: int, per_stream: int,
 def headline(deploy: dict, gen: dict[int, dict], low: int, high: int) -> dict:
     m = deploy["medians"]
     h = {
+        "deploy_over_raw_load_calibrated": m["calibrated_total_s"] / m["raw_total_verified_s"],
         "deploy_over_raw_load": m["service_total_s"] / m["raw_total_s"],
+        "deploy_to_first_token_calibrated_s": m["calibrated_total_s"],
         "deploy_to_first_token_s": m["service_total_s"],
+        "raw_load_verified_to_first_token_s": m["raw_total_verified_s"],
         "raw_load_to_first_token_s": m["raw_total_s"],
+        "deploy_rpc_calibrated_s": m["calibrated_deploy_rpc_s"],
         "deploy_rpc_s": m["service_deploy_rpc_s"],
         "raw_load_call_s": m["raw_load_call_s"],
+        "raw_verify_s": m["raw_verify_s"],
         f"generate_p50_over_direct_{low}": gen[low]["service"]["p50_ms"] / gen[low]["direct"]["p50_ms"],
         f"generate_p99_over_direct_{high}": gen[high]["service"]["p99_ms"] / gen[high]["direct"]["p99_ms"],
     }
@@ -402,6 +455,7 @@ def report(result: dict) -> str:
     h, d, s = result["headline"], result["deploy"], result["settings"]
     m, mach = d["medians"], result["machine"]
     low, high = s["concurrency"]
+    warm_totals = ", ".join(f"{r['total_s']:.3f}" for r in d["warm_up"]["service_calibrating_deploys"])
     lines = [
         "# Serving through layercard vs vLLM directly",
         "",
@@ -420,19 +474,29 @@ def report(result: dict) -> str:
         "",
         "## 1. Deploy to first token",
         "",
-        f"Medians over {len(d['service'])} repetitions of each side (alternating which goes first).",
+        f"Medians over {len(d['service'])} repetitions of each of three kinds, each kind first, second and third "
+        f"in turn. Before them, {len(d['warm_up']['service_calibrating_deploys'])} probed deploys calibrated the "
+        "serving shape (not in the medians).",
         "",
-        "| | call | first token after it | total |",
-        "|---|---|---|---|",
-        f"| service: DeployAdapter + GenerateStream | {m['service_deploy_rpc_s']:.3f} s | "
-        f"{m['service_first_token_s']:.3f} s | {m['service_total_s']:.3f} s |",
-        f"| raw: POST /v1/load_lora_adapter + streamed /v1/completions | {m['raw_load_call_s']:.3f} s | "
-        f"{m['raw_first_token_s']:.3f} s | {m['raw_total_s']:.3f} s |",
+        "| | call | verify | first token after it | total |",
+        "|---|---|---|---|---|",
+        f"| service, calibrated shape: DeployAdapter + GenerateStream | {m['calibrated_deploy_rpc_s']:.3f} s | "
+        f"(in the call) | {m['calibrated_first_token_s']:.3f} s | {m['calibrated_total_s']:.3f} s |",
+        f"| service, full probe (`full_latency_probe`): DeployAdapter + GenerateStream | "
+        f"{m['service_deploy_rpc_s']:.3f} s | (in the call) | {m['service_first_token_s']:.3f} s | "
+        f"{m['service_total_s']:.3f} s |",
+        f"| raw: POST /v1/load_lora_adapter + one verify prompt + streamed /v1/completions | "
+        f"{m['raw_load_call_s']:.3f} s | {m['raw_verify_s']:.3f} s | {m['raw_first_token_s']:.3f} s | "
+        f"{m['raw_total_verified_s']:.3f} s (without the verify: {m['raw_total_s']:.3f} s) |",
         "",
-        f"Service deploy / raw load to first token: **{h['deploy_over_raw_load']:.1f}x**.",
+        f"Calibrated deploy / (raw load + one verify prompt) to first token: "
+        f"**{h['deploy_over_raw_load_calibrated']:.2f}x**. Full-probe deploy / raw load to first token: "
+        f"**{h['deploy_over_raw_load']:.1f}x**.",
         "",
-        "What a deploy does that the raw load does not (control/deployments.py): checks the artifact against the fleet "
-        "(rank, peft type, base model); asks every replica what it serves; loads the version under a new name "
+        "A calibrated deploy runs one greedy prompt (8 tokens, base and adapter) per replica and takes the "
+        "shape's median latency instead of the latency probe. What a full deploy does that the raw load does "
+        "not (control/deployments.py): checks the artifact against the fleet (rank, peft type, base model); "
+        "asks every replica what it serves; loads the version under a new name "
         "beside the one serving; the effect probe (3 prompts x base and adapter, 8 greedy tokens with "
         "log-probabilities: does the adapter change the output at all?); the latency probe (one warm-up each, "
         "then 5 interleaved base/adapter pairs of 32 tokens: the overhead against the latency budget); records "
@@ -445,18 +509,20 @@ def report(result: dict) -> str:
         f"{m['probe_latency_s']:.3f} s, together {m['probe_effect_s'] + m['probe_latency_s']:.3f} s, against "
         f"the deploy call's median {m['service_deploy_rpc_s']:.3f} s: the probes are most of a deploy.",
         "",
-        f"Warm-ups (not in the medians): first deploy (v1, nothing to retire) "
-        f"{d['warm_up']['service_first_deploy']['total_s']:.3f} s; first raw load "
+        f"Warm-ups (not in the medians): the calibrating deploys {warm_totals} s; first raw load "
         f"{d['warm_up']['raw_first_load']['total_s']:.3f} s.",
         "",
-        "| rep | service deploy | service first token | raw load | raw first token |",
-        "|---|---|---|---|---|",
+        "| rep | calibrated deploy | its first token | full deploy | its first token | raw load | verify | "
+        "raw first token |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for i, (a, b) in enumerate(zip(d["service"], d["raw"])):
+    for i, (c, f, r) in enumerate(zip(d["calibrated"], d["service"], d["raw"])):
         lines.append(
-            f"| {i} (v{a['version']}) | {a['deploy_rpc_s']:.3f} | {a['first_token_s']:.3f} | "
-            f"{b['load_call_s']:.3f} | {b['first_token_s']:.3f} |"
+            f"| {i} | {c['deploy_rpc_s']:.3f} (v{c['version']}) | {c['first_token_s']:.3f} | "
+            f"{f['deploy_rpc_s']:.3f} (v{f['version']}) | {f['first_token_s']:.3f} | {r['load_call_s']:.3f} | "
+            f"{r['verify_s']:.3f} | {r['first_token_s']:.3f} |"
         )
+    lines += ["", f"Checks of the last calibrated deploy: {'; '.join(d['calibrated'][-1]['checks'])}."]
     lines += [
         "",
         "## 2. Generate: gRPC Generate vs direct /v1/completions",
@@ -517,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         peft_model = train_adapter()
         train_s = time.perf_counter() - t
-        paths = publish_versions(work / "state", peft_model, args.deploy_reps + 1)
+        paths = publish_versions(work / "state", peft_model, CALIBRATING_DEPLOYS + 2 * args.deploy_reps)
         startup_s = vllm.wait_ready()
         print(f"[setup] adapter trained in {train_s:.1f} s; vLLM ready after {startup_s:.0f} s", flush=True)
         config = ServiceConfig(
@@ -541,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
                 inference_pb2_grpc.InferenceServiceStub(channel),
             )
             deploy = deploy_phase(sides, SERVED_BASE, paths, args)
-            served = f"{ADAPTER_ID}@v{args.deploy_reps + 1}"  # the version deployed last
+            served = f"{ADAPTER_ID}@v{deploy['last_version']}"  # the version deployed last
             gen = {
                 low: generate_phase(sides, served, low, args.requests_1, args),
                 high: generate_phase(sides, served, high, args.requests_16, args),

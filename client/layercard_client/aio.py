@@ -305,6 +305,7 @@ class AsyncLayercardClient:
         force: bool | None = None,
         validate_only: bool | None = None,
         full_latency_probe: bool | None = None,
+        rollback_over_budget: bool | None = None,
         timeout: Timeout = DEFAULT,
         metadata: Metadata | None = None,
     ) -> adapter_pb2.Deployment:
@@ -314,6 +315,7 @@ class AsyncLayercardClient:
             "force": force,
             "validate_only": validate_only,
             "full_latency_probe": full_latency_probe,
+            "rollback_over_budget": rollback_over_budget,
         }
         built = builders.deploy_adapter(adapter, fields=fields)
         return await self._unary("AdapterService/DeployAdapter", built, timeout, metadata)

@@ -195,6 +195,8 @@ def card_summary(card: layer_card_pb2.LayerCard) -> str:
     sc = card.serving_cost
     if sc.HasField("vllm_overhead_fraction"):
         vllm = f"+{sc.vllm_overhead_fraction:.1%} over base ({sc.vllm_basis or 'measured'})"
+        if sc.HasField("vllm_base_ms_per_token"):
+            vllm += f"; base {sc.vllm_base_ms_per_token:.3f} ms/token on the serving vLLM"
     else:
         vllm = "not measured yet (measured after a deployment)"
     # vLLM wraps every layer of the module types it serves: fewer adapted layers do not make it cheaper.

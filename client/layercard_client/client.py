@@ -332,6 +332,7 @@ class LayercardClient:
         force: bool | None = None,
         validate_only: bool | None = None,
         full_latency_probe: bool | None = None,
+        rollback_over_budget: bool | None = None,
         timeout: Timeout = DEFAULT,
         metadata: Metadata | None = None,
     ) -> adapter_pb2.Deployment:
@@ -341,6 +342,7 @@ class LayercardClient:
             "force": force,
             "validate_only": validate_only,
             "full_latency_probe": full_latency_probe,
+            "rollback_over_budget": rollback_over_budget,
         }
         built = builders.deploy_adapter(adapter, fields=fields)
         return self._unary("AdapterService/DeployAdapter", built, timeout, metadata)

@@ -50,6 +50,14 @@ class ServiceConfig:
     drain_timeout_seconds: float = setting(
         30.0, "how long a version swap waits for the old version's requests in flight before unloading it"
     )
+    serving_calibration_min_probes: int = setting(
+        3, "latency probes of a serving shape (model, LoRA settings, adapter rank) after which deploys skip the probe"
+    )
+    serving_calibration_max_age_seconds: float = setting(
+        7 * 86400.0, "latency probes older than this do not calibrate a serving shape"
+    )
+    live_window_seconds: float = setting(300.0, "how long a deploy with rollback_over_budget is judged on live traffic")
+    live_min_requests: int = setting(20, "requests of the version and of the base model a live verdict needs")
     auth_token: str | None = setting(
         None, 'bearer token: every RPC but health then needs metadata "authorization: Bearer <token>"'
     )
@@ -122,6 +130,12 @@ class ServiceConfig:
             raise ConfigError(f"vllm_dns must be host:port, got {self.vllm_dns!r}")
         if self.reconcile_interval_seconds <= 0 or self.drain_timeout_seconds < 0:
             raise ConfigError("reconcile_interval_seconds must be > 0 and drain_timeout_seconds >= 0")
+        if self.serving_calibration_min_probes < 1 or self.serving_calibration_max_age_seconds < 0:
+            raise ConfigError(
+                "serving_calibration_min_probes must be >= 1 and serving_calibration_max_age_seconds >= 0"
+            )
+        if self.live_window_seconds <= 0 or self.live_min_requests < 1:
+            raise ConfigError("live_window_seconds must be > 0 and live_min_requests >= 1")
         for url in self.vllm_urls:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"vllm_urls entries must be http(s) URLs, got {url!r}")

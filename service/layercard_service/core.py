@@ -9,9 +9,10 @@ from typing import Any
 from layercard_service.config import ServiceConfig
 from layercard_service.control.cards import CardService
 from layercard_service.control.deployments import AdapterManager, DeploySettings
-from layercard_service.control.planning.planner import PlacementPlanner
+from layercard_service.control.planning.planner import PlacementPlanner, calibrated
 from layercard_service.control.reconcile import Reconciler
 from layercard_service.control.tuning import TuningService
+from layercard_service.domain.cards import LayerCardData
 from layercard_service.observability.prometheus import StateCollector
 from layercard_service.persistence import Database, open_database
 from layercard_service.persistence.adapter_versions import AdapterVersions
@@ -72,7 +73,13 @@ class Core:
             proxy,
             AdapterVersions(db),
             deployments,
-            DeploySettings(config.drain_timeout_seconds),
+            DeploySettings(
+                drain_timeout_seconds=config.drain_timeout_seconds,
+                calibrated_min_probes=config.serving_calibration_min_probes,
+                calibration_max_age_seconds=config.serving_calibration_max_age_seconds,
+                live_window_seconds=config.live_window_seconds,
+                live_min_requests=config.live_min_requests,
+            ),
             telemetry,
         )
         return cls(
@@ -86,6 +93,10 @@ class Core:
             worker_reports=WorkerReports(tuning.store, config.data_dir / "artifacts", config.max_lora_rank),
             db=db,
         )
+
+    def with_fleet_serving(self, card: LayerCardData) -> LayerCardData:
+        """The card with the serving fleet's measured vLLM overhead and base time, as the planner plans with."""
+        return calibrated(card, self.adapters.store.calibration(card.model))
 
     def state_collector(self) -> StateCollector:
         """Scrape-time gauges: jobs by state, fleet residency, deployed adapters' overhead and budget."""

@@ -100,7 +100,7 @@ class Servicers:
 
     def complete(self, core: Core) -> Servicers:
         return Servicers(
-            layer_card=self.layer_card or LayerCardServicer(core.cards),
+            layer_card=self.layer_card or LayerCardServicer(core.cards, core.with_fleet_serving),
             placement=self.placement or PlacementServicer(core.planner),
             tuning=self.tuning or TuningServicer(core.tuning),
             adapter=self.adapter or AdapterServicer(core.adapters),

@@ -28,6 +28,13 @@ class RequestRecord:
     completion_tokens: int
     error: str = ""  # the failure's reason (VLLM_UNAVAILABLE, CANCELLED, ...) when not ok
 
+    @property
+    def inter_token_seconds(self) -> float | None:
+        """Mean time between generated tokens; None for a failed request or one of fewer than two tokens."""
+        if not self.ok or self.completion_tokens < 2:
+            return None
+        return (self.latency_seconds - self.first_token_seconds) / (self.completion_tokens - 1)
+
 
 @dataclass(frozen=True)
 class JobOutcome:
@@ -54,6 +61,9 @@ class Telemetry:
 
     def request_finished(self, record: RequestRecord) -> None:
         """An inference request through the proxy ended."""
+
+    def live_latency_verdict(self, outcome: str) -> None:
+        """A deployed version's live latency was judged: "within", "over" (it is rolled back) or "inconclusive"."""
 
     def upstream_error(self, replica: str, reason: str) -> None:
         """A vLLM server failed a call or could not be reached."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sqlite3
 import threading
 import time
 import urllib.request
@@ -25,6 +26,7 @@ from layercard.v1 import adapter_pb2, adapter_pb2_grpc, inference_pb2, inference
 from layercard_service.config import ServiceConfig
 
 ECHO = "fleet-echo"
+FAST = "fleet-fast"  # the same serving shape as ECHO: deployed once that shape is calibrated
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,8 @@ def fleet(vllm_pair, tmp_path_factory):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
     publish_version(data_dir, "corrupt", corrupt)
     publish_version(data_dir, "elsewhere", words / "zebra", model="some/other-model")
+    publish_version(data_dir, FAST, words / "zebra")  # v1
+    publish_version(data_dir, FAST, words / "yak")  # v2
     config = ServiceConfig(
         port=0,
         log_format="text",
@@ -54,6 +58,7 @@ def fleet(vllm_pair, tmp_path_factory):
         running.inference = inference_pb2_grpc.InferenceServiceStub(channel)
         running.urls = [s.url for s in vllm_pair]
         running.vllm = vllm_pair
+        running.rank = json.loads((words / "zebra" / "adapter_config.json").read_text())["r"]
         yield running
 
 
@@ -180,6 +185,42 @@ def test_over_the_latency_budget_rolls_back_unless_forced(fleet):
 
     forced = deploy(fleet, ECHO, version=2, max_overhead_fraction=0.05, force=True)
     assert forced.version == 2 and forced.state == adapter_pb2.DEPLOYMENT_STATE_READY
+
+
+def check(deployment: adapter_pb2.Deployment, name: str) -> adapter_pb2.DeployCheck:
+    return next(c for c in deployment.checks if c.name == name)
+
+
+def probes_of_shape(fleet) -> int:
+    """Latency probes this fleet recorded for the word adapters' serving shape (all share rank and modules)."""
+    with sqlite3.connect(fleet.config.data_dir / "state.db") as db:
+        query = "SELECT COUNT(*) FROM serving_measurements WHERE adapter_rank = ? AND server_max_rank = ?"
+        return db.execute(query, (fleet.rank, MAX_LORA_RANK)).fetchone()[0]
+
+
+def test_a_calibrated_shape_deploys_with_one_verify_prompt_and_no_latency_probe(fleet):
+    # In file order the deploys above have probed this shape 3 times already; alone, this test probes it first.
+    deployed = None
+    for i in range(max(0, 3 - probes_of_shape(fleet))):
+        deployed = 1 + i % 2
+        probed = deploy(fleet, FAST, version=deployed, full_latency_probe=True)
+        assert probed.latency.source == adapter_pb2.LATENCY_SOURCE_PROBE
+    before = probes_of_shape(fleet)
+    version = 2 if deployed == 1 else 1  # a version that is not live: the deploy loads it
+    fast = deploy(fleet, FAST, version=version)
+    assert fast.state == adapter_pb2.DEPLOYMENT_STATE_READY
+    assert fast.latency.source == adapter_pb2.LATENCY_SOURCE_SHAPE_CALIBRATION and fast.latency.samples >= 3
+    assert check(fast, "latency").outcome == adapter_pb2.CHECK_OUTCOME_SKIPPED
+    effect = [c for c in fast.checks if c.name == "effect"]
+    assert sorted(c.replica for c in effect) == sorted(fleet.urls)
+    assert all(c.outcome == adapter_pb2.CHECK_OUTCOME_PASSED and "(1 greedy prompt(s))" in c.detail for c in effect)
+    assert probes_of_shape(fleet) == before  # no latency probe ran
+    assert generate(fleet, FAST).served_model == f"{FAST}@v{version}"
+
+    probed = deploy(fleet, FAST, version=3 - version, full_latency_probe=True)
+    assert probed.latency.source == adapter_pb2.LATENCY_SOURCE_PROBE and probed.latency.samples == 5
+    assert check(probed, "latency").outcome == adapter_pb2.CHECK_OUTCOME_PASSED
+    assert probes_of_shape(fleet) == before + 1
 
 
 @pytest.mark.parametrize(

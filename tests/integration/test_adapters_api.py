@@ -101,6 +101,8 @@ def _deploy(**fields) -> adapter_pb2.DeployAdapterRequest:
         ({"version": -1}, "version"),
         ({"max_overhead_fraction": -0.1}, "max_overhead_fraction"),
         ({"max_overhead_fraction": float("nan")}, "max_overhead_fraction"),
+        ({"rollback_over_budget": True}, "rollback_over_budget"),  # no budget to judge live traffic against
+        ({"rollback_over_budget": True, "full_latency_probe": True}, "rollback_over_budget"),
     ],
 )
 def test_deploy_with_bad_fields_is_invalid_argument(stub, request_fields, field):

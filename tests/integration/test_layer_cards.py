@@ -249,3 +249,23 @@ def test_card_from_several_threads_shares_the_store(cards_server):
     assert len(results) == 2 and results[0] == results[1]
     # Concurrent, they shared one computation; one after the other, the second came from the store.
     assert service.computations_started == computations + 1
+
+
+def test_a_card_shows_the_serving_fleets_measured_vllm_figures(cards_server):
+    """Before any deploy the card says vLLM's overhead is unmeasured; after one it shows what the planner uses."""
+    from layercard_service.persistence.deployments import LatencyMeasurement, ServingShape
+
+    card = list(cards_server.stub.ComputeLayerCard(request(), timeout=600))[-1].card
+    get = layer_card_pb2.GetLayerCardRequest(name=card.name)
+    before = cards_server.stub.GetLayerCard(get, timeout=10).serving_cost
+    assert not before.HasField("vllm_overhead_fraction") and not before.HasField("vllm_base_ms_per_token")
+    assert "not measured yet" in before.vllm_basis
+
+    store = cards_server.server.core.adapters.store  # a deploy's probe, as the deploy records it
+    probe = LatencyMeasurement("http://vllm:8000", 40.0, 44.0, 2.5, 3.0, 0.2, 5, 120.0, 144.0, 32)
+    store.add_measurement(ServingShape("builtin:tiny", (), 8, 8), "bot", 1, probe)
+    after = cards_server.stub.GetLayerCard(get, timeout=10).serving_cost
+    assert after.vllm_overhead_fraction == pytest.approx(0.2) and after.vllm_base_ms_per_token == pytest.approx(2.5)
+    assert "post-deploy probes" in after.vllm_basis
+    listed = cards_server.stub.ListLayerCards(layer_card_pb2.ListLayerCardsRequest(), timeout=10).layer_cards
+    assert all(c.serving_cost.vllm_overhead_fraction == pytest.approx(0.2) for c in listed)

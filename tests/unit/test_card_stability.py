@@ -54,9 +54,9 @@ def _fractions(card: LayerCardData, priced: bool = False) -> dict[tuple[int, ...
     return {layers: costs.step_seconds(layers) / full for layers in sets}
 
 
-def _plan(card: LayerCardData, fraction: float) -> tuple[int, ...] | None:
+def _plan(card: LayerCardData, fraction: float):
     try:
-        return plan_placement(card, PlanRequest(budget=BudgetSpec(max_step_fraction_of_full=fraction))).layers
+        return plan_placement(card, PlanRequest(budget=BudgetSpec(max_step_fraction_of_full=fraction)))
     except FailedPrecondition:
         return None  # infeasible is a plan too: both cards must say it
 
@@ -90,18 +90,29 @@ def test_the_fitted_figures_are_sane_on_a_real_model(two_cards):
 @pytest.mark.slow
 def test_plans_at_the_same_budget_agree(two_cards):
     first, second = two_cards
-    # A budget is on a knife edge when the first card's plan changes within the two cards' largest difference of
-    # the step fraction the budget limits (the priced step, cached where the trainer would cache): there a second
-    # card may rightly plan otherwise. The gains are the same on both (the probe is seeded and exact).
+    # The gains are the same on both cards (the probe is seeded and exact); the step costs are measured, so they
+    # differ by the machine's noise. Two plans at one budget may then differ only where that noise explains it:
+    # one card's plan is over the budget by the other card's price, or the two plans predict the same gain and the
+    # tie went to the (noisily) cheaper step. Anything else is the planner disagreeing with itself.
     assert [r.resnorm_sq for r in first.layers] == [r.resnorm_sq for r in second.layers]
     a, b = (_fractions(card, priced=True) for card in two_cards)
-    margin = max(abs(b[s] / a[s] - 1) for s in a)
-    clear = 0
+    agreed = 0
     for budget in BUDGETS:
-        # The second card's feasible sets lie between the first card's at these two budgets.
-        plans = {_plan(first, budget / f) for f in (1 + margin, 1.0, 1 - margin)}
-        if len(plans) > 1:
+        one, two = _plan(first, budget), _plan(second, budget)
+        if (one and one.layers) == (two and two.layers):
+            agreed += 1
             continue
-        clear += 1
-        assert _plan(second, budget) == plans.pop(), f"the plans at max_step_fraction_of_full={budget} differ"
-    assert clear >= 3  # the check compared real plans, not only knife edges
+        where = f"max_step_fraction_of_full={budget}: {one and one.layers} against {two and two.layers}"
+        assert one is not None or two is not None, where
+        if one is None or two is None:  # feasible on one card only: its plan must be over the budget on the other
+            plan, other = (two, a) if one is None else (one, b)
+            assert other[tuple(sorted(plan.layers))] > budget, where
+            continue
+        l1, l2 = tuple(sorted(one.layers)), tuple(sorted(two.layers))
+        explained = (
+            b[l1] > budget  # the first card's plan does not fit the second card's price
+            or a[l2] > budget  # nor the second's the first's
+            or one.predicted_gain.value == pytest.approx(two.predicted_gain.value, rel=1e-9)  # a tie on cost
+        )
+        assert explained, where
+    assert agreed > 0  # both cards plan the same somewhere (at the widest budgets, every set fits both)

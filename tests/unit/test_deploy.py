@@ -350,6 +350,12 @@ def test_the_planner_takes_the_median_measured_vllm_overhead(tmp_path):
     plan = PlacementPlanner(Cards(), serving_calibration=store.calibration).plan("layerCards/c", request)
     assert plan.serving_overhead_fraction.value == pytest.approx(0.3)
     assert "post-deploy probes" in plan.serving_overhead_fraction.basis
+    # A budget in ms per token on vLLM is the overhead times vLLM's own measured base time (1.0 ms here).
+    assert calibration.base_ms_per_token == pytest.approx(1.0)
+    per_token = PlanRequest(budget=BudgetSpec(max_serving_overhead_ms_per_token=0.35))
+    plan = PlacementPlanner(Cards(), serving_calibration=store.calibration).plan("layerCards/c", per_token)
+    assert plan.serving_overhead_ms_per_token.value == pytest.approx(0.3 * 1.0)
+    assert "measured base inter-token time" in plan.serving_overhead_ms_per_token.basis
     with pytest.raises(FailedPrecondition) as err:  # nothing measured on this model's fleet yet
         PlacementPlanner(Cards(), serving_calibration=lambda _model: None).plan("layerCards/c", request)
     assert reason(err) == "SERVING_COST_UNKNOWN"

@@ -6,17 +6,19 @@ At the VllmApi seam, as tests/unit/test_deploy.py: in-memory fake vLLM servers, 
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import pytest
-from support.fleet import MODEL, URLS, reason, run_async
+from support.fleet import MODEL, URLS, make_env, reason, run_async, until
 
 from layercard.v1 import adapter_pb2
 from layercard_service.api.adapter import deployment_to_proto
 from layercard_service.control.deployments import AdapterManager, DeploySettings
-from layercard_service.errors import FailedPrecondition
+from layercard_service.errors import FailedPrecondition, InvalidArgument
 from layercard_service.persistence.deployments import LatencyMeasurement, ServingShape
 from layercard_service.serving.probes import EFFECT_PROMPTS, LATENCY_SAMPLES
+from layercard_service.serving.vllm_api import Sampling
 
 SHAPE = ServingShape(MODEL, ("o_proj", "q_proj"), 8, 8)  # support/fleet.py's SETTINGS, the default rank 8
 PROBE_COMPLETIONS = 2 * (1 + LATENCY_SAMPLES)  # one warm-up and the interleaved pairs, base and adapter
@@ -167,3 +169,86 @@ def test_a_calibration_is_the_median_of_its_probes(tmp_path):
     assert (calibration.samples, calibration.tokens, calibration.source) == (3, 32, "calibration")
     assert store.shape_calibration(SHAPE, 4, 3600) is None
     store.close()
+
+
+# --- live traffic -------------------------------------------------------------------------------------------
+def live_env(tmp_path, window: float = 0.2, min_requests: int = 3):
+    """The fleet env with a short live window; its manager replaces the default one."""
+    env = make_env(tmp_path)
+    settings = DeploySettings(drain_timeout_seconds=1.0, live_window_seconds=window, live_min_requests=min_requests)
+    env.proxy.observers.clear()
+    env.manager = AdapterManager(env.fleet, env.proxy, env.jobs, env.store, settings)
+    return env
+
+
+async def traffic(env, requests: int = 4) -> None:
+    for _ in range(requests):
+        await env.proxy.generate("hi", "", Sampling(max_tokens=4))
+        await env.proxy.generate("hi", "echo", Sampling(max_tokens=4))
+
+
+@run_async
+async def test_over_budget_on_live_traffic_rolls_back_to_the_version_before(tmp_path):
+    env = live_env(tmp_path)
+    env.publish("echo")
+    env.publish("echo")
+    await env.manager.deploy("adapters/echo", version=1)
+    for fake in env.replicas:
+        fake.adapter_latency_factor = 1.1  # the probe sees +10%: within the budget of 20%
+    view = await env.manager.deploy("adapters/echo", version=2, max_overhead_fraction=0.2, rollback_over_budget=True)
+    live = view.checks[-1]
+    assert (live.name, live.outcome) == ("live_latency", "PENDING") and "rolled back to version 1" in live.detail
+    for fake in env.replicas:
+        fake.adapter_latency_factor = 1.5  # then live traffic runs +50%
+    await traffic(env)
+    await until(lambda: "echo" in env.manager.live.verdicts, timeout=5)
+    verdict = env.manager.live.verdicts["echo"]
+    assert verdict.outcome == "over" and verdict.overhead_fraction == pytest.approx(0.5)
+    await until(lambda: env.proxy.routes.served.get("echo") == "echo@v1", timeout=5)
+    assert env.store.get("echo").version == 1 and env.store.get("echo").budget == 0.2
+    await until(lambda: all(set(f.loaded) == {"echo@v1"} for f in env.replicas), timeout=5)
+
+
+@run_async
+async def test_a_first_version_over_budget_live_is_undeployed_and_within_budget_stays(tmp_path):
+    env = live_env(tmp_path)
+    env.publish("echo")
+    view = await env.manager.deploy("adapters/echo", max_overhead_fraction=0.2, rollback_over_budget=True)
+    assert "undeployed" in view.checks[-1].detail
+    await traffic(env)  # +0%: within
+    await until(lambda: "echo" in env.manager.live.verdicts, timeout=5)
+    assert env.manager.live.verdicts["echo"].outcome == "within"
+    assert env.proxy.routes.served["echo"] == "echo@v1"
+
+    env.publish("echo")
+    await env.manager.deploy("adapters/echo", version=2, max_overhead_fraction=0.2, rollback_over_budget=True)
+    await env.manager.undeploy("adapters/echo")  # ends the watch: no verdict, nothing to roll back
+    await traffic(env, 0)
+    await asyncio.sleep(0.4)
+    assert env.manager.live.verdicts["echo"].version == 1 and env.store.get("echo") is None
+
+
+@run_async
+async def test_too_little_live_traffic_is_inconclusive_and_changes_nothing(tmp_path):
+    env = live_env(tmp_path, min_requests=50)
+    env.publish("echo")
+    for fake in env.replicas:
+        fake.adapter_latency_factor = 1.1
+    await env.manager.deploy("adapters/echo", max_overhead_fraction=0.2, rollback_over_budget=True)
+    for fake in env.replicas:
+        fake.adapter_latency_factor = 2.0
+    await traffic(env)
+    await until(lambda: "echo" in env.manager.live.verdicts, timeout=5)
+    verdict = env.manager.live.verdicts["echo"]
+    assert verdict.outcome == "inconclusive" and verdict.overhead_fraction is None
+    assert "needs 50 of each" in verdict.detail
+    assert env.proxy.routes.served["echo"] == "echo@v1"
+
+
+@run_async
+async def test_rollback_needs_a_budget(env):
+    env.publish("echo")
+    with pytest.raises(InvalidArgument) as err:
+        await env.manager.deploy("adapters/echo", rollback_over_budget=True)
+    assert err.value.violations[0].field == "rollback_over_budget"
+    assert env.log == []

@@ -254,3 +254,35 @@ def test_histogram_buckets_are_inclusive_and_cumulative(monkeypatch):
     assert s("grpc_server_handling_seconds_bucket", le="+Inf") == s("grpc_server_handling_seconds_count") == 4
     assert s("grpc_server_handled_total", grpc_code="OK") == 4
     assert s("grpc_server_handling_seconds_sum") == pytest.approx(0.005 + 0.0051 + 10.0 + 11.0)
+
+
+def test_wrapped_handlers_are_built_once_per_handler_the_chain_returns():
+    """grpc hands out one handler object per method: the metrics and error interceptors wrap it once, and wrap
+    again only when the chain below returns another (the auth interceptor's refusal builds one per call)."""
+
+    async def handle(request, context):
+        return request
+
+    first, second = (grpc.unary_unary_rpc_method_handler(handle) for _ in range(2))
+    returned = [first]
+
+    async def continuation(details):
+        return returned[0]
+
+    class Details:
+        method, invocation_metadata = "/a.B/C", ()
+
+    class Context:
+        def code(self):
+            return None
+
+    async def test():
+        for interceptor in (GrpcMetricsInterceptor(CollectorRegistry()), ErrorInterceptor()):
+            once = await interceptor.intercept_service(continuation, Details)
+            assert once is not first and await interceptor.intercept_service(continuation, Details) is once
+            returned[0] = second
+            other = await interceptor.intercept_service(continuation, Details)
+            assert other is not once and await other.unary_unary("ping", Context()) == "ping"
+            returned[0] = first
+
+    run(test)

@@ -47,20 +47,22 @@ LATENCY_SOURCE_PROBE: LatencySource
 LATENCY_SOURCE_SHAPE_CALIBRATION: LatencySource
 
 class DeployAdapterRequest(_message.Message):
-    __slots__ = ("adapter", "version", "max_overhead_fraction", "force", "validate_only", "full_latency_probe")
+    __slots__ = ("adapter", "version", "max_overhead_fraction", "force", "validate_only", "full_latency_probe", "rollback_over_budget")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_OVERHEAD_FRACTION_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
     VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     FULL_LATENCY_PROBE_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_OVER_BUDGET_FIELD_NUMBER: _ClassVar[int]
     adapter: str
     version: int
     max_overhead_fraction: float
     force: bool
     validate_only: bool
     full_latency_probe: bool
-    def __init__(self, adapter: _Optional[str] = ..., version: _Optional[int] = ..., max_overhead_fraction: _Optional[float] = ..., force: _Optional[bool] = ..., validate_only: _Optional[bool] = ..., full_latency_probe: _Optional[bool] = ...) -> None: ...
+    rollback_over_budget: bool
+    def __init__(self, adapter: _Optional[str] = ..., version: _Optional[int] = ..., max_overhead_fraction: _Optional[float] = ..., force: _Optional[bool] = ..., validate_only: _Optional[bool] = ..., full_latency_probe: _Optional[bool] = ..., rollback_over_budget: _Optional[bool] = ...) -> None: ...
 
 class UndeployAdapterRequest(_message.Message):
     __slots__ = ("adapter",)

@@ -292,11 +292,13 @@ class PlacementTiming(_message.Message):
     def __init__(self, layers: _Optional[_Iterable[int]] = ..., measured_step_seconds: _Optional[float] = ..., predicted_step_seconds: _Optional[float] = ..., measured_peak_memory_bytes: _Optional[int] = ..., predicted_peak_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class ServingCost(_message.Message):
-    __slots__ = ("peft_base_ms_per_token", "vllm_overhead_fraction", "vllm_basis")
+    __slots__ = ("peft_base_ms_per_token", "vllm_overhead_fraction", "vllm_basis", "vllm_base_ms_per_token")
     PEFT_BASE_MS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     VLLM_OVERHEAD_FRACTION_FIELD_NUMBER: _ClassVar[int]
     VLLM_BASIS_FIELD_NUMBER: _ClassVar[int]
+    VLLM_BASE_MS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     peft_base_ms_per_token: float
     vllm_overhead_fraction: float
     vllm_basis: str
-    def __init__(self, peft_base_ms_per_token: _Optional[float] = ..., vllm_overhead_fraction: _Optional[float] = ..., vllm_basis: _Optional[str] = ...) -> None: ...
+    vllm_base_ms_per_token: float
+    def __init__(self, peft_base_ms_per_token: _Optional[float] = ..., vllm_overhead_fraction: _Optional[float] = ..., vllm_basis: _Optional[str] = ..., vllm_base_ms_per_token: _Optional[float] = ...) -> None: ...

@@ -345,6 +345,7 @@ def run_adapters(client: LayercardClient, args: argparse.Namespace, out: render.
             force=args.force or None,
             validate_only=args.validate_only or None,
             full_latency_probe=args.full_latency_probe or None,
+            rollback_over_budget=args.rollback_over_budget or None,
         )
         out.show(deployment, render.deployment_table(deployment))
     elif args.action == "undeploy":

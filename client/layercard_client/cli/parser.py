@@ -228,6 +228,11 @@ def _adapters(sub: argparse._SubParsersAction) -> None:
     deploy.add_argument(
         "--full-latency-probe", action="store_true", help="probe latency even when the serving shape is calibrated"
     )
+    deploy.add_argument(
+        "--rollback-over-budget",
+        action="store_true",
+        help="judge it on live traffic and roll back when over --max-overhead",
+    )
     undeploy = actions.add_parser("undeploy", help="remove an adapter from every replica")
     undeploy.add_argument("adapter", help="adapters/ID or ID")
     listing = actions.add_parser("list", help="adapters, versions, desired against observed per replica")

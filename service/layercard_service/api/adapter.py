@@ -132,6 +132,7 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
             force=request.force,
             validate_only=request.validate_only,
             full_latency_probe=request.full_latency_probe,
+            rollback_over_budget=request.rollback_over_budget,
         )
         return deployment_to_proto(view)
 

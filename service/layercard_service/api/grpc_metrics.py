@@ -131,10 +131,25 @@ def _final_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
 class _MethodMetrics:
     """One method's counts, bumped on the event loop's thread and read by ``_Collector`` at scrape time."""
 
-    __slots__ = ("asynchronous", "buckets", "handled", "labels", "received", "sent", "started", "sum")
+    __slots__ = (
+        "asynchronous",
+        "buckets",
+        "handled",
+        "inner",
+        "labels",
+        "received",
+        "sent",
+        "started",
+        "sum",
+        "wrapped",
+    )
 
     def __init__(self, labels: tuple[str, str, str], asynchronous: bool) -> None:
         self.labels, self.asynchronous = labels, asynchronous
+        # The handler the chain below returned last time, and its counted wrapping: grpc hands out the same
+        # handler object per method, so most calls build nothing.
+        self.inner: grpc.RpcMethodHandler | None = None
+        self.wrapped: grpc.RpcMethodHandler | None = None
         self.started = self.received = self.sent = 0
         self.handled: dict[str, int] = {}  # grpc_code -> RPCs
         self.buckets = [0] * (len(GO_DEFAULT_BUCKETS) + 1)  # per bucket, not cumulative; the last is +Inf
@@ -246,14 +261,20 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         metrics = self._metrics_for(handler_call_details.method, handler)
         if not metrics.asynchronous:
             return handler  # a synchronous handler runs in grpc's thread pool: not counted
-        kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(_observe_unary(handler.unary_unary, metrics, False), **kw)
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(_observe_unary(handler.stream_unary, metrics, True), **kw)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(_observe_stream(handler.unary_stream, metrics, False), **kw)
-        return grpc.stream_stream_rpc_method_handler(_observe_stream(handler.stream_stream, metrics, True), **kw)
+        if metrics.inner is not handler:
+            metrics.inner, metrics.wrapped = handler, _counted(handler, metrics)
+        return metrics.wrapped
+
+
+def _counted(handler: grpc.RpcMethodHandler, metrics: _MethodMetrics) -> grpc.RpcMethodHandler:
+    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(_observe_unary(handler.unary_unary, metrics, False), **kw)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(_observe_unary(handler.stream_unary, metrics, True), **kw)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(_observe_stream(handler.unary_stream, metrics, False), **kw)
+    return grpc.stream_stream_rpc_method_handler(_observe_stream(handler.stream_stream, metrics, True), **kw)
 
 
 def _observe_unary(behavior, metrics: _MethodMetrics, request_streaming: bool):

@@ -107,6 +107,11 @@ def _wrap(handler: grpc.RpcMethodHandler, wrap_unary, wrap_stream) -> grpc.RpcMe
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns ``LayercardError`` into its status with details, and anything unexpected into a generic INTERNAL."""
 
+    def __init__(self) -> None:
+        # Per method, the handler the chain returned last and its guarded wrapping: grpc hands out the same
+        # handler object per method, so most calls build nothing.
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -114,43 +119,54 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         method = handler_call_details.method
         handler = await continuation(handler_call_details)
+        cached = self._guarded.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        guarded = _guard(method, handler)
+        if handler is not None:
+            self._guarded[method] = (handler, guarded)
+        return guarded
 
-        async def fail(context: grpc.aio.ServicerContext, exc: Exception) -> None:
-            if isinstance(exc, LayercardError):
-                log.info("rpc failed", extra={"method": method, "code": exc.code_name, "reason": exc.reason})
-                await context.abort_with_status(to_grpc_status(exc))
-            incident = uuid.uuid4().hex[:12]
-            log.exception("rpc raised an unexpected error", extra={"method": method, "incident": incident})
-            await context.abort_with_status(_internal_status(incident))
 
-        def wrap_unary(behavior):
-            async def guarded(request, context):
-                try:
-                    return await behavior(request, context)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:
-                    await fail(context, exc)
+def _guard(method: str, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
+    """``handler`` with every exception it raises turned into a status."""
 
-            return guarded
+    async def fail(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        if isinstance(exc, LayercardError):
+            log.info("rpc failed", extra={"method": method, "code": exc.code_name, "reason": exc.reason})
+            await context.abort_with_status(to_grpc_status(exc))
+        incident = uuid.uuid4().hex[:12]
+        log.exception("rpc raised an unexpected error", extra={"method": method, "incident": incident})
+        await context.abort_with_status(_internal_status(incident))
 
-        def wrap_stream(behavior):
-            if not inspect.isasyncgenfunction(behavior):
-                # A coroutine that streams with context.write() (the health Watch does): guard it as unary.
-                return wrap_unary(behavior)
+    def wrap_unary(behavior):
+        async def guarded(request, context):
+            try:
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await fail(context, exc)
 
-            async def guarded(request, context):
-                try:
-                    async for response in behavior(request, context):
-                        yield response
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:
-                    await fail(context, exc)
+        return guarded
 
-            return guarded
+    def wrap_stream(behavior):
+        if not inspect.isasyncgenfunction(behavior):
+            # A coroutine that streams with context.write() (the health Watch does): guard it as unary.
+            return wrap_unary(behavior)
 
-        return _wrap(handler, wrap_unary, wrap_stream)
+        async def guarded(request, context):
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await fail(context, exc)
+
+        return guarded
+
+    return _wrap(handler, wrap_unary, wrap_stream)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -196,6 +198,8 @@ def card_to_proto(stored: StoredCard) -> layer_card_pb2.LayerCard:
     message.serving_cost.vllm_basis = s.vllm_basis
     if s.vllm_overhead_fraction is not None:
         message.serving_cost.vllm_overhead_fraction = s.vllm_overhead_fraction
+    if s.vllm_base_ms_per_token is not None:
+        message.serving_cost.vllm_base_ms_per_token = s.vllm_base_ms_per_token
     return message
 
 
@@ -236,8 +240,12 @@ def _progress_to_proto(event: CardProgress) -> layer_card_pb2.ComputeLayerCardRe
 
 
 class LayerCardServicer(layer_card_pb2_grpc.LayerCardServiceServicer):
-    def __init__(self, cards: CardService) -> None:
+    def __init__(self, cards: CardService, serving: Callable[[LayerCardData], LayerCardData] = lambda c: c) -> None:
         self.cards = cards
+        self.serving = serving  # the card with the serving fleet's measured vLLM figures, as the planner sees it
+
+    def _proto(self, stored: StoredCard) -> layer_card_pb2.LayerCard:
+        return card_to_proto(dataclasses.replace(stored, card=self.serving(stored.card)))
 
     async def ComputeLayerCard(self, request, context):
         events = self.cards.compute(
@@ -248,14 +256,14 @@ class LayerCardServicer(layer_card_pb2_grpc.LayerCardServiceServicer):
                 if isinstance(event, CardProgress):
                     yield _progress_to_proto(event)
                 else:
-                    yield layer_card_pb2.ComputeLayerCardResponse(card=card_to_proto(event))
+                    yield layer_card_pb2.ComputeLayerCardResponse(card=self._proto(event))
         finally:
             await events.aclose()  # on client cancel too: the domain sets its cancel flag
 
     async def GetLayerCard(self, request, context):
-        return card_to_proto(self.cards.get(request.name))
+        return self._proto(self.cards.get(request.name))
 
     async def ListLayerCards(self, request, context):
-        page = ProtoPage(card_to_proto)
+        page = ProtoPage(self._proto)
         cards, token = self.cards.list(request.model, request.page_size, request.page_token, size_of=page.size_of)
         return layer_card_pb2.ListLayerCardsResponse(layer_cards=page.messages(cards), next_page_token=token)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from layercard_service.control.compat import adapter_config, adapter_problems, replica_problems
+from layercard_service.control.live_latency import LiveLatencyJudge, LiveVerdict, LiveWatch
 from layercard_service.domain.jobs import check_id
 from layercard_service.errors import (
     AlreadyExists,
@@ -75,6 +76,8 @@ class DeploySettings:
     drain_timeout_seconds: float = 30.0  # how long a swap waits for the old version's requests in flight
     calibrated_min_probes: int = 3  # latency probes of a serving shape that make it calibrated
     calibration_max_age_seconds: float = 7 * 86400.0  # older probes do not count: servers and versions change
+    live_window_seconds: float = 300.0  # how long a rollback_over_budget deploy is watched on live traffic
+    live_min_requests: int = 20  # requests of the version, and of the base model, a live verdict needs
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,13 @@ class AdapterManager:
         self.telemetry = telemetry or Telemetry()
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         proxy.routes.managed = versions.has_adapter
+        self.live = LiveLatencyJudge(
+            settings.live_window_seconds,
+            settings.live_min_requests,
+            self._roll_back,
+            self.telemetry.live_latency_verdict,
+        )
+        proxy.observers.append(self.live.observe)
         for record in store.all():  # routes survive a restart: the replicas still hold the versions
             proxy.routes.served[record.adapter_id] = record.served_name
 
@@ -145,6 +155,7 @@ class AdapterManager:
         return lock is not None and lock.locked()
 
     async def close(self) -> None:
+        await self.live.close()
         await self.fleet.close()
 
     # --- deploy --------------------------------------------------------------------------------------------
@@ -156,12 +167,12 @@ class AdapterManager:
         force: bool = False,
         validate_only: bool = False,
         full_latency_probe: bool = False,
+        rollback_over_budget: bool = False,
     ) -> DeploymentView:
         began = time.monotonic()
         try:
-            view = await self._deploy(
-                adapter_name, version, max_overhead_fraction, force, validate_only, full_latency_probe
-            )
+            options = _Options(max_overhead_fraction, force, full_latency_probe, rollback_over_budget)
+            view = await self._deploy(adapter_name, version, options, validate_only)
         except BaseException as exc:
             if not validate_only:
                 self.telemetry.deploy_finished(_outcome(exc), time.monotonic() - began)
@@ -170,23 +181,17 @@ class AdapterManager:
             self.telemetry.deploy_finished("ok", time.monotonic() - began)
         return view
 
-    async def _deploy(
-        self,
-        adapter_name: str,
-        version: int,
-        max_overhead_fraction: float | None,
-        force: bool,
-        validate_only: bool,
-        full_probe: bool,
-    ) -> DeploymentView:
+    async def _deploy(self, adapter_name: str, version: int, options: _Options, validate_only: bool) -> DeploymentView:
         adapter_id = adapter_id_from_name(adapter_name)
         if version < 0:
             raise InvalidArgument.field("version", f"must be >= 1, or 0 for the newest, got {version}")
-        if max_overhead_fraction is not None and not (
-            math.isfinite(max_overhead_fraction) and max_overhead_fraction >= 0
-        ):  # NaN fails every comparison, so it would never bind; Infinity is no budget: leave the field unset
+        budget = options.budget
+        if budget is not None and not (math.isfinite(budget) and budget >= 0):
+            # NaN fails every comparison, so it would never bind; Infinity is no budget: leave the field unset
+            raise InvalidArgument.field("max_overhead_fraction", f"must be a finite number >= 0, got {budget}")
+        if options.rollback and budget is None:
             raise InvalidArgument.field(
-                "max_overhead_fraction", f"must be a finite number >= 0, got {max_overhead_fraction}"
+                "rollback_over_budget", "needs max_overhead_fraction: the budget live traffic is judged against"
             )
         chosen = self._version(adapter_id, version)
         config = adapter_config(chosen)
@@ -210,18 +215,17 @@ class AdapterManager:
             if validate_only:
                 checks.append(DeployCheck("load", "SKIPPED", "validate_only: nothing loaded"))
                 return self._view(adapter_id, chosen.version, "", observed, None, checks=checks)
-            return await self._deploy_locked(chosen, shape, observed, max_overhead_fraction, force, full_probe, checks)
+            return await self._deploy_locked(chosen, shape, observed, options, checks)
 
     async def _deploy_locked(
         self,
         chosen: AdapterVersion,
         shape: ServingShape,
         observed: dict[str, Observation],
-        budget: float | None,
-        force: bool,
-        full_probe: bool,
+        options: _Options,
         checks: list[DeployCheck],
     ) -> DeploymentView:
+        budget, force, full_probe = options.budget, options.force, options.full_probe
         adapter_id, served = chosen.adapter_id, served_name(chosen.adapter_id, chosen.version)
         current = self.store.get(adapter_id)
         healthy = {url: o for url, o in observed.items() if o.healthy}
@@ -293,15 +297,10 @@ class AdapterManager:
         except BaseException:
             await self.unload(loaded_now, served)  # the version serving before keeps serving
             raise
-        if calibration is not None and budget is not None:
-            checks.append(
-                DeployCheck(
-                    "live_latency",
-                    "PENDING",
-                    f"judged on live traffic: the alert {LIVE_ALERT} fires when {adapter_id}'s median inter-token "
-                    f"time over 15 minutes exceeds the base model's by more than the budget of {budget:.0%}",
-                )
-            )
+        previous = current.version if current and current.version != chosen.version else None
+        self.live.forget(adapter_id)  # a watch of the version this one replaces ends here
+        if budget is not None and (calibration is not None or options.rollback):
+            checks.append(_live_check(adapter_id, budget, options.rollback, previous, self.settings))
 
         state = "READY" if len(holding) == len(observed) else "DEGRADED"
         record = DeploymentRecord(adapter_id, chosen.version, state, latency, time.time(), budget)
@@ -311,6 +310,8 @@ class AdapterManager:
         if current and current.version != chosen.version:
             await self._retire(current.served_name)
         await self._unload_strays(adapter_id, served)
+        if options.rollback:
+            self.live.watch(LiveWatch(adapter_id, served, chosen.version, budget, previous))
         observed_after = await self.fleet.observe()
         return self._view(adapter_id, chosen.version, state, observed_after, latency, record.update_time, checks)
 
@@ -389,13 +390,39 @@ class AdapterManager:
             current = self.store.get(adapter_id)
             if current is None and not self.versions.has_adapter(adapter_id):
                 raise NotFound(f"adapter {adapter_name!r} does not exist", reason="ADAPTER_NOT_FOUND")
-            self.store.delete(adapter_id)
-            self.proxy.routes.served.pop(adapter_id, None)  # a known, undeployed adapter is not served
-            if current is not None:
-                await self.proxy.drain(current.served_name, self.settings.drain_timeout_seconds)
-            await self._unload_strays(adapter_id, keep=None)
-            observed = await self.fleet.observe()
+            observed = await self._undeploy_locked(adapter_id, current)
         return [self._replica_view(o, None) for o in observed.values()]
+
+    async def _undeploy_locked(self, adapter_id: str, current: DeploymentRecord | None) -> dict[str, Observation]:
+        self.live.forget(adapter_id)
+        self.store.delete(adapter_id)
+        self.proxy.routes.served.pop(adapter_id, None)  # a known, undeployed adapter is not served
+        if current is not None:
+            await self.proxy.drain(current.served_name, self.settings.drain_timeout_seconds)
+        await self._unload_strays(adapter_id, keep=None)
+        return await self.fleet.observe()
+
+    # --- rollback on live latency ------------------------------------------------------------------------
+    async def _roll_back(self, watch: LiveWatch, verdict: LiveVerdict) -> None:
+        """Restores the version that served before ``watch``'s (undeploys, if none) unless a deploy since then
+        has replaced it."""
+        async with self._locks[watch.adapter_id]:
+            current = self.store.get(watch.adapter_id)
+            if current is None or current.version != watch.version:
+                return
+            log.warning(
+                "rolling back: over its latency budget on live traffic",
+                extra={"adapter": watch.adapter_id, "version": watch.version, "detail": verdict.detail,
+                       "to_version": watch.previous_version or 0},
+            )  # fmt: skip
+            if watch.previous_version is None:
+                await self._undeploy_locked(watch.adapter_id, current)
+                return
+            chosen = self._version(watch.adapter_id, watch.previous_version)
+            shape = self._shape(adapter_config(chosen))
+            # It served before this one: force, and the budget it is judged by stays on the record and in metrics.
+            options = _Options(watch.budget, force=True)
+            await self._deploy_locked(chosen, shape, await self._healthy_replicas(), options, [])
 
     # --- list ----------------------------------------------------------------------------------------------
     async def list(
@@ -485,6 +512,32 @@ def _outcome(exc: BaseException) -> str:
     if isinstance(exc, LayercardError):
         return exc.reason
     return "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "INTERNAL"
+
+
+@dataclass(frozen=True)
+class _Options:
+    budget: float | None  # max_overhead_fraction
+    force: bool = False
+    full_probe: bool = False
+    rollback: bool = False  # rollback_over_budget
+
+
+def _live_check(
+    adapter_id: str, budget: float, rollback: bool, previous: int | None, settings: DeploySettings
+) -> DeployCheck:
+    alert = (
+        f"the alert {LIVE_ALERT} fires when {adapter_id}'s mean inter-token time over 15 minutes exceeds the base "
+        f"model's by more than the budget of {budget:.0%}"
+    )
+    if not rollback:
+        return DeployCheck("live_latency", "PENDING", f"judged on live traffic: {alert}")
+    then = f"rolled back to version {previous}" if previous else "undeployed (no version served before it)"
+    return DeployCheck(
+        "live_latency",
+        "PENDING",
+        f"judged on live traffic for {settings.live_window_seconds:g} s (at least {settings.live_min_requests} "
+        f"requests of it and of the base model): over the budget of {budget:.0%}, it is {then}; and {alert}",
+    )
 
 
 def _compatibility_check(config: dict, shape: ServingShape) -> DeployCheck:

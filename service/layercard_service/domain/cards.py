@@ -218,6 +218,7 @@ class ServingCostCard:
     peft_base_ms_per_token: float
     vllm_overhead_fraction: float | None = None
     vllm_basis: str = "not measured yet: the service measures it on the serving vLLM after a deployment"
+    vllm_base_ms_per_token: float | None = None  # the serving vLLM's measured base inter-token time
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,13 @@ class PrometheusTelemetry(Telemetry):
             "layercard_adapter_deploys", "DeployAdapter calls by outcome (ok or the failure's reason).", ["outcome"],
             registry=r,
         )  # fmt: skip
+        self.live_verdicts = Counter(
+            "layercard_adapter_live_verdicts",
+            "Live-traffic latency verdicts on deployed versions watched for rollback (within, over: rolled back, "
+            "inconclusive: too little traffic).",
+            ["outcome"],
+            registry=r,
+        )
         self.deploy_seconds = Histogram(
             "layercard_adapter_deploy_seconds",
             "Wall time of DeployAdapter calls (checks, load, verification, latency probe, swap).",
@@ -143,6 +150,9 @@ class PrometheusTelemetry(Telemetry):
         self.deploys.labels(outcome).inc()
         self.deploy_seconds.labels(outcome).observe(seconds)
 
+    def live_latency_verdict(self, outcome: str) -> None:
+        self.live_verdicts.labels(outcome).inc()
+
     def request_finished(self, r: RequestRecord) -> None:
         adapter = r.adapter or BASE_MODEL_LABEL
         self.requests.labels(adapter, "ok" if r.ok else r.error or "error").inc()
@@ -150,9 +160,8 @@ class PrometheusTelemetry(Telemetry):
             return
         self.e2e.labels(adapter).observe(r.latency_seconds)
         self.ttft.labels(adapter).observe(r.first_token_seconds)
-        if r.completion_tokens > 1:
-            gap = (r.latency_seconds - r.first_token_seconds) / (r.completion_tokens - 1)
-            self.inter_token.labels(adapter).observe(gap)
+        if r.inter_token_seconds is not None:
+            self.inter_token.labels(adapter).observe(r.inter_token_seconds)
 
     def upstream_error(self, replica: str, reason: str) -> None:
         self.upstream.labels(replica, reason).inc()

@@ -86,6 +86,7 @@ class ServingCalibration:
     overhead_fraction: float
     samples: int
     basis: str
+    base_ms_per_token: float | None = None  # median base inter-token time of the same probes
 
 
 def served_name(adapter_id: str, version: int) -> str:
@@ -176,7 +177,7 @@ class DeploymentStore:
     def calibration(self, model: str) -> ServingCalibration | None:
         """The median overhead of the newest measurements on ``model``'s fleet, or None before any."""
         rows = self.db.execute(
-            "SELECT overhead_fraction, server_max_rank, server_modules FROM serving_measurements "
+            "SELECT overhead_fraction, server_max_rank, server_modules, measurement FROM serving_measurements "
             "WHERE model = ? ORDER BY time DESC LIMIT ?",
             (model, CALIBRATION_WINDOW),
         ).fetchall()
@@ -185,9 +186,12 @@ class DeploymentStore:
         fractions = [r[0] for r in rows]
         median = statistics.median(fractions)
         modules = rows[0][2] or "every LoRA-capable module"
+        base_ms = [json.loads(r[3]).get("base_inter_token_ms", 0.0) for r in rows]
+        base_ms = [b for b in base_ms if b > 0]
         return ServingCalibration(
             overhead_fraction=median,
             samples=len(rows),
+            base_ms_per_token=statistics.median(base_ms) if base_ms else None,
             basis=(
                 f"median of the {len(rows)} newest post-deploy probes on the serving vLLM fleet "
                 f"(range {min(fractions):.2f}..{max(fractions):.2f}; servers wrap {modules}, "

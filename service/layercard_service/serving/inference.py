@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import re
 import time
 from collections import Counter
@@ -30,6 +31,8 @@ from layercard_service.serving.vllm_api import Completion, CompletionChunk, Samp
 from layercard_service.telemetry import RequestRecord, Telemetry
 
 __all__ = ["Generated", "InferenceProxy", "Routes", "resolve_served_name", "served_id"]
+
+log = logging.getLogger(__name__)
 
 MODELS_CACHE_SECONDS = 1.0
 MAX_PROMPT_CHARS = 1_000_000
@@ -102,6 +105,8 @@ class InferenceProxy:
         self._turn = itertools.count()
         self._models: dict[str, tuple[float, list[ServedModel]]] = {}
         self.in_flight: Counter[str] = Counter()  # served name -> requests running on it, over every replica
+        # Called with every finished request's record, after telemetry (the live latency judge listens here).
+        self.observers: list[Callable[[RequestRecord], None]] = []
 
     @property
     def replicas(self) -> list[VllmApi]:
@@ -191,7 +196,13 @@ class InferenceProxy:
         """One caller's request is over: recorded once, however many replicas it tried."""
         if error and not name and adapter and adapter not in self.routes.served and not self.routes.managed(adapter):
             adapter = "unknown"  # a name nobody serves: keep the metrics' label values bounded
-        self.telemetry.request_finished(RequestRecord(adapter, name, url, not error, first, total, tokens, error))
+        record = RequestRecord(adapter, name, url, not error, first, total, tokens, error)
+        self.telemetry.request_finished(record)
+        for observer in self.observers:
+            try:
+                observer(record)
+            except Exception:  # an observer's failure must not fail the request it observes
+                log.exception("request observer failed")
 
     async def generate(self, prompt: str | Chat, adapter: str, sampling: Sampling) -> Generated:
         prompt = self._check(prompt)

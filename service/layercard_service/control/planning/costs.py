@@ -41,6 +41,7 @@ class ShapeCosts:
     peft_base_ms: float
     vllm_fraction: float | None  # measured on the serving vLLM; None until measured
     vllm_basis: str
+    vllm_base_ms: float | None  # the serving vLLM's measured base ms per token; None: the card's peft one
     scale: float  # adapter parameters of this shape / the card's
 
     @property
@@ -81,7 +82,8 @@ class ShapeCosts:
             return sum(self.peft_serving_ms[i] for i in layers)
         if self.vllm_fraction is None:
             return None
-        return self.vllm_fraction * self.peft_base_ms if layers else 0.0  # vLLM: independent of the layers
+        base = self.vllm_base_ms if self.vllm_base_ms is not None else self.peft_base_ms
+        return self.vllm_fraction * base if layers else 0.0  # vLLM: independent of the layers
 
     def serving_fraction(self, layers: Sequence[int], engine: str) -> float | None:
         if engine == "peft":
@@ -147,5 +149,6 @@ def shape_costs(card: LayerCardData, shape: Shape) -> ShapeCosts:
         peft_base_ms=card.serving_cost.peft_base_ms_per_token,
         vllm_fraction=card.serving_cost.vllm_overhead_fraction,
         vllm_basis=card.serving_cost.vllm_basis,
+        vllm_base_ms=card.serving_cost.vllm_base_ms_per_token,
         scale=sum(params) / sum(card_params),
     )

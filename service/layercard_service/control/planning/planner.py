@@ -57,7 +57,12 @@ def plan_placement(
             "unmerged peft decoding, per-layer overhead measured on the card's machine"
             if engine == "peft"
             else f"vLLM wraps every layer of its module types, so the overhead does not depend on the layers; "
-            f"{costs.vllm_basis}"
+            f"{costs.vllm_basis}; ms per token against "
+            + (
+                f"the serving vLLM's measured base inter-token time, {costs.vllm_base_ms:.3g} ms"
+                if costs.vllm_base_ms is not None
+                else f"the card's peft base decode time, {costs.peft_base_ms:.3g} ms (no vLLM base time measured)"
+            )
         )
         serving_ms = Estimate(chosen.serving_ms, "ms/token", serving_basis)
         serving_fraction = Estimate(chosen.serving_fraction or 0.0, "fraction", serving_basis)
@@ -195,6 +200,7 @@ def _rates(rates: tuple[float, ...]) -> str:
 class Calibration(Protocol):
     overhead_fraction: float
     basis: str
+    base_ms_per_token: float | None
 
 
 def calibrated(card: LayerCardData, calibration: Calibration | None) -> LayerCardData:
@@ -202,7 +208,10 @@ def calibrated(card: LayerCardData, calibration: Calibration | None) -> LayerCar
     if calibration is None:
         return card
     serving = dataclasses.replace(
-        card.serving_cost, vllm_overhead_fraction=calibration.overhead_fraction, vllm_basis=calibration.basis
+        card.serving_cost,
+        vllm_overhead_fraction=calibration.overhead_fraction,
+        vllm_basis=calibration.basis,
+        vllm_base_ms_per_token=calibration.base_ms_per_token,
     )
     return dataclasses.replace(card, serving_cost=serving)
 
