@@ -25,9 +25,12 @@ import asyncio
 import contextlib
 import json
 import os
+import pstats
 import shutil
+import signal
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -37,6 +40,7 @@ from pathlib import Path
 
 import grpc
 import httpx
+import psutil
 import torch
 
 from bench.common import machine, version, write_results
@@ -132,6 +136,53 @@ class ServiceThread:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.server.port}"
+
+
+class ServiceProcess:
+    """The layercard-server console script as its own process, as it is deployed: its own interpreter and GIL,
+    apart from the benchmark's client threads. With ``profile``, under cProfile (its event loop runs on the main
+    thread), written on SIGTERM."""
+
+    def __init__(self, data_dir: Path, vllm_url: str, profile: Path | None = None) -> None:
+        wrapper = ["-m", "cProfile", "-o", str(profile)] if profile else []
+        command = [sys.executable, *wrapper, "-m", "layercard_service.server", "--port", "0", "--log-format", "text",
+                   "--data-dir", str(data_dir), "--vllm-urls", vllm_url, "--vllm-model", "builtin:tiny",
+                   "--max-lora-rank", str(MAX_LORA_RANK)]  # fmt: skip
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        line = self.proc.stdout.readline()
+        if "listening on" not in line:
+            self.proc.kill()
+            raise RuntimeError(f"layercard-server did not start: {line!r}")
+        self.address = line.rsplit(" ", 1)[-1].strip()
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def pin(pid: int, cpus: set[int], children: bool = True) -> list[int]:
+    """Every thread of ``pid`` (and of its children) onto ``cpus``, as taskset -a does; the pids pinned."""
+    root = psutil.Process(pid)
+    procs = [root, *(root.children(recursive=True) if children else ())]
+    for proc in procs:
+        for thread in proc.threads():
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(thread.id, cpus)
+    return [p.pid for p in procs]
+
+
+def top_functions(profile: Path, count: int = 15) -> list[dict]:
+    """The service's own time by function (tottime), from a cProfile dump."""
+    stats = pstats.Stats(str(profile))
+    total = stats.total_tt or 1.0
+    rows = []
+    for (file, line, name), (_, calls, tottime, cumtime, _) in stats.stats.items():
+        rows.append({"function": f"{Path(file).name}:{line}({name})", "calls": calls, "tottime_s": tottime,
+                     "cumtime_s": cumtime, "share_of_total": tottime / total})  # fmt: skip
+    return sorted(rows, key=lambda r: -r["tottime_s"])[:count]
 
 
 # --- the two sides -------------------------------------------------------------------------------------------
@@ -451,6 +502,17 @@ def headline(deploy: dict, gen: dict[int, dict], low: int, high: int) -> dict:
     return h
 
 
+def _separate_headline(separate: dict, low: int, high: int) -> dict:
+    h = {}
+    for label in ("process", "pinned"):
+        if f"{label}_{high}" not in separate:
+            continue
+        g_low, g_high = separate[f"{label}_{low}"], separate[f"{label}_{high}"]
+        h[f"generate_p50_over_direct_{low}_{label}"] = g_low["service"]["p50_ms"] / g_low["direct"]["p50_ms"]
+        h[f"generate_p99_over_direct_{high}_{label}"] = g_high["service"]["p99_ms"] / g_high["direct"]["p99_ms"]
+    return h
+
+
 def report(result: dict) -> str:
     h, d, s = result["headline"], result["deploy"], result["settings"]
     m, mach = d["medians"], result["machine"]
@@ -549,7 +611,93 @@ def report(result: dict) -> str:
         g = result["generate"][str(c)]
         same = "the same text" if g["same_text"] else f"different text ({g['text_service']!r} vs {g['text_direct']!r})"
         lines.append(f"- concurrency {c}: service and direct gave {same}.")
+    sep = result["separate_process"]
+    pinning = sep.get("pinning")
+    lines += [
+        "",
+        "## 3. The service in its own process, then pinned apart from vLLM",
+        "",
+        "Above, the service runs in the benchmark's process: its event loop shares one GIL with the 16 client "
+        "threads. Here it is the `layercard-server` console script, its own process, as deployed (the deployment "
+        "and the route come back from state.db). `pinned`: every thread of vLLM (and its engine process) on "
+        + (
+            f"CPU {pinning['vllm_cpus']}, the service and the client threads on CPUs "
+            f"{pinning['service_and_clients_cpus']} (taskset -a equivalents, os.sched_setaffinity), so the ratio "
+            "shows the proxy's own cost apart from its contention with vLLM."
+            if pinning
+            else "two CPUs, which this machine does not have: not run."
+        ),
+        "",
+        "| run | concurrency | side | n | p50 ms | p99 ms | req/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, g in sep.items():
+        if not key.startswith(("process_", "pinned_", "profiled_")):
+            continue
+        for side in ("service", "direct"):
+            x = g[side]
+            lines.append(
+                f"| {key.rsplit('_', 1)[0]} | {g['concurrency']} | {side} | {x['n']} | {x['p50_ms']:.1f} | "
+                f"{x['p99_ms']:.1f} | {x['requests_per_s']:.2f} |"
+            )
+    if sep.get("profile_top"):
+        lines += [
+            "",
+            f"Where the service's own time goes at {high} streams (cProfile of the server process's main thread, "
+            "which runs the event loop; tottime: time in the function itself; the profiled run is slower than "
+            "the others and not in the headline):",
+            "",
+            "| function | calls | tottime s | share |",
+            "|---|---|---|---|",
+            *[
+                f"| `{r['function']}` | {r['calls']} | {r['tottime_s']:.3f} | {r['share_of_total']:.1%} |"
+                for r in sep["profile_top"]
+            ],
+        ]
     return "\n".join(lines)
+
+
+def _process_phases(vllm: VllmProcess, data_dir: Path, served: str, limits: httpx.Limits, args) -> dict:
+    low, high = args.concurrency
+    out: dict = {}
+
+    def phases(service: ServiceProcess, label: str, levels: tuple[int, ...]) -> None:
+        with (
+            grpc.insecure_channel(service.address) as channel,
+            httpx.Client(base_url=vllm.url, timeout=120.0, limits=limits) as http,
+        ):
+            sides = Sides(vllm.url, http, adapter_pb2_grpc.AdapterServiceStub(channel),
+                          inference_pb2_grpc.InferenceServiceStub(channel))  # fmt: skip
+            for c in levels:
+                per_stream = args.requests_1 if c == low else args.requests_16
+                out[f"{label}_{c}"] = generate_phase(sides, served, c, per_stream, args)
+
+    service = ServiceProcess(data_dir, vllm.url)
+    try:
+        phases(service, "process", (low, high))
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) >= 2:
+            vllm_cpus, rest = {cpus[-1]}, set(cpus[:-1])
+            out["pinning"] = {
+                "vllm_cpus": sorted(vllm_cpus),
+                "service_and_clients_cpus": sorted(rest),
+                "vllm_pids": pin(vllm.pid, vllm_cpus),
+                "service_pids": pin(service.proc.pid, rest),
+            }
+            pin(os.getpid(), rest, children=False)  # this process's threads (the clients'), beside the service
+            phases(service, "pinned", (low, high))
+            pin(vllm.pid, set(cpus))
+            pin(os.getpid(), set(cpus), children=False)
+    finally:
+        service.stop()
+    profile = data_dir.parent / "service.prof"
+    profiled = ServiceProcess(data_dir, vllm.url, profile)
+    try:
+        phases(profiled, "profiled", (high,))
+    finally:
+        profiled.stop()
+    out["profile_top"] = top_functions(profile) if profile.exists() else []
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -612,6 +760,9 @@ def main(argv: list[str] | None = None) -> int:
                 low: generate_phase(sides, served, low, args.requests_1, args),
                 high: generate_phase(sides, served, high, args.requests_16, args),
             }
+        # The same, with the service in its own process (its deployment and route come back from state.db);
+        # then with it and vLLM pinned to different cores; then once under cProfile, for where its time goes.
+        separate = _process_phases(vllm, work / "state", served, limits, args)
     finally:
         vllm.stop()
         shutil.rmtree(work / "state", ignore_errors=True)  # the published copies; vllm.log stays for post-mortems
@@ -621,10 +772,11 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "machine": info,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "headline": headline(deploy, gen, low, high),
+        "headline": {**headline(deploy, gen, low, high), **_separate_headline(separate, low, high)},
         "setup": {"vllm_startup_s": startup_s, "adapter_train_s": train_s, "vllm_log": str(work / "vllm.log")},
         "deploy": deploy,
         "generate": {str(c): g for c, g in gen.items()},
+        "separate_process": separate,
         "seconds": time.time() - started,
     }
     write_results(args.out, result, report(result))

@@ -10,6 +10,7 @@ from layercard_service.config import ServiceConfig
 from layercard_service.control.cards import CardService
 from layercard_service.control.deployments import AdapterManager, DeploySettings
 from layercard_service.control.planning.planner import PlacementPlanner, calibrated
+from layercard_service.control.planning.vllm_fleet import VllmFleet
 from layercard_service.control.reconcile import Reconciler
 from layercard_service.control.tuning import TuningService
 from layercard_service.domain.cards import LayerCardData
@@ -60,6 +61,7 @@ class Core:
             cards,
             serving_calibration=deployments.calibration,
             prefix_cache_memory_bytes=config.prefix_cache_memory_bytes,
+            vllm_fleet=_vllm_fleet(config, deployments),
         )
         tuning = _tuning(config, telemetry, JobStore(db), planner)  # it plans card-budget placements itself
         fleet = Fleet(
@@ -141,6 +143,18 @@ def _card_engine(*args: Any) -> Any:
     from layercard_service.card_engine.run import compute_with_engine
 
     return compute_with_engine(*args)
+
+
+def _vllm_fleet(config: ServiceConfig, deployments: DeploymentStore):
+    """model -> what the serving fleet wraps and measured per adapter rank, for the fleet's own model only."""
+    modules, max_rank = config.vllm_lora_target_modules, config.max_lora_rank
+
+    def fleet(model: str) -> VllmFleet | None:
+        if model != config.vllm_model:
+            return None
+        return VllmFleet(modules, max_rank, deployments.rank_calibrations(model, modules, max_rank))
+
+    return fleet
 
 
 def _discovery(config: ServiceConfig) -> Discovery:

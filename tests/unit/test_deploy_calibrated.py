@@ -252,3 +252,20 @@ async def test_rollback_needs_a_budget(env):
         await env.manager.deploy("adapters/echo", rollback_over_budget=True)
     assert err.value.violations[0].field == "rollback_over_budget"
     assert env.log == []
+
+
+def test_rank_calibrations_are_per_rank_on_one_server_shape(tmp_path):
+    from layercard_service.persistence.deployments import DeploymentStore
+
+    store = DeploymentStore(tmp_path / "state.db")
+    for rank, fraction in ((4, 0.1), (4, 0.3), (8, 0.5)):
+        m = LatencyMeasurement("http://r", 10.0, 11.0, 3.0, 3.3, fraction, 5, 100.0, 100.0 * (1 + fraction), 32)
+        store.add_measurement(ServingShape(MODEL, ("o_proj",), 8, rank), "echo", 1, m)
+    other = LatencyMeasurement("http://r", 10.0, 11.0, 3.0, 3.3, 9.0, 5)
+    store.add_measurement(ServingShape(MODEL, (), 8, 4), "echo", 1, other)  # another server shape
+    by_rank = store.rank_calibrations(MODEL, ("o_proj",), 8)
+    assert sorted(by_rank) == [4, 8]
+    assert by_rank[4].overhead_fraction == pytest.approx(0.2) and by_rank[4].samples == 2
+    assert by_rank[4].base_ms_per_token == pytest.approx(3.0) and "rank-4 adapters" in by_rank[4].basis
+    assert store.rank_calibrations(MODEL, ("q_proj",), 8) == {}
+    store.close()

@@ -106,8 +106,8 @@ AT_REFERENCE = -math.expm1(-3.0)  # the prior curve at the reference steps (τ a
 
 
 def plan(card, **kwargs):
-    budget = kwargs.pop("budget", {})
-    return plan_placement(card, PlanRequest(budget=BudgetSpec(**budget), **kwargs))
+    budget, vllm = kwargs.pop("budget", {}), kwargs.pop("vllm", None)
+    return plan_placement(card, PlanRequest(budget=BudgetSpec(**budget), **kwargs), vllm=vllm)
 
 
 # --- the cost model the planner reads ------------------------------------------------------------------------

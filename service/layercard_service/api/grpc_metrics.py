@@ -40,7 +40,8 @@ Synchronous (thread-pool) handlers are passed through uncounted; every handler i
 What it costs: the counts are plain integers of a per-method record, bumped on the event loop's thread (every
 counted handler runs there), and exported by a collector at scrape time, so an RPC pays for a few additions and
 a bisect, not for prometheus_client's locks and label lookups. A scrape reads a count between two additions:
-each figure is exact, and a histogram's count is its buckets' sum.
+each figure is exact, and a histogram's count is its buckets' sum. The counting wrapper of a method's handler is
+built once and reused while the chain below hands out the same handler (``bench/results/metrics.md``).
 
 One interceptor per registry: it registers one collector of the five metrics on the registry it is given.
 """

@@ -11,8 +11,8 @@ restarted replicas get their adapters back, stray versions of managed adapters a
 The latency figure comes from a probe after the load, unless the serving shape (base model, the servers' LoRA
 settings, the adapter's rank) has ``calibrated_min_probes`` probes younger than ``calibration_max_age_seconds``:
 then the deploy verifies with one greedy prompt per replica, takes the shape's median figures, and leaves the
-rest to live traffic (the alert ``LIVE_ALERT``). Every deploy answers with the checks it ran, skipped or left
-pending.
+rest to live traffic (the alert ``deploy_checks.LIVE_ALERT``; with ``rollback_over_budget``, live_latency.py's
+judge too). Every deploy answers with the checks it ran, skipped or left pending (deploy_checks.py).
 """
 
 from __future__ import annotations
@@ -27,6 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from layercard_service.control.compat import adapter_config, adapter_problems, replica_problems
+from layercard_service.control.deploy_checks import (
+    DeployCheck,
+    budget_check,
+    compatibility_check,
+    effect_check,
+    live_check,
+)
 from layercard_service.control.live_latency import LiveLatencyJudge, LiveVerdict, LiveWatch
 from layercard_service.domain.jobs import check_id
 from layercard_service.errors import (
@@ -49,7 +56,7 @@ from layercard_service.persistence.jobs import JobStore
 from layercard_service.persistence.store import paginate
 from layercard_service.serving.fleet import Fleet, Observation
 from layercard_service.serving.inference import InferenceProxy, served_id
-from layercard_service.serving.probes import EFFECT_PROMPTS, Effect, measure_effect, measure_latency
+from layercard_service.serving.probes import EFFECT_PROMPTS, measure_effect, measure_latency
 from layercard_service.serving.vllm_api import VllmApi
 from layercard_service.telemetry import Telemetry
 
@@ -68,9 +75,6 @@ log = logging.getLogger(__name__)
 ADAPTER_PREFIX = "adapters/"
 
 
-LIVE_ALERT = "LayercardAdapterLiveOverheadOverBudget"  # deploy/prometheus/rules/layercard.yml
-
-
 @dataclass(frozen=True)
 class DeploySettings:
     drain_timeout_seconds: float = 30.0  # how long a swap waits for the old version's requests in flight
@@ -78,17 +82,6 @@ class DeploySettings:
     calibration_max_age_seconds: float = 7 * 86400.0  # older probes do not count: servers and versions change
     live_window_seconds: float = 300.0  # how long a rollback_over_budget deploy is watched on live traffic
     live_min_requests: int = 20  # requests of the version, and of the base model, a live verdict needs
-
-
-@dataclass(frozen=True)
-class DeployCheck:
-    """One check of a deploy, as the reply reports it."""
-
-    name: str  # compatibility | replicas | load | effect | latency | budget | live_latency
-    outcome: str  # PASSED | SKIPPED | PENDING | FAILED_FORCED
-    detail: str
-    replica: str = ""
-    value: float | None = None
 
 
 @dataclass(frozen=True)
@@ -203,7 +196,7 @@ class AdapterManager:
                 metadata={"adapter": adapter_name, "version": str(chosen.version)},
             )
         shape = self._shape(config)
-        checks = [_compatibility_check(config, shape)]
+        checks = [compatibility_check(config, shape)]
         async with self._locks[adapter_id]:
             observed = await self._healthy_replicas()
             healthy = sum(o.healthy for o in observed.values())
@@ -232,7 +225,7 @@ class AdapterManager:
         if current and current.version == chosen.version and all(served in o.adapters for o in healthy.values()):
             checks.append(DeployCheck("load", "SKIPPED", f"{served} is already live on every healthy replica"))
             if current.latency is not None:  # already live: hold it to the budget asked for now
-                checks.append(_budget_check(served, current.latency, budget, force, "is live with"))
+                checks.append(budget_check(served, current.latency, budget, force, "is live with"))
             state = "READY" if len(healthy) == len(observed) else "DEGRADED"
             return self._view(adapter_id, chosen.version, state, observed, current.latency, current.update_time, checks)
 
@@ -267,7 +260,7 @@ class AdapterManager:
                         reason="ADAPTER_HAS_NO_EFFECT",
                         metadata={"replica": replica.url, "served_name": served},
                     )
-                checks.append(_effect_check(effect, replica.url))
+                checks.append(effect_check(effect, replica.url))
             if calibration is None:
                 probe_replica = holding[0]
                 latency = await measure_latency(probe_replica, healthy[probe_replica.url].base_model, served)
@@ -293,14 +286,23 @@ class AdapterManager:
                         value=calibration.overhead_fraction,
                     )
                 )
-            checks.append(_budget_check(served, latency, budget, force, "adds"))
+            checks.append(budget_check(served, latency, budget, force, "adds"))
         except BaseException:
             await self.unload(loaded_now, served)  # the version serving before keeps serving
             raise
         previous = current.version if current and current.version != chosen.version else None
         self.live.forget(adapter_id)  # a watch of the version this one replaces ends here
         if budget is not None and (calibration is not None or options.rollback):
-            checks.append(_live_check(adapter_id, budget, options.rollback, previous, self.settings))
+            checks.append(
+                live_check(
+                    adapter_id,
+                    budget,
+                    options.rollback,
+                    previous,
+                    settings.live_window_seconds,
+                    settings.live_min_requests,
+                )
+            )
 
         state = "READY" if len(holding) == len(observed) else "DEGRADED"
         record = DeploymentRecord(adapter_id, chosen.version, state, latency, time.time(), budget)
@@ -520,76 +522,3 @@ class _Options:
     force: bool = False
     full_probe: bool = False
     rollback: bool = False  # rollback_over_budget
-
-
-def _live_check(
-    adapter_id: str, budget: float, rollback: bool, previous: int | None, settings: DeploySettings
-) -> DeployCheck:
-    alert = (
-        f"the alert {LIVE_ALERT} fires when {adapter_id}'s mean inter-token time over 15 minutes exceeds the base "
-        f"model's by more than the budget of {budget:.0%}"
-    )
-    if not rollback:
-        return DeployCheck("live_latency", "PENDING", f"judged on live traffic: {alert}")
-    then = f"rolled back to version {previous}" if previous else "undeployed (no version served before it)"
-    return DeployCheck(
-        "live_latency",
-        "PENDING",
-        f"judged on live traffic for {settings.live_window_seconds:g} s (at least {settings.live_min_requests} "
-        f"requests of it and of the base model): over the budget of {budget:.0%}, it is {then}; and {alert}",
-    )
-
-
-def _compatibility_check(config: dict, shape: ServingShape) -> DeployCheck:
-    modules = ", ".join(config.get("target_modules") or ()) or "?"
-    return DeployCheck(
-        "compatibility",
-        "PASSED",
-        f"a rank-{shape.adapter_rank} LoRA of {shape.model} on {modules}; the servers take rank "
-        f"<= {shape.server_max_rank} and wrap {', '.join(shape.server_modules) or 'every LoRA-capable module'}",
-    )
-
-
-def _effect_check(effect: Effect, replica: str) -> DeployCheck:
-    found = (
-        "the greedy text differs from the base model's"
-        if math.isinf(effect.max_logprob_delta)
-        else f"a token's log-probability moves by up to {effect.max_logprob_delta:.2g}"
-    )
-    return DeployCheck(
-        "effect", "PASSED", f"{found} ({effect.prompts} greedy prompt(s))", replica, effect.max_logprob_delta
-    )
-
-
-def _budget_check(
-    served: str, latency: LatencyMeasurement, budget: float | None, force: bool, verb: str
-) -> DeployCheck:
-    """PASSED within the budget; over it, FAILED_FORCED with force, else FAILED_PRECONDITION."""
-    figure = latency.overhead_fraction
-    if budget is None:
-        return DeployCheck("budget", "SKIPPED", "no latency budget asked for", value=figure)
-    if figure <= budget:
-        return DeployCheck(
-            "budget", "PASSED", f"overhead {figure:+.1%} within the budget of {budget:.0%}", value=figure
-        )
-    if force:
-        return DeployCheck(
-            "budget",
-            "FAILED_FORCED",
-            f"overhead {figure:+.1%} over the budget of {budget:.0%}; deployed with force",
-            value=figure,
-        )
-    where = f"on {latency.replica}" if latency.replica else "by its serving shape's calibration"
-    raise FailedPrecondition(
-        f"{served} {verb} {figure:.0%} latency overhead over the base model {where}, over its budget of "
-        f"{budget:.0%}; deploy with force to accept it",
-        reason="SERVING_BUDGET_EXCEEDED",
-        metadata={
-            "overhead_fraction": f"{figure:.4f}",
-            "max_overhead_fraction": f"{budget:.4f}",
-            "base_latency_ms": f"{latency.base_latency_ms:.2f}",
-            "adapter_latency_ms": f"{latency.adapter_latency_ms:.2f}",
-            "replica": latency.replica,
-            "latency_source": latency.source,
-        },
-    )

@@ -181,23 +181,46 @@ class DeploymentStore:
             "WHERE model = ? ORDER BY time DESC LIMIT ?",
             (model, CALIBRATION_WINDOW),
         ).fetchall()
-        if not rows:
-            return None
-        fractions = [r[0] for r in rows]
-        median = statistics.median(fractions)
-        modules = rows[0][2] or "every LoRA-capable module"
-        base_ms = [json.loads(r[3]).get("base_inter_token_ms", 0.0) for r in rows]
-        base_ms = [b for b in base_ms if b > 0]
-        return ServingCalibration(
-            overhead_fraction=median,
-            samples=len(rows),
-            base_ms_per_token=statistics.median(base_ms) if base_ms else None,
-            basis=(
-                f"median of the {len(rows)} newest post-deploy probes on the serving vLLM fleet "
-                f"(range {min(fractions):.2f}..{max(fractions):.2f}; servers wrap {modules}, "
-                f"max rank {rows[0][1]})"
-            ),
-        )
+        return _calibration(rows, "post-deploy probes on the serving vLLM fleet")
+
+    def rank_calibrations(
+        self, model: str, server_modules: tuple[str, ...], server_max_rank: int
+    ) -> dict[int, ServingCalibration]:
+        """Per adapter rank, the median of the newest probes of that serving shape (ranks recorded: > 0)."""
+        key = (model, ",".join(server_modules), server_max_rank)
+        ranks = self.db.execute(
+            "SELECT DISTINCT adapter_rank FROM serving_measurements WHERE model = ? AND server_modules = ? "
+            "AND server_max_rank = ? AND adapter_rank > 0",
+            key,
+        ).fetchall()
+        out = {}
+        for (rank,) in ranks:
+            rows = self.db.execute(
+                "SELECT overhead_fraction, server_max_rank, server_modules, measurement FROM serving_measurements "
+                "WHERE model = ? AND server_modules = ? AND server_max_rank = ? AND adapter_rank = ? "
+                "ORDER BY time DESC LIMIT ?",
+                (*key, rank, CALIBRATION_WINDOW),
+            ).fetchall()
+            out[rank] = _calibration(rows, f"post-deploy probes of rank-{rank} adapters")
+        return out
+
+
+def _calibration(rows: list[tuple], what: str) -> ServingCalibration | None:
+    """Rows of (overhead_fraction, server_max_rank, server_modules, measurement), newest first."""
+    if not rows:
+        return None
+    fractions = [r[0] for r in rows]
+    modules = rows[0][2] or "every LoRA-capable module"
+    base_ms = [b for b in (json.loads(r[3]).get("base_inter_token_ms", 0.0) for r in rows) if b > 0]
+    return ServingCalibration(
+        overhead_fraction=statistics.median(fractions),
+        samples=len(rows),
+        base_ms_per_token=statistics.median(base_ms) if base_ms else None,
+        basis=(
+            f"median of the {len(rows)} newest {what} (range {min(fractions):.2f}..{max(fractions):.2f}; servers "
+            f"wrap {modules}, max rank {rows[0][1]})"
+        ),
+    )
 
 
 def _record(row: tuple) -> DeploymentRecord:

@@ -284,13 +284,16 @@ class HttpVllmApi(VllmApi):
                 if response.status_code >= 400:
                     await response.aread()
                     _raise_for(self.url, response, model)
-                finish = ""
+                finish, done = "", False
                 async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
+                    # After [DONE], read on to the end of the body (vLLM ends it there): a stream left unread
+                    # cannot go back to the pool, and every request would pay for a new connection.
+                    if done or not line.startswith("data:"):
                         continue
                     data = line[len("data:") :].strip()
                     if data == "[DONE]":
-                        break
+                        done = True
+                        continue
                     try:
                         event = json.loads(data)
                     except ValueError as exc:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Protocol
 
 from layercard_service.control.cards import CARD_PREFIX, CardService
 from layercard_service.control.planning.pricing import uncached_reason
 from layercard_service.control.planning.solver import Candidate, Solution, gain_basis, solve
+from layercard_service.control.planning.vllm_fleet import Calibration, VllmFleet
 from layercard_service.domain.cards import LayerCardData, TrainingCostCard
 from layercard_service.domain.plans import CurvePoint, Estimate, Plan, PlanRequest
 from layercard_service.errors import InvalidArgument
@@ -26,9 +26,11 @@ def plan_placement(
     request: PlanRequest,
     card_name: str = "",
     prefix_cache_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
+    vllm: VllmFleet | None = None,
 ) -> Plan:
-    """``prefix_cache_memory_bytes``: the workers' bound on the frozen-prefix cache in memory (beyond it, a file)."""
-    solution = solve(card, request, prefix_cache_memory_bytes)
+    """``prefix_cache_memory_bytes``: the workers' bound on the frozen-prefix cache in memory (beyond it, a file).
+    ``vllm``: what the serving fleet wraps and measured, for plans under a vLLM serving budget."""
+    solution = solve(card, request, prefix_cache_memory_bytes, vllm)
     chosen, full, costs = solution.chosen, solution.full, solution.costs
     tc = card.training_cost
     low = min(chosen.layers)
@@ -197,12 +199,6 @@ def _rates(rates: tuple[float, ...]) -> str:
     return ", ".join(f"{r:g}" for r in rates)
 
 
-class Calibration(Protocol):
-    overhead_fraction: float
-    basis: str
-    base_ms_per_token: float | None
-
-
 def calibrated(card: LayerCardData, calibration: Calibration | None) -> LayerCardData:
     """The card with vLLM's serving overhead taken from the fleet's measurements, when there are any."""
     if calibration is None:
@@ -224,9 +220,11 @@ class PlacementPlanner:
         cards: CardService,
         serving_calibration: Callable[[str], Calibration | None] | None = None,
         prefix_cache_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
+        vllm_fleet: Callable[[str], VllmFleet | None] | None = None,
     ) -> None:
         self.cards = cards
         self.serving_calibration = serving_calibration
+        self.vllm_fleet = vllm_fleet  # model -> the fleet serving it (its LoRA settings, per-rank probes), or None
         self.prefix_cache_memory_bytes = prefix_cache_memory_bytes  # the service's setting, which its workers get
 
     def plan(self, card_name: str, request: PlanRequest) -> Plan:
@@ -238,4 +236,5 @@ class PlacementPlanner:
         card = stored.card
         if self.serving_calibration is not None:
             card = calibrated(card, self.serving_calibration(card.model))
-        return plan_placement(card, request, stored.name, self.prefix_cache_memory_bytes)
+        fleet = self.vllm_fleet(card.model) if self.vllm_fleet is not None else None
+        return plan_placement(card, request, stored.name, self.prefix_cache_memory_bytes, fleet)

@@ -20,6 +20,7 @@ from layercard_service.control.planning.curves import steps_to_reach
 from layercard_service.control.planning.gains import DEFAULT_SCORE, layer_scores, score_basis, set_gain
 from layercard_service.control.planning.learning import CurveModel
 from layercard_service.control.planning.pricing import MAX_PLANNED_STEPS, CacheRun, cache_run, price, uncached_reason
+from layercard_service.control.planning.vllm_fleet import VllmFleet
 from layercard_service.domain.budgets import BUDGET_KINDS
 from layercard_service.domain.cards import LayerCardData
 from layercard_service.domain.plans import BudgetSpec, PlanRequest
@@ -80,10 +81,30 @@ class Solution:
     curves: CurveModel
 
 
-def _shapes(card: LayerCardData, request: PlanRequest) -> list[Shape]:
-    ranks = request.candidate_ranks or (card.settings.rank,)
-    module_sets = request.candidate_module_sets or (tuple(card.module_types),)
-    return [Shape(r, tuple(m)) for r in ranks for m in module_sets]
+def _shapes(card: LayerCardData, request: PlanRequest, vllm: VllmFleet | None) -> list[Shape]:
+    """The candidate shapes: the request's, or the card's; under a vLLM serving budget with the fleet known, the
+    modules it wraps and the ranks it measured by default, and only shapes it can serve."""
+    steer = vllm is not None and request.budget.limits_serving and request.budget.serving_engine == "vllm"
+    default_ranks = (vllm.ranks() if steer else ()) or (card.settings.rank,)
+    default_modules = vllm.module_set(card.module_types) if steer else tuple(card.module_types)
+    ranks = request.candidate_ranks or default_ranks
+    module_sets = request.candidate_module_sets or ((default_modules,) if default_modules else ())
+    shapes = [Shape(r, tuple(m)) for r in ranks for m in module_sets]
+    if not steer:
+        return shapes
+    servable = [s for s in shapes if vllm.problem(s) is None]
+    if not servable:
+        problems = [vllm.problem(s) for s in shapes] or [f"none of the card's modules is wrapped by {vllm.describe()}"]
+        raise FailedPrecondition(
+            f"{vllm.describe()} cannot serve any candidate shape: " + "; ".join(problems),
+            reason="SERVING_SHAPE_UNSERVABLE",
+            metadata={
+                "wrapped_modules": ",".join(vllm.wrapped_modules),
+                "max_rank": str(vllm.max_rank),
+                "measured_ranks": ",".join(str(r) for r in vllm.ranks()),
+            },
+        )
+    return servable
 
 
 def _layer_sets(scores: Sequence[float], exhaustive: bool) -> Iterator[tuple[int, ...]]:
@@ -255,7 +276,10 @@ def _figure(value: float | None, unit: str) -> str:
 
 
 def solve(
-    card: LayerCardData, request: PlanRequest, prefix_cache_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES
+    card: LayerCardData,
+    request: PlanRequest,
+    prefix_cache_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
+    vllm: VllmFleet | None = None,
 ) -> Solution:
     score = request.score or DEFAULT_SCORE
     budget = request.budget
@@ -267,8 +291,10 @@ def solve(
     own = layer_scores(card, score, card.module_types, card.settings.rank)
     candidates: list[Candidate] = []
     full = None
-    for shape in _shapes(card, request):
+    for shape in _shapes(card, request, vllm):
         costs = shape_costs(card, shape)
+        if vllm is not None:
+            costs = vllm.priced(costs)
         if budget.limits_serving and costs.serving_ms(range(1), budget.serving_engine) is None:
             raise FailedPrecondition(
                 "the serving budget needs vLLM's measured adapter overhead, which this card does not have yet: "
@@ -316,7 +342,7 @@ def solve(
     return Solution(
         chosen=chosen,
         full=full,
-        costs=shape_costs(card, chosen.shape),
+        costs=vllm.priced(shape_costs(card, chosen.shape)) if vllm is not None else shape_costs(card, chosen.shape),
         score=score,
         binding=tuple(binding),
         exhaustive=exhaustive,
