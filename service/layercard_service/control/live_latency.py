@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -33,8 +32,11 @@ class LiveWatch:
     version: int
     budget: float
     previous_version: int | None  # what a rollback restores; None: there was none, a rollback undeploys
-    adapter: list[float] = field(default_factory=list)  # inter-token seconds of the version's requests
-    base: list[float] = field(default_factory=list)  # and of the base model's, in the same window
+    # Running sums and counts of inter-token seconds: the version's requests, the base model's in the window.
+    adapter_seconds: float = 0.0
+    adapter_requests: int = 0
+    base_seconds: float = 0.0
+    base_requests: int = 0
     started: float = field(default_factory=time.time)
 
 
@@ -83,13 +85,15 @@ class LiveLatencyJudge:
             return
         for watch in self._watches.values():
             if not record.adapter:
-                watch.base.append(seconds)
+                watch.base_seconds += seconds
+                watch.base_requests += 1
             elif record.served_model == watch.served:
-                watch.adapter.append(seconds)
+                watch.adapter_seconds += seconds
+                watch.adapter_requests += 1
 
     def judge(self, watch: LiveWatch) -> LiveVerdict:
         """The verdict on what ``watch`` has collected so far."""
-        n_adapter, n_base = len(watch.adapter), len(watch.base)
+        n_adapter, n_base = watch.adapter_requests, watch.base_requests
 
         def verdict(outcome: str, overhead: float | None, detail: str) -> LiveVerdict:
             return LiveVerdict(watch.adapter_id, watch.version, outcome, overhead, n_adapter, n_base, detail)
@@ -101,8 +105,8 @@ class LiveLatencyJudge:
                 f"{n_adapter} requests to {watch.served} and {n_base} to the base model in the window; the judge "
                 f"needs {self.min_requests} of each",
             )
-        base = statistics.fmean(watch.base)
-        overhead = statistics.fmean(watch.adapter) / base - 1 if base > 0 else 0.0
+        base = watch.base_seconds / n_base
+        overhead = (watch.adapter_seconds / n_adapter) / base - 1 if base > 0 else 0.0
         outcome = "over" if overhead > watch.budget else "within"
         return verdict(
             outcome,
