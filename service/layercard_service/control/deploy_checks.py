@@ -9,7 +9,15 @@ from layercard_service.errors import FailedPrecondition
 from layercard_service.persistence.deployments import LatencyMeasurement, ServingShape
 from layercard_service.serving.probes import Effect
 
-__all__ = ["LIVE_ALERT", "DeployCheck", "budget_check", "compatibility_check", "effect_check", "live_check"]
+__all__ = [
+    "LIVE_ALERT",
+    "DeployCheck",
+    "budget_check",
+    "compatibility_check",
+    "effect_check",
+    "latency_check",
+    "live_check",
+]
 
 LIVE_ALERT = "LayercardAdapterLiveOverheadOverBudget"  # deploy/prometheus/rules/layercard.yml
 
@@ -61,6 +69,26 @@ def effect_check(effect: Effect, replica: str) -> DeployCheck:
     )
     return DeployCheck(
         "effect", "PASSED", f"{found} ({effect.prompts} greedy prompt(s))", replica, effect.max_logprob_delta
+    )
+
+
+def latency_check(latency: LatencyMeasurement, full_probe: bool) -> DeployCheck:
+    """PASSED for a probe after this load; SKIPPED when the serving shape's calibration stood in for it."""
+    if latency.source == "calibration":
+        return DeployCheck(
+            "latency",
+            "SKIPPED",
+            f"not probed: {latency.basis}; overhead {latency.overhead_fraction:+.1%}",
+            value=latency.overhead_fraction,
+        )
+    why = "full probe asked for" if full_probe else "the serving shape is not calibrated yet"
+    return DeployCheck(
+        "latency",
+        "PASSED",
+        f"probed ({why}): {latency.samples} interleaved base/adapter pairs of {latency.tokens} tokens, overhead "
+        f"{latency.overhead_fraction:+.1%}",
+        latency.replica,
+        latency.overhead_fraction,
     )
 
 

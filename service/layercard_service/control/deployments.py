@@ -32,6 +32,7 @@ from layercard_service.control.deploy_checks import (
     budget_check,
     compatibility_check,
     effect_check,
+    latency_check,
     live_check,
 )
 from layercard_service.control.live_latency import LiveLatencyJudge, LiveVerdict, LiveWatch
@@ -261,31 +262,12 @@ class AdapterManager:
                         metadata={"replica": replica.url, "served_name": served},
                     )
                 checks.append(effect_check(effect, replica.url))
-            if calibration is None:
+            latency = calibration
+            if latency is None:
                 probe_replica = holding[0]
                 latency = await measure_latency(probe_replica, healthy[probe_replica.url].base_model, served)
                 self.store.add_measurement(shape, adapter_id, chosen.version, latency)
-                why = "full probe asked for" if full_probe else "the serving shape is not calibrated yet"
-                checks.append(
-                    DeployCheck(
-                        "latency",
-                        "PASSED",
-                        f"probed ({why}): {latency.samples} interleaved base/adapter pairs of {latency.tokens} "
-                        f"tokens, overhead {latency.overhead_fraction:+.1%}",
-                        probe_replica.url,
-                        latency.overhead_fraction,
-                    )
-                )
-            else:
-                latency = calibration
-                checks.append(
-                    DeployCheck(
-                        "latency",
-                        "SKIPPED",
-                        f"not probed: {calibration.basis}; overhead {calibration.overhead_fraction:+.1%}",
-                        value=calibration.overhead_fraction,
-                    )
-                )
+            checks.append(latency_check(latency, full_probe))
             checks.append(budget_check(served, latency, budget, force, "adds"))
         except BaseException:
             await self.unload(loaded_now, served)  # the version serving before keeps serving

@@ -107,6 +107,11 @@ def _shapes(card: LayerCardData, request: PlanRequest, vllm: VllmFleet | None) -
     return servable
 
 
+def _priced(costs: ShapeCosts, vllm: VllmFleet | None) -> ShapeCosts:
+    """The shape's costs with its vLLM overhead as the serving fleet measured it, when the fleet is known."""
+    return vllm.priced(costs) if vllm is not None else costs
+
+
 def _layer_sets(scores: Sequence[float], exhaustive: bool) -> Iterator[tuple[int, ...]]:
     L = len(scores)
     if exhaustive:
@@ -292,9 +297,7 @@ def solve(
     candidates: list[Candidate] = []
     full = None
     for shape in _shapes(card, request, vllm):
-        costs = shape_costs(card, shape)
-        if vllm is not None:
-            costs = vllm.priced(costs)
+        costs = _priced(shape_costs(card, shape), vllm)
         if budget.limits_serving and costs.serving_ms(range(1), budget.serving_engine) is None:
             raise FailedPrecondition(
                 "the serving budget needs vLLM's measured adapter overhead, which this card does not have yet: "
@@ -342,7 +345,7 @@ def solve(
     return Solution(
         chosen=chosen,
         full=full,
-        costs=vllm.priced(shape_costs(card, chosen.shape)) if vllm is not None else shape_costs(card, chosen.shape),
+        costs=_priced(shape_costs(card, chosen.shape), vllm),
         score=score,
         binding=tuple(binding),
         exhaustive=exhaustive,
