@@ -13,6 +13,8 @@ Then, side by side in one run:
 2. Generate. gRPC Generate (adapter id) against a direct non-streamed /v1/completions of the same served name,
    same prompt, same greedy sampling and max_tokens, at 1 and at 16 concurrent client threads, each issuing
    requests back to back. Service and direct phases alternate in blocks (A B, B A, ...) to spread drift.
+3. Serving pools (bench/serving_pools.py): a second, lean vLLM (o_proj only) beside this one; plans under a grid of
+   serving budgets, each deployed to the pool it names and measured against its budget.
 
     .venv/bin/python -m bench.serving            # writes bench/results/serving.json and serving.md
     .venv/bin/python -m bench.serving --quick    # a few samples: writes serving_quick.json/.md
@@ -44,6 +46,7 @@ import psutil
 import torch
 
 from bench.common import machine, version, write_results
+from bench.serving_pools import pools_phase, pools_report
 from layercard.v1 import adapter_pb2, adapter_pb2_grpc, inference_pb2, inference_pb2_grpc
 from layercard_service.config import ServiceConfig
 from layercard_service.data.jsonl import Example
@@ -654,7 +657,7 @@ def report(result: dict) -> str:
                 for r in sep["profile_top"]
             ],
         ]
-    return "\n".join(lines)
+    return "\n".join(lines + pools_report(result["pools"]))
 
 
 def _process_phases(vllm: VllmProcess, data_dir: Path, served: str, limits: httpx.Limits, args) -> dict:
@@ -763,6 +766,8 @@ def main(argv: list[str] | None = None) -> int:
         # The same, with the service in its own process (its deployment and route come back from state.db);
         # then with it and vLLM pinned to different cores; then once under cProfile, for where its time goes.
         separate = _process_phases(vllm, work / "state", served, limits, args)
+        print("[pools] a lean vLLM pool beside this one; budgeted plans deployed", flush=True)
+        pools = pools_phase(vllm.url, work, MAX_LORA_RANK, ServiceThread, args.quick)
     finally:
         vllm.stop()
         shutil.rmtree(work / "state", ignore_errors=True)  # the published copies; vllm.log stays for post-mortems
@@ -772,11 +777,18 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "machine": info,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "headline": {**headline(deploy, gen, low, high), **_separate_headline(separate, low, high)},
+        "headline": {
+            **headline(deploy, gen, low, high),
+            **_separate_headline(separate, low, high),
+            "budget_plans_within_budget_fraction": pools["within_budget_fraction"],
+            "lean_pool_overhead_fraction": pools["lean_median"],
+            "full_pool_overhead_fraction": pools["full_median"],
+        },
         "setup": {"vllm_startup_s": startup_s, "adapter_train_s": train_s, "vllm_log": str(work / "vllm.log")},
         "deploy": deploy,
         "generate": {str(c): g for c, g in gen.items()},
         "separate_process": separate,
+        "pools": pools,
         "seconds": time.time() - started,
     }
     write_results(args.out, result, report(result))

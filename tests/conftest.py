@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/support is importable as
 
 from support.server_thread import ServerThread
 
-VLLM_FIXTURES = ("vllm_pair", "vllm_server")  # tests/e2e/conftest.py's: each starts real vLLM servers
+VLLM_FIXTURES = ("vllm_pair", "vllm_server", "vllm_lean")  # tests/e2e/conftest.py's: each starts real vLLM servers
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

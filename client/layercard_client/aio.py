@@ -306,6 +306,7 @@ class AsyncLayercardClient:
         validate_only: bool | None = None,
         full_latency_probe: bool | None = None,
         rollback_over_budget: bool | None = None,
+        pool: str | None = None,
         timeout: Timeout = DEFAULT,
         metadata: Metadata | None = None,
     ) -> adapter_pb2.Deployment:
@@ -316,6 +317,7 @@ class AsyncLayercardClient:
             "validate_only": validate_only,
             "full_latency_probe": full_latency_probe,
             "rollback_over_budget": rollback_over_budget,
+            "pool": pool,
         }
         built = builders.deploy_adapter(adapter, fields=fields)
         return await self._unary("AdapterService/DeployAdapter", built, timeout, metadata)

@@ -333,6 +333,7 @@ class LayercardClient:
         validate_only: bool | None = None,
         full_latency_probe: bool | None = None,
         rollback_over_budget: bool | None = None,
+        pool: str | None = None,
         timeout: Timeout = DEFAULT,
         metadata: Metadata | None = None,
     ) -> adapter_pb2.Deployment:
@@ -343,6 +344,7 @@ class LayercardClient:
             "validate_only": validate_only,
             "full_latency_probe": full_latency_probe,
             "rollback_over_budget": rollback_over_budget,
+            "pool": pool,
         }
         built = builders.deploy_adapter(adapter, fields=fields)
         return self._unary("AdapterService/DeployAdapter", built, timeout, metadata)

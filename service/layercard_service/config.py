@@ -7,6 +7,7 @@ Precedence: command-line flag, then environment variable, then the default. Ever
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import Field, dataclass, fields
@@ -15,6 +16,7 @@ from typing import Any
 
 from layercard_service.runners.kubernetes.settings import FLAG_PREFIX as K8S_PREFIX
 from layercard_service.runners.kubernetes.settings import KubernetesSettings
+from layercard_service.serving.pool_spec import DEFAULT_POOL, PoolSpec, parse_pools
 from layercard_service.settings import ConfigError, setting, setting_help, setting_parser
 
 __all__ = ["ConfigError", "KubernetesSettings", "ServiceConfig"]
@@ -45,6 +47,14 @@ class ServiceConfig:
     vllm_lora_target_modules: tuple[str, ...] = setting(
         (),
         "the fleet's --lora-target-modules (empty: every LoRA-capable module); their --max-lora-rank is max_lora_rank",
+    )
+    vllm_pools: tuple[PoolSpec, ...] = setting(
+        (),
+        'serving pools, each a set of vLLM replicas with its own LoRA settings, as a JSON list: [{"name": "lean", '
+        '"dns": "vllm-lean:8000", "target_modules": ["o_proj"], "max_lora_rank": 8}, {"name": "full", "urls": '
+        '["http://vllm:8000"]}] (serving/pool_spec.py); instead of vllm_urls, vllm_dns and vllm_lora_target_modules, '
+        'which make one pool named "default"',
+        parse=parse_pools,
     )
     reconcile_interval_seconds: float = setting(5.0, "how often the fleet is made to match the desired deployments")
     drain_timeout_seconds: float = setting(
@@ -139,6 +149,18 @@ class ServiceConfig:
         for url in self.vllm_urls:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"vllm_urls entries must be http(s) URLs, got {url!r}")
+        if self.vllm_pools and (self.vllm_urls or self.vllm_dns or self.vllm_lora_target_modules):
+            raise ConfigError(
+                "vllm_pools names every pool's replicas and LoRA settings: leave vllm_urls, vllm_dns and "
+                "vllm_lora_target_modules unset with it"
+            )
+
+    def serving_pools(self) -> tuple[PoolSpec, ...]:
+        """The pools the fleet is made of, every max rank filled in: vllm_pools, or the one "default" pool."""
+        pools = self.vllm_pools or (
+            PoolSpec(DEFAULT_POOL, self.vllm_urls, self.vllm_dns, self.vllm_lora_target_modules),
+        )
+        return tuple(dataclasses.replace(p, max_lora_rank=p.max_lora_rank or self.max_lora_rank) for p in pools)
 
     @property
     def bearer_token(self) -> str | None:

@@ -14,7 +14,7 @@ from layercard_service.control.planning.vllm_fleet import VllmFleet
 from layercard_service.control.reconcile import Reconciler
 from layercard_service.control.tuning import TuningService
 from layercard_service.domain.cards import LayerCardData
-from layercard_service.observability.prometheus import StateCollector
+from layercard_service.observability.prometheus import DeployedAdapter, ObservedReplica, StateCollector
 from layercard_service.persistence import Database, open_database
 from layercard_service.persistence.adapter_versions import AdapterVersions
 from layercard_service.persistence.deployments import DeploymentStore
@@ -23,8 +23,17 @@ from layercard_service.persistence.store import Store
 from layercard_service.runners.local import LocalProcessRunner, service_worker_command
 from layercard_service.runners.worker_reports import ServiceEndpoint, WorkerReports
 from layercard_service.serving.chat import BaseModelChatTemplate
-from layercard_service.serving.fleet import Discovery, DnsDiscovery, Fleet, FleetSettings, StaticDiscovery, Union
+from layercard_service.serving.fleet import (
+    Discovery,
+    DnsDiscovery,
+    Fleet,
+    FleetSettings,
+    Pools,
+    StaticDiscovery,
+    Union,
+)
 from layercard_service.serving.inference import InferenceProxy, Routes
+from layercard_service.serving.pool_spec import PoolSpec
 from layercard_service.telemetry import SafeTelemetry, Telemetry
 
 __all__ = ["Core"]
@@ -64,11 +73,7 @@ class Core:
             vllm_fleet=_vllm_fleet(config, deployments),
         )
         tuning = _tuning(config, telemetry, JobStore(db), planner)  # it plans card-budget placements itself
-        fleet = Fleet(
-            _discovery(config),
-            FleetSettings(config.vllm_model, config.max_lora_rank, config.vllm_lora_target_modules),
-            initial=config.vllm_urls,
-        )
+        fleet = _pools(config)
         proxy = InferenceProxy(fleet.members, Routes(), telemetry, BaseModelChatTemplate(config.vllm_model))
         adapters = AdapterManager(
             fleet,
@@ -103,14 +108,16 @@ class Core:
     def state_collector(self) -> StateCollector:
         """Scrape-time gauges: jobs by state, fleet residency, deployed adapters' overhead and budget."""
 
-        def deployments() -> list[tuple[str, str, float | None, float | None]]:
+        def deployments() -> list[DeployedAdapter]:
             records = self.adapters.store.all()
-            return [(r.adapter_id, r.served_name, r.latency.overhead_fraction if r.latency else None, r.budget)
-                    for r in records]  # fmt: skip
+            return [DeployedAdapter(r.adapter_id, r.served_name, r.latency.overhead_fraction if r.latency else None,
+                                    r.budget, r.pool) for r in records]  # fmt: skip
 
-        def replicas() -> list[tuple[str, bool, tuple[str, ...]]]:
+        def replicas() -> list[ObservedReplica]:
             # A copy: the event loop updates the fleet's observations while this scrape thread reads them.
-            return [(o.url, o.healthy, o.adapters) for o in list(self.adapters.fleet.last.values())]
+            pool = self.adapters.pool_name
+            return [ObservedReplica(o.url, o.healthy, o.adapters, pool(o.url) or "")
+                    for o in self.adapters.fleet.last.values()]  # fmt: skip
 
         return StateCollector(self.tuning.store.count_by_state, deployments, replicas)
 
@@ -146,20 +153,40 @@ def _card_engine(*args: Any) -> Any:
 
 
 def _vllm_fleet(config: ServiceConfig, deployments: DeploymentStore):
-    """model -> what the serving fleet wraps and measured per adapter rank, for the fleet's own model only."""
-    modules, max_rank = config.vllm_lora_target_modules, config.max_lora_rank
+    """model -> each serving pool's LoRA settings and per-rank measurements, for the fleet's own model only."""
+    pools = config.serving_pools()
 
-    def fleet(model: str) -> VllmFleet | None:
+    def fleet(model: str) -> tuple[VllmFleet, ...]:
         if model != config.vllm_model:
-            return None
-        return VllmFleet(modules, max_rank, deployments.rank_calibrations(model, modules, max_rank))
+            return ()
+        return tuple(
+            VllmFleet(
+                p.target_modules,
+                p.max_lora_rank,
+                deployments.rank_calibrations(model, p.target_modules, p.max_lora_rank),
+                p.name,
+            )
+            for p in pools
+        )
 
     return fleet
 
 
-def _discovery(config: ServiceConfig) -> Discovery:
-    static = StaticDiscovery(config.vllm_urls)
-    return Union([static, DnsDiscovery(config.vllm_dns)]) if config.vllm_dns else static
+def _pools(config: ServiceConfig) -> Pools:
+    """A Fleet per configured pool: its static URLs and/or DNS name, and the LoRA settings its servers run."""
+    return Pools([
+        Fleet(
+            _discovery(p),
+            FleetSettings(config.vllm_model, p.max_lora_rank, p.target_modules, p.name),
+            initial=p.urls,
+        )
+        for p in config.serving_pools()
+    ])  # fmt: skip
+
+
+def _discovery(pool: PoolSpec) -> Discovery:
+    static = StaticDiscovery(pool.urls)
+    return Union([static, DnsDiscovery(pool.dns)]) if pool.dns else static
 
 
 def _tuning(

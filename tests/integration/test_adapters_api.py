@@ -103,6 +103,8 @@ def _deploy(**fields) -> adapter_pb2.DeployAdapterRequest:
         ({"max_overhead_fraction": float("nan")}, "max_overhead_fraction"),
         ({"rollback_over_budget": True}, "rollback_over_budget"),  # no budget to judge live traffic against
         ({"rollback_over_budget": True, "full_latency_probe": True}, "rollback_over_budget"),
+        ({"pool": "gpu"}, "pool"),  # the service has one pool, "default"
+        ({"pool": "x" * 10_000}, "pool"),  # named back in the error, cut short
     ],
 )
 def test_deploy_with_bad_fields_is_invalid_argument(stub, request_fields, field):

@@ -114,6 +114,7 @@ JOBS = [
     ("plan steps huge", _job(placement=_placement(steps=2_000_000_000)), "placement.steps"),
     ("plan learning rate NaN", _job(placement=_placement(learning_rate=NAN)), "placement.learning_rate"),
     ("plan learning rate negative", _job(placement=_placement(learning_rate=-1e-3)), "placement.learning_rate"),
+    ("plan serving pool not a name", _job(placement=_placement(serving_pool="Lean Pool")), "placement.serving_pool"),
     (
         "plan curve step 0",
         _job(placement=_placement(predicted_curve=[placement_pb2.CurvePoint(steps=0, gain=1.0)])),

@@ -37,8 +37,11 @@ def train_word_adapter(folder: Path, word: str, steps: int = 60) -> Path:
     return folder
 
 
-def publish_version(data_dir: Path, adapter_id: str, source: Path, model: str = "builtin:tiny") -> int:
-    """Copies ``source`` into the artifact layout and records it as the adapter's next version."""
+def publish_version(
+    data_dir: Path, adapter_id: str, source: Path, model: str = "builtin:tiny", serving_pool: str = ""
+) -> int:
+    """Copies ``source`` into the artifact layout and records it as the adapter's next version (``serving_pool``:
+    the pool its plan chose, as a planned job records it)."""
     db_path = data_dir / "state.db"
     JobStore(db_path).close()  # creates the schema
     with sqlite3.connect(db_path, isolation_level=None) as db:
@@ -47,7 +50,8 @@ def publish_version(data_dir: Path, adapter_id: str, source: Path, model: str = 
         version = (row[0] or 0) + 1
         final = data_dir / "artifacts" / "adapters" / adapter_id / str(version)
         shutil.copytree(source, final)
-        placement = {"layers": list(LAYERS), "rank": 8, "alpha": 16.0, "target_modules": list(MODULES)}
+        placement = {"layers": list(LAYERS), "rank": 8, "alpha": 16.0, "target_modules": list(MODULES),
+                     "serving_pool": serving_pool}  # fmt: skip
         metadata = {"model": model, "placement": placement}
         insert_version(db, AdapterVersion(adapter_id, version, str(final), "test-job", time.time(), metadata))
         db.execute("COMMIT")

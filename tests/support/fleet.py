@@ -70,11 +70,11 @@ class Env:
     def replicas(self) -> list[FakeVllm]:
         return [self.fakes[u] for u in URLS]
 
-    def publish(self, adapter_id: str, model: str = MODEL, **config) -> int:
+    def publish(self, adapter_id: str, model: str = MODEL, serving_pool: str = "", **config) -> int:
         folder = self.data_dir / "sources" / f"{adapter_id}-{len(self.jobs.versions(adapter_id)) + 1}"
         folder.mkdir(parents=True)
         (folder / "adapter_config.json").write_text(json.dumps({**ADAPTER_CONFIG, **config}))
-        return publish_version(self.data_dir, adapter_id, folder, model=model)
+        return publish_version(self.data_dir, adapter_id, folder, model=model, serving_pool=serving_pool)
 
     def calls(self, call: str, name: str | None = None) -> list[tuple]:
         return [e for e in self.log if e[0] == call and (name is None or e[2] == name)]

@@ -46,7 +46,10 @@ async def test_static_urls_and_a_dns_name_together_make_the_fleet():
     from layercard_service.core import _discovery
 
     config = ServiceConfig(vllm_urls=("http://10.1.2.3:8000",), vllm_dns="localhost:8000")
-    assert sorted(await _discovery(config).urls()) == ["http://10.1.2.3:8000", "http://127.0.0.1:8000"]
+    assert sorted(await _discovery(config.serving_pools()[0]).urls()) == [
+        "http://10.1.2.3:8000",
+        "http://127.0.0.1:8000",
+    ]
 
 
 def test_config_rejects_a_dns_target_without_a_host():

@@ -55,14 +55,16 @@ def _tables(path) -> set[str]:
 
 def test_an_empty_file_is_migrated_to_the_current_version(tmp_path):
     db = open_database(tmp_path / "state.db")
-    assert schema_version(db) == SCHEMA_VERSION == 4
+    assert schema_version(db) == SCHEMA_VERSION == 5
     assert {"layer_cards", "tuning_jobs", "adapter_versions", "deployments", "schema_version"} <= _tables(db.path)
     assert "budget" in db.columns(db, "deployments")
     assert db.columns(db, "tuning_job_workers") == {"job_id", "token_sha256", "batch"}
     assert "adapter_rank" in db.columns(db, "serving_measurements")
+    assert "pool" in db.columns(db, "deployments")
     db.close()
     db = open_database(tmp_path / "state.db")  # opening again applies nothing twice
-    assert db.execute("SELECT version FROM schema_version ORDER BY version").fetchall() == [(1,), (2,), (3,), (4,)]
+    versions = db.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
+    assert versions == [(1,), (2,), (3,), (4,), (5,)]
     db.close()
 
 
@@ -79,8 +81,9 @@ def test_a_state_db_from_before_versioning_upgrades_with_its_rows(tmp_path, depl
     record = deploys.get("bot")
     assert (record.version, record.state) == (1, "READY")
     assert record.budget == (0.25 if "budget" in deployments else None)
-    deploys.put(DeploymentRecord("chat", 2, "READY", None, 4.0, budget=0.5))  # the migrated column takes writes
-    assert deploys.get("chat").budget == 0.5
+    assert record.pool == "default"  # deployed before pools: the one pool a single-pool service has
+    deploys.put(DeploymentRecord("chat", 2, "READY", None, 4.0, budget=0.5, pool="lean"))  # migrated columns write
+    assert (deploys.get("chat").budget, deploys.get("chat").pool) == (0.5, "lean")
     db.close()
 
 

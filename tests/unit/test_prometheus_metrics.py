@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry
 
-from layercard_service.observability.prometheus import PrometheusTelemetry, StateCollector
+from layercard_service.observability.prometheus import (
+    DeployedAdapter,
+    ObservedReplica,
+    PrometheusTelemetry,
+    StateCollector,
+)
 from layercard_service.telemetry import JobOutcome, RequestRecord
 
 
@@ -55,15 +60,31 @@ def test_state_is_read_at_scrape_time(registry):
     jobs = {"RUNNING": 1, "SUCCEEDED": 3}
     registry.register(StateCollector(lambda: jobs, lambda: deployments, lambda: replicas))
     get = registry.get_sample_value
+    pool = {"pool": "default"}
     assert get("layercard_tuning_jobs", {"state": "SUCCEEDED"}) == 3
-    assert get("layercard_vllm_replica_up", {"replica": "http://b"}) == 0
-    assert get("layercard_fleet_desired_adapters", {"replica": "http://a"}) == 2
-    assert get("layercard_fleet_missing_adapters", {"replica": "http://a"}) == 0
-    assert get("layercard_fleet_missing_adapters", {"replica": "http://b"}) == 2
-    assert get("layercard_fleet_adapter_loaded", {"adapter": "bot", "replica": "http://b"}) == 0
-    assert get("layercard_adapter_overhead_fraction", {"adapter": "bot"}) == 0.8
-    assert get("layercard_adapter_overhead_budget_fraction", {"adapter": "bot"}) == 0.5
-    assert get("layercard_adapter_overhead_fraction", {"adapter": "new"}) is None
+    assert get("layercard_vllm_replica_up", {"replica": "http://b", **pool}) == 0
+    assert get("layercard_fleet_desired_adapters", {"replica": "http://a", **pool}) == 2
+    assert get("layercard_fleet_missing_adapters", {"replica": "http://a", **pool}) == 0
+    assert get("layercard_fleet_missing_adapters", {"replica": "http://b", **pool}) == 2
+    assert get("layercard_fleet_adapter_loaded", {"adapter": "bot", "replica": "http://b", **pool}) == 0
+    assert get("layercard_adapter_overhead_fraction", {"adapter": "bot", **pool}) == 0.8
+    assert get("layercard_adapter_overhead_budget_fraction", {"adapter": "bot", **pool}) == 0.5
+    assert get("layercard_adapter_overhead_fraction", {"adapter": "new", **pool}) is None
 
     jobs["SUCCEEDED"] = 4  # nothing cached: the next scrape sees the change
     assert get("layercard_tuning_jobs", {"state": "SUCCEEDED"}) == 4
+
+
+def test_each_replica_is_held_to_the_deployments_of_its_own_pool(registry):
+    deployments = [
+        DeployedAdapter("bot", "bot@v2", 0.1, 0.2, "lean"),
+        DeployedAdapter("big", "big@v1", 0.7, None, "full"),
+    ]
+    replicas = [ObservedReplica("http://l", True, ("bot@v2",), "lean"), ObservedReplica("http://f", True, (), "full")]
+    registry.register(StateCollector(dict, lambda: deployments, lambda: replicas))
+    get = registry.get_sample_value
+    assert get("layercard_fleet_desired_adapters", {"replica": "http://l", "pool": "lean"}) == 1
+    assert get("layercard_fleet_missing_adapters", {"replica": "http://l", "pool": "lean"}) == 0
+    assert get("layercard_fleet_missing_adapters", {"replica": "http://f", "pool": "full"}) == 1  # big, not bot
+    assert get("layercard_fleet_adapter_loaded", {"adapter": "bot", "replica": "http://f", "pool": "full"}) is None
+    assert get("layercard_adapter_overhead_fraction", {"adapter": "bot", "pool": "lean"}) == 0.1

@@ -72,3 +72,45 @@ def test_without_a_vllm_budget_the_fleet_steers_nothing_but_prices_the_plan():
     assert served.serving_overhead_fraction.value == pytest.approx(0.3)  # what rank 8 measured on o_proj
     peft = {"max_serving_overhead_ms_per_token": 0.25, "serving_engine": "peft"}
     assert plan(card, budget=peft, vllm=FLEET) == plan(card, budget=peft)
+
+
+# --- several serving pools -----------------------------------------------------------------------------------------
+LEAN = VllmFleet(("o_proj",), 8, {8: Measured(0.13)}, "lean")
+FULL = VllmFleet((), 8, {8: Measured(0.71)}, "full")
+
+
+def test_a_tight_budget_takes_the_lean_pools_modules_and_names_the_pool():
+    card = make_card(GAINS, vllm_fraction=0.5)
+    p = plan(card, budget={"max_serving_overhead_fraction": 0.2}, vllm=(FULL, LEAN))
+    assert p.serving_pool == "lean" and p.target_modules == ("o_proj",) and p.rank == 8
+    assert p.serving_overhead_fraction.value == pytest.approx(0.13)
+    assert "serving pool 'lean' (wrapping o_proj, max rank 8)" in p.serving_overhead_fraction.basis
+    # A loose budget lets the full pool's modules in: they are worth more gain on this card.
+    loose = plan(card, budget={"max_serving_overhead_fraction": 0.8}, vllm=(FULL, LEAN))
+    assert loose.serving_pool == "full" and set(loose.target_modules) == {"q_proj", "o_proj"}
+    assert loose.serving_overhead_fraction.value == pytest.approx(0.71)
+
+
+def test_a_budget_no_pool_meets_names_the_cheapest_pool_and_its_overhead():
+    with pytest.raises(FailedPrecondition) as err:
+        plan(make_card(GAINS), budget={"max_serving_overhead_fraction": 0.05}, vllm=(FULL, LEAN))
+    assert err.value.reason == "BUDGET_INFEASIBLE"
+    assert err.value.metadata["cheapest_serving_pool"] == "lean"
+    assert "on serving pool 'lean'" in err.value.message and "0.13 > 0.05" in err.value.message
+
+
+def test_a_shape_no_pool_can_serve_is_refused_with_each_pools_reason():
+    with pytest.raises(FailedPrecondition) as err:
+        plan(make_card(GAINS), budget={"max_serving_overhead_fraction": 0.5}, vllm=(LEAN, FULL), candidate_ranks=(16,))
+    assert err.value.reason == "SERVING_SHAPE_UNSERVABLE" and err.value.metadata["pools"] == "lean,full"
+    assert "serving pool 'lean'" in err.value.message and "serving pool 'full'" in err.value.message
+    assert "over its max rank 8" in err.value.message
+
+
+def test_without_a_serving_budget_the_plan_names_the_pool_that_serves_its_shape_cheapest():
+    card = make_card(GAINS, vllm_fraction=0.5)
+    p = plan(card, vllm=(FULL, LEAN))  # the card's shape adapts q_proj: only the full pool serves it
+    assert p.serving_pool == "full" and p.serving_overhead_fraction.value == pytest.approx(0.71)
+    lean = plan(card, vllm=(FULL, LEAN), candidate_module_sets=(("o_proj",),))
+    assert lean.serving_pool == "lean" and lean.serving_overhead_fraction.value == pytest.approx(0.13)
+    assert plan(card).serving_pool == ""  # no fleet known

@@ -26,41 +26,41 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from layercard.v1 import common_pb2 as layercard_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1alayercard/v1/adapter.proto\x12\x0clayercard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19layercard/v1/common.proto\"\xd6\x01\n\x14\x44\x65ployAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\"\n\x15max_overhead_fraction\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05\x66orce\x18\x04 \x01(\x08\x12\x15\n\rvalidate_only\x18\x05 \x01(\x08\x12\x1a\n\x12\x66ull_latency_probe\x18\x06 \x01(\x08\x12\x1c\n\x14rollback_over_budget\x18\x07 \x01(\x08\x42\x18\n\x16_max_overhead_fraction\")\n\x16UndeployAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"H\n\x17UndeployAdapterResponse\x12-\n\x08replicas\x18\x01 \x03(\x0b\x32\x1b.layercard.v1.ReplicaStatus\"<\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"X\n\x14ListAdaptersResponse\x12\'\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x15.layercard.v1.Adapter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x89\x01\n\x07\x41\x64\x61pter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12.\n\x08versions\x18\x03 \x03(\x0b\x32\x1c.layercard.v1.AdapterVersion\x12,\n\ndeployment\x18\x04 \x01(\x0b\x32\x18.layercard.v1.Deployment\"\xbf\x01\n\x0e\x41\x64\x61pterVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0e\n\x06layers\x18\x03 \x03(\x05\x12%\n\x04lora\x18\x04 \x01(\x0b\x32\x17.layercard.v1.LoraShape\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x12\n\ntuning_job\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xaf\x02\n\nDeployment\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x13\n\x0bserved_name\x18\x03 \x01(\t\x12,\n\x05state\x18\x04 \x01(\x0e\x32\x1d.layercard.v1.DeploymentState\x12-\n\x08replicas\x18\x05 \x03(\x0b\x32\x1b.layercard.v1.ReplicaStatus\x12\x31\n\x07latency\x18\x06 \x01(\x0b\x32 .layercard.v1.LatencyMeasurement\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06\x63hecks\x18\x08 \x03(\x0b\x32\x19.layercard.v1.DeployCheck\"\x87\x01\n\x0b\x44\x65ployCheck\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x07outcome\x18\x02 \x01(\x0e\x32\x1a.layercard.v1.CheckOutcome\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x0f\n\x07replica\x18\x04 \x01(\t\x12\x12\n\x05value\x18\x05 \x01(\x01H\x00\x88\x01\x01\x42\x08\n\x06_value\"\xa7\x01\n\rReplicaStatus\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x19\n\x11observed_adapters\x18\x03 \x03(\t\x12\x16\n\x0e\x64\x65sired_loaded\x18\x04 \x01(\x08\x12\x15\n\rmax_lora_rank\x18\x05 \x01(\x05\x12\x1b\n\x13lora_target_modules\x18\x06 \x03(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"\xf9\x01\n\x12LatencyMeasurement\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61se_ttft_ms\x18\x02 \x01(\x01\x12\x17\n\x0f\x61\x64\x61pter_ttft_ms\x18\x03 \x01(\x01\x12\x1b\n\x13\x62\x61se_inter_token_ms\x18\x04 \x01(\x01\x12\x1e\n\x16\x61\x64\x61pter_inter_token_ms\x18\x05 \x01(\x01\x12\x19\n\x11overhead_fraction\x18\x06 \x01(\x01\x12\x0f\n\x07samples\x18\x07 \x01(\x05\x12+\n\x06source\x18\x08 \x01(\x0e\x32\x1b.layercard.v1.LatencySource\x12\r\n\x05\x62\x61sis\x18\t \x01(\t*\xab\x01\n\x0f\x44\x65ploymentState\x12 \n\x1c\x44\x45PLOYMENT_STATE_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x44\x45PLOYMENT_STATE_DEPLOYING\x10\x01\x12\x1a\n\x16\x44\x45PLOYMENT_STATE_READY\x10\x02\x12\x1d\n\x19\x44\x45PLOYMENT_STATE_DEGRADED\x10\x03\x12\x1b\n\x17\x44\x45PLOYMENT_STATE_FAILED\x10\x04*\x9e\x01\n\x0c\x43heckOutcome\x12\x1d\n\x19\x43HECK_OUTCOME_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43HECK_OUTCOME_PASSED\x10\x01\x12\x19\n\x15\x43HECK_OUTCOME_SKIPPED\x10\x02\x12\x19\n\x15\x43HECK_OUTCOME_PENDING\x10\x03\x12\x1f\n\x1b\x43HECK_OUTCOME_FAILED_FORCED\x10\x04*o\n\rLatencySource\x12\x1e\n\x1aLATENCY_SOURCE_UNSPECIFIED\x10\x00\x12\x18\n\x14LATENCY_SOURCE_PROBE\x10\x01\x12$\n LATENCY_SOURCE_SHAPE_CALIBRATION\x10\x02\x32\x96\x02\n\x0e\x41\x64\x61pterService\x12M\n\rDeployAdapter\x12\".layercard.v1.DeployAdapterRequest\x1a\x18.layercard.v1.Deployment\x12^\n\x0fUndeployAdapter\x12$.layercard.v1.UndeployAdapterRequest\x1a%.layercard.v1.UndeployAdapterResponse\x12U\n\x0cListAdapters\x12!.layercard.v1.ListAdaptersRequest\x1a\".layercard.v1.ListAdaptersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1alayercard/v1/adapter.proto\x12\x0clayercard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19layercard/v1/common.proto\"\xe4\x01\n\x14\x44\x65ployAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\"\n\x15max_overhead_fraction\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05\x66orce\x18\x04 \x01(\x08\x12\x15\n\rvalidate_only\x18\x05 \x01(\x08\x12\x1a\n\x12\x66ull_latency_probe\x18\x06 \x01(\x08\x12\x1c\n\x14rollback_over_budget\x18\x07 \x01(\x08\x12\x0c\n\x04pool\x18\x08 \x01(\tB\x18\n\x16_max_overhead_fraction\")\n\x16UndeployAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"H\n\x17UndeployAdapterResponse\x12-\n\x08replicas\x18\x01 \x03(\x0b\x32\x1b.layercard.v1.ReplicaStatus\"<\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"X\n\x14ListAdaptersResponse\x12\'\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x15.layercard.v1.Adapter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x89\x01\n\x07\x41\x64\x61pter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12.\n\x08versions\x18\x03 \x03(\x0b\x32\x1c.layercard.v1.AdapterVersion\x12,\n\ndeployment\x18\x04 \x01(\x0b\x32\x18.layercard.v1.Deployment\"\xbf\x01\n\x0e\x41\x64\x61pterVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0e\n\x06layers\x18\x03 \x03(\x05\x12%\n\x04lora\x18\x04 \x01(\x0b\x32\x17.layercard.v1.LoraShape\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x12\n\ntuning_job\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbd\x02\n\nDeployment\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x13\n\x0bserved_name\x18\x03 \x01(\t\x12,\n\x05state\x18\x04 \x01(\x0e\x32\x1d.layercard.v1.DeploymentState\x12-\n\x08replicas\x18\x05 \x03(\x0b\x32\x1b.layercard.v1.ReplicaStatus\x12\x31\n\x07latency\x18\x06 \x01(\x0b\x32 .layercard.v1.LatencyMeasurement\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06\x63hecks\x18\x08 \x03(\x0b\x32\x19.layercard.v1.DeployCheck\x12\x0c\n\x04pool\x18\t \x01(\t\"\x87\x01\n\x0b\x44\x65ployCheck\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x07outcome\x18\x02 \x01(\x0e\x32\x1a.layercard.v1.CheckOutcome\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x0f\n\x07replica\x18\x04 \x01(\t\x12\x12\n\x05value\x18\x05 \x01(\x01H\x00\x88\x01\x01\x42\x08\n\x06_value\"\xb5\x01\n\rReplicaStatus\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x19\n\x11observed_adapters\x18\x03 \x03(\t\x12\x16\n\x0e\x64\x65sired_loaded\x18\x04 \x01(\x08\x12\x15\n\rmax_lora_rank\x18\x05 \x01(\x05\x12\x1b\n\x13lora_target_modules\x18\x06 \x03(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x0c\n\x04pool\x18\x08 \x01(\t\"\xf9\x01\n\x12LatencyMeasurement\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61se_ttft_ms\x18\x02 \x01(\x01\x12\x17\n\x0f\x61\x64\x61pter_ttft_ms\x18\x03 \x01(\x01\x12\x1b\n\x13\x62\x61se_inter_token_ms\x18\x04 \x01(\x01\x12\x1e\n\x16\x61\x64\x61pter_inter_token_ms\x18\x05 \x01(\x01\x12\x19\n\x11overhead_fraction\x18\x06 \x01(\x01\x12\x0f\n\x07samples\x18\x07 \x01(\x05\x12+\n\x06source\x18\x08 \x01(\x0e\x32\x1b.layercard.v1.LatencySource\x12\r\n\x05\x62\x61sis\x18\t \x01(\t*\xab\x01\n\x0f\x44\x65ploymentState\x12 \n\x1c\x44\x45PLOYMENT_STATE_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x44\x45PLOYMENT_STATE_DEPLOYING\x10\x01\x12\x1a\n\x16\x44\x45PLOYMENT_STATE_READY\x10\x02\x12\x1d\n\x19\x44\x45PLOYMENT_STATE_DEGRADED\x10\x03\x12\x1b\n\x17\x44\x45PLOYMENT_STATE_FAILED\x10\x04*\x9e\x01\n\x0c\x43heckOutcome\x12\x1d\n\x19\x43HECK_OUTCOME_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43HECK_OUTCOME_PASSED\x10\x01\x12\x19\n\x15\x43HECK_OUTCOME_SKIPPED\x10\x02\x12\x19\n\x15\x43HECK_OUTCOME_PENDING\x10\x03\x12\x1f\n\x1b\x43HECK_OUTCOME_FAILED_FORCED\x10\x04*o\n\rLatencySource\x12\x1e\n\x1aLATENCY_SOURCE_UNSPECIFIED\x10\x00\x12\x18\n\x14LATENCY_SOURCE_PROBE\x10\x01\x12$\n LATENCY_SOURCE_SHAPE_CALIBRATION\x10\x02\x32\x96\x02\n\x0e\x41\x64\x61pterService\x12M\n\rDeployAdapter\x12\".layercard.v1.DeployAdapterRequest\x1a\x18.layercard.v1.Deployment\x12^\n\x0fUndeployAdapter\x12$.layercard.v1.UndeployAdapterRequest\x1a%.layercard.v1.UndeployAdapterResponse\x12U\n\x0cListAdapters\x12!.layercard.v1.ListAdaptersRequest\x1a\".layercard.v1.ListAdaptersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'layercard.v1.adapter_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DEPLOYMENTSTATE']._serialized_start=1791
-  _globals['_DEPLOYMENTSTATE']._serialized_end=1962
-  _globals['_CHECKOUTCOME']._serialized_start=1965
-  _globals['_CHECKOUTCOME']._serialized_end=2123
-  _globals['_LATENCYSOURCE']._serialized_start=2125
-  _globals['_LATENCYSOURCE']._serialized_end=2236
+  _globals['_DEPLOYMENTSTATE']._serialized_start=1833
+  _globals['_DEPLOYMENTSTATE']._serialized_end=2004
+  _globals['_CHECKOUTCOME']._serialized_start=2007
+  _globals['_CHECKOUTCOME']._serialized_end=2165
+  _globals['_LATENCYSOURCE']._serialized_start=2167
+  _globals['_LATENCYSOURCE']._serialized_end=2278
   _globals['_DEPLOYADAPTERREQUEST']._serialized_start=105
-  _globals['_DEPLOYADAPTERREQUEST']._serialized_end=319
-  _globals['_UNDEPLOYADAPTERREQUEST']._serialized_start=321
-  _globals['_UNDEPLOYADAPTERREQUEST']._serialized_end=362
-  _globals['_UNDEPLOYADAPTERRESPONSE']._serialized_start=364
-  _globals['_UNDEPLOYADAPTERRESPONSE']._serialized_end=436
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=438
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=498
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=500
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=588
-  _globals['_ADAPTER']._serialized_start=591
-  _globals['_ADAPTER']._serialized_end=728
-  _globals['_ADAPTERVERSION']._serialized_start=731
-  _globals['_ADAPTERVERSION']._serialized_end=922
-  _globals['_DEPLOYMENT']._serialized_start=925
-  _globals['_DEPLOYMENT']._serialized_end=1228
-  _globals['_DEPLOYCHECK']._serialized_start=1231
-  _globals['_DEPLOYCHECK']._serialized_end=1366
-  _globals['_REPLICASTATUS']._serialized_start=1369
-  _globals['_REPLICASTATUS']._serialized_end=1536
-  _globals['_LATENCYMEASUREMENT']._serialized_start=1539
-  _globals['_LATENCYMEASUREMENT']._serialized_end=1788
-  _globals['_ADAPTERSERVICE']._serialized_start=2239
-  _globals['_ADAPTERSERVICE']._serialized_end=2517
+  _globals['_DEPLOYADAPTERREQUEST']._serialized_end=333
+  _globals['_UNDEPLOYADAPTERREQUEST']._serialized_start=335
+  _globals['_UNDEPLOYADAPTERREQUEST']._serialized_end=376
+  _globals['_UNDEPLOYADAPTERRESPONSE']._serialized_start=378
+  _globals['_UNDEPLOYADAPTERRESPONSE']._serialized_end=450
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=452
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=512
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=514
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=602
+  _globals['_ADAPTER']._serialized_start=605
+  _globals['_ADAPTER']._serialized_end=742
+  _globals['_ADAPTERVERSION']._serialized_start=745
+  _globals['_ADAPTERVERSION']._serialized_end=936
+  _globals['_DEPLOYMENT']._serialized_start=939
+  _globals['_DEPLOYMENT']._serialized_end=1256
+  _globals['_DEPLOYCHECK']._serialized_start=1259
+  _globals['_DEPLOYCHECK']._serialized_end=1394
+  _globals['_REPLICASTATUS']._serialized_start=1397
+  _globals['_REPLICASTATUS']._serialized_end=1578
+  _globals['_LATENCYMEASUREMENT']._serialized_start=1581
+  _globals['_LATENCYMEASUREMENT']._serialized_end=1830
+  _globals['_ADAPTERSERVICE']._serialized_start=2281
+  _globals['_ADAPTERSERVICE']._serialized_end=2559
 # @@protoc_insertion_point(module_scope)

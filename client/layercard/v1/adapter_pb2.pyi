@@ -47,7 +47,7 @@ LATENCY_SOURCE_PROBE: LatencySource
 LATENCY_SOURCE_SHAPE_CALIBRATION: LatencySource
 
 class DeployAdapterRequest(_message.Message):
-    __slots__ = ("adapter", "version", "max_overhead_fraction", "force", "validate_only", "full_latency_probe", "rollback_over_budget")
+    __slots__ = ("adapter", "version", "max_overhead_fraction", "force", "validate_only", "full_latency_probe", "rollback_over_budget", "pool")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_OVERHEAD_FRACTION_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class DeployAdapterRequest(_message.Message):
     VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     FULL_LATENCY_PROBE_FIELD_NUMBER: _ClassVar[int]
     ROLLBACK_OVER_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
     adapter: str
     version: int
     max_overhead_fraction: float
@@ -62,7 +63,8 @@ class DeployAdapterRequest(_message.Message):
     validate_only: bool
     full_latency_probe: bool
     rollback_over_budget: bool
-    def __init__(self, adapter: _Optional[str] = ..., version: _Optional[int] = ..., max_overhead_fraction: _Optional[float] = ..., force: _Optional[bool] = ..., validate_only: _Optional[bool] = ..., full_latency_probe: _Optional[bool] = ..., rollback_over_budget: _Optional[bool] = ...) -> None: ...
+    pool: str
+    def __init__(self, adapter: _Optional[str] = ..., version: _Optional[int] = ..., max_overhead_fraction: _Optional[float] = ..., force: _Optional[bool] = ..., validate_only: _Optional[bool] = ..., full_latency_probe: _Optional[bool] = ..., rollback_over_budget: _Optional[bool] = ..., pool: _Optional[str] = ...) -> None: ...
 
 class UndeployAdapterRequest(_message.Message):
     __slots__ = ("adapter",)
@@ -123,7 +125,7 @@ class AdapterVersion(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., lora: _Optional[_Union[_common_pb2.LoraShape, _Mapping]] = ..., size_bytes: _Optional[int] = ..., tuning_job: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("adapter", "version", "served_name", "state", "replicas", "latency", "update_time", "checks")
+    __slots__ = ("adapter", "version", "served_name", "state", "replicas", "latency", "update_time", "checks", "pool")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVED_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +134,7 @@ class Deployment(_message.Message):
     LATENCY_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     CHECKS_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
     adapter: str
     version: int
     served_name: str
@@ -140,7 +143,8 @@ class Deployment(_message.Message):
     latency: LatencyMeasurement
     update_time: _timestamp_pb2.Timestamp
     checks: _containers.RepeatedCompositeFieldContainer[DeployCheck]
-    def __init__(self, adapter: _Optional[str] = ..., version: _Optional[int] = ..., served_name: _Optional[str] = ..., state: _Optional[_Union[DeploymentState, str]] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., latency: _Optional[_Union[LatencyMeasurement, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., checks: _Optional[_Iterable[_Union[DeployCheck, _Mapping]]] = ...) -> None: ...
+    pool: str
+    def __init__(self, adapter: _Optional[str] = ..., version: _Optional[int] = ..., served_name: _Optional[str] = ..., state: _Optional[_Union[DeploymentState, str]] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., latency: _Optional[_Union[LatencyMeasurement, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., checks: _Optional[_Iterable[_Union[DeployCheck, _Mapping]]] = ..., pool: _Optional[str] = ...) -> None: ...
 
 class DeployCheck(_message.Message):
     __slots__ = ("name", "outcome", "detail", "replica", "value")
@@ -157,7 +161,7 @@ class DeployCheck(_message.Message):
     def __init__(self, name: _Optional[str] = ..., outcome: _Optional[_Union[CheckOutcome, str]] = ..., detail: _Optional[str] = ..., replica: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("replica", "healthy", "observed_adapters", "desired_loaded", "max_lora_rank", "lora_target_modules", "error")
+    __slots__ = ("replica", "healthy", "observed_adapters", "desired_loaded", "max_lora_rank", "lora_target_modules", "error", "pool")
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     OBSERVED_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +169,7 @@ class ReplicaStatus(_message.Message):
     MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     LORA_TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
     replica: str
     healthy: bool
     observed_adapters: _containers.RepeatedScalarFieldContainer[str]
@@ -172,7 +177,8 @@ class ReplicaStatus(_message.Message):
     max_lora_rank: int
     lora_target_modules: _containers.RepeatedScalarFieldContainer[str]
     error: str
-    def __init__(self, replica: _Optional[str] = ..., healthy: _Optional[bool] = ..., observed_adapters: _Optional[_Iterable[str]] = ..., desired_loaded: _Optional[bool] = ..., max_lora_rank: _Optional[int] = ..., lora_target_modules: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ...) -> None: ...
+    pool: str
+    def __init__(self, replica: _Optional[str] = ..., healthy: _Optional[bool] = ..., observed_adapters: _Optional[_Iterable[str]] = ..., desired_loaded: _Optional[bool] = ..., max_lora_rank: _Optional[int] = ..., lora_target_modules: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ..., pool: _Optional[str] = ...) -> None: ...
 
 class LatencyMeasurement(_message.Message):
     __slots__ = ("replica", "base_ttft_ms", "adapter_ttft_ms", "base_inter_token_ms", "adapter_inter_token_ms", "overhead_fraction", "samples", "source", "basis")

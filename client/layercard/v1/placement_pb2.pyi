@@ -77,7 +77,7 @@ class PlanPlacementRequest(_message.Message):
     def __init__(self, layer_card: _Optional[str] = ..., objective: _Optional[_Union[Objective, str]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., target_gain_fraction: _Optional[float] = ..., k: _Optional[int] = ..., candidate_ranks: _Optional[_Iterable[int]] = ..., candidate_module_sets: _Optional[_Iterable[str]] = ..., steps: _Optional[int] = ..., gain_score: _Optional[str] = ..., prefix_cache: _Optional[bool] = ..., train_examples: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("layer_card", "objective", "layers", "lora", "predicted_gain", "predicted_gain_share", "step_seconds", "step_fraction_of_full", "peak_memory_bytes", "adapter_parameters", "adapter_bytes", "serving_overhead_ms_per_token", "serving_overhead_fraction", "steps", "binding_limits", "rationale", "gain_score", "prefix_cache_build_seconds", "prefix_cache_bytes", "predicted_curve", "learning_rate")
+    __slots__ = ("layer_card", "objective", "layers", "lora", "predicted_gain", "predicted_gain_share", "step_seconds", "step_fraction_of_full", "peak_memory_bytes", "adapter_parameters", "adapter_bytes", "serving_overhead_ms_per_token", "serving_overhead_fraction", "steps", "binding_limits", "rationale", "gain_score", "prefix_cache_build_seconds", "prefix_cache_bytes", "predicted_curve", "learning_rate", "serving_pool")
     LAYER_CARD_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class Placement(_message.Message):
     PREFIX_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_CURVE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    SERVING_POOL_FIELD_NUMBER: _ClassVar[int]
     layer_card: str
     objective: Objective
     layers: _containers.RepeatedScalarFieldContainer[int]
@@ -120,7 +121,8 @@ class Placement(_message.Message):
     prefix_cache_bytes: _common_pb2.Prediction
     predicted_curve: _containers.RepeatedCompositeFieldContainer[CurvePoint]
     learning_rate: float
-    def __init__(self, layer_card: _Optional[str] = ..., objective: _Optional[_Union[Objective, str]] = ..., layers: _Optional[_Iterable[int]] = ..., lora: _Optional[_Union[_common_pb2.LoraShape, _Mapping]] = ..., predicted_gain: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., predicted_gain_share: _Optional[float] = ..., step_seconds: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., step_fraction_of_full: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., peak_memory_bytes: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., adapter_parameters: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., adapter_bytes: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., serving_overhead_ms_per_token: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., serving_overhead_fraction: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., steps: _Optional[int] = ..., binding_limits: _Optional[_Iterable[str]] = ..., rationale: _Optional[str] = ..., gain_score: _Optional[str] = ..., prefix_cache_build_seconds: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., prefix_cache_bytes: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., predicted_curve: _Optional[_Iterable[_Union[CurvePoint, _Mapping]]] = ..., learning_rate: _Optional[float] = ...) -> None: ...
+    serving_pool: str
+    def __init__(self, layer_card: _Optional[str] = ..., objective: _Optional[_Union[Objective, str]] = ..., layers: _Optional[_Iterable[int]] = ..., lora: _Optional[_Union[_common_pb2.LoraShape, _Mapping]] = ..., predicted_gain: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., predicted_gain_share: _Optional[float] = ..., step_seconds: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., step_fraction_of_full: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., peak_memory_bytes: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., adapter_parameters: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., adapter_bytes: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., serving_overhead_ms_per_token: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., serving_overhead_fraction: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., steps: _Optional[int] = ..., binding_limits: _Optional[_Iterable[str]] = ..., rationale: _Optional[str] = ..., gain_score: _Optional[str] = ..., prefix_cache_build_seconds: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., prefix_cache_bytes: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., predicted_curve: _Optional[_Iterable[_Union[CurvePoint, _Mapping]]] = ..., learning_rate: _Optional[float] = ..., serving_pool: _Optional[str] = ...) -> None: ...
 
 class CurvePoint(_message.Message):
     __slots__ = ("steps", "seconds", "gain", "gain_low", "gain_high")

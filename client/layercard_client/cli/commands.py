@@ -346,6 +346,7 @@ def run_adapters(client: LayercardClient, args: argparse.Namespace, out: render.
             validate_only=args.validate_only or None,
             full_latency_probe=args.full_latency_probe or None,
             rollback_over_budget=args.rollback_over_budget or None,
+            pool=args.pool or None,
         )
         out.show(deployment, render.deployment_table(deployment))
     elif args.action == "undeploy":

@@ -185,6 +185,8 @@ def placement_table(plan: placement_pb2.Placement) -> Table:
     head.add_row("adapter", f"rank {plan.lora.rank}, modules {', '.join(plan.lora.target_modules) or 'all'}")
     if plan.steps:
         head.add_row("steps", str(plan.steps))
+    if plan.serving_pool:
+        head.add_row("serving pool", plan.serving_pool)
     head.add_row("binding", ", ".join(plan.binding_limits) or "none")
     if plan.gain_score:
         head.add_row("gain score", plan.gain_score)
@@ -276,6 +278,8 @@ def deployment_table(deployment: adapter_pb2.Deployment, replicas: Any = None) -
         head = _kv_table()
         head.add_row("adapter", f"{deployment.adapter} v{deployment.version} as {deployment.served_name}")
         head.add_row("state", state_name(adapter_pb2.DeploymentState, deployment.state, "DEPLOYMENT_STATE_"))
+        if deployment.pool:
+            head.add_row("pool", deployment.pool)
         if deployment.HasField("latency"):
             m = deployment.latency
             source = "calibrated" if m.source == adapter_pb2.LATENCY_SOURCE_SHAPE_CALIBRATION else "probed"
@@ -311,7 +315,7 @@ def deploy_checks_table(checks) -> Table:
 
 def adapters_list_table(adapters: list[adapter_pb2.Adapter]) -> Table:
     table = Table()
-    for name in ("name", "base model", "versions", "deployed", "state", "replicas ready"):
+    for name in ("name", "base model", "versions", "deployed", "pool", "state", "replicas ready"):
         table.add_column(name)
     for adapter in adapters:
         d = adapter.deployment
@@ -322,6 +326,7 @@ def adapters_list_table(adapters: list[adapter_pb2.Adapter]) -> Table:
             adapter.base_model,
             ", ".join(str(v.version) for v in adapter.versions) or "-",
             f"v{d.version}" if deployed else "-",
+            d.pool or "-" if deployed else "-",
             state_name(adapter_pb2.DeploymentState, d.state, "DEPLOYMENT_STATE_") if deployed else "-",
             f"{ready}/{len(d.replicas)}" if deployed else "-",
         )

@@ -38,6 +38,7 @@ def _replica(r: ReplicaView) -> adapter_pb2.ReplicaStatus:
         max_lora_rank=r.max_lora_rank,
         lora_target_modules=r.target_modules,
         error=r.error,
+        pool=r.pool,
     )
 
 
@@ -84,6 +85,7 @@ def deployment_to_proto(d: DeploymentView) -> adapter_pb2.Deployment:
         latency=_latency(d.latency) if d.latency else None,
         update_time=_timestamp(d.update_time),
         checks=[_check(c) for c in d.checks],
+        pool=d.pool,
     )
 
 
@@ -133,6 +135,7 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
             validate_only=request.validate_only,
             full_latency_probe=request.full_latency_probe,
             rollback_over_budget=request.rollback_over_budget,
+            pool=request.pool,
         )
         return deployment_to_proto(view)
 

@@ -116,6 +116,7 @@ def placement_to_proto(plan: Plan) -> placement_pb2.Placement:
             for p in plan.predicted_curve
         ],
         learning_rate=plan.learning_rate,
+        serving_pool=plan.serving_pool,
     )
 
 

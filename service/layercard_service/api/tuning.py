@@ -35,6 +35,7 @@ from layercard_service.domain.jobs import (
     PlacementSpec,
 )
 from layercard_service.domain.plans import CurvePoint, Estimate
+from layercard_service.domain.pools import POOL_NAME
 from layercard_service.errors import InvalidArgument
 
 __all__ = ["TuningServicer", "event_to_proto", "job_to_proto"]
@@ -157,7 +158,17 @@ def _placement_from_proto(message: placement_pb2.Placement) -> PlacementSpec:
         steps=message.steps,
         layer_card=message.layer_card,
         predictions=_predictions_from_proto(message),
+        serving_pool=_pool_name(message.serving_pool),
     )
+
+
+def _pool_name(name: str) -> str:
+    """A plan's serving pool sent back to us: a pool name or empty (whether the pool exists is the deploy's to say)."""
+    if name and not POOL_NAME.fullmatch(name):
+        raise InvalidArgument.field(
+            "placement.serving_pool", f"must be a pool name (a DNS label) or empty, got {name[:80]!r}"
+        )
+    return name
 
 
 def _placement(request: tuning_pb2.CreateTuningJobRequest) -> PlacementSpec | PlannedPlacement:
@@ -231,6 +242,7 @@ def _placement_to_proto(spec: PlacementSpec) -> placement_pb2.Placement:
             rank=spec.rank, alpha=spec.alpha, target_modules=list(spec.target_modules), dropout=spec.dropout
         ),
         steps=spec.steps,
+        serving_pool=spec.serving_pool,
     )
     predicted = spec.predictions
     if predicted is not None:

@@ -1,4 +1,4 @@
-"""Deploying adapters into every replica of the fleet: check, load a new version, verify, route, drain, unload.
+"""Deploying adapters into every replica of a serving pool: check, load a new version, verify, route, drain, unload.
 
 A deploy never reloads a name in place: version N is loaded as ``{id}@vN`` beside the version serving now, so
 traffic keeps flowing while the new one is checked. Only after it changes the model's output on every replica
@@ -7,6 +7,10 @@ and is unloaded. Anything that fails before the route moves unloads what this de
 that served before keeps serving. One lock per adapter id orders its deploys; different adapters deploy in
 parallel. The desired state is written to SQLite; ``reconcile`` makes every replica match it (new or
 restarted replicas get their adapters back, stray versions of managed adapters are unloaded; ``reconcile.py``).
+
+The fleet is one or more pools (serving/fleet.py ``Pools``), each with its own LoRA settings; an adapter lives
+on one. A deploy goes to the pool the request names, else the one its plan chose (the version's placement), else
+the one it is deployed to now, else the leanest pool that can serve it.
 
 The latency figure comes from a probe after the load, unless the serving shape (base model, the servers' LoRA
 settings, the adapter's rank) has ``calibrated_min_probes`` probes younger than ``calibration_max_age_seconds``:
@@ -37,6 +41,7 @@ from layercard_service.control.deploy_checks import (
 )
 from layercard_service.control.live_latency import LiveLatencyJudge, LiveVerdict, LiveWatch
 from layercard_service.domain.jobs import check_id
+from layercard_service.domain.pools import DEFAULT_POOL
 from layercard_service.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -55,7 +60,7 @@ from layercard_service.persistence.deployments import (
 )
 from layercard_service.persistence.jobs import JobStore
 from layercard_service.persistence.store import paginate
-from layercard_service.serving.fleet import Fleet, Observation
+from layercard_service.serving.fleet import Fleet, Observation, Pools
 from layercard_service.serving.inference import InferenceProxy, served_id
 from layercard_service.serving.probes import EFFECT_PROMPTS, measure_effect, measure_latency
 from layercard_service.serving.vllm_api import VllmApi
@@ -94,6 +99,7 @@ class ReplicaView:
     max_lora_rank: int
     target_modules: tuple[str, ...]
     error: str = ""
+    pool: str = ""
 
 
 @dataclass(frozen=True)
@@ -121,14 +127,15 @@ def adapter_id_from_name(name: str) -> str:
 class AdapterManager:
     def __init__(
         self,
-        fleet: Fleet,
+        fleet: Pools | Fleet,  # a single Fleet is a fleet of one pool
         proxy: InferenceProxy,
         versions: AdapterVersions | JobStore,
         store: DeploymentStore,
         settings: DeploySettings = DeploySettings(),
         telemetry: Telemetry | None = None,
     ) -> None:
-        self.fleet, self.proxy, self.versions, self.store = fleet, proxy, versions, store
+        self.fleet = fleet if isinstance(fleet, Pools) else Pools([fleet])
+        self.proxy, self.versions, self.store = proxy, versions, store
         self.settings = settings
         self.telemetry = telemetry or Telemetry()
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -162,10 +169,12 @@ class AdapterManager:
         validate_only: bool = False,
         full_latency_probe: bool = False,
         rollback_over_budget: bool = False,
+        pool: str = "",
     ) -> DeploymentView:
+        """``pool``: the serving pool to deploy to; "" chooses (the module docstring)."""
         began = time.monotonic()
         try:
-            options = _Options(max_overhead_fraction, force, full_latency_probe, rollback_over_budget)
+            options = _Options(max_overhead_fraction, force, full_latency_probe, rollback_over_budget, pool)
             view = await self._deploy(adapter_name, version, options, validate_only)
         except BaseException as exc:
             if not validate_only:
@@ -187,19 +196,19 @@ class AdapterManager:
             raise InvalidArgument.field(
                 "rollback_over_budget", "needs max_overhead_fraction: the budget live traffic is judged against"
             )
+        if options.pool and self.fleet.get(options.pool) is None:
+            raise InvalidArgument.field(
+                "pool", f"no serving pool is named {options.pool[:80]!r}; the pools are {', '.join(self.fleet.names)}"
+            )
         chosen = self._version(adapter_id, version)
         config = adapter_config(chosen)
-        problems = adapter_problems(config, chosen.metadata.get("model", ""), self.fleet.settings)
-        if problems:
-            raise FailedPrecondition(
-                f"the fleet cannot serve {adapter_name} version {chosen.version}: " + "; ".join(problems),
-                reason="ADAPTER_INCOMPATIBLE",
-                metadata={"adapter": adapter_name, "version": str(chosen.version)},
-            )
-        shape = self._shape(config)
+        pool, why = self._target_pool(adapter_name, chosen, config, options.pool)
+        shape = self._shape(config, pool)
         checks = [compatibility_check(config, shape)]
+        if len(self.fleet) > 1:
+            checks.append(DeployCheck("pool", "PASSED", f"{pool.settings.describe()}: {why}"))
         async with self._locks[adapter_id]:
-            observed = await self._healthy_replicas()
+            observed = await self._healthy_replicas(pool)
             healthy = sum(o.healthy for o in observed.values())
             checks.append(
                 DeployCheck(
@@ -208,27 +217,82 @@ class AdapterManager:
             )
             if validate_only:
                 checks.append(DeployCheck("load", "SKIPPED", "validate_only: nothing loaded"))
-                return self._view(adapter_id, chosen.version, "", observed, None, checks=checks)
-            return await self._deploy_locked(chosen, shape, observed, options, checks)
+                return self._view(
+                    adapter_id, chosen.version, "", observed, None, checks=checks, pool=pool.settings.pool
+                )
+            return await self._deploy_locked(chosen, pool, observed, options, checks)
+
+    def _target_pool(
+        self, adapter_name: str, chosen: AdapterVersion, config: dict, requested: str
+    ) -> tuple[Fleet, str]:
+        """The pool to deploy to and why (see the module docstring); FAILED_PRECONDITION when none can serve it."""
+        model = chosen.metadata.get("model", "")
+        problems = {p.settings.pool: adapter_problems(config, model, p.settings) for p in self.fleet}
+        servable = [p for p in self.fleet if not problems[p.settings.pool]]
+        placement = chosen.metadata.get("placement")
+        planned = placement.get("serving_pool", "") if isinstance(placement, dict) else ""
+        current = self.store.get(chosen.adapter_id)
+        preferred = [
+            (requested, "named by the request"),
+            (planned, "chosen by the adapter's plan"),
+            (current.pool if current else "", "the pool the adapter is deployed to"),
+        ]
+        for name, why in preferred:
+            pool = self.fleet.get(name) if name else None
+            if pool is None:
+                continue
+            if pool in servable:
+                return pool, why
+            if name == requested:  # named outright: its problems are the answer
+                servable = []
+                problems = {name: problems[name]}
+                break
+        if not servable:
+            detail = "; ".join(
+                (f"pool {name!r}: " if len(problems) > 1 else "") + "; ".join(found) for name, found in problems.items()
+            )
+            raise FailedPrecondition(
+                f"the fleet cannot serve {adapter_name} version {chosen.version}: {detail}",
+                reason="ADAPTER_INCOMPATIBLE",
+                metadata={"adapter": adapter_name, "version": str(chosen.version)},
+            )
+        if len(servable) == 1:
+            return servable[0], "the only pool that can serve it" if len(self.fleet) > 1 else "the only pool"
+
+        # vLLM's overhead follows the module types it wraps and its max rank: the leanest pool costs least. The
+        # serving shape's measured overhead breaks ties between pools alike.
+        def leanness(pool: Fleet) -> tuple[float, int, float]:
+            wrapped = len(pool.settings.target_modules) or math.inf  # none listed: every LoRA-capable module
+            found = self.store.shape_calibration(
+                self._shape(config, pool), 1, self.settings.calibration_max_age_seconds
+            )
+            return (wrapped, pool.settings.max_lora_rank, found.overhead_fraction if found else math.inf)
+
+        leanest = min(servable, key=leanness)
+        return leanest, "the leanest pool that can serve it (the fewest wrapped module types, then the lowest max rank)"
 
     async def _deploy_locked(
         self,
         chosen: AdapterVersion,
-        shape: ServingShape,
+        pool: Fleet,
         observed: dict[str, Observation],
         options: _Options,
         checks: list[DeployCheck],
     ) -> DeploymentView:
         budget, force, full_probe = options.budget, options.force, options.full_probe
         adapter_id, served = chosen.adapter_id, served_name(chosen.adapter_id, chosen.version)
+        shape, pool_name = self._shape(adapter_config(chosen), pool), pool.settings.pool
         current = self.store.get(adapter_id)
         healthy = {url: o for url, o in observed.items() if o.healthy}
-        if current and current.version == chosen.version and all(served in o.adapters for o in healthy.values()):
+        same = current is not None and current.version == chosen.version and current.pool == pool_name
+        if same and all(served in o.adapters for o in healthy.values()):
             checks.append(DeployCheck("load", "SKIPPED", f"{served} is already live on every healthy replica"))
             if current.latency is not None:  # already live: hold it to the budget asked for now
                 checks.append(budget_check(served, current.latency, budget, force, "is live with"))
             state = "READY" if len(healthy) == len(observed) else "DEGRADED"
-            return self._view(adapter_id, chosen.version, state, observed, current.latency, current.update_time, checks)
+            return self._view(
+                adapter_id, chosen.version, state, observed, current.latency, current.update_time, checks, pool_name
+            )
 
         settings = self.settings
         calibration = None
@@ -236,7 +300,7 @@ class AdapterManager:
             calibration = self.store.shape_calibration(
                 shape, settings.calibrated_min_probes, settings.calibration_max_age_seconds
             )
-        replicas = {r.url: r for r in self.fleet.members() if r.url in healthy}
+        replicas = {r.url: r for r in pool.members() if r.url in healthy}
         path = str(Path(chosen.path).resolve())
         loaded_now: list[VllmApi] = []
         try:
@@ -272,7 +336,7 @@ class AdapterManager:
         except BaseException:
             await self.unload(loaded_now, served)  # the version serving before keeps serving
             raise
-        previous = current.version if current and current.version != chosen.version else None
+        previous = current if current and current.version != chosen.version else None
         self.live.forget(adapter_id)  # a watch of the version this one replaces ends here
         if budget is not None and (calibration is not None or options.rollback):
             checks.append(
@@ -280,27 +344,31 @@ class AdapterManager:
                     adapter_id,
                     budget,
                     options.rollback,
-                    previous,
+                    previous.version if previous else None,
                     settings.live_window_seconds,
                     settings.live_min_requests,
                 )
             )
 
         state = "READY" if len(holding) == len(observed) else "DEGRADED"
-        record = DeploymentRecord(adapter_id, chosen.version, state, latency, time.time(), budget)
+        record = DeploymentRecord(adapter_id, chosen.version, state, latency, time.time(), budget, pool_name)
         self.store.put(record)
         self.proxy.routes.served[adapter_id] = served  # from here on, new requests go to the new version
         log.info("adapter routed", extra={"adapter": adapter_id, "served_name": served, "state": state})
         if current and current.version != chosen.version:
             await self._retire(current.served_name)
-        await self._unload_strays(adapter_id, served)
+        await self._unload_strays(adapter_id, served, pool_name)
         if options.rollback:
-            self.live.watch(LiveWatch(adapter_id, served, chosen.version, budget, previous))
-        observed_after = await self.fleet.observe()
-        return self._view(adapter_id, chosen.version, state, observed_after, latency, record.update_time, checks)
+            back = (previous.version, previous.pool) if previous else (None, "")
+            self.live.watch(LiveWatch(adapter_id, served, chosen.version, budget, *back))
+        observed_after = await pool.observe()
+        return self._view(
+            adapter_id, chosen.version, state, observed_after, latency, record.update_time, checks, pool_name
+        )
 
-    def _shape(self, config: dict) -> ServingShape:
-        s = self.fleet.settings
+    @staticmethod
+    def _shape(config: dict, pool: Fleet) -> ServingShape:
+        s = pool.settings
         rank = config.get("r")
         return ServingShape(s.model, s.target_modules, s.max_lora_rank, rank if isinstance(rank, int) else 0)
 
@@ -358,10 +426,11 @@ class AdapterManager:
                 log.warning("unload failed", extra={"replica": replica.url, "served_name": served, "error": str(exc)})
             self.proxy.forget(replica.url)
 
-    async def _unload_strays(self, adapter_id: str, keep: str | None) -> None:
-        """Unloads every version of ``adapter_id`` but ``keep`` from every replica."""
+    async def _unload_strays(self, adapter_id: str, keep: str | None, pool: str = "") -> None:
+        """Unloads every version of ``adapter_id`` from every replica, but ``keep`` on the replicas of ``pool``."""
         for url, observation in (await self.fleet.observe()).items():
-            strays = [n for n in observation.adapters if served_id(n) == adapter_id and n != keep]
+            home = self.pool_name(url) == pool
+            strays = [n for n in observation.adapters if served_id(n) == adapter_id and not (n == keep and home)]
             replica = self.replica(url)
             for name in strays:
                 if replica is not None:
@@ -403,10 +472,13 @@ class AdapterManager:
                 await self._undeploy_locked(watch.adapter_id, current)
                 return
             chosen = self._version(watch.adapter_id, watch.previous_version)
-            shape = self._shape(adapter_config(chosen))
+            pool = self.fleet.get(watch.previous_pool) or self.fleet.get(current.pool)
+            if pool is None:  # both pools left the configuration since: nowhere to restore it
+                await self._undeploy_locked(watch.adapter_id, current)
+                return
             # It served before this one: force, and the budget it is judged by stays on the record and in metrics.
             options = _Options(watch.budget, force=True)
-            await self._deploy_locked(chosen, shape, await self._healthy_replicas(), options, [])
+            await self._deploy_locked(chosen, pool, await self._healthy_replicas(pool), options, [])
 
     # --- list ----------------------------------------------------------------------------------------------
     async def list(
@@ -426,8 +498,9 @@ class AdapterManager:
         record = self.store.get(adapter_id)
         deployment = None
         if record is not None:
+            home = {url: o for url, o in observed.items() if self.pool_name(url) == record.pool}
             deployment = self._view(
-                adapter_id, record.version, record.state, observed, record.latency, record.update_time
+                adapter_id, record.version, record.state, home, record.latency, record.update_time, pool=record.pool
             )
         model = versions[-1].metadata.get("model", "") if versions else ""
         return AdapterView(adapter_id, model, versions, deployment)
@@ -447,14 +520,18 @@ class AdapterManager:
             f"adapter 'adapters/{adapter_id}' has no version {version} (it has {have})", reason="VERSION_NOT_FOUND"
         )
 
-    async def _healthy_replicas(self) -> dict[str, Observation]:
-        if not self.fleet.members():
-            await self.fleet.refresh()
-        if not self.fleet.members():
+    async def _healthy_replicas(self, pool: Fleet) -> dict[str, Observation]:
+        """The pool's replicas as observed now; FAILED_PRECONDITION or UNAVAILABLE when none can take a deploy."""
+        if not pool.members():
+            await pool.refresh()
+        if not pool.members():
+            where = f"in {pool.settings.describe()}" if len(self.fleet) > 1 else "(set --vllm-urls or --vllm-dns)"
             raise FailedPrecondition(
-                "no vLLM servers are configured (set --vllm-urls or --vllm-dns)", reason="NO_VLLM_SERVERS"
+                f"no vLLM servers are configured {where}",
+                reason="NO_VLLM_SERVERS",
+                metadata={"pool": pool.settings.pool},
             )
-        observed = await self.fleet.observe()
+        observed = await pool.observe()
         healthy = [o for o in observed.values() if o.healthy]
         if not healthy:
             raise Unavailable(
@@ -470,10 +547,15 @@ class AdapterManager:
     def replica(self, url: str) -> VllmApi | None:
         return next((r for r in self.fleet.members() if r.url == url), None)
 
+    def pool_name(self, url: str) -> str | None:
+        pool = self.fleet.pool_of(url)
+        return pool.settings.pool if pool is not None else None
+
     def _replica_view(self, o: Observation, served: str | None) -> ReplicaView:
-        s = self.fleet.settings
+        pool = self.fleet.pool_of(o.url)
+        s = pool.settings if pool is not None else next(iter(self.fleet)).settings
         loaded = served is not None and served in o.adapters
-        return ReplicaView(o.url, o.healthy, o.adapters, loaded, s.max_lora_rank, s.target_modules, o.error)
+        return ReplicaView(o.url, o.healthy, o.adapters, loaded, s.max_lora_rank, s.target_modules, o.error, s.pool)
 
     def _view(
         self,
@@ -484,11 +566,19 @@ class AdapterManager:
         latency: LatencyMeasurement | None,
         update_time: float = 0.0,
         checks: Sequence[DeployCheck] = (),
+        pool: str = DEFAULT_POOL,
     ) -> DeploymentView:
         served = served_name(adapter_id, version)
         replicas = tuple(self._replica_view(o, served) for o in observed.values())
         return DeploymentView(
-            adapter_id, version, state, latency, update_time or time.time(), replicas=replicas, checks=tuple(checks)
+            adapter_id,
+            version,
+            state,
+            latency,
+            update_time or time.time(),
+            pool=pool,
+            replicas=replicas,
+            checks=tuple(checks),
         )
 
 
@@ -504,3 +594,4 @@ class _Options:
     force: bool = False
     full_probe: bool = False
     rollback: bool = False  # rollback_over_budget
+    pool: str = ""  # the pool asked for; "": chosen

@@ -32,6 +32,7 @@ class LiveWatch:
     version: int
     budget: float
     previous_version: int | None  # what a rollback restores; None: there was none, a rollback undeploys
+    previous_pool: str = ""  # the pool that version served on
     # Running sums and counts of inter-token seconds: the version's requests, the base model's in the window.
     adapter_seconds: float = 0.0
     adapter_requests: int = 0

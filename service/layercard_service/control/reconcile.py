@@ -1,11 +1,11 @@
-"""The reconcile loop: every few seconds, make each replica hold exactly the desired versions.
+"""The reconcile loop: every few seconds, make each replica hold exactly the desired versions of its pool.
 
-A new or restarted replica gets its adapters back; a stray version of an adapter the service owns is unloaded;
-adapters someone else loaded (ids the service does not know) are left alone. A version of an adapter whose id
-is no longer a valid id (an older check let "bot\n" through) is always a stray: no request can name it to route
-to or undeploy it, so keeping it would hold a LoRA slot for good. An adapter whose deploy or
-undeploy is under way is skipped, and the desired state is read again right before each action, so a round
-that started before a deploy finished never undoes it.
+A new or restarted replica gets its pool's adapters back; a stray version of an adapter the service owns
+(another version, or one deployed to another pool) is unloaded; adapters someone else loaded (ids the service
+does not know) are left alone. A version of an adapter whose id is no longer a valid id (an older check let
+"bot\n" through) is always a stray: no request can name it to route to or undeploy it, so keeping it would
+hold a LoRA slot for good. An adapter whose deploy or undeploy is under way is skipped, and the desired state
+is read again right before each action, so a round that started before a deploy finished never undoes it.
 """
 
 from __future__ import annotations
@@ -64,21 +64,23 @@ class Reconciler:
                 await self._load_missing(replica, observation)
                 await self._unload_strays(replica, observation)
         after = await m.fleet.observe()
-        healthy = [o for o in after.values() if o.healthy]
         states = {}
         for record in m.store.all():
             if m.busy(record.adapter_id) or not _valid_id(record.adapter_id):
                 continue
+            home = [o for url, o in after.items() if m.pool_name(url) == record.pool]  # none: its pool is gone
+            healthy = [o for o in home if o.healthy]
             complete = bool(healthy) and all(record.served_name in o.adapters for o in healthy)
-            state = "READY" if complete and len(healthy) == len(after) else "DEGRADED"
+            state = "READY" if complete and len(healthy) == len(home) else "DEGRADED"
             m.store.set_state(record.adapter_id, record.version, state)
             states[record.adapter_id] = state
         return states
 
     async def _load_missing(self, replica: VllmApi, observation: Observation) -> None:
         m = self.manager
+        pool = m.pool_name(replica.url)
         for record in m.store.all():
-            if m.busy(record.adapter_id) or record.served_name in observation.adapters:
+            if record.pool != pool or m.busy(record.adapter_id) or record.served_name in observation.adapters:
                 continue
             if not _valid_id(record.adapter_id):
                 continue  # never reloaded: see the module docstring
@@ -101,7 +103,8 @@ class Reconciler:
             if adapter_id is None or m.busy(adapter_id) or not m.versions.has_adapter(adapter_id):
                 continue  # not versioned by us, being deployed, or someone else's
             wanted = m.store.get(adapter_id)  # read now: a deploy may have finished since the round began
-            if wanted is None or wanted.served_name != name or not _valid_id(adapter_id):
+            elsewhere = wanted is not None and wanted.pool != m.pool_name(replica.url)
+            if wanted is None or wanted.served_name != name or elsewhere or not _valid_id(adapter_id):
                 await m.unload([replica], name)
                 log.info("reconcile unloaded", extra={"replica": replica.url, "served_name": name})
 

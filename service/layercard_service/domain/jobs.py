@@ -221,6 +221,7 @@ class PlacementSpec:
     steps: int = 0  # steps the plan chose (a total-training-time budget); 0: not chosen
     layer_card: str = ""
     predictions: PlacementPredictions | None = None  # None: explicit layers, nothing predicted
+    serving_pool: str = ""  # the pool the plan chose, where deploys of the job's adapter go; "": not planned
 
     @classmethod
     def from_plan(cls, plan: Plan) -> PlacementSpec:
@@ -234,6 +235,7 @@ class PlacementSpec:
             steps=plan.steps,
             layer_card=plan.layer_card,
             predictions=PlacementPredictions.from_plan(plan),
+            serving_pool=plan.serving_pool,
         )
 
     @classmethod

@@ -130,3 +130,4 @@ class Plan:
     # (0: a prior, measured at no learning rate).
     predicted_curve: tuple[CurvePoint, ...] = ()
     learning_rate: float = 0.0
+    serving_pool: str = ""  # the vLLM serving pool the plan is priced on and its adapter deploys to; "": unknown

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from layercard_service.domain.pools import DEFAULT_POOL
 from layercard_service.telemetry import JobOutcome, RequestRecord, Telemetry
 
-__all__ = ["BASE_MODEL_LABEL", "PrometheusTelemetry", "StateCollector"]
+__all__ = ["BASE_MODEL_LABEL", "DeployedAdapter", "ObservedReplica", "PrometheusTelemetry", "StateCollector"]
 
 log = logging.getLogger(__name__)
 
@@ -175,18 +177,33 @@ def _read(source: Callable, default):
         return default
 
 
+class DeployedAdapter(NamedTuple):
+    adapter: str
+    served: str  # the served name of its desired version
+    overhead: float | None  # measured overhead fraction, or None
+    budget: float | None
+    pool: str = DEFAULT_POOL
+
+
+class ObservedReplica(NamedTuple):
+    url: str
+    healthy: bool
+    loaded: tuple[str, ...]  # served names
+    pool: str = DEFAULT_POOL
+
+
 class StateCollector(Collector):
     """Gauges read at scrape time from the stores and the fleet's last observation.
 
-    ``jobs_by_state`` returns {state: count}; ``deployments`` returns (adapter, served name, overhead or None,
-    budget or None); ``replicas`` returns (url, healthy, loaded served names).
+    ``jobs_by_state`` returns {state: count}; ``deployments`` the desired deployments, ``replicas`` the replicas as
+    last observed. A replica is held to the deployments of its own pool.
     """
 
     def __init__(
         self,
         jobs_by_state: Callable[[], dict[str, int]],
-        deployments: Callable[[], list[tuple[str, str, float | None, float | None]]],
-        replicas: Callable[[], list[tuple[str, bool, tuple[str, ...]]]],
+        deployments: Callable[[], list[DeployedAdapter]],
+        replicas: Callable[[], list[ObservedReplica]],
     ) -> None:
         self.jobs_by_state, self.deployments, self.replicas = jobs_by_state, deployments, replicas
 
@@ -197,45 +214,48 @@ class StateCollector(Collector):
             jobs.add_metric([state], count)
         yield jobs
 
-        deployments = _read(self.deployments, [])
-        replicas = _read(self.replicas, [])
+        deployments = [DeployedAdapter(*d) for d in _read(self.deployments, [])]
+        replicas = [ObservedReplica(*r) for r in _read(self.replicas, [])]
         up = GaugeMetricFamily(
-            "layercard_vllm_replica_up", "1 when the replica answered its last check.", labels=["replica"]
+            "layercard_vllm_replica_up", "1 when the replica answered its last check.", labels=["replica", "pool"]
         )
         desired = GaugeMetricFamily(
-            "layercard_fleet_desired_adapters", "Adapters that should be loaded on the replica.", labels=["replica"]
+            "layercard_fleet_desired_adapters",
+            "Adapters that should be loaded on the replica (those deployed to its pool).",
+            labels=["replica", "pool"],
         )
         missing = GaugeMetricFamily(
             "layercard_fleet_missing_adapters",
             "Desired adapters the replica does not report as loaded (its /v1/models).",
-            labels=["replica"],
+            labels=["replica", "pool"],
         )
         loaded = GaugeMetricFamily(
             "layercard_fleet_adapter_loaded",
-            "1 when the replica holds the adapter's desired version, by adapter and replica.",
-            labels=["adapter", "replica"],
+            "1 when the replica holds the adapter's desired version, by adapter and replica of its pool.",
+            labels=["adapter", "replica", "pool"],
         )
-        for url, healthy, names in replicas:
-            up.add_metric([url], 1.0 if healthy else 0.0)
-            desired.add_metric([url], len(deployments))
-            missing.add_metric([url], sum(1 for _, served, _, _ in deployments if served not in names))
-            for adapter, served, _, _ in deployments:
-                loaded.add_metric([adapter, url], 1.0 if served in names else 0.0)
+        for r in replicas:
+            home = [d for d in deployments if d.pool == r.pool]
+            up.add_metric([r.url, r.pool], 1.0 if r.healthy else 0.0)
+            desired.add_metric([r.url, r.pool], len(home))
+            missing.add_metric([r.url, r.pool], sum(1 for d in home if d.served not in r.loaded))
+            for d in home:
+                loaded.add_metric([d.adapter, r.url, r.pool], 1.0 if d.served in r.loaded else 0.0)
         yield from (up, desired, missing, loaded)
 
         overhead = GaugeMetricFamily(
             "layercard_adapter_overhead_fraction",
             "Latency overhead of the deployed version over the base model, measured after its load.",
-            labels=["adapter"],
+            labels=["adapter", "pool"],
         )
         budget = GaugeMetricFamily(
             "layercard_adapter_overhead_budget_fraction",
             "The latency-overhead budget the deployed version was deployed under.",
-            labels=["adapter"],
+            labels=["adapter", "pool"],
         )
-        for adapter, _, measured, limit in deployments:
-            if measured is not None:
-                overhead.add_metric([adapter], measured)
-            if limit is not None:
-                budget.add_metric([adapter], limit)
+        for d in deployments:
+            if d.overhead is not None:
+                overhead.add_metric([d.adapter, d.pool], d.overhead)
+            if d.budget is not None:
+                budget.add_metric([d.adapter, d.pool], d.budget)
         yield from (overhead, budget)

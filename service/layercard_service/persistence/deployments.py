@@ -1,6 +1,6 @@
 """Desired deployments and serving-latency measurements (tables ``deployments``, ``serving_measurements``).
 
-A row in ``deployments`` says "adapter X should be served at version N on every replica"; the reconcile loop
+A row in ``deployments`` says "adapter X should be served at version N on every replica of pool P"; the reconcile loop
 makes the fleet match it. ``serving_measurements`` keeps every post-load latency probe with the serving shape it
 measured (base model, the servers' wrapped module types and max rank, the adapter's rank): the planner's vLLM
 serving-cost model is calibrated from them, and a deploy of a calibrated shape takes its figures instead of
@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from layercard_service.domain.pools import DEFAULT_POOL
 from layercard_service.persistence import as_database
 from layercard_service.persistence.database import Database
 
@@ -28,7 +29,7 @@ __all__ = [
 ]
 
 # Named, not *: where ``budget`` sits depends on how the table was migrated (schema.py, migration 2).
-_COLUMNS = "adapter_id, version, state, latency, update_time, budget"
+_COLUMNS = "adapter_id, version, state, latency, update_time, budget, pool"
 CALIBRATION_WINDOW = 20  # the newest measurements the planner's calibration takes the median of
 
 
@@ -73,6 +74,7 @@ class DeploymentRecord:
     latency: LatencyMeasurement | None
     update_time: float
     budget: float | None = None  # the max_overhead_fraction it was deployed under
+    pool: str = DEFAULT_POOL  # the serving pool whose every replica should hold it
 
     @property
     def served_name(self) -> str:
@@ -113,8 +115,16 @@ class DeploymentStore:
     def put(self, record: DeploymentRecord) -> None:
         latency = json.dumps(asdict(record.latency)) if record.latency else None
         self.db.execute(
-            f"INSERT OR REPLACE INTO deployments ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
-            (record.adapter_id, record.version, record.state, latency, record.update_time, record.budget),
+            f"INSERT OR REPLACE INTO deployments ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.adapter_id,
+                record.version,
+                record.state,
+                latency,
+                record.update_time,
+                record.budget,
+                record.pool,
+            ),
         )
 
     def set_state(self, adapter_id: str, version: int, state: str) -> None:
@@ -225,4 +235,4 @@ def _calibration(rows: list[tuple], what: str) -> ServingCalibration | None:
 
 def _record(row: tuple) -> DeploymentRecord:
     latency = LatencyMeasurement(**json.loads(row[3])) if row[3] else None
-    return DeploymentRecord(row[0], row[1], row[2], latency, row[4], row[5])
+    return DeploymentRecord(row[0], row[1], row[2], latency, row[4], row[5], row[6])

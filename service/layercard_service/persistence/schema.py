@@ -134,6 +134,12 @@ def _v4_measurement_rank(db: Database, tx: Session) -> None:
     )
 
 
+def _v5_deployment_pool(db: Database, tx: Session) -> None:
+    if "pool" not in db.columns(tx, "deployments"):
+        # 'default': domain/pools.py DEFAULT_POOL, written out: a migration never changes once released.
+        tx.execute("ALTER TABLE deployments ADD COLUMN pool TEXT NOT NULL DEFAULT 'default'")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "cards, file hashes, tuning jobs and events, adapter versions, deployments, measurements", _v1_tables),
     Migration(2, "deployments.budget: the max_overhead_fraction an adapter was deployed under", _v2_deployment_budget),
@@ -144,6 +150,9 @@ MIGRATIONS: tuple[Migration, ...] = (
         4,
         "serving_measurements.adapter_rank: the serving shape a probe measured (0: not recorded)",
         _v4_measurement_rank,
+    ),
+    Migration(
+        5, "deployments.pool: the serving pool an adapter is deployed to (before: the one pool)", _v5_deployment_pool
     ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version

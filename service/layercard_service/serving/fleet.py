@@ -4,6 +4,9 @@ A Kubernetes headless Service resolves to one address per ready pod, so DNS disc
 replicas as they come and go. Membership is refreshed by the reconcile loop; what a replica serves is read from
 its ``/v1/models`` (``observe``). The LoRA settings of the servers (largest rank, wrapped module types) are not
 exposed by vLLM's API, so the fleet is told them: they are the flags the vLLM servers were started with.
+
+A fleet may hold several pools (``Pools``), each a ``Fleet`` of replicas started with the same LoRA settings; a
+service configured with one list of servers has one pool, named "default".
 """
 
 from __future__ import annotations
@@ -15,10 +18,20 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from layercard_service.domain.pools import DEFAULT_POOL
 from layercard_service.errors import LayercardError
 from layercard_service.serving.vllm_api import HttpVllmApi, ServedModel, VllmApi
 
-__all__ = ["DnsDiscovery", "Discovery", "Fleet", "FleetSettings", "Observation", "StaticDiscovery", "Union"]
+__all__ = [
+    "DnsDiscovery",
+    "Discovery",
+    "Fleet",
+    "FleetSettings",
+    "Observation",
+    "Pools",
+    "StaticDiscovery",
+    "Union",
+]
 
 OBSERVE_TIMEOUT_SECONDS = 3.0
 
@@ -28,6 +41,11 @@ class FleetSettings:
     model: str  # the base model the servers serve, as layercard names models ("builtin:tiny", a path)
     max_lora_rank: int  # vLLM's --max-lora-rank
     target_modules: tuple[str, ...] = ()  # vLLM's --lora-target-modules; empty: every LoRA-capable module
+    pool: str = DEFAULT_POOL  # the pool these servers make up
+
+    def describe(self) -> str:
+        wrapped = ", ".join(self.target_modules) or "every LoRA-capable module"
+        return f"pool {self.pool!r} (wrapping {wrapped}, max rank {self.max_lora_rank})"
 
 
 @dataclass(frozen=True)
@@ -144,3 +162,50 @@ class Fleet:
     async def close(self) -> None:
         for replica in self._replicas.values():
             await replica.close()
+
+
+class Pools:
+    """The serving pools, each a ``Fleet``, in the order configured; as a whole, every pool's replicas."""
+
+    def __init__(self, pools: Sequence[Fleet]) -> None:
+        if not pools:
+            raise ValueError("a fleet has at least one pool")
+        self._pools = {p.settings.pool: p for p in pools}
+        if len(self._pools) != len(pools):
+            raise ValueError("pool names must be unique")
+
+    def __iter__(self):
+        return iter(self._pools.values())
+
+    def __len__(self) -> int:
+        return len(self._pools)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._pools)
+
+    def get(self, name: str) -> Fleet | None:
+        return self._pools.get(name)
+
+    def pool_of(self, url: str) -> Fleet | None:
+        """The pool a replica belongs to (the first, should discovery put one URL in two pools)."""
+        return next((p for p in self._pools.values() if any(r.url == url for r in p.members())), None)
+
+    def members(self) -> list[VllmApi]:
+        return [r for p in self._pools.values() for r in p.members()]
+
+    @property
+    def last(self) -> dict[str, Observation]:
+        return {url: o for p in self._pools.values() for url, o in list(p.last.items())}
+
+    async def refresh(self) -> None:
+        for pool in self._pools.values():
+            await pool.refresh()
+
+    async def observe(self, timeout: float = OBSERVE_TIMEOUT_SECONDS) -> dict[str, Observation]:
+        seen = await asyncio.gather(*(p.observe(timeout) for p in self._pools.values()))
+        return {url: o for part in seen for url, o in part.items()}
+
+    async def close(self) -> None:
+        for pool in self._pools.values():
+            await pool.close()

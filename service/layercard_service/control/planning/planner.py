@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from layercard_service.control.cards import CARD_PREFIX, CardService
 from layercard_service.control.planning.pricing import uncached_reason
@@ -26,10 +26,10 @@ def plan_placement(
     request: PlanRequest,
     card_name: str = "",
     prefix_cache_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
-    vllm: VllmFleet | None = None,
+    vllm: Sequence[VllmFleet] | VllmFleet | None = None,
 ) -> Plan:
     """``prefix_cache_memory_bytes``: the workers' bound on the frozen-prefix cache in memory (beyond it, a file).
-    ``vllm``: what the serving fleet wraps and measured, for plans under a vLLM serving budget."""
+    ``vllm``: what each serving pool wraps and measured: the plan is priced on, and names, the pool serving it."""
     solution = solve(card, request, prefix_cache_memory_bytes, vllm)
     chosen, full, costs = solution.chosen, solution.full, solution.costs
     tc = card.training_cost
@@ -101,6 +101,7 @@ def plan_placement(
         prefix_cache_bytes=cache_size,
         predicted_curve=_curve(chosen, max(run_steps, request.steps)),
         learning_rate=chosen.learning_rate,
+        serving_pool=solution.pool.pool if solution.pool is not None else "",
     )
 
 
@@ -220,11 +221,11 @@ class PlacementPlanner:
         cards: CardService,
         serving_calibration: Callable[[str], Calibration | None] | None = None,
         prefix_cache_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
-        vllm_fleet: Callable[[str], VllmFleet | None] | None = None,
+        vllm_fleet: Callable[[str], Sequence[VllmFleet]] | None = None,
     ) -> None:
         self.cards = cards
         self.serving_calibration = serving_calibration
-        self.vllm_fleet = vllm_fleet  # model -> the fleet serving it (its LoRA settings, per-rank probes), or None
+        self.vllm_fleet = vllm_fleet  # model -> the pools serving it (LoRA settings, per-rank probes); () if none
         self.prefix_cache_memory_bytes = prefix_cache_memory_bytes  # the service's setting, which its workers get
 
     def plan(self, card_name: str, request: PlanRequest) -> Plan:
@@ -236,5 +237,5 @@ class PlacementPlanner:
         card = stored.card
         if self.serving_calibration is not None:
             card = calibrated(card, self.serving_calibration(card.model))
-        fleet = self.vllm_fleet(card.model) if self.vllm_fleet is not None else None
-        return plan_placement(card, request, stored.name, self.prefix_cache_memory_bytes, fleet)
+        pools = self.vllm_fleet(card.model) if self.vllm_fleet is not None else ()
+        return plan_placement(card, request, stored.name, self.prefix_cache_memory_bytes, pools or None)

@@ -5,7 +5,8 @@ deeper models get, for each lowest layer m (which fixes the backward cost), the 
 above m in descending score order. Each candidate is priced with the card's cost model, filtered by the budget,
 and the objective picks one; each set is a candidate at every learning rate the card's pilots measured. Ties go to
 the cheaper step, then the fewer parameters, then the deeper layers, then the lower learning rate.
-A limit "binds" when dropping it alone would change the plan.
+A limit "binds" when dropping it alone would change the plan. With the serving pools known (``vllm``), each shape
+is priced on the pool that would serve it, and under a vLLM serving budget every pool offers its own shapes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from layercard_service.control.planning.curves import steps_to_reach
 from layercard_service.control.planning.gains import DEFAULT_SCORE, layer_scores, score_basis, set_gain
 from layercard_service.control.planning.learning import CurveModel
 from layercard_service.control.planning.pricing import MAX_PLANNED_STEPS, CacheRun, cache_run, price, uncached_reason
-from layercard_service.control.planning.vllm_fleet import VllmFleet
+from layercard_service.control.planning.vllm_fleet import VllmFleet, serving_pool
 from layercard_service.domain.budgets import BUDGET_KINDS
 from layercard_service.domain.cards import LayerCardData
 from layercard_service.domain.plans import BudgetSpec, PlanRequest
@@ -50,6 +51,7 @@ class Candidate:
     run_steps: int = 0  # the run's steps the cache's epoch rule was applied to
     curve: object = field(default=None, compare=False)  # gain(n), low(n), high(n): learning.CurveModel's
     learning_rate: float = 0.0  # the rate the curve is at (0: a prior curve, no measured rate)
+    pool: str = ""  # the serving pool it is priced on and would be served by; "": none can serve it
 
     @property
     def training_seconds(self) -> float:
@@ -66,7 +68,9 @@ class Candidate:
         return self.cache.build_seconds if self.cache is not None else 0.0
 
     def tie_key(self) -> tuple:
-        return (self.step_seconds, self.parameters, tuple(-i for i in self.layers), self.learning_rate)
+        # Last, the serving overhead: the same shape on two pools goes to the cheaper one.
+        serving = self.serving_fraction if self.serving_fraction is not None else math.inf
+        return (self.step_seconds, self.parameters, tuple(-i for i in self.layers), self.learning_rate, serving)
 
 
 @dataclass(frozen=True)
@@ -79,37 +83,51 @@ class Solution:
     exhaustive: bool
     run: CacheRun
     curves: CurveModel
+    pool: VllmFleet | None = None  # the serving pool the chosen shape is priced on; None: no pool can serve it
 
 
-def _shapes(card: LayerCardData, request: PlanRequest, vllm: VllmFleet | None) -> list[Shape]:
-    """The candidate shapes: the request's, or the card's; under a vLLM serving budget with the fleet known, the
-    modules it wraps and the ranks it measured by default, and only shapes it can serve."""
-    steer = vllm is not None and request.budget.limits_serving and request.budget.serving_engine == "vllm"
-    default_ranks = (vllm.ranks() if steer else ()) or (card.settings.rank,)
-    default_modules = vllm.module_set(card.module_types) if steer else tuple(card.module_types)
-    ranks = request.candidate_ranks or default_ranks
-    module_sets = request.candidate_module_sets or ((default_modules,) if default_modules else ())
-    shapes = [Shape(r, tuple(m)) for r in ranks for m in module_sets]
+def _shapes(card: LayerCardData, request: PlanRequest, ranks: Sequence[int], modules: Sequence[str]) -> list[Shape]:
+    """The request's candidate shapes, or ``ranks`` on ``modules`` (the defaults)."""
+    module_sets = request.candidate_module_sets or ((tuple(modules),) if modules else ())
+    return [Shape(r, tuple(m)) for r in request.candidate_ranks or ranks for m in module_sets]
+
+
+def _offers(
+    card: LayerCardData, request: PlanRequest, pools: Sequence[VllmFleet]
+) -> list[tuple[Shape, VllmFleet | None]]:
+    """The candidate shapes, each with the pool that would serve it. Without a vLLM serving budget: the request's
+    shapes or the card's, on the pool that serves each cheapest. Under one, with the pools known: on each pool,
+    by default the modules it wraps at the ranks it measured, and only shapes it can serve."""
+    steer = bool(pools) and request.budget.limits_serving and request.budget.serving_engine == "vllm"
     if not steer:
-        return shapes
-    servable = [s for s in shapes if vllm.problem(s) is None]
-    if not servable:
-        problems = [vllm.problem(s) for s in shapes] or [f"none of the card's modules is wrapped by {vllm.describe()}"]
+        shapes = _shapes(card, request, (card.settings.rank,), card.module_types)
+        # No pool can serve a shape: it is priced on the first, whose basis then says why it cannot.
+        return [(s, serving_pool(pools, s) or (pools[0] if pools else None)) for s in shapes]
+    offers, problems = [], []
+    for pool in pools:
+        shapes = _shapes(card, request, pool.ranks() or (card.settings.rank,), pool.module_set(card.module_types))
+        offers += [(s, pool) for s in shapes if pool.problem(s) is None]
+        found = [f"{pool.describe()} cannot serve {pool.problem(s)}" for s in shapes if pool.problem(s) is not None]
+        problems += found if shapes else [f"none of the card's modules is wrapped by {pool.describe()}"]
+    if not offers:
+        metadata = {"pools": ",".join(p.pool for p in pools)}
+        if len(pools) == 1:
+            metadata |= {
+                "wrapped_modules": ",".join(pools[0].wrapped_modules),
+                "max_rank": str(pools[0].max_rank),
+                "measured_ranks": ",".join(str(r) for r in pools[0].ranks()),
+            }
         raise FailedPrecondition(
-            f"{vllm.describe()} cannot serve any candidate shape: " + "; ".join(problems),
+            "no serving pool can serve any candidate shape: " + "; ".join(problems),
             reason="SERVING_SHAPE_UNSERVABLE",
-            metadata={
-                "wrapped_modules": ",".join(vllm.wrapped_modules),
-                "max_rank": str(vllm.max_rank),
-                "measured_ranks": ",".join(str(r) for r in vllm.ranks()),
-            },
+            metadata=metadata,
         )
-    return servable
+    return offers
 
 
-def _priced(costs: ShapeCosts, vllm: VllmFleet | None) -> ShapeCosts:
-    """The shape's costs with its vLLM overhead as the serving fleet measured it, when the fleet is known."""
-    return vllm.priced(costs) if vllm is not None else costs
+def _priced(costs: ShapeCosts, pool: VllmFleet | None) -> ShapeCosts:
+    """The shape's costs with its vLLM overhead as its serving pool measured it, when the pool is known."""
+    return pool.priced(costs) if pool is not None else costs
 
 
 def _layer_sets(scores: Sequence[float], exhaustive: bool) -> Iterator[tuple[int, ...]]:
@@ -135,6 +153,7 @@ def _candidate(
     run: CacheRun,
     curves: CurveModel,
     learning_rate: float,
+    pool: str = "",
 ) -> Candidate:
     priced = price(costs, layers, run, request)
     curve = curves.curve(layers, scores, own_scores, coupling, learning_rate)
@@ -157,6 +176,7 @@ def _candidate(
         adapter_bytes=costs.adapter_bytes(layers),
         serving_ms=costs.serving_ms(layers, engine),
         serving_fraction=costs.serving_fraction(layers, engine),
+        pool=pool,
     )
 
 
@@ -211,8 +231,8 @@ def _quickest(feasible: list[Candidate], request: PlanRequest, full: Candidate) 
 
 
 def _neg(key: tuple) -> tuple:
-    step, params, layers, rate = key
-    return (-step, -params, tuple(-i for i in layers), -rate)
+    step, params, layers, rate, serving = key
+    return (-step, -params, tuple(-i for i in layers), -rate, -serving)
 
 
 def _ints(values: Sequence[int]) -> str:
@@ -248,14 +268,17 @@ def _infeasible(
     metadata["violated_limits"] = ",".join(sorted(over))
     metadata["cheapest_prefix_cache"] = "on" if cheapest.cached else "off"
     metadata["cheapest_uncached_step_seconds"] = format(cheapest.uncached_step_seconds, ".6g")
+    if cheapest.pool:
+        metadata["cheapest_serving_pool"] = cheapest.pool
+    served = f" on serving pool {cheapest.pool!r}" if cheapest.pool else ""
     exceeded = ", ".join(
         f"{kind.name} ({_figure(kind.measure(cheapest, full), kind.unit)} > {_figure(budget_limit, kind.unit)})"
         for kind in BUDGET_KINDS
         if kind.name in over and (budget_limit := request.budget.limit(kind)) is not None
     )
     return FailedPrecondition(
-        f"no placement fits the budget; the cheapest is layers {list(cheapest.layers)} at rank {cheapest.shape.rank} "
-        f"with a predicted step of {cheapest.step_seconds:.4g} s{_cache_note(cheapest, run)}, "
+        f"no placement fits the budget; the cheapest is layers {list(cheapest.layers)} at rank {cheapest.shape.rank}"
+        f"{served} with a predicted step of {cheapest.step_seconds:.4g} s{_cache_note(cheapest, run)}, "
         f"{cheapest.step_seconds / full.step_seconds:.2f} of full-layer LoRA's {full.step_seconds:.4g} s, and it "
         f"still exceeds {exceeded}",
         reason="BUDGET_INFEASIBLE",
@@ -284,8 +307,10 @@ def solve(
     card: LayerCardData,
     request: PlanRequest,
     prefix_cache_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
-    vllm: VllmFleet | None = None,
+    vllm: Sequence[VllmFleet] | VllmFleet | None = None,
 ) -> Solution:
+    """``vllm``: the serving pools (one ``VllmFleet`` each), or the one pool; None: the fleet is unknown."""
+    pools: Sequence[VllmFleet] = () if vllm is None else (vllm,) if isinstance(vllm, VllmFleet) else tuple(vllm)
     score = request.score or DEFAULT_SCORE
     budget = request.budget
     if request.objective == "fixed_k" and request.k > card.num_layers:
@@ -296,8 +321,10 @@ def solve(
     own = layer_scores(card, score, card.module_types, card.settings.rank)
     candidates: list[Candidate] = []
     full = None
-    for shape in _shapes(card, request, vllm):
-        costs = _priced(shape_costs(card, shape), vllm)
+    by_name = {p.pool: p for p in pools}
+    for shape, pool in _offers(card, request, pools):
+        costs = _priced(shape_costs(card, shape), pool)
+        serves = pool.pool if pool is not None and pool.problem(shape) is None else ""
         if budget.limits_serving and costs.serving_ms(range(1), budget.serving_engine) is None:
             raise FailedPrecondition(
                 "the serving budget needs vLLM's measured adapter overhead, which this card does not have yet: "
@@ -323,7 +350,9 @@ def solve(
             )
             full = replace(full, value=full.curve.gain(request.steps))
         candidates += [
-            _candidate(costs, scores, own, card.coupling, layers, budget.serving_engine, request, run, curves, rate)
+            _candidate(
+                costs, scores, own, card.coupling, layers, budget.serving_engine, request, run, curves, rate, serves
+            )
             for layers in _layer_sets(scores, exhaustive)
             for rate in curves.learning_rates
         ]
@@ -342,10 +371,12 @@ def solve(
             relaxed = _solve_once(candidates, request, replace(budget, **{kind.name: None}), full)
             if relaxed is not None and relaxed != chosen:
                 binding.append(kind.name)
+    pool = by_name.get(chosen.pool) or (pools[0] if pools else None)
     return Solution(
+        pool=pool if pool is not None and pool.problem(chosen.shape) is None else None,
         chosen=chosen,
         full=full,
-        costs=_priced(shape_costs(card, chosen.shape), vllm),
+        costs=_priced(shape_costs(card, chosen.shape), pool),
         score=score,
         binding=tuple(binding),
         exhaustive=exhaustive,

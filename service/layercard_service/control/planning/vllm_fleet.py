@@ -6,6 +6,9 @@ serving budget therefore takes its module types from what the fleet wraps, its r
 has measured (at most its max rank), and each rank's overhead from the probes of that shape
 (``DeploymentStore.rank_calibrations``). A rank the fleet has not measured is priced at the fleet's median over
 every probe, and its basis says so.
+
+A fleet of several pools is one ``VllmFleet`` per pool: the planner weighs every pool's shapes and the plan names
+the pool that will serve it (``serving_pool``).
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from layercard_service.control.planning.costs import Shape, ShapeCosts
+from layercard_service.domain.pools import DEFAULT_POOL
 
-__all__ = ["Calibration", "VllmFleet"]
+__all__ = ["Calibration", "VllmFleet", "serving_pool"]
 
 
 class Calibration(Protocol):
@@ -31,18 +35,20 @@ class VllmFleet:
     wrapped_modules: tuple[str, ...]  # the servers' --lora-target-modules; empty: every LoRA-capable module
     max_rank: int  # the servers' --max-lora-rank
     by_rank: Mapping[int, Calibration]  # adapter rank -> the probes of that shape
+    pool: str = DEFAULT_POOL
 
     def describe(self) -> str:
         wrapped = ", ".join(self.wrapped_modules) or "every LoRA-capable module"
-        return f"the serving vLLM fleet (wrapping {wrapped}, max rank {self.max_rank})"
+        where = "the serving vLLM fleet" if self.pool == DEFAULT_POOL else f"serving pool {self.pool!r}"
+        return f"{where} (wrapping {wrapped}, max rank {self.max_rank})"
 
     def problem(self, shape: Shape) -> str | None:
         """Why the fleet cannot serve adapters of ``shape``; None when it can."""
         unwrapped = sorted(set(shape.modules) - set(self.wrapped_modules)) if self.wrapped_modules else []
         if unwrapped:
-            return f"rank {shape.rank} on {', '.join(shape.modules)}: the fleet does not wrap {', '.join(unwrapped)}"
+            return f"rank {shape.rank} on {', '.join(shape.modules)}: it does not wrap {', '.join(unwrapped)}"
         if shape.rank > self.max_rank:
-            return f"rank {shape.rank}: over the fleet's max rank {self.max_rank}"
+            return f"rank {shape.rank}: over its max rank {self.max_rank}"
         return None
 
     def module_set(self, card_modules: Sequence[str]) -> tuple[str, ...]:
@@ -74,3 +80,15 @@ class VllmFleet:
             vllm_basis=f"rank {costs.shape.rank} on {self.describe()}: {measured.basis}",
             vllm_base_ms=measured.base_ms_per_token,
         )
+
+
+def serving_pool(pools: Sequence[VllmFleet], shape: Shape) -> VllmFleet | None:
+    """The pool that would serve ``shape`` cheapest: measured at its rank and lowest first, then in the order
+    configured; None when no pool can serve it."""
+    servable = [p for p in pools if p.problem(shape) is None]
+
+    def cost(pool: VllmFleet) -> float:
+        measured = pool.by_rank.get(shape.rank)
+        return measured.overhead_fraction if measured is not None else float("inf")
+
+    return min(servable, key=cost, default=None)
