@@ -63,6 +63,7 @@ def costs_markdown(card: layer_card_pb2.LayerCard) -> list[str]:
             "",
             f"- unmerged peft: base {sc.peft_base_ms_per_token:.3f} ms/token, plus each adapted layer's overhead",
             f"- vLLM (independent of the number of adapted layers): {vllm}",
+            *(f"  - {line}" for line in pool_cost_lines(sc)),
         ]
     return lines
 
@@ -122,3 +123,18 @@ def _layer_list(layers: Iterable[int]) -> str:
         else:
             spans.append([i, i])
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def pool_cost_lines(sc: layer_card_pb2.ServingCost) -> list[str]:
+    """One line per serving pool: its LoRA settings and the overhead measured at each adapter rank."""
+    lines = []
+    for pool in sc.vllm_pools:
+        wrapped = ", ".join(pool.lora_target_modules) or "every module"
+        ranks = "; ".join(
+            f"rank {r.rank} +{r.overhead_fraction:.1%} ({r.samples} probe{'s' if r.samples != 1 else ''})"
+            for r in pool.ranks
+        )
+        lines.append(
+            f"pool {pool.pool} (wrapping {wrapped}, max rank {pool.max_lora_rank}): {ranks or 'not measured yet'}"
+        )
+    return lines

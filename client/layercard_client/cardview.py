@@ -13,7 +13,7 @@ from rich.table import Table
 
 from layercard.v1 import common_pb2, layer_card_pb2
 from layercard_client.cardcost import MIB as _MIB
-from layercard_client.cardcost import cost_error, costs_markdown
+from layercard_client.cardcost import cost_error, costs_markdown, pool_cost_lines
 from layercard_client.markdown import md_table
 
 __all__ = [
@@ -201,6 +201,7 @@ def card_summary(card: layer_card_pb2.LayerCard) -> str:
         vllm = "not measured yet (measured after a deployment)"
     # vLLM wraps every layer of the module types it serves: fewer adapted layers do not make it cheaper.
     lines.append(f"serving on vLLM (independent of the number of adapted layers): {vllm}")
+    lines += [f"  {line}" for line in pool_cost_lines(sc)]
     if sc.peft_base_ms_per_token > 0:
         every = sum(layer.peft_serving_overhead_ms_per_token for layer in card.layers)
         lines.append(

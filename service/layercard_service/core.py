@@ -102,8 +102,10 @@ class Core:
         )
 
     def with_fleet_serving(self, card: LayerCardData) -> LayerCardData:
-        """The card with the serving fleet's measured vLLM overhead and base time, as the planner plans with."""
-        return calibrated(card, self.adapters.store.calibration(card.model))
+        """The card with the serving fleet's measured vLLM overhead and base time, and each pool's figures, as
+        the planner plans with."""
+        pools = self.planner.vllm_fleet(card.model) if self.planner.vllm_fleet is not None else ()
+        return calibrated(card, self.adapters.store.calibration(card.model), pools)
 
     def state_collector(self) -> StateCollector:
         """Scrape-time gauges: jobs by state, fleet residency, deployed adapters' overhead and budget."""

@@ -260,6 +260,8 @@ def test_a_card_shows_the_serving_fleets_measured_vllm_figures(cards_server):
     before = cards_server.stub.GetLayerCard(get, timeout=10).serving_cost
     assert not before.HasField("vllm_overhead_fraction") and not before.HasField("vllm_base_ms_per_token")
     assert "not measured yet" in before.vllm_basis
+    [pool] = before.vllm_pools  # the one pool this service has, as configured: nothing measured on it yet
+    assert (pool.pool, list(pool.lora_target_modules), pool.max_lora_rank, list(pool.ranks)) == ("default", [], 16, [])
 
     store = cards_server.server.core.adapters.store  # a deploy's probe, as the deploy records it
     probe = LatencyMeasurement("http://vllm:8000", 40.0, 44.0, 2.5, 3.0, 0.2, 5, 120.0, 144.0, 32)
@@ -269,3 +271,8 @@ def test_a_card_shows_the_serving_fleets_measured_vllm_figures(cards_server):
     assert "post-deploy probes" in after.vllm_basis
     listed = cards_server.stub.ListLayerCards(layer_card_pb2.ListLayerCardsRequest(), timeout=10).layer_cards
     assert all(c.serving_cost.vllm_overhead_fraction == pytest.approx(0.2) for c in listed)
+    assert not after.vllm_pools[0].ranks  # that probe was of servers at max rank 8, not this pool's 16
+    store.add_measurement(ServingShape("builtin:tiny", (), 16, 8), "bot", 2, probe)
+    [rank] = cards_server.stub.GetLayerCard(get, timeout=10).serving_cost.vllm_pools[0].ranks
+    assert (rank.rank, rank.samples) == (8, 1) and rank.overhead_fraction == pytest.approx(0.2)
+    assert rank.base_ms_per_token == pytest.approx(2.5) and "rank-8" in rank.basis

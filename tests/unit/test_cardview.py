@@ -135,6 +135,17 @@ def test_summary_names_the_top_layers_costs_and_vllm():
     assert "coupling: layers" in summary
 
 
+def test_summary_and_markdown_show_each_serving_pools_measured_ranks():
+    card = synthetic_card()
+    lean = card.serving_cost.vllm_pools.add(pool="lean", lora_target_modules=["o_proj"], max_lora_rank=8)
+    lean.ranks.add(rank=8, overhead_fraction=0.13, samples=3, basis="median of 3 probes")
+    card.serving_cost.vllm_pools.add(pool="full", max_lora_rank=8)
+    summary = card_summary(card)
+    assert "pool lean (wrapping o_proj, max rank 8): rank 8 +13.0% (3 probes)" in summary
+    assert "pool full (wrapping every module, max rank 8): not measured yet" in summary
+    assert "  - pool lean (wrapping o_proj, max rank 8): rank 8 +13.0%" in card_markdown(card)
+
+
 def test_markdown_has_every_layer_modules_costs_and_coupling():
     markdown = card_markdown(synthetic_card())
     for i in range(L):

@@ -1,4 +1,5 @@
-"""HttpVllmApi keeps its connections to a vLLM server alive across streamed completions.
+"""HttpVllmApi keeps its connections to a vLLM server alive across streamed completions, and drops idle ones
+before the server would (vllm_api.KEEPALIVE_SECONDS).
 
 A real HTTP/1.1 server on loopback (http.server, one handler per connection) answers with vLLM's stream format;
 the test counts the connections it accepted.
@@ -42,21 +43,43 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-def test_streamed_completions_reuse_one_connection():
+def _serving(run, **api_settings) -> tuple[list[str], int]:
+    """Runs ``run(api)`` against a fresh loopback server; its answers and the connections the server accepted."""
+    Handler.connections = 0
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
 
-        async def run() -> list[str]:
-            api = HttpVllmApi(f"http://127.0.0.1:{server.server_address[1]}")
+        async def main() -> list[str]:
+            api = HttpVllmApi(f"http://127.0.0.1:{server.server_address[1]}", **api_settings)
             try:
-                return [(await api.complete("m", "word 3:", Sampling(max_tokens=2))).text for _ in range(3)]
+                return await run(api)
             finally:
                 await api.close()
 
-        assert asyncio.run(run()) == [" zebra"] * 3
-        assert Handler.connections == 1
+        return asyncio.run(main()), Handler.connections
     finally:
         server.shutdown()
         server.server_close()
+
+
+async def _complete(api: HttpVllmApi) -> str:
+    return (await api.complete("m", "word 3:", Sampling(max_tokens=2))).text
+
+
+def test_streamed_completions_reuse_one_connection():
+    async def three(api):
+        return [await _complete(api) for _ in range(3)]
+
+    assert _serving(three) == ([" zebra"] * 3, 1)
+
+
+def test_an_idle_connection_is_dropped_before_the_server_would_drop_it():
+    async def with_a_pause(api):
+        first = await _complete(api)
+        await asyncio.sleep(0.4)  # idle past the client's keep-alive, not yet past a server's
+        return [first, await _complete(api)]
+
+    assert _serving(with_a_pause, keepalive_seconds=0.1) == ([" zebra"] * 2, 2)  # a fresh connection
+    assert _serving(with_a_pause, keepalive_seconds=5.0) == ([" zebra"] * 2, 1)  # kept: what races vLLM's close

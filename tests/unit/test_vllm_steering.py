@@ -18,6 +18,7 @@ class Measured:
     overhead_fraction: float
     base_ms_per_token: float | None = 2.0
     basis: str = "median of 3 probes"
+    samples: int = 3
 
 
 FLEET = VllmFleet(("o_proj",), 16, {4: Measured(0.1), 8: Measured(0.3), 32: Measured(0.01)})
@@ -53,11 +54,23 @@ def test_shapes_the_fleet_cannot_serve_are_refused_with_why():
     assert "does not wrap q_proj" in err.value.message and err.value.metadata["measured_ranks"] == "4,8"
 
 
-def test_an_unmeasured_rank_falls_back_to_the_fleets_median_and_says_so():
+def test_an_unmeasured_rank_is_priced_as_the_nearest_measured_rank_and_says_so():
     card = make_card(GAINS, vllm_fraction=0.25)
-    p = plan(card, budget={"max_serving_overhead_fraction": 0.5}, vllm=FLEET, candidate_ranks=(12,))
-    assert p.rank == 12 and p.serving_overhead_fraction.value == pytest.approx(0.25)
-    assert "rank 12 not measured" in p.serving_overhead_fraction.basis
+    p = plan(card, budget={"max_serving_overhead_fraction": 0.5}, vllm=FLEET, candidate_ranks=(6,))
+    assert p.rank == 6 and p.serving_overhead_fraction.value == pytest.approx(0.3)  # as rank 8, the next above
+    assert (
+        "rank 6 not measured" in p.serving_overhead_fraction.basis
+        and "priced as rank 8" in p.serving_overhead_fraction.basis
+    )
+    q = plan(card, budget={"max_serving_overhead_fraction": 0.5}, vllm=FLEET, candidate_ranks=(12,))
+    assert q.serving_overhead_fraction.value == pytest.approx(0.3)  # as rank 8: 32 is over the max rank 16
+    # A pool that has measured nothing: the fleet's median over every probe.
+    empty = VllmFleet(("o_proj",), 16, {})
+    r = plan(card, budget={"max_serving_overhead_fraction": 0.5}, vllm=empty, candidate_ranks=(12,))
+    assert (
+        r.serving_overhead_fraction.value == pytest.approx(0.25)
+        and "rank 12 not measured" in r.serving_overhead_fraction.basis
+    )
 
 
 def test_without_a_vllm_budget_the_fleet_steers_nothing_but_prices_the_plan():

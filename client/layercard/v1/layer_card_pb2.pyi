@@ -292,13 +292,41 @@ class PlacementTiming(_message.Message):
     def __init__(self, layers: _Optional[_Iterable[int]] = ..., measured_step_seconds: _Optional[float] = ..., predicted_step_seconds: _Optional[float] = ..., measured_peak_memory_bytes: _Optional[int] = ..., predicted_peak_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class ServingCost(_message.Message):
-    __slots__ = ("peft_base_ms_per_token", "vllm_overhead_fraction", "vllm_basis", "vllm_base_ms_per_token")
+    __slots__ = ("peft_base_ms_per_token", "vllm_overhead_fraction", "vllm_basis", "vllm_base_ms_per_token", "vllm_pools")
     PEFT_BASE_MS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     VLLM_OVERHEAD_FRACTION_FIELD_NUMBER: _ClassVar[int]
     VLLM_BASIS_FIELD_NUMBER: _ClassVar[int]
     VLLM_BASE_MS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    VLLM_POOLS_FIELD_NUMBER: _ClassVar[int]
     peft_base_ms_per_token: float
     vllm_overhead_fraction: float
     vllm_basis: str
     vllm_base_ms_per_token: float
-    def __init__(self, peft_base_ms_per_token: _Optional[float] = ..., vllm_overhead_fraction: _Optional[float] = ..., vllm_basis: _Optional[str] = ..., vllm_base_ms_per_token: _Optional[float] = ...) -> None: ...
+    vllm_pools: _containers.RepeatedCompositeFieldContainer[VllmPoolCost]
+    def __init__(self, peft_base_ms_per_token: _Optional[float] = ..., vllm_overhead_fraction: _Optional[float] = ..., vllm_basis: _Optional[str] = ..., vllm_base_ms_per_token: _Optional[float] = ..., vllm_pools: _Optional[_Iterable[_Union[VllmPoolCost, _Mapping]]] = ...) -> None: ...
+
+class VllmPoolCost(_message.Message):
+    __slots__ = ("pool", "lora_target_modules", "max_lora_rank", "ranks")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    LORA_TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    lora_target_modules: _containers.RepeatedScalarFieldContainer[str]
+    max_lora_rank: int
+    ranks: _containers.RepeatedCompositeFieldContainer[VllmRankCost]
+    def __init__(self, pool: _Optional[str] = ..., lora_target_modules: _Optional[_Iterable[str]] = ..., max_lora_rank: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[VllmRankCost, _Mapping]]] = ...) -> None: ...
+
+class VllmRankCost(_message.Message):
+    __slots__ = ("rank", "overhead_fraction", "samples", "basis", "base_ms_per_token")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    OVERHEAD_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    BASIS_FIELD_NUMBER: _ClassVar[int]
+    BASE_MS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    overhead_fraction: float
+    samples: int
+    basis: str
+    base_ms_per_token: float
+    def __init__(self, rank: _Optional[int] = ..., overhead_fraction: _Optional[float] = ..., samples: _Optional[int] = ..., basis: _Optional[str] = ..., base_ms_per_token: _Optional[float] = ...) -> None: ...

@@ -200,6 +200,24 @@ def card_to_proto(stored: StoredCard) -> layer_card_pb2.LayerCard:
         message.serving_cost.vllm_overhead_fraction = s.vllm_overhead_fraction
     if s.vllm_base_ms_per_token is not None:
         message.serving_cost.vllm_base_ms_per_token = s.vllm_base_ms_per_token
+    for pool in s.vllm_pools:
+        message.serving_cost.vllm_pools.append(
+            layer_card_pb2.VllmPoolCost(
+                pool=pool.pool,
+                lora_target_modules=pool.target_modules,
+                max_lora_rank=pool.max_lora_rank,
+                ranks=[
+                    layer_card_pb2.VllmRankCost(
+                        rank=r.rank,
+                        overhead_fraction=r.overhead_fraction,
+                        samples=r.samples,
+                        basis=r.basis,
+                        base_ms_per_token=r.base_ms_per_token,
+                    )
+                    for r in pool.ranks
+                ],
+            )
+        )
     return message
 
 

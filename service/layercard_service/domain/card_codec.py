@@ -53,6 +53,6 @@ def card_from_dict(raw: dict) -> LayerCardData:
         settings=CardSettings(**settings),
         layers=rows,
         training_cost=_training_cost(fields.pop("training_cost")),
-        serving_cost=ServingCostCard(**fields.pop("serving_cost")),
+        serving_cost=ServingCostCard(**{k: v for k, v in fields.pop("serving_cost").items() if k != "vllm_pools"}),
         **fields,
     )

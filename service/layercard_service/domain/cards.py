@@ -16,6 +16,8 @@ __all__ = [
     "CostCalibration",
     "TrainingCostCard",
     "ServingCostCard",
+    "VllmPoolCost",
+    "VllmRankCost",
     "LayerCardData",
     "LearningRatePilot",
     "DEFAULT_LEARNING_RATE_GRID",
@@ -213,12 +215,35 @@ class TrainingCostCard:
     prefix_cache_bytes_per_token: int = 0
 
 
+@dataclass(frozen=True)
+class VllmRankCost:
+    """A serving pool's measured adapter overhead at one adapter rank."""
+
+    rank: int
+    overhead_fraction: float
+    samples: int
+    basis: str
+    base_ms_per_token: float | None = None
+
+
+@dataclass(frozen=True)
+class VllmPoolCost:
+    """One serving pool's LoRA settings and what its probes measured, rank by rank."""
+
+    pool: str
+    target_modules: tuple[str, ...]  # empty: every LoRA-capable module
+    max_lora_rank: int
+    ranks: tuple[VllmRankCost, ...] = ()
+
+
 @dataclass
 class ServingCostCard:
     peft_base_ms_per_token: float
     vllm_overhead_fraction: float | None = None
     vllm_basis: str = "not measured yet: the service measures it on the serving vLLM after a deployment"
     vllm_base_ms_per_token: float | None = None  # the serving vLLM's measured base inter-token time
+    # Added when a card is read, never stored: each serving pool's figures, as the planner prices them.
+    vllm_pools: tuple[VllmPoolCost, ...] = ()
 
 
 @dataclass(frozen=True)

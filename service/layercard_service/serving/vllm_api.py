@@ -215,6 +215,13 @@ def _raise_for(url: str, response: httpx.Response, model: str = "") -> None:
     raise LayercardError(f"vLLM server {url} answered {response.status_code}: {message}", metadata=metadata)
 
 
+# vLLM's server (uvicorn) closes a connection idle for 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE). A pool that keeps
+# idle connections as long (httpx's default) races that close: a request sent as the server drops the connection
+# fails mid-request (it cost a bench.serving run one request at 16 streams). Idle connections are dropped
+# well before.
+KEEPALIVE_SECONDS = 2.0
+
+
 class HttpVllmApi(VllmApi):
     def __init__(
         self,
@@ -222,11 +229,15 @@ class HttpVllmApi(VllmApi):
         timeout_seconds: float = 30.0,
         retries: int = 2,
         transport: httpx.AsyncBaseTransport | None = None,  # tests: an in-memory vLLM
+        keepalive_seconds: float = KEEPALIVE_SECONDS,
     ) -> None:
         self.url = url.rstrip("/")
         self.retries = retries
         self._client = httpx.AsyncClient(
-            base_url=self.url, timeout=httpx.Timeout(timeout_seconds, connect=5.0), transport=transport
+            base_url=self.url,
+            timeout=httpx.Timeout(timeout_seconds, connect=5.0),
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=keepalive_seconds),
+            transport=transport,
         )
 
     async def close(self) -> None:

@@ -200,16 +200,19 @@ def _rates(rates: tuple[float, ...]) -> str:
     return ", ".join(f"{r:g}" for r in rates)
 
 
-def calibrated(card: LayerCardData, calibration: Calibration | None) -> LayerCardData:
-    """The card with vLLM's serving overhead taken from the fleet's measurements, when there are any."""
-    if calibration is None:
+def calibrated(card: LayerCardData, calibration: Calibration | None, pools: Sequence[VllmFleet] = ()) -> LayerCardData:
+    """The card with vLLM's serving overhead taken from the fleet's measurements, when there are any, and with
+    each serving pool's figures (``pools``)."""
+    if calibration is None and not pools:
         return card
-    serving = dataclasses.replace(
-        card.serving_cost,
-        vllm_overhead_fraction=calibration.overhead_fraction,
-        vllm_basis=calibration.basis,
-        vllm_base_ms_per_token=calibration.base_ms_per_token,
-    )
+    serving = dataclasses.replace(card.serving_cost, vllm_pools=tuple(p.cost() for p in pools))
+    if calibration is not None:
+        serving = dataclasses.replace(
+            serving,
+            vllm_overhead_fraction=calibration.overhead_fraction,
+            vllm_basis=calibration.basis,
+            vllm_base_ms_per_token=calibration.base_ms_per_token,
+        )
     return dataclasses.replace(card, serving_cost=serving)
 
 

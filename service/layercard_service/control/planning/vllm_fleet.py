@@ -4,8 +4,9 @@ vLLM wraps every layer of each module type it is started with (``--lora-target-m
 so an adapter's overhead there follows the module types and the rank, not the layers. A plan under a vLLM
 serving budget therefore takes its module types from what the fleet wraps, its rank from those the fleet
 has measured (at most its max rank), and each rank's overhead from the probes of that shape
-(``DeploymentStore.rank_calibrations``). A rank the fleet has not measured is priced at the fleet's median over
-every probe, and its basis says so.
+(``DeploymentStore.rank_calibrations``). A rank the pool has not measured is priced as its nearest measured rank
+(the next above, else the highest below: overhead grows with the rank); on a pool that has measured nothing, at
+the fleet's median over every probe. The basis says which.
 
 A fleet of several pools is one ``VllmFleet`` per pool: the planner weighs every pool's shapes and the plan names
 the pool that will serve it (``serving_pool``).
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from layercard_service.control.planning.costs import Shape, ShapeCosts
+from layercard_service.domain.cards import VllmPoolCost, VllmRankCost
 from layercard_service.domain.pools import DEFAULT_POOL
 
 __all__ = ["Calibration", "VllmFleet", "serving_pool"]
@@ -26,6 +28,7 @@ __all__ = ["Calibration", "VllmFleet", "serving_pool"]
 
 class Calibration(Protocol):
     overhead_fraction: float
+    samples: int
     basis: str
     base_ms_per_token: float | None
 
@@ -41,6 +44,14 @@ class VllmFleet:
         wrapped = ", ".join(self.wrapped_modules) or "every LoRA-capable module"
         where = "the serving vLLM fleet" if self.pool == DEFAULT_POOL else f"serving pool {self.pool!r}"
         return f"{where} (wrapping {wrapped}, max rank {self.max_rank})"
+
+    def cost(self) -> VllmPoolCost:
+        """The pool as a card shows it: its settings and each measured rank's figures."""
+        ranks = tuple(
+            VllmRankCost(r, c.overhead_fraction, c.samples, c.basis, c.base_ms_per_token)
+            for r, c in sorted(self.by_rank.items())
+        )
+        return VllmPoolCost(self.pool, self.wrapped_modules, self.max_rank, ranks)
 
     def problem(self, shape: Shape) -> str | None:
         """Why the fleet cannot serve adapters of ``shape``; None when it can."""
@@ -66,18 +77,28 @@ class VllmFleet:
             return dataclasses.replace(
                 costs, vllm_basis=f"{self.describe()} cannot serve {problem}; {costs.vllm_basis}"
             )
-        measured = self.by_rank.get(costs.shape.rank)
+        rank = costs.shape.rank
+        measured = self.by_rank.get(rank)
+        basis = f"rank {rank} on {self.describe()}"
+        servable = self.ranks()
+        if measured is None and servable:
+            above = [r for r in servable if r > rank]
+            near = min(above) if above else max(servable)
+            measured = self.by_rank[near]
+            basis = (
+                f"rank {rank} not measured on {self.describe()}: priced as rank {near}, the nearest measured rank "
+                f"{'above' if above else 'below'} it"
+            )
         if measured is None:
             if costs.vllm_fraction is None:
                 return costs
             return dataclasses.replace(
-                costs,
-                vllm_basis=f"rank {costs.shape.rank} not measured on {self.describe()}: {costs.vllm_basis}",
+                costs, vllm_basis=f"rank {rank} not measured on {self.describe()}: {costs.vllm_basis}"
             )
         return dataclasses.replace(
             costs,
             vllm_fraction=measured.overhead_fraction,
-            vllm_basis=f"rank {costs.shape.rank} on {self.describe()}: {measured.basis}",
+            vllm_basis=f"{basis}: {measured.basis}",
             vllm_base_ms=measured.base_ms_per_token,
         )
 
