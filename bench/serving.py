@@ -745,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
             vllm_model="builtin:tiny",
             max_lora_rank=MAX_LORA_RANK,
         )
-        limits = httpx.Limits(max_connections=2 * high, max_keepalive_connections=2 * high, keepalive_expiry=2.0)
+        limits = httpx.Limits(max_connections=2 * high, max_keepalive_connections=2 * high, keepalive_expiry=4.0)
         with (
             ServiceThread(config) as service,
             grpc.insecure_channel(service.address) as channel,

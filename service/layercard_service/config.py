@@ -66,6 +66,12 @@ class ServiceConfig:
     serving_calibration_max_age_seconds: float = setting(
         7 * 86400.0, "latency probes older than this do not calibrate a serving shape"
     )
+    serving_probe_concurrency: tuple[int, ...] = setting(
+        (),
+        "comma-separated stream counts (2..256) a deploy's latency probe also measures at, after one stream: the "
+        "figures a serving budget at that concurrency is planned with; each adds a probe to a deploy that probes",
+        parse=lambda text: tuple(int(p) for p in text.split(",") if p.strip()),
+    )
     live_window_seconds: float = setting(300.0, "how long a deploy with rollback_over_budget is judged on live traffic")
     live_min_requests: int = setting(20, "requests of the version and of the base model a live verdict needs")
     auth_token: str | None = setting(
@@ -143,6 +149,10 @@ class ServiceConfig:
         if self.serving_calibration_min_probes < 1 or self.serving_calibration_max_age_seconds < 0:
             raise ConfigError(
                 "serving_calibration_min_probes must be >= 1 and serving_calibration_max_age_seconds >= 0"
+            )
+        if any(not 2 <= c <= 256 for c in self.serving_probe_concurrency):
+            raise ConfigError(
+                f"serving_probe_concurrency entries must be in 2..256, got {self.serving_probe_concurrency}"
             )
         if self.live_window_seconds <= 0 or self.live_min_requests < 1:
             raise ConfigError("live_window_seconds must be > 0 and live_min_requests >= 1")

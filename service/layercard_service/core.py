@@ -86,6 +86,7 @@ class Core:
                 calibration_max_age_seconds=config.serving_calibration_max_age_seconds,
                 live_window_seconds=config.live_window_seconds,
                 live_min_requests=config.live_min_requests,
+                probe_concurrency=config.serving_probe_concurrency,
             ),
             telemetry,
         )
@@ -104,7 +105,7 @@ class Core:
     def with_fleet_serving(self, card: LayerCardData) -> LayerCardData:
         """The card with the serving fleet's measured vLLM overhead and base time, and each pool's figures, as
         the planner plans with."""
-        pools = self.planner.vllm_fleet(card.model) if self.planner.vllm_fleet is not None else ()
+        pools = self.planner.vllm_fleet(card.model, 1) if self.planner.vllm_fleet is not None else ()
         return calibrated(card, self.adapters.store.calibration(card.model), pools)
 
     def state_collector(self) -> StateCollector:
@@ -158,20 +159,23 @@ def _vllm_fleet(config: ServiceConfig, deployments: DeploymentStore):
     """model -> each serving pool's LoRA settings and per-rank measurements, for the fleet's own model only."""
     pools = config.serving_pools()
 
-    def fleet(model: str) -> tuple[VllmFleet, ...]:
+    def fleet(model: str, streams: int = 1) -> tuple[VllmFleet, ...]:
         if model != config.vllm_model:
             return ()
-        return tuple(
-            VllmFleet(
-                p.target_modules,
-                p.max_lora_rank,
-                deployments.rank_calibrations(model, p.target_modules, p.max_lora_rank),
-                p.name,
-            )
-            for p in pools
-        )
+        return tuple(_pool_fleet(deployments, model, p, streams) for p in pools)
 
     return fleet
+
+
+def _pool_fleet(deployments: DeploymentStore, model: str, pool: PoolSpec, streams: int) -> VllmFleet:
+    """A pool's figures at ``streams`` requests at once, or at the nearest count it was probed at (the next above,
+    else the highest below), one stream before any probe."""
+    probed = deployments.concurrencies(model, pool.target_modules, pool.max_lora_rank)
+    above = [c for c in probed if c >= streams]
+    level = min(above) if above else max(probed, default=1)
+    note = f"not probed at {streams} streams: the nearest count probed" if level != streams else ""
+    by_rank = deployments.rank_calibrations(model, pool.target_modules, pool.max_lora_rank, level)
+    return VllmFleet(pool.target_modules, pool.max_lora_rank, by_rank, pool.name, level, note)
 
 
 def _pools(config: ServiceConfig) -> Pools:

@@ -54,6 +54,7 @@ def service(vllm_pair, vllm_lean, tmp_path_factory):
         reconcile_interval_seconds=1.0,
         live_window_seconds=LIVE_WINDOW_SECONDS,
         live_min_requests=LIVE_MIN_REQUESTS,
+        serving_probe_concurrency=(4,),  # probes also measure 4 requests at once
     )
     with ServerThread(config) as running, LayercardClient(running.address) as client:
         client.lean, client.full, client.data_dir = lean, full, data_dir
@@ -70,6 +71,7 @@ def test_each_pool_is_calibrated_by_a_deploy_to_it(service):
         assert deployment.pool == pool and deployment.state == adapter_pb2.DEPLOYMENT_STATE_READY
         assert [r.replica for r in deployment.replicas] == [getattr(service, pool)]
         assert deployment.latency.source == adapter_pb2.LATENCY_SOURCE_PROBE
+        assert any(c.name == "latency_4_streams" for c in deployment.checks)
         service.measured[pool] = deployment.latency.overhead_fraction
     assert f"{CALIBRATION}@v1" in models_on(service.lean) and f"{CALIBRATION}@v1" not in models_on(service.full)
     # vLLM wraps every layer of each module type it is started with: the lean pool costs much less per request
@@ -94,6 +96,9 @@ def test_a_tight_budget_plans_the_lean_pools_modules_and_the_job_trains_them(ser
     assert "serving pool 'lean'" in plan.serving_overhead_fraction.basis
     # Without the budget the card's own shape adapts every module type: only the full pool can serve it.
     assert service.plan_placement(card.name).serving_pool == "full"
+    # A budget for 4 requests at once is priced with the probes at 4 streams.
+    loaded = service.plan_placement(card.name, budget={"max_serving_overhead_fraction": 10.0, "serving_concurrency": 4})
+    assert "probed at 4 streams" in loaded.serving_overhead_fraction.basis, loaded.serving_overhead_fraction.basis
 
     job = service.create_tuning_job(
         model=MODEL,

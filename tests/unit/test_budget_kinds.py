@@ -15,7 +15,7 @@ from layercard_service.domain.budgets import BUDGET_KINDS
 from layercard_service.domain.plans import BudgetSpec
 from layercard_service.errors import InvalidArgument
 
-NOT_A_LIMIT = {"serving_engine"}  # the engine the serving limits are for
+NOT_A_LIMIT = {"serving_engine", "serving_concurrency"}  # what the serving limits are for: engine, load
 LIMIT_FIELDS = {f.name for f in placement_pb2.Budget.DESCRIPTOR.fields} - NOT_A_LIMIT
 
 
@@ -55,9 +55,10 @@ def test_each_kind_refuses_a_negative_limit_naming_the_contract_field(kind):
 def test_the_cli_has_a_flag_for_exactly_the_contract_budget_fields():
     fields = [field for _, field, *_ in BUDGET_FLAGS]
     assert sorted(fields) == sorted(LIMIT_FIELDS)
-    argv = ["plan", "layerCards/x", "--serving-engine", "peft"]
+    argv = ["plan", "layerCards/x", "--serving-engine", "peft", "--serving-concurrency", "4"]
     for flag, *_ in BUDGET_FLAGS:
         argv += [flag, "2"]
     budget = builders.budget(budget_from_args(build_parser().parse_args(argv)))
     assert all(budget.HasField(name) for name in LIMIT_FIELDS)
     assert budget.max_training_time.seconds == 2 and budget.serving_engine == 2  # SERVING_ENGINE_PEFT
+    assert budget.serving_concurrency == 4

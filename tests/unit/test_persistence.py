@@ -55,16 +55,16 @@ def _tables(path) -> set[str]:
 
 def test_an_empty_file_is_migrated_to_the_current_version(tmp_path):
     db = open_database(tmp_path / "state.db")
-    assert schema_version(db) == SCHEMA_VERSION == 5
+    assert schema_version(db) == SCHEMA_VERSION == 6
     assert {"layer_cards", "tuning_jobs", "adapter_versions", "deployments", "schema_version"} <= _tables(db.path)
     assert "budget" in db.columns(db, "deployments")
     assert db.columns(db, "tuning_job_workers") == {"job_id", "token_sha256", "batch"}
     assert "adapter_rank" in db.columns(db, "serving_measurements")
-    assert "pool" in db.columns(db, "deployments")
+    assert "pool" in db.columns(db, "deployments") and "concurrency" in db.columns(db, "serving_measurements")
     db.close()
     db = open_database(tmp_path / "state.db")  # opening again applies nothing twice
     versions = db.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
-    assert versions == [(1,), (2,), (3,), (4,), (5,)]
+    assert versions == [(1,), (2,), (3,), (4,), (5,), (6,)]
     db.close()
 
 

@@ -25,7 +25,7 @@ OBJECTIVE_BALANCED: Objective
 OBJECTIVE_FIXED_K: Objective
 
 class Budget(_message.Message):
-    __slots__ = ("max_step_seconds", "max_step_fraction_of_full", "max_peak_memory_bytes", "max_adapter_parameters", "max_adapter_bytes", "max_layers", "max_serving_overhead_ms_per_token", "max_serving_overhead_fraction", "serving_engine", "max_training_time")
+    __slots__ = ("max_step_seconds", "max_step_fraction_of_full", "max_peak_memory_bytes", "max_adapter_parameters", "max_adapter_bytes", "max_layers", "max_serving_overhead_ms_per_token", "max_serving_overhead_fraction", "serving_engine", "max_training_time", "serving_concurrency")
     MAX_STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_STEP_FRACTION_OF_FULL_FIELD_NUMBER: _ClassVar[int]
     MAX_PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class Budget(_message.Message):
     MAX_SERVING_OVERHEAD_FRACTION_FIELD_NUMBER: _ClassVar[int]
     SERVING_ENGINE_FIELD_NUMBER: _ClassVar[int]
     MAX_TRAINING_TIME_FIELD_NUMBER: _ClassVar[int]
+    SERVING_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
     max_step_seconds: float
     max_step_fraction_of_full: float
     max_peak_memory_bytes: int
@@ -46,7 +47,8 @@ class Budget(_message.Message):
     max_serving_overhead_fraction: float
     serving_engine: _common_pb2.ServingEngine
     max_training_time: _duration_pb2.Duration
-    def __init__(self, max_step_seconds: _Optional[float] = ..., max_step_fraction_of_full: _Optional[float] = ..., max_peak_memory_bytes: _Optional[int] = ..., max_adapter_parameters: _Optional[int] = ..., max_adapter_bytes: _Optional[int] = ..., max_layers: _Optional[int] = ..., max_serving_overhead_ms_per_token: _Optional[float] = ..., max_serving_overhead_fraction: _Optional[float] = ..., serving_engine: _Optional[_Union[_common_pb2.ServingEngine, str]] = ..., max_training_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    serving_concurrency: int
+    def __init__(self, max_step_seconds: _Optional[float] = ..., max_step_fraction_of_full: _Optional[float] = ..., max_peak_memory_bytes: _Optional[int] = ..., max_adapter_parameters: _Optional[int] = ..., max_adapter_bytes: _Optional[int] = ..., max_layers: _Optional[int] = ..., max_serving_overhead_ms_per_token: _Optional[float] = ..., max_serving_overhead_fraction: _Optional[float] = ..., serving_engine: _Optional[_Union[_common_pb2.ServingEngine, str]] = ..., max_training_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., serving_concurrency: _Optional[int] = ...) -> None: ...
 
 class PlanPlacementRequest(_message.Message):
     __slots__ = ("layer_card", "objective", "budget", "target_gain_fraction", "k", "candidate_ranks", "candidate_module_sets", "steps", "gain_score", "prefix_cache", "train_examples", "batch_size")

@@ -53,6 +53,9 @@ def _add_budget(parser: argparse.ArgumentParser) -> None:
     for flag, _, kind, metavar, help_ in BUDGET_FLAGS:
         group.add_argument(flag, type=kind, metavar=metavar, help=help_)
     group.add_argument("--serving-engine", choices=("vllm", "peft"))
+    group.add_argument(
+        "--serving-concurrency", type=int, metavar="N", help="requests at once the vLLM serving limits hold for"
+    )
 
 
 # The budget options: (flag, the contract's Budget field, type, metavar, help). The client keeps its own list
@@ -77,6 +80,7 @@ def _dest(flag: str) -> str:
 def budget_from_args(args: argparse.Namespace) -> dict | None:
     budget = {field: getattr(args, _dest(flag)) for flag, field, *_ in BUDGET_FLAGS}
     budget["serving_engine"] = args.serving_engine
+    budget["serving_concurrency"] = args.serving_concurrency
     budget = {key: value for key, value in budget.items() if value is not None}
     if "max_training_time" in budget:  # a Duration
         total = budget["max_training_time"]

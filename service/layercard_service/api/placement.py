@@ -44,7 +44,11 @@ def budget_from_proto(budget: placement_pb2.Budget) -> BudgetSpec:
         if budget.HasField(kind.proto_field):
             value = getattr(budget, kind.proto_field)
             limits[kind.name] = value.ToNanoseconds() / 1e9 if isinstance(value, duration_pb2.Duration) else value
-    return BudgetSpec(serving_engine=_ENGINES.get(budget.serving_engine, "?"), **limits)
+    return BudgetSpec(
+        serving_engine=_ENGINES.get(budget.serving_engine, "?"),
+        serving_concurrency=budget.serving_concurrency or 1,
+        **limits,
+    )
 
 
 def _request(

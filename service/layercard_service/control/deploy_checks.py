@@ -26,7 +26,7 @@ LIVE_ALERT = "LayercardAdapterLiveOverheadOverBudget"  # deploy/prometheus/rules
 class DeployCheck:
     """One check of a deploy, as the reply reports it."""
 
-    name: str  # compatibility | replicas | load | effect | latency | budget | live_latency
+    name: str  # compatibility | pool | replicas | load | effect | latency_N_streams | latency | budget | live_latency
     outcome: str  # PASSED | SKIPPED | PENDING | FAILED_FORCED
     detail: str
     replica: str = ""
@@ -87,6 +87,18 @@ def latency_check(latency: LatencyMeasurement, full_probe: bool) -> DeployCheck:
         "PASSED",
         f"probed ({why}): {latency.samples} interleaved base/adapter pairs of {latency.tokens} tokens, overhead "
         f"{latency.overhead_fraction:+.1%}",
+        latency.replica,
+        latency.overhead_fraction,
+    )
+
+
+def concurrency_check(latency: LatencyMeasurement) -> DeployCheck:
+    """A probe at several streams at once: recorded for budgets at that concurrency, not held to this deploy's."""
+    return DeployCheck(
+        f"latency_{latency.concurrency}_streams",
+        "PASSED",
+        f"probed at {latency.concurrency} streams: {latency.samples} interleaved base/adapter pairs of "
+        f"{latency.concurrency} requests, overhead {latency.overhead_fraction:+.1%}",
         latency.replica,
         latency.overhead_fraction,
     )

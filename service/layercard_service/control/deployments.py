@@ -35,6 +35,7 @@ from layercard_service.control.deploy_checks import (
     DeployCheck,
     budget_check,
     compatibility_check,
+    concurrency_check,
     effect_check,
     latency_check,
     live_check,
@@ -88,6 +89,9 @@ class DeploySettings:
     calibration_max_age_seconds: float = 7 * 86400.0  # older probes do not count: servers and versions change
     live_window_seconds: float = 300.0  # how long a rollback_over_budget deploy is watched on live traffic
     live_min_requests: int = 20  # requests of the version, and of the base model, a live verdict needs
+    # Stream counts a latency probe also measures at, after its one-stream pairs: what budgets at a stated
+    # concurrency are planned with. Each adds a probe's time to a deploy that probes.
+    probe_concurrency: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -329,8 +333,13 @@ class AdapterManager:
             latency = calibration
             if latency is None:
                 probe_replica = holding[0]
-                latency = await measure_latency(probe_replica, healthy[probe_replica.url].base_model, served)
+                base_model = healthy[probe_replica.url].base_model
+                latency = await measure_latency(probe_replica, base_model, served)
                 self.store.add_measurement(shape, adapter_id, chosen.version, latency)
+                for streams in settings.probe_concurrency:
+                    loaded = await measure_latency(probe_replica, base_model, served, concurrency=streams)
+                    self.store.add_measurement(shape, adapter_id, chosen.version, loaded)
+                    checks.append(concurrency_check(loaded))
             checks.append(latency_check(latency, full_probe))
             checks.append(budget_check(served, latency, budget, force, "adds"))
         except BaseException:

@@ -11,6 +11,7 @@ __all__ = ["OBJECTIVES", "ENGINES", "BudgetSpec", "PlanRequest", "Estimate", "Cu
 
 OBJECTIVES = ("accuracy", "efficiency", "balanced", "fixed_k")
 ENGINES = ("vllm", "peft")
+MAX_SERVING_CONCURRENCY = 1024
 MAX_CANDIDATE_RANK = 512
 DEFAULT_STEPS = 200
 
@@ -29,10 +30,16 @@ class BudgetSpec:
     max_serving_overhead_fraction: float | None = None
     serving_engine: str = "vllm"
     max_training_seconds: float | None = None
+    serving_concurrency: int = 1  # the requests at once a vLLM serving budget holds for
 
     def __post_init__(self) -> None:
         for kind in BUDGET_KINDS:
             kind.validate(self.limit(kind))
+        if not 1 <= self.serving_concurrency <= MAX_SERVING_CONCURRENCY:
+            raise InvalidArgument.field(
+                "budget.serving_concurrency",
+                f"must be in 1..{MAX_SERVING_CONCURRENCY} (0 on the wire: one), got {self.serving_concurrency}",
+            )
         if self.serving_engine not in ENGINES:
             raise InvalidArgument.field(
                 "budget.serving_engine", f"must be one of {ENGINES}, got {self.serving_engine!r}"

@@ -1,10 +1,10 @@
 """Desired deployments and serving-latency measurements (tables ``deployments``, ``serving_measurements``).
 
-A row in ``deployments`` says "adapter X should be served at version N on every replica of pool P"; the reconcile loop
-makes the fleet match it. ``serving_measurements`` keeps every post-load latency probe with the serving shape it
-measured (base model, the servers' wrapped module types and max rank, the adapter's rank): the planner's vLLM
-serving-cost model is calibrated from them, and a deploy of a calibrated shape takes its figures instead of
-probing again.
+A row in ``deployments`` says "adapter X should be served at version N on every replica of pool P"; the reconcile
+loop makes the fleet match it. ``serving_measurements`` keeps every post-load latency probe with the serving shape
+it measured (base model, the servers' wrapped module types and max rank, the adapter's rank) and the streams it
+ran at once: the planner's vLLM serving-cost model is calibrated from them, and a deploy of a calibrated shape
+takes its one-stream figures instead of probing again.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class LatencyMeasurement:
     tokens: int = 0
     source: str = "probe"  # "probe": measured after this load; "calibration": the serving shape's median
     basis: str = ""
+    concurrency: int = 1  # requests at once on each side of a pair
 
 
 @dataclass(frozen=True)
@@ -139,20 +140,22 @@ class DeploymentStore:
     def add_measurement(self, shape: ServingShape, adapter_id: str, version: int, m: LatencyMeasurement) -> None:
         self.db.execute(
             "INSERT INTO serving_measurements (time, model, adapter_id, version, server_max_rank, "
-            "server_modules, adapter_rank, overhead_fraction, measurement) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "server_modules, adapter_rank, overhead_fraction, measurement, concurrency) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (time.time(), shape.model, adapter_id, version, shape.server_max_rank, ",".join(shape.server_modules),
-             shape.adapter_rank, m.overhead_fraction, json.dumps(asdict(m))),
+             shape.adapter_rank, m.overhead_fraction, json.dumps(asdict(m)), m.concurrency),
         )  # fmt: skip
 
     def shape_calibration(
         self, shape: ServingShape, min_samples: int, max_age_seconds: float, now: float | None = None
     ) -> LatencyMeasurement | None:
-        """The median figures of the newest probes of ``shape`` no older than ``max_age_seconds``, as a
+        """The median figures of the newest one-stream probes of ``shape`` no older than ``max_age_seconds``, as a
         measurement with source "calibration"; None while fewer than ``min_samples`` such probes exist."""
         now = time.time() if now is None else now
         rows = self.db.execute(
             "SELECT time, measurement FROM serving_measurements WHERE model = ? AND server_modules = ? "
-            "AND server_max_rank = ? AND adapter_rank = ? AND time >= ? ORDER BY time DESC LIMIT ?",
+            "AND server_max_rank = ? AND adapter_rank = ? AND concurrency = 1 AND time >= ? "
+            "ORDER BY time DESC LIMIT ?",
             (shape.model, ",".join(shape.server_modules), shape.server_max_rank, shape.adapter_rank,
              now - max_age_seconds, CALIBRATION_WINDOW),
         ).fetchall()  # fmt: skip
@@ -185,34 +188,45 @@ class DeploymentStore:
         )
 
     def calibration(self, model: str) -> ServingCalibration | None:
-        """The median overhead of the newest measurements on ``model``'s fleet, or None before any."""
+        """The median overhead of the newest one-stream measurements on ``model``'s fleet, or None before any."""
         rows = self.db.execute(
             "SELECT overhead_fraction, server_max_rank, server_modules, measurement FROM serving_measurements "
-            "WHERE model = ? ORDER BY time DESC LIMIT ?",
+            "WHERE model = ? AND concurrency = 1 ORDER BY time DESC LIMIT ?",
             (model, CALIBRATION_WINDOW),
         ).fetchall()
         return _calibration(rows, "post-deploy probes on the serving vLLM fleet")
 
     def rank_calibrations(
-        self, model: str, server_modules: tuple[str, ...], server_max_rank: int
+        self, model: str, server_modules: tuple[str, ...], server_max_rank: int, concurrency: int = 1
     ) -> dict[int, ServingCalibration]:
-        """Per adapter rank, the median of the newest probes of that serving shape (ranks recorded: > 0)."""
-        key = (model, ",".join(server_modules), server_max_rank)
+        """Per adapter rank, the median of the newest probes of that serving shape at ``concurrency`` streams
+        (ranks recorded: > 0)."""
+        key = (model, ",".join(server_modules), server_max_rank, concurrency)
         ranks = self.db.execute(
             "SELECT DISTINCT adapter_rank FROM serving_measurements WHERE model = ? AND server_modules = ? "
-            "AND server_max_rank = ? AND adapter_rank > 0",
+            "AND server_max_rank = ? AND concurrency = ? AND adapter_rank > 0",
             key,
         ).fetchall()
         out = {}
+        streams = "" if concurrency == 1 else f" at {concurrency} streams"
         for (rank,) in ranks:
             rows = self.db.execute(
                 "SELECT overhead_fraction, server_max_rank, server_modules, measurement FROM serving_measurements "
-                "WHERE model = ? AND server_modules = ? AND server_max_rank = ? AND adapter_rank = ? "
-                "ORDER BY time DESC LIMIT ?",
+                "WHERE model = ? AND server_modules = ? AND server_max_rank = ? AND concurrency = ? "
+                "AND adapter_rank = ? ORDER BY time DESC LIMIT ?",
                 (*key, rank, CALIBRATION_WINDOW),
             ).fetchall()
-            out[rank] = _calibration(rows, f"post-deploy probes of rank-{rank} adapters")
+            out[rank] = _calibration(rows, f"post-deploy probes of rank-{rank} adapters{streams}")
         return out
+
+    def concurrencies(self, model: str, server_modules: tuple[str, ...], server_max_rank: int) -> tuple[int, ...]:
+        """The stream counts the servers of this shape were probed at, lowest first."""
+        rows = self.db.execute(
+            "SELECT DISTINCT concurrency FROM serving_measurements WHERE model = ? AND server_modules = ? "
+            "AND server_max_rank = ? ORDER BY concurrency",
+            (model, ",".join(server_modules), server_max_rank),
+        ).fetchall()
+        return tuple(r[0] for r in rows)
 
 
 def _calibration(rows: list[tuple], what: str) -> ServingCalibration | None:

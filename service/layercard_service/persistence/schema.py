@@ -140,6 +140,11 @@ def _v5_deployment_pool(db: Database, tx: Session) -> None:
         tx.execute("ALTER TABLE deployments ADD COLUMN pool TEXT NOT NULL DEFAULT 'default'")
 
 
+def _v6_measurement_concurrency(db: Database, tx: Session) -> None:
+    if "concurrency" not in db.columns(tx, "serving_measurements"):
+        tx.execute("ALTER TABLE serving_measurements ADD COLUMN concurrency INTEGER NOT NULL DEFAULT 1")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "cards, file hashes, tuning jobs and events, adapter versions, deployments, measurements", _v1_tables),
     Migration(2, "deployments.budget: the max_overhead_fraction an adapter was deployed under", _v2_deployment_budget),
@@ -153,6 +158,11 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(
         5, "deployments.pool: the serving pool an adapter is deployed to (before: the one pool)", _v5_deployment_pool
+    ),
+    Migration(
+        6,
+        "serving_measurements.concurrency: the streams a probe ran at once (before: one)",
+        _v6_measurement_concurrency,
     ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version

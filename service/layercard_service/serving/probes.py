@@ -8,6 +8,7 @@ requests of a fixed length (``ignore_eos``), so both sides do the same work and 
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 from dataclasses import dataclass
 
@@ -54,9 +55,15 @@ def _inter_token(c: Completion) -> float:
 
 
 async def measure_latency(
-    replica: VllmApi, base: str, adapter: str, samples: int = LATENCY_SAMPLES, tokens: int = LATENCY_TOKENS
+    replica: VllmApi,
+    base: str,
+    adapter: str,
+    samples: int = LATENCY_SAMPLES,
+    tokens: int = LATENCY_TOKENS,
+    concurrency: int = 1,
 ) -> LatencyMeasurement:
-    """Medians over ``samples`` interleaved pairs, after one warm-up request each."""
+    """Medians over ``samples`` interleaved pairs, after one warm-up request each. At ``concurrency`` c, each side
+    of a pair is c requests at once (vLLM batches them), and the medians are over every request."""
     sampling = Sampling(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     runs: dict[str, list[Completion]] = {base: [], adapter: []}
     for name in (base, adapter):
@@ -64,7 +71,8 @@ async def measure_latency(
     for i in range(samples):
         order = (base, adapter) if i % 2 == 0 else (adapter, base)
         for name in order:
-            runs[name].append(await replica.complete(name, LATENCY_PROMPT, sampling))
+            batch = [replica.complete(name, LATENCY_PROMPT, sampling) for _ in range(concurrency)]
+            runs[name] += await asyncio.gather(*batch)
 
     def median_ms(name: str, figure) -> float:
         return 1000.0 * statistics.median(figure(c) for c in runs[name])
@@ -82,4 +90,5 @@ async def measure_latency(
         base_latency_ms=base_total,
         adapter_latency_ms=adapter_total,
         tokens=tokens,
+        concurrency=concurrency,
     )

@@ -217,9 +217,9 @@ def _raise_for(url: str, response: httpx.Response, model: str = "") -> None:
 
 # vLLM's server (uvicorn) closes a connection idle for 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE). A pool that keeps
 # idle connections as long (httpx's default) races that close: a request sent as the server drops the connection
-# fails mid-request (it cost a bench.serving run one request at 16 streams). Idle connections are dropped
-# well before.
-KEEPALIVE_SECONDS = 2.0
+# fails mid-request (it cost a bench.serving run one request at 16 streams). Idle connections are dropped a second
+# before the server would drop them; shorter only opens more connections.
+KEEPALIVE_SECONDS = 4.0
 
 
 class HttpVllmApi(VllmApi):

@@ -224,11 +224,12 @@ class PlacementPlanner:
         cards: CardService,
         serving_calibration: Callable[[str], Calibration | None] | None = None,
         prefix_cache_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
-        vllm_fleet: Callable[[str], Sequence[VllmFleet]] | None = None,
+        vllm_fleet: Callable[[str, int], Sequence[VllmFleet]] | None = None,
     ) -> None:
         self.cards = cards
         self.serving_calibration = serving_calibration
-        self.vllm_fleet = vllm_fleet  # model -> the pools serving it (LoRA settings, per-rank probes); () if none
+        # (model, streams) -> the pools serving it (LoRA settings, per-rank probes at that concurrency); () if none
+        self.vllm_fleet = vllm_fleet
         self.prefix_cache_memory_bytes = prefix_cache_memory_bytes  # the service's setting, which its workers get
 
     def plan(self, card_name: str, request: PlanRequest) -> Plan:
@@ -240,5 +241,6 @@ class PlacementPlanner:
         card = stored.card
         if self.serving_calibration is not None:
             card = calibrated(card, self.serving_calibration(card.model))
-        pools = self.vllm_fleet(card.model) if self.vllm_fleet is not None else ()
+        streams = request.budget.serving_concurrency
+        pools = self.vllm_fleet(card.model, streams) if self.vllm_fleet is not None else ()
         return plan_placement(card, request, stored.name, self.prefix_cache_memory_bytes, pools or None)

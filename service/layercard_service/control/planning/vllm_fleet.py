@@ -39,11 +39,15 @@ class VllmFleet:
     max_rank: int  # the servers' --max-lora-rank
     by_rank: Mapping[int, Calibration]  # adapter rank -> the probes of that shape
     pool: str = DEFAULT_POOL
+    streams: int = 1  # the requests at once the figures were probed at
+    note: str = ""  # why they are at ``streams`` when the budget asked for another count
 
     def describe(self) -> str:
         wrapped = ", ".join(self.wrapped_modules) or "every LoRA-capable module"
         where = "the serving vLLM fleet" if self.pool == DEFAULT_POOL else f"serving pool {self.pool!r}"
-        return f"{where} (wrapping {wrapped}, max rank {self.max_rank})"
+        streams = f", probed at {self.streams} streams" if self.streams > 1 else ""
+        note = f"; {self.note}" if self.note else ""
+        return f"{where} (wrapping {wrapped}, max rank {self.max_rank}{streams}{note})"
 
     def cost(self) -> VllmPoolCost:
         """The pool as a card shows it: its settings and each measured rank's figures."""
