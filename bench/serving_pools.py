@@ -242,7 +242,7 @@ def pools_report(pools: dict) -> list[str]:
         f"{name} {' / '.join(f'{x:+.0%}' for x in values)}" for name, values in pools["calibration"].items()
     )
     streams = [
-        f"{pool} {', '.join(f'+{v:.1%} at {c} streams' for c, v in by.items())}"
+        f"{pool} {', '.join(f'{v:+.1%} at {c} streams' for c, v in by.items())}"
         for pool, by in pools.get("at_streams", {}).items()
         if by
     ]

@@ -131,7 +131,7 @@ def pool_cost_lines(sc: layer_card_pb2.ServingCost) -> list[str]:
     for pool in sc.vllm_pools:
         wrapped = ", ".join(pool.lora_target_modules) or "every module"
         ranks = "; ".join(
-            f"rank {r.rank} +{r.overhead_fraction:.1%} ({r.samples} probe{'s' if r.samples != 1 else ''})"
+            f"rank {r.rank} {r.overhead_fraction:+.1%} ({r.samples} probe{'s' if r.samples != 1 else ''})"
             for r in pool.ranks
         )
         lines.append(

@@ -22,6 +22,8 @@ from layercard_service.settings import ConfigError, setting, setting_help, setti
 __all__ = ["ConfigError", "KubernetesSettings", "ServiceConfig"]
 
 ENV_PREFIX = "LAYERCARD_"
+# Below the 100 connections a replica's client holds (serving/vllm_api.py): a probe's requests all run at once.
+MAX_PROBE_STREAMS = 64
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ class ServiceConfig:
     )
     serving_probe_concurrency: tuple[int, ...] = setting(
         (),
-        "comma-separated stream counts (2..256) a deploy's latency probe also measures at, after one stream: the "
+        "comma-separated stream counts (2..64) a deploy's latency probe also measures at, after one stream: the "
         "figures a serving budget at that concurrency is planned with; each adds a probe to a deploy that probes",
         parse=lambda text: tuple(int(p) for p in text.split(",") if p.strip()),
     )
@@ -150,9 +152,10 @@ class ServiceConfig:
             raise ConfigError(
                 "serving_calibration_min_probes must be >= 1 and serving_calibration_max_age_seconds >= 0"
             )
-        if any(not 2 <= c <= 256 for c in self.serving_probe_concurrency):
+        if any(not 2 <= c <= MAX_PROBE_STREAMS for c in self.serving_probe_concurrency):
             raise ConfigError(
-                f"serving_probe_concurrency entries must be in 2..256, got {self.serving_probe_concurrency}"
+                f"serving_probe_concurrency entries must be in 2..{MAX_PROBE_STREAMS}, got "
+                f"{self.serving_probe_concurrency}"
             )
         if self.live_window_seconds <= 0 or self.live_min_requests < 1:
             raise ConfigError("live_window_seconds must be > 0 and live_min_requests >= 1")

@@ -172,7 +172,9 @@ def _pool_fleet(deployments: DeploymentStore, model: str, pool: PoolSpec, stream
     probed = deployments.concurrencies(model, pool.target_modules, pool.max_lora_rank)
     above = [c for c in probed if c >= streams]
     level = min(above) if above else max(probed, default=1)
-    note = f"not probed at {streams} streams: the nearest count probed" if level != streams else ""
+    note = ""
+    if level != streams:
+        note = f"not probed at {streams} streams: priced at {level}" if probed else "not probed at several streams yet"
     by_rank = deployments.rank_calibrations(model, pool.target_modules, pool.max_lora_rank, level)
     return VllmFleet(pool.target_modules, pool.max_lora_rank, by_rank, pool.name, level, note)
 

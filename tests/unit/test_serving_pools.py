@@ -6,13 +6,15 @@ wrapping every module). The planner's side (plans across pools) is in test_vllm_
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
-from support.fleet import MODEL, URLS, Env, make_env, reason, run_async
+from support.fleet import MODEL, URLS, Env, make_env, reason, run_async, until
 
 from layercard_service.config import ConfigError, ServiceConfig
 from layercard_service.control.deployments import AdapterManager, DeploySettings
 from layercard_service.control.reconcile import Reconciler
-from layercard_service.errors import FailedPrecondition, InvalidArgument
+from layercard_service.errors import FailedPrecondition, InvalidArgument, Unavailable
 from layercard_service.serving.fleet import Fleet, FleetSettings, Pools, StaticDiscovery
 from layercard_service.serving.inference import InferenceProxy, Routes
 from layercard_service.serving.pool_spec import PoolSpec, parse_pools
@@ -144,7 +146,7 @@ async def test_reconcile_holds_each_replica_to_its_own_pool(tmp_path):
 
 
 @run_async
-async def test_a_deployment_whose_pool_left_the_configuration_is_degraded_and_unloaded_elsewhere(tmp_path):
+async def test_a_deployment_whose_pool_left_the_configuration_is_degraded_and_keeps_its_copies(tmp_path):
     env, manager, _ = two_pools(tmp_path)
     env.publish("bot")
     await manager.deploy("adapters/bot", pool="lean")
@@ -156,12 +158,13 @@ async def test_a_deployment_whose_pool_left_the_configuration_is_degraded_and_un
         env.jobs,
         env.store,
     )  # fmt: skip
-    env.fakes[FULL].loaded["bot@v1"] = "/somewhere"
+    env.fakes[FULL].loaded["bot@v1"] = "/somewhere"  # as after a switch to --vllm-pools over the same servers
     assert (await Reconciler(renamed, 1.0).reconcile()) == {"bot": "DEGRADED"}
-    assert "bot@v1" not in env.fakes[FULL].loaded  # not the full pool's to hold
+    assert "bot@v1" in env.fakes[FULL].loaded  # its pool is gone, not elsewhere: the copy keeps serving
     # Redeploying puts it where it can be served now, and the record follows.
     view = await renamed.deploy("adapters/bot")
     assert view.pool == "full" and renamed.store.get("bot").pool == "full"
+    assert (await Reconciler(renamed, 1.0).reconcile()) == {"bot": "READY"}
 
 
 @run_async
@@ -180,3 +183,93 @@ def _sampling():
     from layercard_service.serving.vllm_api import Sampling
 
     return Sampling(max_tokens=4)
+
+
+@run_async
+async def test_moving_a_version_to_another_pool_lets_its_requests_there_finish(tmp_path):
+    env, manager, _ = two_pools(tmp_path)
+    env.publish("bot")
+    await manager.deploy("adapters/bot", pool="full")
+    env.fakes[FULL].gates["bot@v1"] = gate = asyncio.Event()
+    request = asyncio.create_task(manager.proxy.generate("hi", "bot", _sampling()))
+    await until(lambda: manager.proxy.in_flight_at[(FULL, "bot@v1")] == 1)
+    move = asyncio.create_task(manager.deploy("adapters/bot", pool="lean"))
+    await until(lambda: "bot@v1" in env.fakes[LEAN].loaded)
+    await asyncio.sleep(0.05)
+    assert "bot@v1" in env.fakes[FULL].loaded and not move.done()  # held until the request on full ends
+    gate.set()
+    assert (await request).replica == FULL
+    assert (await move).pool == "lean" and "bot@v1" not in env.fakes[FULL].loaded
+
+
+@run_async
+async def test_a_redeploy_of_the_version_in_place_stays_on_its_pool_and_a_move_is_rolled_back_there(tmp_path):
+    env, manager, _ = two_pools(tmp_path)
+    env.publish("bot", serving_pool="lean")
+    await manager.deploy("adapters/bot", pool="full")  # moved off the plan's pool by hand
+    assert (await manager.deploy("adapters/bot")).pool == "full"  # deploying it again does not move it back
+    view = await manager.deploy("adapters/bot", pool="lean", max_overhead_fraction=0.5, rollback_over_budget=True)
+    live = next(c for c in view.checks if c.name == "live_latency")
+    assert "rolled back to version 1" in live.detail  # its place on the full pool, not an undeploy
+    assert manager.live._watches["bot"].previous_pool == "full"
+
+
+@run_async
+async def test_without_a_plan_a_pool_with_no_replica_goes_last(tmp_path):
+    env, manager, _ = two_pools(tmp_path)
+    lean = manager.fleet.get("lean")
+    lean.discovery = StaticDiscovery([])  # the lean pool scaled to zero
+    await lean.refresh()
+    env.publish("bot")
+    view = await manager.deploy("adapters/bot")
+    assert view.pool == "full" and "bot@v1" in env.fakes[FULL].loaded
+
+
+@run_async
+async def test_a_failed_probe_at_several_streams_does_not_fail_the_deploy(tmp_path, monkeypatch):
+    import layercard_service.control.deployments as deployments
+
+    env, manager, _ = two_pools(tmp_path)
+    manager.settings = DeploySettings(drain_timeout_seconds=1.0, probe_concurrency=(4,))
+    real = deployments.measure_latency
+
+    async def flaky(*args, concurrency: int = 1, **kwargs):
+        if concurrency > 1:
+            raise Unavailable("gone", reason="VLLM_UNAVAILABLE")
+        return await real(*args, concurrency=concurrency, **kwargs)
+
+    monkeypatch.setattr(deployments, "measure_latency", flaky)
+    env.publish("bot")
+    view = await manager.deploy("adapters/bot", pool="lean")
+    skipped = next(c for c in view.checks if c.name == "latency_4_streams")
+    assert skipped.outcome == "SKIPPED" and "probe failed" in skipped.detail
+    assert view.state == "READY" and view.latency.concurrency == 1
+
+
+def test_one_replica_in_two_pools_is_refused():
+    with pytest.raises(ConfigError, match="in two pools"):
+        parse_pools('[{"name": "a", "urls": ["http://x:1"]}, {"name": "b", "urls": ["http://x:1/"]}]')
+
+
+def test_the_live_judge_compares_a_version_with_the_base_model_on_its_own_pool():
+    from layercard_service.control.live_latency import LiveLatencyJudge, LiveWatch
+    from layercard_service.telemetry import RequestRecord
+
+    async def never(*_):
+        raise AssertionError("no rollback here")
+
+    judge = LiveLatencyJudge(60.0, 2, never)
+    watch = LiveWatch("bot", "bot@v1", 1, 0.2, None, replicas=frozenset({LEAN}))
+    judge._watches["bot"] = watch
+
+    def record(adapter: str, replica: str, seconds_per_token: float) -> RequestRecord:
+        served = "bot@v1" if adapter else "base"
+        return RequestRecord(adapter, served, replica, True, 0.01, 0.01 + 9 * seconds_per_token, 10)
+
+    for _ in range(2):
+        judge.observe(record("bot", LEAN, 0.011))
+        judge.observe(record("", LEAN, 0.010))
+        judge.observe(record("", FULL, 0.005))  # a faster pool's base traffic: left out
+    verdict = judge.judge(watch)
+    assert (verdict.base_requests, verdict.outcome) == (2, "within")
+    assert verdict.overhead_fraction == pytest.approx(0.1)

@@ -237,7 +237,9 @@ def _adapters(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="judge it on live traffic and roll back when over --max-overhead",
     )
-    deploy.add_argument("--pool", help="the serving pool to deploy to (default: the plan's, else the current one)")
+    deploy.add_argument(
+        "--pool", help="the serving pool to deploy to (default: the plan's, else the current one, else the leanest)"
+    )
     undeploy = actions.add_parser("undeploy", help="remove an adapter from every replica")
     undeploy.add_argument("adapter", help="adapters/ID or ID")
     listing = actions.add_parser("list", help="adapters, versions, desired against observed per replica")

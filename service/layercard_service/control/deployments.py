@@ -236,11 +236,11 @@ class AdapterManager:
         placement = chosen.metadata.get("placement")
         planned = placement.get("serving_pool", "") if isinstance(placement, dict) else ""
         current = self.store.get(chosen.adapter_id)
-        preferred = [
-            (requested, "named by the request"),
-            (planned, "chosen by the adapter's plan"),
-            (current.pool if current else "", "the pool the adapter is deployed to"),
-        ]
+        here = (current.pool if current else "", "the pool the adapter is deployed to")
+        plan = (planned, "chosen by the adapter's plan")
+        # The version already deployed stays where it is (someone may have moved it); a new one follows its plan.
+        again = current is not None and current.version == chosen.version
+        preferred = [(requested, "named by the request"), *((here, plan) if again else (plan, here))]
         for name, why in preferred:
             pool = self.fleet.get(name) if name else None
             if pool is None:
@@ -264,16 +264,18 @@ class AdapterManager:
             return servable[0], "the only pool that can serve it" if len(self.fleet) > 1 else "the only pool"
 
         # vLLM's overhead follows the module types it wraps and its max rank: the leanest pool costs least. The
-        # serving shape's measured overhead breaks ties between pools alike.
-        def leanness(pool: Fleet) -> tuple[float, int, float]:
+        # serving shape's measured overhead breaks ties between pools alike. A pool with no replica found goes last.
+        def leanness(pool: Fleet) -> tuple[bool, float, int, float]:
             wrapped = len(pool.settings.target_modules) or math.inf  # none listed: every LoRA-capable module
             found = self.store.shape_calibration(
                 self._shape(config, pool), 1, self.settings.calibration_max_age_seconds
             )
-            return (wrapped, pool.settings.max_lora_rank, found.overhead_fraction if found else math.inf)
+            measured = found.overhead_fraction if found else math.inf
+            return (not pool.members(), wrapped, pool.settings.max_lora_rank, measured)
 
         leanest = min(servable, key=leanness)
-        return leanest, "the leanest pool that can serve it (the fewest wrapped module types, then the lowest max rank)"
+        why = "the leanest pool that can serve it (the fewest wrapped module types, then the lowest max rank)"
+        return leanest, why if leanest.members() else f"{why}; no pool that can serve it has a replica"
 
     async def _deploy_locked(
         self,
@@ -330,22 +332,21 @@ class AdapterManager:
                         metadata={"replica": replica.url, "served_name": served},
                     )
                 checks.append(effect_check(effect, replica.url))
-            latency = calibration
+            latency, probe_replica = calibration, holding[0]
+            base_model = healthy[probe_replica.url].base_model
             if latency is None:
-                probe_replica = holding[0]
-                base_model = healthy[probe_replica.url].base_model
                 latency = await measure_latency(probe_replica, base_model, served)
                 self.store.add_measurement(shape, adapter_id, chosen.version, latency)
-                for streams in settings.probe_concurrency:
-                    loaded = await measure_latency(probe_replica, base_model, served, concurrency=streams)
-                    self.store.add_measurement(shape, adapter_id, chosen.version, loaded)
-                    checks.append(concurrency_check(loaded))
+            probed_now = calibration is None
+            await self._probe_streams(probe_replica, base_model, served, chosen, shape, probed_now, checks)
             checks.append(latency_check(latency, full_probe))
             checks.append(budget_check(served, latency, budget, force, "adds"))
         except BaseException:
             await self.unload(loaded_now, served)  # the version serving before keeps serving
             raise
-        previous = current if current and current.version != chosen.version else None
+        # What a rollback restores: the version before, or this version where it served before a pool move.
+        moved = current is not None and current.version == chosen.version and current.pool != pool_name
+        previous = current if current and (current.version != chosen.version or moved) else None
         self.live.forget(adapter_id)  # a watch of the version this one replaces ends here
         if budget is not None and (calibration is not None or options.rollback):
             checks.append(
@@ -366,14 +367,45 @@ class AdapterManager:
         log.info("adapter routed", extra={"adapter": adapter_id, "served_name": served, "state": state})
         if current and current.version != chosen.version:
             await self._retire(current.served_name)
+        elif moved:  # the same version leaves its old pool: its requests in flight there finish first
+            old = self.fleet.get(current.pool)
+            urls = [r.url for r in old.members()] if old is not None else []
+            if not await self.proxy.drain(served, self.settings.drain_timeout_seconds, urls):
+                log.warning("drain timed out; unloading anyway", extra={"served_name": served, "pool": current.pool})
         await self._unload_strays(adapter_id, served, pool_name)
         if options.rollback:
             back = (previous.version, previous.pool) if previous else (None, "")
-            self.live.watch(LiveWatch(adapter_id, served, chosen.version, budget, *back))
+            urls = frozenset(r.url for r in pool.members())
+            self.live.watch(LiveWatch(adapter_id, served, chosen.version, budget, *back, replicas=urls))
         observed_after = await pool.observe()
         return self._view(
             adapter_id, chosen.version, state, observed_after, latency, record.update_time, checks, pool_name
         )
+
+    async def _probe_streams(
+        self,
+        replica: VllmApi,
+        base_model: str | None,
+        served: str,
+        chosen: AdapterVersion,
+        shape: ServingShape,
+        probed_now: bool,
+        checks: list[DeployCheck],
+    ) -> None:
+        """The probes at several requests at once (``probe_concurrency``): beside a one-stream probe, and on a
+        calibrated shape that has none at that count yet. Best effort: they price budgets at that concurrency
+        and hold this deploy to nothing."""
+        probed = self.store.concurrencies(shape.model, shape.server_modules, shape.server_max_rank)
+        for streams in self.settings.probe_concurrency:
+            if streams in probed and not probed_now:
+                continue
+            try:
+                loaded = await measure_latency(replica, base_model, served, concurrency=streams)
+            except LayercardError as exc:
+                checks.append(DeployCheck(f"latency_{streams}_streams", "SKIPPED", f"probe failed: {exc}"[:500]))
+                continue
+            self.store.add_measurement(shape, chosen.adapter_id, chosen.version, loaded)
+            checks.append(concurrency_check(loaded))
 
     @staticmethod
     def _shape(config: dict, pool: Fleet) -> ServingShape:

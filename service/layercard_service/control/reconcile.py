@@ -1,8 +1,8 @@
 """The reconcile loop: every few seconds, make each replica hold exactly the desired versions of its pool.
 
 A new or restarted replica gets its pool's adapters back; a stray version of an adapter the service owns
-(another version, or one deployed to another pool) is unloaded; adapters someone else loaded (ids the service
-does not know) are left alone. A version of an adapter whose id is no longer a valid id (an older check let
+(another version, or one deployed to another configured pool) is unloaded; adapters someone else loaded (ids the
+service does not know) are left alone. A version of an adapter whose id is no longer a valid id (an older check let
 "bot\n" through) is always a stray: no request can name it to route to or undeploy it, so keeping it would
 hold a LoRA slot for good. An adapter whose deploy or undeploy is under way is skipped, and the desired state
 is read again right before each action, so a round that started before a deploy finished never undoes it.
@@ -103,7 +103,11 @@ class Reconciler:
             if adapter_id is None or m.busy(adapter_id) or not m.versions.has_adapter(adapter_id):
                 continue  # not versioned by us, being deployed, or someone else's
             wanted = m.store.get(adapter_id)  # read now: a deploy may have finished since the round began
-            elsewhere = wanted is not None and wanted.pool != m.pool_name(replica.url)
+            # A copy on another pool is a stray, unless its pool is no longer configured: then the copies it has
+            # keep serving until it is deployed again (a switch to --vllm-pools must not take adapters offline).
+            elsewhere = (
+                wanted is not None and m.fleet.get(wanted.pool) is not None and wanted.pool != m.pool_name(replica.url)
+            )
             if wanted is None or wanted.served_name != name or elsewhere or not _valid_id(adapter_id):
                 await m.unload([replica], name)
                 log.info("reconcile unloaded", extra={"replica": replica.url, "served_name": name})

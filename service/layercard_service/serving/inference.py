@@ -105,6 +105,7 @@ class InferenceProxy:
         self._turn = itertools.count()
         self._models: dict[str, tuple[float, list[ServedModel]]] = {}
         self.in_flight: Counter[str] = Counter()  # served name -> requests running on it, over every replica
+        self.in_flight_at: Counter[tuple[str, str]] = Counter()  # (replica url, served name) -> requests running
         # Called with every finished request's record, after telemetry (the live latency judge listens here).
         self.observers: list[Callable[[RequestRecord], None]] = []
 
@@ -116,10 +117,17 @@ class InferenceProxy:
         """Drops the cached model list of a replica (after a load or unload there)."""
         self._models.pop(url, None)
 
-    async def drain(self, served_name: str, timeout: float) -> bool:
-        """Waits until no request runs on ``served_name``; False when some still do after ``timeout``."""
+    async def drain(self, served_name: str, timeout: float, replicas: Sequence[str] | None = None) -> bool:
+        """Waits until no request runs on ``served_name`` (on the ``replicas`` given by URL, else anywhere); False
+        when some still do after ``timeout``."""
         deadline = time.monotonic() + timeout
-        while self.in_flight[served_name] > 0:
+
+        def running() -> int:
+            if replicas is None:
+                return self.in_flight[served_name]
+            return sum(self.in_flight_at[(url, served_name)] for url in replicas)
+
+        while running() > 0:
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.02)
@@ -187,6 +195,9 @@ class InferenceProxy:
         self.in_flight[name] -= 1
         if self.in_flight[name] <= 0:
             del self.in_flight[name]
+        self.in_flight_at[(url, name)] -= 1
+        if self.in_flight_at[(url, name)] <= 0:
+            del self.in_flight_at[(url, name)]
         if error.startswith("VLLM_"):
             self.telemetry.upstream_error(url, error)
 
@@ -229,6 +240,7 @@ class InferenceProxy:
         last: Unavailable | None = None
         async for replica, name in self._candidates(adapter):
             self.in_flight[name] += 1  # counted before any await: a swap that routes away sees this request
+            self.in_flight_at[(replica.url, name)] += 1
             began = time.perf_counter()
             try:
                 completion = await replica.complete(name, prompt, sampling)
@@ -275,6 +287,7 @@ class InferenceProxy:
         last: Unavailable | None = None
         async for replica, name in self._candidates(adapter):
             self.in_flight[name] += 1
+            self.in_flight_at[(replica.url, name)] += 1
             error, yielded = "CANCELLED", False
             try:
                 async with contextlib.aclosing(replica.stream(name, prompt, sampling)) as chunks:

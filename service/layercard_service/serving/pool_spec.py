@@ -63,6 +63,13 @@ def parse_pools(text: str) -> tuple[PoolSpec, ...]:
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise ConfigError(f"vllm_pools: pool names must be unique, {', '.join(duplicated)} repeats")
+    # A replica in two pools would be loaded for one and unloaded as a stray for the other, round after round.
+    places = [(u, p.name) for p in pools for u in p.urls] + [(p.dns, p.name) for p in pools if p.dns]
+    seen: dict[str, str] = {}
+    for where, name in places:
+        if where in seen and seen[where] != name:
+            raise ConfigError(f"vllm_pools: {where} is in two pools ({seen[where]!r} and {name!r})")
+        seen[where] = name
     return pools
 
 

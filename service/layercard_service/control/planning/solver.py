@@ -31,6 +31,7 @@ from layercard_service.trainer.prefix_pricing import DEFAULT_MAX_MEMORY_BYTES, C
 __all__ = ["Candidate", "EXACT_MAX_LAYERS", "Solution", "solve"]
 
 EXACT_MAX_LAYERS = 12
+MAX_LISTED_PROBLEMS = 10  # of the shapes no pool can serve, in the error
 
 
 @dataclass(frozen=True)
@@ -117,8 +118,11 @@ def _offers(
                 "max_rank": str(pools[0].max_rank),
                 "measured_ranks": ",".join(str(r) for r in pools[0].ranks()),
             }
+        unique = list(dict.fromkeys(problems))  # the request's candidates can be many: say the first few
+        listed = unique[:MAX_LISTED_PROBLEMS] + ([f"and {len(unique) - MAX_LISTED_PROBLEMS} more"]
+                                                 if len(unique) > MAX_LISTED_PROBLEMS else [])  # fmt: skip
         raise FailedPrecondition(
-            "no serving pool can serve any candidate shape: " + "; ".join(problems),
+            "no serving pool can serve any candidate shape: " + "; ".join(listed),
             reason="SERVING_SHAPE_UNSERVABLE",
             metadata=metadata,
         )

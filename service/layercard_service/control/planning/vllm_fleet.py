@@ -15,6 +15,7 @@ the pool that will serve it (``serving_pool``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -74,6 +75,18 @@ class VllmFleet:
         """The measured ranks the fleet can serve: the default ranks of a vLLM-budgeted plan."""
         return tuple(sorted(r for r in self.by_rank if 0 < r <= self.max_rank))
 
+    def measured_at(self, rank: int) -> tuple[Calibration | None, int | None]:
+        """The figures a shape of ``rank`` is priced with here and the rank they were measured at: its own, else
+        the nearest measured rank (the next above, else the highest below: overhead grows with the rank)."""
+        if rank in self.by_rank:
+            return self.by_rank[rank], rank
+        servable = self.ranks()
+        if not servable:
+            return None, None
+        above = [r for r in servable if r > rank]
+        near = min(above) if above else max(servable)
+        return self.by_rank[near], near
+
     def priced(self, costs: ShapeCosts) -> ShapeCosts:
         """``costs`` with the overhead measured at its rank on this fleet, where there is one."""
         problem = self.problem(costs.shape)
@@ -82,22 +95,19 @@ class VllmFleet:
                 costs, vllm_basis=f"{self.describe()} cannot serve {problem}; {costs.vllm_basis}"
             )
         rank = costs.shape.rank
-        measured = self.by_rank.get(rank)
-        basis = f"rank {rank} on {self.describe()}"
-        servable = self.ranks()
-        if measured is None and servable:
-            above = [r for r in servable if r > rank]
-            near = min(above) if above else max(servable)
-            measured = self.by_rank[near]
-            basis = (
-                f"rank {rank} not measured on {self.describe()}: priced as rank {near}, the nearest measured rank "
-                f"{'above' if above else 'below'} it"
-            )
+        measured, at = self.measured_at(rank)
         if measured is None:
             if costs.vllm_fraction is None:
                 return costs
             return dataclasses.replace(
                 costs, vllm_basis=f"rank {rank} not measured on {self.describe()}: {costs.vllm_basis}"
+            )
+        basis = f"rank {rank} on {self.describe()}"
+        if at != rank:
+            side = "above" if at > rank else "below"
+            basis = (
+                f"rank {rank} not measured on {self.describe()}: priced as rank {at}, the nearest measured rank "
+                f"{side} it"
             )
         return dataclasses.replace(
             costs,
@@ -108,12 +118,13 @@ class VllmFleet:
 
 
 def serving_pool(pools: Sequence[VllmFleet], shape: Shape) -> VllmFleet | None:
-    """The pool that would serve ``shape`` cheapest: measured at its rank and lowest first, then in the order
-    configured; None when no pool can serve it."""
+    """The pool that would serve ``shape`` cheapest: by its price there (``measured_at``), unmeasured pools last,
+    ties to the leanest (fewest wrapped module types, then lowest max rank); None when no pool can serve it."""
     servable = [p for p in pools if p.problem(shape) is None]
 
-    def cost(pool: VllmFleet) -> float:
-        measured = pool.by_rank.get(shape.rank)
-        return measured.overhead_fraction if measured is not None else float("inf")
+    def cost(pool: VllmFleet) -> tuple[float, float, int]:
+        measured, _ = pool.measured_at(shape.rank)
+        overhead = measured.overhead_fraction if measured is not None else math.inf
+        return (overhead, len(pool.wrapped_modules) or math.inf, pool.max_rank)
 
     return min(servable, key=cost, default=None)
