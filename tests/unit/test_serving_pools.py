@@ -249,27 +249,3 @@ async def test_a_failed_probe_at_several_streams_does_not_fail_the_deploy(tmp_pa
 def test_one_replica_in_two_pools_is_refused():
     with pytest.raises(ConfigError, match="in two pools"):
         parse_pools('[{"name": "a", "urls": ["http://x:1"]}, {"name": "b", "urls": ["http://x:1/"]}]')
-
-
-def test_the_live_judge_compares_a_version_with_the_base_model_on_its_own_pool():
-    from layercard_service.control.live_latency import LiveLatencyJudge, LiveWatch
-    from layercard_service.telemetry import RequestRecord
-
-    async def never(*_):
-        raise AssertionError("no rollback here")
-
-    judge = LiveLatencyJudge(60.0, 2, never)
-    watch = LiveWatch("bot", "bot@v1", 1, 0.2, None, replicas=frozenset({LEAN}))
-    judge._watches["bot"] = watch
-
-    def record(adapter: str, replica: str, seconds_per_token: float) -> RequestRecord:
-        served = "bot@v1" if adapter else "base"
-        return RequestRecord(adapter, served, replica, True, 0.01, 0.01 + 9 * seconds_per_token, 10)
-
-    for _ in range(2):
-        judge.observe(record("bot", LEAN, 0.011))
-        judge.observe(record("", LEAN, 0.010))
-        judge.observe(record("", FULL, 0.005))  # a faster pool's base traffic: left out
-    verdict = judge.judge(watch)
-    assert (verdict.base_requests, verdict.outcome) == (2, "within")
-    assert verdict.overhead_fraction == pytest.approx(0.1)

@@ -375,8 +375,7 @@ class AdapterManager:
         await self._unload_strays(adapter_id, served, pool_name)
         if options.rollback:
             back = (previous.version, previous.pool) if previous else (None, "")
-            urls = frozenset(r.url for r in pool.members())
-            self.live.watch(LiveWatch(adapter_id, served, chosen.version, budget, *back, replicas=urls))
+            self.live.watch(LiveWatch(adapter_id, served, chosen.version, budget, *back))
         observed_after = await pool.observe()
         return self._view(
             adapter_id, chosen.version, state, observed_after, latency, record.update_time, checks, pool_name

@@ -33,7 +33,6 @@ class LiveWatch:
     budget: float
     previous_version: int | None  # what a rollback restores; None: there was none, a rollback undeploys
     previous_pool: str = ""  # the pool that version served on
-    replicas: frozenset[str] = frozenset()  # the watched version's pool: base requests count from there (empty: all)
     # Running sums and counts of inter-token seconds: the version's requests, the base model's in the window.
     adapter_seconds: float = 0.0
     adapter_requests: int = 0
@@ -87,8 +86,6 @@ class LiveLatencyJudge:
             return
         for watch in self._watches.values():
             if not record.adapter:
-                if watch.replicas and record.replica not in watch.replicas:
-                    continue  # another pool's base time: not what the version's overhead is over
                 watch.base_seconds += seconds
                 watch.base_requests += 1
             elif record.served_model == watch.served:
