@@ -184,6 +184,18 @@ BAD = [
         grpc.StatusCode.INVALID_ARGUMENT,
         "budget.max_training_time",
     ),
+    (
+        "negative serving concurrency",
+        dict(budget=placement_pb2.Budget(serving_concurrency=-1)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "budget.serving_concurrency",
+    ),
+    (
+        "serving concurrency over 1024",
+        dict(budget=placement_pb2.Budget(serving_concurrency=1025)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "budget.serving_concurrency",
+    ),
     ("negative steps", dict(steps=-5), grpc.StatusCode.INVALID_ARGUMENT, "steps"),
     ("negative train_examples", dict(train_examples=-1), grpc.StatusCode.INVALID_ARGUMENT, "train_examples"),
     ("negative batch_size", dict(batch_size=-8), grpc.StatusCode.INVALID_ARGUMENT, "batch_size"),
