@@ -375,7 +375,8 @@ class AdapterManager:
         await self._unload_strays(adapter_id, served, pool_name)
         if options.rollback:
             back = (previous.version, previous.pool) if previous else (None, "")
-            self.live.watch(LiveWatch(adapter_id, served, chosen.version, budget, *back))
+            replicas = frozenset(r.url for r in pool.members())  # its base traffic is what the version compares with
+            self.live.watch(LiveWatch(adapter_id, served, chosen.version, budget, *back, replicas=replicas))
         observed_after = await pool.observe()
         return self._view(
             adapter_id, chosen.version, state, observed_after, latency, record.update_time, checks, pool_name

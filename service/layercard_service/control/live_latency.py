@@ -1,28 +1,54 @@
 """Judging a deployed version's latency on live traffic, and rolling it back when it is over its budget.
 
 A deploy asked to (``rollback_over_budget``) hands its version to ``LiveLatencyJudge.watch``. For
-``window_seconds`` the judge collects the mean time between tokens of every successful request of two or more
-tokens: the version's, and the base model's in the same window. Then it gives its verdict: the live overhead
-mean(version) / mean(base) - 1 against the budget, or "inconclusive" when either side had fewer than
-``min_requests`` requests (nothing is rolled back on too little evidence). Inter-token time does not grow with the
-number of tokens asked for, so live requests of any length compare; it is the figure the Prometheus rule
-``adapter:layercard_inference_inter_token_overhead:ratio_15m`` computes for dashboards and the alert. Over budget,
-the judge calls ``on_over``: the adapter manager rolls back to the version that served before, or undeploys.
+``window_seconds`` the judge collects the time between tokens of every successful request of two or more
+tokens: the version's, and the base model's on the same pool's replicas in the same window. Then it gives its
+verdict: the live overhead median(version) / median(base) - 1 against the budget, or "inconclusive" when either
+side had fewer than ``min_requests`` requests (nothing is rolled back on too little evidence). Inter-token time
+does not grow with the number of tokens asked for, so live requests of any length compare.
+
+Why the same pool, and medians: base requests served by another pool's servers run on other machines, or (on a
+small host) beside a server whose worker still spins a core for about a second after its last request; measured
+here, that made a +100% version read -6% against another pool's base. Medians keep one stalled request from
+moving the verdict. The Prometheus rule ``adapter:layercard_inference_inter_token_overhead:ratio_15m`` (the
+dashboards and the alert) is the fleet-wide mean of the same figure: a coarser view of the same question.
+Over budget, the judge calls ``on_over``: the adapter manager rolls back to the version that served before, or
+undeploys.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from layercard_service.telemetry import RequestRecord
 
-__all__ = ["LiveLatencyJudge", "LiveVerdict", "LiveWatch"]
+__all__ = ["LiveLatencyJudge", "LiveVerdict", "LiveWatch", "Samples"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Samples:
+    """Inter-token seconds of one side of a watch: a uniform sample (reservoir) of at most ``KEPT`` of its
+    ``seen`` requests, so a busy pool's window holds a bounded list and its median stays unbiased."""
+
+    KEPT: ClassVar[int] = 4096
+    values: list[float] = field(default_factory=list)
+    seen: int = 0
+
+    def add(self, seconds: float, rng: random.Random) -> None:
+        self.seen += 1
+        if len(self.values) < self.KEPT:
+            self.values.append(seconds)
+        elif (slot := rng.randrange(self.seen)) < self.KEPT:
+            self.values[slot] = seconds
 
 
 @dataclass
@@ -33,11 +59,10 @@ class LiveWatch:
     budget: float
     previous_version: int | None  # what a rollback restores; None: there was none, a rollback undeploys
     previous_pool: str = ""  # the pool that version served on
-    # Running sums and counts of inter-token seconds: the version's requests, the base model's in the window.
-    adapter_seconds: float = 0.0
-    adapter_requests: int = 0
-    base_seconds: float = 0.0
-    base_requests: int = 0
+    replicas: frozenset[str] = frozenset()  # the pool's replica URLs: base requests elsewhere do not compare
+    # Inter-token seconds of the version's requests, and of the base model's on those replicas, in the window.
+    adapter: Samples = field(default_factory=Samples)
+    base: Samples = field(default_factory=Samples)
     started: float = field(default_factory=time.time)
 
 
@@ -65,6 +90,7 @@ class LiveLatencyJudge:
         self._watches: dict[str, LiveWatch] = {}  # adapter id -> its watched version (a newer deploy replaces it)
         self._tasks: set[asyncio.Task] = set()
         self.verdicts: dict[str, LiveVerdict] = {}  # adapter id -> its newest verdict
+        self._rng = random.Random(0)  # the reservoirs' draws: which samples a busy window keeps
 
     def watch(self, watch: LiveWatch) -> None:
         """Starts judging ``watch``'s version; must be called on the event loop."""
@@ -86,15 +112,14 @@ class LiveLatencyJudge:
             return
         for watch in self._watches.values():
             if not record.adapter:
-                watch.base_seconds += seconds
-                watch.base_requests += 1
+                if record.replica in watch.replicas or not watch.replicas:
+                    watch.base.add(seconds, self._rng)
             elif record.served_model == watch.served:
-                watch.adapter_seconds += seconds
-                watch.adapter_requests += 1
+                watch.adapter.add(seconds, self._rng)
 
     def judge(self, watch: LiveWatch) -> LiveVerdict:
         """The verdict on what ``watch`` has collected so far."""
-        n_adapter, n_base = watch.adapter_requests, watch.base_requests
+        n_adapter, n_base = watch.adapter.seen, watch.base.seen
 
         def verdict(outcome: str, overhead: float | None, detail: str) -> LiveVerdict:
             return LiveVerdict(watch.adapter_id, watch.version, outcome, overhead, n_adapter, n_base, detail)
@@ -103,17 +128,17 @@ class LiveLatencyJudge:
             return verdict(
                 "inconclusive",
                 None,
-                f"{n_adapter} requests to {watch.served} and {n_base} to the base model in the window; the judge "
-                f"needs {self.min_requests} of each",
+                f"{n_adapter} requests to {watch.served} and {n_base} to the base model on its pool's replicas in "
+                f"the window; the judge needs {self.min_requests} of each",
             )
-        base = watch.base_seconds / n_base
-        overhead = (watch.adapter_seconds / n_adapter) / base - 1 if base > 0 else 0.0
+        base = statistics.median(watch.base.values)
+        overhead = statistics.median(watch.adapter.values) / base - 1 if base > 0 else 0.0
         outcome = "over" if overhead > watch.budget else "within"
         return verdict(
             outcome,
             overhead,
-            f"live inter-token overhead {overhead:+.1%} over {n_adapter} requests (base: {n_base}), "
-            f"{'over' if outcome == 'over' else 'within'} the budget of {watch.budget:.0%}",
+            f"live inter-token overhead {overhead:+.1%} (medians) over {n_adapter} requests (base on its pool: "
+            f"{n_base}), {'over' if outcome == 'over' else 'within'} the budget of {watch.budget:.0%}",
         )
 
     async def _judge_later(self, watch: LiveWatch) -> None:

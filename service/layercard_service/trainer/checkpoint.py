@@ -55,8 +55,10 @@ def save_checkpoint(
     optimizer: dict[str, Any],
     state: dict[str, Any],
     ranks_rng: list[dict[str, Any]] | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """``ranks_rng``: every rank's ``rng_state()`` in a data-parallel run (rank 0, the writer, first)."""
+    """``ranks_rng``: every rank's ``rng_state()`` in a data-parallel run (rank 0, the writer, first).
+    ``extra_files`` (name -> text) become part of the checkpoint, complete with it or not there at all."""
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -68,8 +70,10 @@ def save_checkpoint(
         torch.save(adapter, tmp / "adapter.pt")
         torch.save(optimizer, tmp / "optimizer.pt")
         torch.save(rng, tmp / "rng.pt")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}))  # last: marks it complete
-        for file in _FILES:
+        for file in (*_FILES, *(extra_files or {})):
             with open(tmp / file, "rb") as handle:
                 os.fsync(handle.fileno())
         final = root / f"step-{step}"

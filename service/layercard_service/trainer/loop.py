@@ -105,6 +105,9 @@ class LoopHooks:
     on_step: Callable[[StepReport], None] = lambda report: None
     on_eval: Callable[[EvalSummary], None] = lambda summary: None
     on_checkpoint: Callable[[int, Path], None] = lambda step, path: None
+    # Files (name -> text) written into the checkpoint of a step before it is complete: atomic with it, where
+    # writing them after on_checkpoint could be cut short by a kill.
+    checkpoint_files: Callable[[int, Path], dict[str, str]] = lambda step, path: {}
     on_resume: Callable[[int], None] = lambda step: None
     on_prefix_cache: Callable[[PrefixCacheReport], None] = lambda report: None
 
@@ -211,15 +214,16 @@ class TrainingLoop:
         self.state = LoopState(**{k: v for k, v in loaded.state.items() if k in known})
         return self.state.step
 
-    def checkpoint(self) -> Path:
+    def checkpoint(self, extra_files: Callable[[int, Path], dict[str, str]] | None = None) -> Path:
+        """Saves this step's checkpoint; ``extra_files(step, final_path)`` are saved within it."""
         assert self.checkpoint_root is not None
         ranks_rng = self.dist.gather(rng_state())  # rank 0 writes the checkpoint, every rank's RNG in it
         if not self.dist.is_main:
             return self.checkpoint_root / f"step-{self.state.step}"
         adapter = {n: p.detach().cpu().clone() for n, p in self.named.items()}
-        return save_checkpoint(
-            self.checkpoint_root, self.state.step, adapter, self.optimizer.state_dict(), asdict(self.state), ranks_rng
-        )
+        step, root = self.state.step, self.checkpoint_root
+        extras = extra_files(step, root / f"step-{step}") if extra_files else None
+        return save_checkpoint(root, step, adapter, self.optimizer.state_dict(), asdict(self.state), ranks_rng, extras)
 
     # --- evaluation -------------------------------------------------------------------------------------
     def evaluate(self) -> EvalSummary | None:
@@ -291,7 +295,7 @@ class TrainingLoop:
                         return Outcome("early_stopped", self.state)
             checkpointing = self.checkpoint_root is not None and hp.checkpoint_interval > 0
             if checkpointing and step % hp.checkpoint_interval == 0 and not last:
-                hooks.on_checkpoint(step, self.checkpoint())
+                hooks.on_checkpoint(step, self.checkpoint(hooks.checkpoint_files))
         return Outcome("finished", self.state)
 
     def final_eval(self, hooks: LoopHooks | None = None) -> EvalSummary | None:

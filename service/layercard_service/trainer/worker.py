@@ -100,18 +100,21 @@ class WorkerSettings(argparse.Namespace):
 UNREPORTED_FILE = "unreported_events.json"  # beside a checkpoint: its run's events the service had not recorded
 
 
-def _keep_unreported(checkpoint: Path, events: list[NewEvent]) -> None:
+def _unreported_json(events: list[NewEvent]) -> str:
     """A worker that loses the service and is then killed would lose its buffered events: they are kept with the
     checkpoint, and the run that resumes from it reports those the service still lacks."""
-    rows = [{"kind": e.kind, "payload": e.payload, "message": e.message, "time": e.time} for e in events]
+    return json.dumps([{"kind": e.kind, "payload": e.payload, "message": e.message, "time": e.time} for e in events])
+
+
+def _keep_unreported(checkpoint: Path, events: list[NewEvent]) -> None:
     tmp = checkpoint / f".{UNREPORTED_FILE}.tmp"
-    tmp.write_text(json.dumps(rows))
+    tmp.write_text(_unreported_json(events))
     os.replace(tmp, checkpoint / UNREPORTED_FILE)
 
 
 def _keep_unreported_at_latest(root: Path, events: list[NewEvent]) -> None:
-    """On a termination the service did not hear of: the undelivered events join the newest checkpoint's (a
-    SIGTERM can land between a checkpoint and its own ``_keep_unreported``)."""
+    """On a termination the service did not hear of: the undelivered events join the newest checkpoint's (those
+    after it are dropped on resume: that run repeats their steps and reports them)."""
     step = latest_step(root)
     if not step or not events:
         return
@@ -342,10 +345,17 @@ def _train(events: Reporter | None, job_id: str, job: WorkerJob, settings: Worke
         if fresh("eval", summary.step):
             events.add(_eval_event(summary, "validation"), urgent=True)
 
-    def on_checkpoint(step: int, path: Path) -> None:
-        if fresh("checkpoint", step):
-            events.add(NewEvent("checkpoint", {"step": step, "path": str(path)}), urgent=True)
-        _keep_unreported(path, events.unreported())
+    def checkpoint_event(step: int, path: Path) -> list[NewEvent]:
+        return [NewEvent("checkpoint", {"step": step, "path": str(path)})] if fresh("checkpoint", step) else []
+
+    def checkpoint_files(step: int, path: Path) -> dict[str, str]:
+        # Written inside the checkpoint before it is complete, where a kill cannot come between the two: the run
+        # that resumes from it reports what this one had not delivered, the checkpoint's own event included.
+        return {UNREPORTED_FILE: _unreported_json([*events.unreported(), *checkpoint_event(step, path)])}
+
+    def on_checkpoint(step: int, path: Path) -> None:  # only once it is complete: the event says it is there
+        for event in checkpoint_event(step, path):
+            events.add(event, urgent=True)
 
     def on_prefix_cache(report: PrefixCacheReport) -> None:  # once per run: a resumed run builds it again
         events.add(NewEvent("note", {"prefix_cache": report.to_payload()}, report.message()), urgent=True)
@@ -355,6 +365,7 @@ def _train(events: Reporter | None, job_id: str, job: WorkerJob, settings: Worke
         on_step=on_step,
         on_eval=on_eval,
         on_checkpoint=on_checkpoint,
+        checkpoint_files=checkpoint_files,
         on_prefix_cache=on_prefix_cache,
     )
     outcome = loop.run(job.total_steps, hooks)
