@@ -80,6 +80,13 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--prompt", default="The module")
     p.add_argument("--breakdown-reps", type=int, default=2, help="raw loads followed by the deploy's probes")
+    p.add_argument(
+        "--probe-samples",
+        type=int,
+        default=15,
+        help="pairs per latency probe in the pools phase (the service's default is 5): the budget check is only as "
+        "steady as the probe, and on 2 shared cores one of 5 pairs swings by tens of points",
+    )
     p.add_argument("--out", default=None, help="result name under bench/results (default serving[_quick])")
     args = p.parse_args(argv)
     if args.quick:
@@ -767,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
         # then with it and vLLM pinned to different cores; then once under cProfile, for where its time goes.
         separate = _process_phases(vllm, work / "state", served, limits, args)
         print("[pools] a lean vLLM pool beside this one; budgeted plans deployed", flush=True)
-        pools = pools_phase(vllm.url, work, MAX_LORA_RANK, ServiceThread, args.quick)
+        pools = pools_phase(vllm.url, work, MAX_LORA_RANK, ServiceThread, args.quick, probe_samples=args.probe_samples)
     finally:
         vllm.stop()
         shutil.rmtree(work / "state", ignore_errors=True)  # the published copies; vllm.log stays for post-mortems

@@ -48,6 +48,7 @@ from layercard_service.models.builtin import builtin_model_path
 from layercard_service.models.loading import load_model
 from layercard_service.persistence.jobs import JobStore
 from layercard_service.serving.pool_spec import PoolSpec
+from layercard_service.serving.probes import LATENCY_SAMPLES
 from layercard_service.serving.vllm_process import VllmProcess, VllmServerSettings
 from layercard_service.trainer.artifact import stage_adapter
 from layercard_service.trainer.lora import LoraSettings, TrainConfig, attach_lora, train_lora
@@ -113,6 +114,7 @@ def pools_phase(
     model: str = MODEL,
     lean_url: str = "",
     probe_streams: tuple[int, ...] = (),
+    probe_samples: int = LATENCY_SAMPLES,
 ) -> dict:
     """Runs the phase against ``full_url`` (the full pool) and a lean vLLM (``lean_url``, or one started here);
     ``service_thread`` is bench.serving's ServiceThread."""
@@ -136,9 +138,10 @@ def pools_phase(
             vllm_model=model,
             max_lora_rank=max_rank,
             serving_probe_concurrency=probe_streams,
+            serving_probe_samples=probe_samples,
         )
         with service_thread(config) as service, grpc.insecure_channel(service.address) as channel:
-            return _measure(channel, data_dir, model, max_rank, quick)
+            return {**_measure(channel, data_dir, model, max_rank, quick), "probe_samples": probe_samples}
     finally:
         if lean is not None:
             lean.stop()
@@ -251,7 +254,8 @@ def pools_report(pools: dict) -> list[str]:
         f"## Serving pools: budgeted plans, deployed ({pools.get('model', MODEL)})",
         "",
         "A second vLLM server wrapping only `o_proj` (pool `lean`) beside the first (every module, pool `full`), "
-        f"calibrated by deploys with a latency probe each ({calibration}; medians lean "
+        f"calibrated by deploys with a latency probe of {pools.get('probe_samples', LATENCY_SAMPLES)} pairs each "
+        f"({calibration}; medians lean "
         f"{pools['lean_median']:+.1%}, full {pools['full_median']:+.1%}). Each plan is made under its budget, "
         "an adapter of its shape trained a few steps and deployed to the plan's pool with a fresh probe "
         f"(forced, so an adapter over budget is measured, not refused). Within budget: "
@@ -277,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="builtin:smollm2-135m")
     p.add_argument("--quick", action="store_true", help="one calibration deploy per pool and two budgets")
+    p.add_argument("--probe-samples", type=int, default=LATENCY_SAMPLES, help="pairs per latency probe")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     started = time.time()
@@ -292,7 +297,17 @@ def main(argv: list[str] | None = None) -> int:
             server.start()
         for server in servers:
             server.wait_ready()
-        pools = pools_phase(servers[0].url, work, 8, ServiceThread, args.quick, args.model, servers[1].url, (STREAMS,))
+        pools = pools_phase(
+            servers[0].url,
+            work,
+            8,
+            ServiceThread,
+            args.quick,
+            args.model,
+            servers[1].url,
+            (STREAMS,),
+            args.probe_samples,
+        )
     finally:
         for server in servers:
             server.stop()

@@ -24,6 +24,7 @@ __all__ = ["ConfigError", "KubernetesSettings", "ServiceConfig"]
 ENV_PREFIX = "LAYERCARD_"
 # Below the 100 connections a replica's client holds (serving/vllm_api.py): a probe's requests all run at once.
 MAX_PROBE_STREAMS = 64
+MAX_PROBE_SAMPLES = 100  # pairs of one latency probe: a probing deploy's time grows with them
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,11 @@ class ServiceConfig:
         "comma-separated stream counts (2..64) a deploy's latency probe also measures at, after one stream: the "
         "figures a serving budget at that concurrency is planned with; each adds a probe to a deploy that probes",
         parse=lambda text: tuple(int(p) for p in text.split(",") if p.strip()),
+    )
+    serving_probe_samples: int = setting(
+        5,
+        f"interleaved base/adapter pairs (1..{MAX_PROBE_SAMPLES}) a deploy's latency probe times: more is a steadier "
+        "figure (a tight budget's check) and a slower probing deploy",
     )
     live_window_seconds: float = setting(300.0, "how long a deploy with rollback_over_budget is judged on live traffic")
     live_min_requests: int = setting(20, "requests of the version and of the base model a live verdict needs")
@@ -156,6 +162,10 @@ class ServiceConfig:
             raise ConfigError(
                 f"serving_probe_concurrency entries must be in 2..{MAX_PROBE_STREAMS}, got "
                 f"{self.serving_probe_concurrency}"
+            )
+        if not 1 <= self.serving_probe_samples <= MAX_PROBE_SAMPLES:
+            raise ConfigError(
+                f"serving_probe_samples must be in 1..{MAX_PROBE_SAMPLES}, got {self.serving_probe_samples}"
             )
         if self.live_window_seconds <= 0 or self.live_min_requests < 1:
             raise ConfigError("live_window_seconds must be > 0 and live_min_requests >= 1")

@@ -87,6 +87,7 @@ class Core:
                 live_window_seconds=config.live_window_seconds,
                 live_min_requests=config.live_min_requests,
                 probe_concurrency=config.serving_probe_concurrency,
+                probe_samples=config.serving_probe_samples,
             ),
             telemetry,
         )

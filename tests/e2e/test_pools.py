@@ -62,7 +62,6 @@ def service(vllm_pair, vllm_lean, tmp_path_factory):
     )
     with ServerThread(config) as running, LayercardClient(running.address) as client:
         client.lean, client.full, client.data_dir = lean, full, data_dir
-        client.judge = running.server.core.adapters.live  # its verdicts, for a failure's message
         client.measured = {}
         yield client
         for adapter in (CALIBRATION, "steered"):  # the pair's servers outlive this module: free their LoRA slots
@@ -191,13 +190,16 @@ def test_a_version_over_its_budget_on_live_traffic_rolls_back_to_the_pool_it_cam
                 served["base on full"] += not adapter and answer.replica == service.full
     assert min(served.values()) >= LIVE_MIN_REQUESTS, served  # what the judge needs, within its window
 
-    def version_1():
-        deployment = {a.name: a.deployment for a in service.list_adapters().adapters}.get("adapters/steered")
-        return deployment if deployment is not None and deployment.version == 1 else None
+    def steered() -> adapter_pb2.Adapter:
+        return next(a for a in service.list_adapters().adapters if a.name == "adapters/steered")
 
     try:
-        back = wait_for(version_1, timeout=LIVE_WINDOW_SECONDS + 120, what="the rollback to version 1")
+        wait_for(lambda: steered().deployment.version == 1, LIVE_WINDOW_SECONDS + 120, "the rollback")
     except AssertionError as timed_out:
-        raise AssertionError(f"{timed_out}; the judge's verdict: {service.judge.verdicts.get('steered')}") from None
+        raise AssertionError(f"{timed_out}; the adapter's live verdict: {steered().live_verdict}") from None
+    verdict = steered().live_verdict  # why version 1 serves again, as the API tells it
+    assert verdict.version == 2 and verdict.outcome == adapter_pb2.LIVE_OUTCOME_OVER, verdict
+    assert verdict.overhead_fraction > budget and verdict.base_requests >= LIVE_MIN_REQUESTS
+    back = steered().deployment
     assert back.pool == "lean"
     assert "steered@v1" in models_on(service.lean) and "steered@v2" not in models_on(service.full)

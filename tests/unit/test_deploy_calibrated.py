@@ -13,7 +13,8 @@ import pytest
 from support.fleet import MODEL, URLS, make_env, reason, run_async, until
 
 from layercard.v1 import adapter_pb2
-from layercard_service.api.adapter import deployment_to_proto
+from layercard_client.cli.render import live_verdict_text
+from layercard_service.api.adapter import adapter_to_proto, deployment_to_proto
 from layercard_service.control.deployments import AdapterManager, DeploySettings
 from layercard_service.errors import FailedPrecondition, InvalidArgument
 from layercard_service.persistence.deployments import LatencyMeasurement, ServingShape
@@ -207,6 +208,13 @@ async def test_over_budget_on_live_traffic_rolls_back_to_the_version_before(tmp_
     await until(lambda: env.proxy.routes.served.get("echo") == "echo@v1", timeout=5)
     assert env.store.get("echo").version == 1 and env.store.get("echo").budget == 0.2
     await until(lambda: all(set(f.loaded) == {"echo@v1"} for f in env.replicas), timeout=5)
+    # The adapter's listing says why version 1 serves again, in the API and in the CLI.
+    (listed,), _ = await env.manager.list(10, "")
+    message = adapter_to_proto(listed)
+    assert message.deployment.version == 1 and message.live_verdict.version == 2
+    assert message.live_verdict.outcome == adapter_pb2.LIVE_OUTCOME_OVER and message.live_verdict.budget == 0.2
+    assert message.live_verdict.overhead_fraction == pytest.approx(0.5) and message.live_verdict.base_requests == 4
+    assert live_verdict_text(message.live_verdict) == "v2 over: +50.0% > 20%"
 
 
 @run_async
@@ -242,6 +250,10 @@ async def test_too_little_live_traffic_is_inconclusive_and_changes_nothing(tmp_p
     verdict = env.manager.live.verdicts["echo"]
     assert verdict.outcome == "inconclusive" and verdict.overhead_fraction is None
     assert "needs 50 of each" in verdict.detail
+    (listed,), _ = await env.manager.list(10, "")
+    message = adapter_to_proto(listed).live_verdict
+    assert message.outcome == adapter_pb2.LIVE_OUTCOME_INCONCLUSIVE and not message.HasField("overhead_fraction")
+    assert live_verdict_text(message) == "v1 inconclusive"
     assert env.proxy.routes.served["echo"] == "echo@v1"
 
 

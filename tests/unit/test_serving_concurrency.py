@@ -90,3 +90,24 @@ def test_bad_probe_stream_counts_are_refused(text):
     with pytest.raises(ConfigError):
         ServiceConfig.load(["--serving-probe-concurrency", text], environ={})
     assert ServiceConfig.load(["--serving-probe-concurrency", "4,8"], environ={}).serving_probe_concurrency == (4, 8)
+
+
+@run_async
+async def test_a_deploy_probe_times_the_configured_number_of_pairs(tmp_path):
+    """--serving-probe-samples: a steadier figure for a tight budget's check, at the price of a slower deploy."""
+    env = make_env(tmp_path)
+    settings = DeploySettings(probe_concurrency=(4,), probe_samples=9)
+    manager = AdapterManager(env.fleet, env.proxy, env.jobs, env.store, settings)
+    env.publish("bot")
+    view = await manager.deploy("adapters/bot", max_overhead_fraction=1.0)
+    assert view.latency.samples == 9
+    one_stream, at_four = 1 + 9, 1 + 9 * 4  # a warm-up, then each pair's adapter side: 1 request, or 4 at once
+    effect = len(env.calls("complete", "bot@v1")) - one_stream - at_four
+    assert 0 < effect <= 3  # what is left is the effect probe's greedy prompts (it stops at the first that differs)
+
+
+@pytest.mark.parametrize("text", ["0", "101", "x"])
+def test_bad_probe_sample_counts_are_refused(text):
+    with pytest.raises(ConfigError):
+        ServiceConfig.load(["--serving-probe-samples", text], environ={})
+    assert ServiceConfig.load(["--serving-probe-samples", "15"], environ={}).serving_probe_samples == 15

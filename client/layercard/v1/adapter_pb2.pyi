@@ -11,6 +11,13 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class LiveOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LIVE_OUTCOME_UNSPECIFIED: _ClassVar[LiveOutcome]
+    LIVE_OUTCOME_WITHIN: _ClassVar[LiveOutcome]
+    LIVE_OUTCOME_OVER: _ClassVar[LiveOutcome]
+    LIVE_OUTCOME_INCONCLUSIVE: _ClassVar[LiveOutcome]
+
 class DeploymentState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DEPLOYMENT_STATE_UNSPECIFIED: _ClassVar[DeploymentState]
@@ -32,6 +39,10 @@ class LatencySource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LATENCY_SOURCE_UNSPECIFIED: _ClassVar[LatencySource]
     LATENCY_SOURCE_PROBE: _ClassVar[LatencySource]
     LATENCY_SOURCE_SHAPE_CALIBRATION: _ClassVar[LatencySource]
+LIVE_OUTCOME_UNSPECIFIED: LiveOutcome
+LIVE_OUTCOME_WITHIN: LiveOutcome
+LIVE_OUTCOME_OVER: LiveOutcome
+LIVE_OUTCOME_INCONCLUSIVE: LiveOutcome
 DEPLOYMENT_STATE_UNSPECIFIED: DeploymentState
 DEPLOYMENT_STATE_DEPLOYING: DeploymentState
 DEPLOYMENT_STATE_READY: DeploymentState
@@ -95,16 +106,38 @@ class ListAdaptersResponse(_message.Message):
     def __init__(self, adapters: _Optional[_Iterable[_Union[Adapter, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class Adapter(_message.Message):
-    __slots__ = ("name", "base_model", "versions", "deployment")
+    __slots__ = ("name", "base_model", "versions", "deployment", "live_verdict")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    LIVE_VERDICT_FIELD_NUMBER: _ClassVar[int]
     name: str
     base_model: str
     versions: _containers.RepeatedCompositeFieldContainer[AdapterVersion]
     deployment: Deployment
-    def __init__(self, name: _Optional[str] = ..., base_model: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[AdapterVersion, _Mapping]]] = ..., deployment: _Optional[_Union[Deployment, _Mapping]] = ...) -> None: ...
+    live_verdict: LiveVerdict
+    def __init__(self, name: _Optional[str] = ..., base_model: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[AdapterVersion, _Mapping]]] = ..., deployment: _Optional[_Union[Deployment, _Mapping]] = ..., live_verdict: _Optional[_Union[LiveVerdict, _Mapping]] = ...) -> None: ...
+
+class LiveVerdict(_message.Message):
+    __slots__ = ("version", "outcome", "overhead_fraction", "adapter_requests", "base_requests", "budget", "detail", "judge_time")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    OVERHEAD_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    BASE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_TIME_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    outcome: LiveOutcome
+    overhead_fraction: float
+    adapter_requests: int
+    base_requests: int
+    budget: float
+    detail: str
+    judge_time: _timestamp_pb2.Timestamp
+    def __init__(self, version: _Optional[int] = ..., outcome: _Optional[_Union[LiveOutcome, str]] = ..., overhead_fraction: _Optional[float] = ..., adapter_requests: _Optional[int] = ..., base_requests: _Optional[int] = ..., budget: _Optional[float] = ..., detail: _Optional[str] = ..., judge_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class AdapterVersion(_message.Message):
     __slots__ = ("name", "version", "layers", "lora", "size_bytes", "tuning_job", "create_time")

@@ -315,7 +315,7 @@ def deploy_checks_table(checks) -> Table:
 
 def adapters_list_table(adapters: list[adapter_pb2.Adapter]) -> Table:
     table = Table()
-    for name in ("name", "base model", "versions", "deployed", "pool", "state", "replicas ready"):
+    for name in ("name", "base model", "versions", "deployed", "pool", "state", "replicas ready", "live verdict"):
         table.add_column(name)
     for adapter in adapters:
         d = adapter.deployment
@@ -329,5 +329,15 @@ def adapters_list_table(adapters: list[adapter_pb2.Adapter]) -> Table:
             d.pool or "-" if deployed else "-",
             state_name(adapter_pb2.DeploymentState, d.state, "DEPLOYMENT_STATE_") if deployed else "-",
             f"{ready}/{len(d.replicas)}" if deployed else "-",
+            live_verdict_text(adapter.live_verdict) if adapter.HasField("live_verdict") else "-",
         )
     return table
+
+
+def live_verdict_text(v: adapter_pb2.LiveVerdict) -> str:
+    """'v2 over: +62.0% > 10%' (rolled back), 'v3 within: +4.1% <= 20%', 'v2 inconclusive'."""
+    outcome = state_name(adapter_pb2.LiveOutcome, v.outcome, "LIVE_OUTCOME_")
+    if not v.HasField("overhead_fraction"):
+        return f"v{v.version} {outcome}"
+    sign = ">" if v.outcome == adapter_pb2.LIVE_OUTCOME_OVER else "<="
+    return f"v{v.version} {outcome}: {v.overhead_fraction:+.1%} {sign} {v.budget:.0%}"

@@ -9,6 +9,7 @@ from google.protobuf import timestamp_pb2
 from layercard.v1 import adapter_pb2, adapter_pb2_grpc, common_pb2
 from layercard_service.api.paging import ProtoPage
 from layercard_service.control.deployments import AdapterManager, AdapterView, DeployCheck, DeploymentView, ReplicaView
+from layercard_service.control.live_latency import LiveVerdict
 from layercard_service.persistence.adapter_versions import AdapterVersion
 from layercard_service.persistence.deployments import LatencyMeasurement
 
@@ -112,12 +113,35 @@ def _version(v: AdapterVersion) -> adapter_pb2.AdapterVersion:
     )
 
 
-def _adapter(a: AdapterView) -> adapter_pb2.Adapter:
+_LIVE_OUTCOMES = {
+    "within": adapter_pb2.LIVE_OUTCOME_WITHIN,
+    "over": adapter_pb2.LIVE_OUTCOME_OVER,
+    "inconclusive": adapter_pb2.LIVE_OUTCOME_INCONCLUSIVE,
+}
+
+
+def _live_verdict(v: LiveVerdict) -> adapter_pb2.LiveVerdict:
+    message = adapter_pb2.LiveVerdict(
+        version=v.version,
+        outcome=_LIVE_OUTCOMES[v.outcome],
+        adapter_requests=v.adapter_requests,
+        base_requests=v.base_requests,
+        budget=v.budget,
+        detail=v.detail,
+        judge_time=_timestamp(v.judged_at),
+    )
+    if v.overhead_fraction is not None:
+        message.overhead_fraction = v.overhead_fraction
+    return message
+
+
+def adapter_to_proto(a: AdapterView) -> adapter_pb2.Adapter:
     return adapter_pb2.Adapter(
         name=f"adapters/{a.adapter_id}",
         base_model=a.base_model,
         versions=[_version(v) for v in a.versions],
         deployment=deployment_to_proto(a.deployment) if a.deployment else None,
+        live_verdict=_live_verdict(a.live_verdict) if a.live_verdict else None,
     )
 
 
@@ -144,6 +168,6 @@ class AdapterServicer(adapter_pb2_grpc.AdapterServiceServicer):
         return adapter_pb2.UndeployAdapterResponse(replicas=[_replica(r) for r in replicas])
 
     async def ListAdapters(self, request, context) -> adapter_pb2.ListAdaptersResponse:
-        page = ProtoPage(_adapter)
+        page = ProtoPage(adapter_to_proto)
         views, token = await self.adapters.list(request.page_size, request.page_token, size_of=page.size_of)
         return adapter_pb2.ListAdaptersResponse(adapters=page.messages(views), next_page_token=token)

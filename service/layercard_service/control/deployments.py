@@ -63,7 +63,7 @@ from layercard_service.persistence.jobs import JobStore
 from layercard_service.persistence.store import paginate
 from layercard_service.serving.fleet import Fleet, Observation, Pools
 from layercard_service.serving.inference import InferenceProxy, served_id
-from layercard_service.serving.probes import EFFECT_PROMPTS, measure_effect, measure_latency
+from layercard_service.serving.probes import EFFECT_PROMPTS, LATENCY_SAMPLES, measure_effect, measure_latency
 from layercard_service.serving.vllm_api import VllmApi
 from layercard_service.telemetry import Telemetry
 
@@ -92,6 +92,7 @@ class DeploySettings:
     # Stream counts a latency probe also measures at, after its one-stream pairs: what budgets at a stated
     # concurrency are planned with. Each adds a probe's time to a deploy that probes.
     probe_concurrency: tuple[int, ...] = ()
+    probe_samples: int = LATENCY_SAMPLES  # interleaved base/adapter pairs a latency probe times
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class AdapterView:
     base_model: str
     versions: tuple[AdapterVersion, ...]
     deployment: DeploymentView | None
+    live_verdict: LiveVerdict | None = None  # the newest live-traffic verdict on one of its versions
 
 
 def adapter_id_from_name(name: str) -> str:
@@ -335,7 +337,7 @@ class AdapterManager:
             latency, probe_replica = calibration, holding[0]
             base_model = healthy[probe_replica.url].base_model
             if latency is None:
-                latency = await measure_latency(probe_replica, base_model, served)
+                latency = await measure_latency(probe_replica, base_model, served, self.settings.probe_samples)
                 self.store.add_measurement(shape, adapter_id, chosen.version, latency)
             probed_now = calibration is None
             await self._probe_streams(probe_replica, base_model, served, chosen, shape, probed_now, checks)
@@ -400,7 +402,9 @@ class AdapterManager:
             if streams in probed and not probed_now:
                 continue
             try:
-                loaded = await measure_latency(replica, base_model, served, concurrency=streams)
+                loaded = await measure_latency(
+                    replica, base_model, served, self.settings.probe_samples, concurrency=streams
+                )
             except LayercardError as exc:
                 checks.append(DeployCheck(f"latency_{streams}_streams", "SKIPPED", f"probe failed: {exc}"[:500]))
                 continue
@@ -544,7 +548,7 @@ class AdapterManager:
                 adapter_id, record.version, record.state, home, record.latency, record.update_time, pool=record.pool
             )
         model = versions[-1].metadata.get("model", "") if versions else ""
-        return AdapterView(adapter_id, model, versions, deployment)
+        return AdapterView(adapter_id, model, versions, deployment, self.live.verdicts.get(adapter_id))
 
     # --- helpers -------------------------------------------------------------------------------------------
     def _version(self, adapter_id: str, version: int) -> AdapterVersion:

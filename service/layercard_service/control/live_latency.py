@@ -75,6 +75,8 @@ class LiveVerdict:
     adapter_requests: int
     base_requests: int
     detail: str
+    budget: float = 0.0
+    judged_at: float = field(default_factory=time.time)
 
 
 class LiveLatencyJudge:
@@ -122,7 +124,9 @@ class LiveLatencyJudge:
         n_adapter, n_base = watch.adapter.seen, watch.base.seen
 
         def verdict(outcome: str, overhead: float | None, detail: str) -> LiveVerdict:
-            return LiveVerdict(watch.adapter_id, watch.version, outcome, overhead, n_adapter, n_base, detail)
+            return LiveVerdict(
+                watch.adapter_id, watch.version, outcome, overhead, n_adapter, n_base, detail, watch.budget
+            )
 
         if min(n_adapter, n_base) < max(1, self.min_requests):
             return verdict(

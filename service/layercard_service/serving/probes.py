@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from layercard_service.persistence.deployments import LatencyMeasurement
 from layercard_service.serving.vllm_api import Completion, Sampling, VllmApi
 
-__all__ = ["EFFECT_PROMPTS", "Effect", "measure_effect", "measure_latency"]
+__all__ = ["EFFECT_PROMPTS", "LATENCY_SAMPLES", "Effect", "measure_effect", "measure_latency"]
 
 EFFECT_PROMPTS = ("The module", "def main():\n    ", "Q: What does the function return?\nA:")
 EFFECT_TOKENS = 8
