@@ -74,7 +74,8 @@ class Core:
         )
         tuning = _tuning(config, telemetry, JobStore(db), planner)  # it plans card-budget placements itself
         fleet = _pools(config)
-        proxy = InferenceProxy(fleet.members, Routes(), telemetry, BaseModelChatTemplate(config.vllm_model))
+        template = BaseModelChatTemplate(config.vllm_model)
+        proxy = InferenceProxy(fleet.members, Routes(), telemetry, template, pool_of=fleet.pool_name)
         adapters = AdapterManager(
             fleet,
             proxy,

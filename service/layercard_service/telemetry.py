@@ -27,6 +27,7 @@ class RequestRecord:
     latency_seconds: float
     completion_tokens: int
     error: str = ""  # the failure's reason (VLLM_UNAVAILABLE, CANCELLED, ...) when not ok
+    pool: str = ""  # the serving pool of the replica that answered; "" when none did
 
     @property
     def inter_token_seconds(self) -> float | None:

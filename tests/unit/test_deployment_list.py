@@ -38,12 +38,12 @@ async def test_list_pages_are_bounded_in_bytes_by_the_messages_the_api_sends(env
     for adapter_id in ("alpha", "beta", "gamma", "delta", "echo"):
         for _ in range(3):
             env.publish(adapter_id)
-    page = ProtoPage(adapter_api._adapter)
+    page = ProtoPage(adapter_api.adapter_to_proto)
     one = page.size_of((await env.manager.list(page_size=1, page_token=""))[0][0])
     monkeypatch.setattr(paging, "MAX_LIST_RESPONSE_BYTES", 2 * one + paging.PAGE_TOKEN_RESERVE)  # two per page
     listed, token, pages = [], "", 0
     while True:
-        page = ProtoPage(adapter_api._adapter)
+        page = ProtoPage(adapter_api.adapter_to_proto)
         views, token = await env.manager.list(page_size=50, page_token=token, size_of=page.size_of)
         assert 1 <= len(views) <= 2
         listed += [v.adapter_id for v in views]

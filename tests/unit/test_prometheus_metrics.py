@@ -21,15 +21,19 @@ def registry() -> CollectorRegistry:
 
 def test_requests_are_timed_per_adapter_and_failures_counted_by_reason(registry):
     t = PrometheusTelemetry(registry)
-    t.request_finished(RequestRecord("bot", "bot@v2", "http://a", True, 0.1, 0.5, 5))
-    t.request_finished(RequestRecord("", "base", "http://a", True, 0.05, 0.2, 1))
+    t.request_finished(RequestRecord("bot", "bot@v2", "http://a", True, 0.1, 0.5, 5, pool="lean"))
+    t.request_finished(RequestRecord("", "base", "http://a", True, 0.05, 0.2, 1, pool="lean"))
+    t.request_finished(RequestRecord("", "base", "http://gone", True, 0.05, 0.2, 3))  # its replica left the pools
     t.request_finished(RequestRecord("bot", "bot@v2", "http://a", False, 0.0, 0.3, 0, "CANCELLED"))
     get = registry.get_sample_value
     assert get("layercard_inference_request_seconds_count", {"adapter": "bot"}) == 1
     assert get("layercard_inference_request_seconds_sum", {"adapter": "bot"}) == pytest.approx(0.5)
-    assert get("layercard_inference_time_to_first_token_seconds_sum", {"adapter": "base"}) == pytest.approx(0.05)
-    assert get("layercard_inference_inter_token_seconds_sum", {"adapter": "bot"}) == pytest.approx(0.1)  # 0.4 / 4
-    assert get("layercard_inference_inter_token_seconds_count", {"adapter": "base"}) is None  # one token: no gap
+    base_ttft = get("layercard_inference_time_to_first_token_seconds_sum", {"adapter": "base"})
+    assert base_ttft == pytest.approx(0.1)  # two base requests at 50 ms
+    bot, base = {"adapter": "bot", "pool": "lean"}, {"adapter": "base", "pool": "lean"}
+    assert get("layercard_inference_inter_token_seconds_sum", bot) == pytest.approx(0.1)  # 0.4 / 4
+    assert get("layercard_inference_inter_token_seconds_count", base) is None  # one token: no gap
+    assert get("layercard_inference_inter_token_seconds_count", {"adapter": "base", "pool": "unknown"}) == 1
     assert get("layercard_inference_requests_total", {"adapter": "bot", "outcome": "CANCELLED"}) == 1
     assert get("layercard_inference_requests_total", {"adapter": "bot", "outcome": "ok"}) == 1
 

@@ -18,6 +18,7 @@ from layercard_service.errors import FailedPrecondition, InvalidArgument, Unavai
 from layercard_service.serving.fleet import Fleet, FleetSettings, Pools, StaticDiscovery
 from layercard_service.serving.inference import InferenceProxy, Routes
 from layercard_service.serving.pool_spec import PoolSpec, parse_pools
+from layercard_service.serving.vllm_api import Sampling
 
 LEAN, FULL = URLS
 
@@ -80,10 +81,22 @@ def two_pools(tmp_path) -> tuple[Env, AdapterManager, Reconciler]:
         return Fleet(StaticDiscovery([url]), settings, connect=lambda u: env.fakes[u], initial=[url])
 
     pools = Pools([pool(LEAN, "lean", ("o_proj",)), pool(FULL, "full", ())])
-    proxy = InferenceProxy(pools.members, Routes())
+    proxy = InferenceProxy(pools.members, Routes(), pool_of=pools.pool_name)  # as core.py builds it
     manager = AdapterManager(pools, proxy, env.jobs, env.store, DeploySettings(drain_timeout_seconds=1.0))
     env.fakes[LEAN].adapter_latency_factor, env.fakes[FULL].adapter_latency_factor = 1.1, 1.7
     return env, manager, Reconciler(manager, 1.0)
+
+
+@run_async
+async def test_each_request_is_recorded_with_the_pool_that_answered(tmp_path):
+    """The pool goes into the inference metrics and the live judge: a version compares with its own pool's base."""
+    _, manager, _ = two_pools(tmp_path)
+    records = []
+    manager.proxy.observers.append(records.append)
+    for _ in range(2):  # base requests take turns over both pools' replicas
+        await manager.proxy.generate("hi", "", Sampling(max_tokens=4))
+    assert sorted((r.replica, r.pool) for r in records) == sorted([(LEAN, "lean"), (FULL, "full")])
+    assert manager.fleet.pool_name("http://gone:8000") == ""
 
 
 @run_async

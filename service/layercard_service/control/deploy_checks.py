@@ -38,7 +38,7 @@ def live_check(
 ) -> DeployCheck:
     alert = (
         f"the alert {LIVE_ALERT} fires when {adapter_id}'s mean inter-token time over 15 minutes exceeds the base "
-        f"model's by more than the budget of {budget:.0%}"
+        f"model's on the same pool by more than the budget of {budget:.0%}"
     )
     if not rollback:
         return DeployCheck("live_latency", "PENDING", f"judged on live traffic: {alert}")
@@ -46,8 +46,8 @@ def live_check(
     return DeployCheck(
         "live_latency",
         "PENDING",
-        f"judged on live traffic for {window_seconds:g} s (at least {min_requests} "
-        f"requests of it and of the base model): over the budget of {budget:.0%}, it is {then}; and {alert}",
+        f"judged on live traffic for {window_seconds:g} s (at least {min_requests} requests of it and of the base "
+        f"model on its pool): over the budget of {budget:.0%}, it is {then}; and {alert}",
     )
 
 

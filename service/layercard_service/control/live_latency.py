@@ -11,7 +11,7 @@ Why the same pool, and medians: base requests served by another pool's servers r
 small host) beside a server whose worker still spins a core for about a second after its last request; measured
 here, that made a +100% version read -6% against another pool's base. Medians keep one stalled request from
 moving the verdict. The Prometheus rule ``adapter:layercard_inference_inter_token_overhead:ratio_15m`` (the
-dashboards and the alert) is the fleet-wide mean of the same figure: a coarser view of the same question.
+dashboards and the alert) asks the same question per pool with 15-minute means (the metric's ``pool`` label).
 Over budget, the judge calls ``on_over``: the adapter manager rolls back to the version that served before, or
 undeploys.
 """

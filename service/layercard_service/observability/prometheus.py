@@ -113,8 +113,9 @@ class PrometheusTelemetry(Telemetry):
         )
         self.inter_token = Histogram(
             "layercard_inference_inter_token_seconds",
-            "Mean time between generated tokens of successful inference requests, by adapter.",
-            ["adapter"],
+            "Mean time between generated tokens of successful inference requests, by adapter and by the serving "
+            "pool that answered (a version's live overhead compares with its own pool's base requests).",
+            ["adapter", "pool"],
             buckets=_INTER_TOKEN,
             registry=r,
         )
@@ -163,7 +164,7 @@ class PrometheusTelemetry(Telemetry):
         self.e2e.labels(adapter).observe(r.latency_seconds)
         self.ttft.labels(adapter).observe(r.first_token_seconds)
         if r.inter_token_seconds is not None:
-            self.inter_token.labels(adapter).observe(r.inter_token_seconds)
+            self.inter_token.labels(adapter, r.pool or "unknown").observe(r.inter_token_seconds)
 
     def upstream_error(self, replica: str, reason: str) -> None:
         self.upstream.labels(replica, reason).inc()

@@ -191,6 +191,11 @@ class Pools:
         """The pool a replica belongs to (the first, should discovery put one URL in two pools)."""
         return next((p for p in self._pools.values() if any(r.url == url for r in p.members())), None)
 
+    def pool_name(self, url: str) -> str:
+        """The name of the pool a replica belongs to; "" for a URL no pool holds (it left with discovery)."""
+        pool = self.pool_of(url)
+        return pool.settings.pool if pool is not None else ""
+
     def members(self) -> list[VllmApi]:
         return [r for p in self._pools.values() for r in p.members()]
 

@@ -97,8 +97,10 @@ class InferenceProxy:
         routes: Routes | None = None,
         telemetry: Telemetry | None = None,
         chat_template: Callable[[], str | None] = lambda: None,
+        pool_of: Callable[[str], str] = lambda _url: "",
     ) -> None:
         self._members = members
+        self.pool_of = pool_of  # a replica URL's serving pool, for the records: a version compares with its pool's base
         self.chat_template = chat_template  # what a conversation's request carries as its chat_template
         self.routes = routes or Routes()
         self.telemetry = telemetry or Telemetry()
@@ -207,7 +209,9 @@ class InferenceProxy:
         """One caller's request is over: recorded once, however many replicas it tried."""
         if error and not name and adapter and adapter not in self.routes.served and not self.routes.managed(adapter):
             adapter = "unknown"  # a name nobody serves: keep the metrics' label values bounded
-        record = RequestRecord(adapter, name, url, not error, first, total, tokens, error)
+        record = RequestRecord(
+            adapter, name, url, not error, first, total, tokens, error, self.pool_of(url) if url else ""
+        )
         self.telemetry.request_finished(record)
         for observer in self.observers:
             try:
